@@ -1,0 +1,21 @@
+"""Reading, building, validating and writing samples in the histocell-sd data model."""
+
+from ._arrays import from_arrays
+from ._elements import get_image, get_mpp, resolve_key
+from ._proportions import check_proportions, read_proportions
+from ._validate import validate
+from ._visium import read_visium
+from ._zarr import read_zarr, write_zarr
+
+__all__ = [
+    "check_proportions",
+    "from_arrays",
+    "get_image",
+    "get_mpp",
+    "read_proportions",
+    "read_visium",
+    "read_zarr",
+    "resolve_key",
+    "validate",
+    "write_zarr",
+]

@@ -1,0 +1,198 @@
+"""Bring-your-own arrays: build a SpatialData in the histocell-sd data model."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import dask.array as da
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity
+
+from .._constants import (
+    COORDINATE_SYSTEM,
+    IMAGE_KEY,
+    PROPORTIONS_KEY,
+    REGION_KEY,
+    SPOT_ID_KEY,
+    SPOTS_KEY,
+    TABLE_KEY,
+    VISIUM_SPOT_DIAMETER_UM,
+)
+from .._errors import InvalidInputError
+from ._elements import check_mpp
+from ._proportions import align_to_spots, check_proportions
+
+
+def from_arrays(
+    image,
+    mpp: float,
+    spot_centers=None,
+    spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+    counts: ad.AnnData | pd.DataFrame | None = None,
+    proportions: pd.DataFrame | None = None,
+    sample_id: str = "sample",
+) -> SpatialData:
+    """Build a SpatialData from an H&E array and optional Visium-like spots.
+
+    Parameters
+    ----------
+    image
+        H×W×3 ``uint8`` RGB array (numpy or dask). RGBA is converted with a warning.
+    mpp
+        Microns per pixel of ``image``; stored in ``sdata.attrs["mpp"]``.
+    spot_centers
+        Spot centres in pixels: an (n, 2) array of x, y or a DataFrame with columns ``x``, ``y``
+        whose index holds the barcodes.
+    spot_diameter_um
+        Spot diameter in µm (55 for Visium).
+    counts
+        Spot × gene counts (AnnData or DataFrame) indexed by barcode.
+    proportions
+        Spot × cell-type proportions indexed by barcode.
+    sample_id
+        Stored in ``sdata.attrs["sample_id"]``.
+
+    Returns
+    -------
+    SpatialData with image ``"he"`` and, when spots are given, circles ``"spots"`` and the table
+    ``"table"`` annotating them (``obsm["proportions"]`` when given).
+    """
+    mpp = check_mpp(mpp)
+    image = _check_image(image)
+    height, width = image.shape[:2]
+    elements: dict = {"images": {IMAGE_KEY: image_element(image)}}
+    if spot_centers is None:
+        if counts is not None or proportions is not None:
+            raise InvalidInputError("counts/proportions were given without spot_centers.")
+    else:
+        if spot_diameter_um is None or not np.isfinite(spot_diameter_um) or spot_diameter_um <= 0:
+            raise InvalidInputError(f"spot_diameter_um must be positive, got {spot_diameter_um!r}.")
+        xy, spot_ids = _check_spot_centers(spot_centers, counts, proportions, (height, width))
+        radius = spot_diameter_um / 2 / mpp
+        elements["shapes"] = {SPOTS_KEY: spots_element(xy, radius, spot_ids)}
+        elements["tables"] = {TABLE_KEY: spots_table(spot_ids, counts, proportions)}
+    return SpatialData(**elements, attrs={"mpp": mpp, "sample_id": str(sample_id)})
+
+
+def image_element(image, chunk: int = 1024):
+    """A multiscale Image2D (c, y, x) in ``global`` from an H×W×3 array."""
+    array = image if isinstance(image, da.Array) else da.from_array(np.asarray(image), chunks=(chunk, chunk, 3))
+    array = array.transpose(2, 0, 1)
+    scale_factors = []
+    size = min(array.shape[1:])
+    while size // 2 >= 512 and len(scale_factors) < 5:
+        scale_factors.append(2)
+        size //= 2
+    return Image2DModel.parse(
+        array,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        scale_factors=scale_factors or None,
+        chunks=(3, chunk, chunk),
+        transformations={COORDINATE_SYSTEM: Identity()},
+    )
+
+
+def spots_element(xy: np.ndarray, radius: float, spot_ids):
+    """Circle shapes for spots centred at ``xy`` (pixels) with a common ``radius`` (pixels)."""
+    return ShapesModel.parse(
+        np.asarray(xy, dtype=np.float64),
+        geometry=0,
+        radius=np.full(len(xy), float(radius)),
+        index=pd.Index(spot_ids, name=SPOT_ID_KEY),
+        transformations={COORDINATE_SYSTEM: Identity()},
+    )
+
+
+def spots_table(spot_ids, counts=None, proportions=None, region: str = SPOTS_KEY) -> ad.AnnData:
+    """The spots table: counts in ``X`` (when given), ``obsm["proportions"]``, annotating ``region``."""
+    spot_ids = pd.Index(spot_ids).astype(str)
+    if counts is None:
+        adata = ad.AnnData(sparse.csr_matrix((len(spot_ids), 0), dtype=np.float32), obs=pd.DataFrame(index=spot_ids))
+    else:
+        adata = _counts_anndata(counts, spot_ids)
+    if proportions is not None:
+        adata.obsm[PROPORTIONS_KEY] = check_proportions(proportions, spot_ids=spot_ids)
+    adata.obs[REGION_KEY] = pd.Categorical([region] * adata.n_obs)
+    adata.obs[SPOT_ID_KEY] = adata.obs_names.to_numpy()
+    return TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=SPOT_ID_KEY)
+
+
+def _counts_anndata(counts, spot_ids: pd.Index) -> ad.AnnData:
+    if isinstance(counts, pd.DataFrame):
+        counts = ad.AnnData(sparse.csr_matrix(counts.to_numpy()), obs=pd.DataFrame(index=counts.index.astype(str)),
+                            var=pd.DataFrame(index=counts.columns.astype(str)))
+    elif not isinstance(counts, ad.AnnData):
+        raise InvalidInputError(f"counts must be an AnnData or a DataFrame, got {type(counts).__name__}.")
+    if counts.obs_names.has_duplicates:
+        raise InvalidInputError("counts has duplicate spot barcodes.")
+    order = align_to_spots(pd.DataFrame(index=counts.obs_names.astype(str)).assign(i=np.arange(counts.n_obs)), spot_ids, name="counts")
+    adata = counts[order["i"].to_numpy()].copy()
+    adata.obs_names = spot_ids
+    return adata
+
+
+def _check_image(image):
+    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
+        raise InvalidInputError(f"image must be an H×W×3 uint8 array, got {type(image).__name__}.")
+    if not isinstance(image, da.Array):
+        image = np.asarray(image)
+    if image.ndim == 2:
+        raise InvalidInputError(f"image is grayscale with shape {image.shape}; an H×W×3 RGB H&E image is needed.")
+    if image.ndim != 3:
+        raise InvalidInputError(f"image must have 3 dimensions (H, W, 3), got shape {image.shape}.")
+    if image.shape[2] not in (3, 4) and image.shape[0] in (3, 4):
+        raise InvalidInputError(f"image looks channel-first {image.shape}; pass it as H×W×3 (e.g. image.transpose(1, 2, 0)).")
+    if image.shape[2] == 4:
+        warnings.warn("image is RGBA; the alpha channel was dropped.", stacklevel=3)
+        image = image[..., :3]
+    if image.shape[2] != 3:
+        raise InvalidInputError(f"image must have 3 colour channels (RGB), got {image.shape[2]}.")
+    if image.dtype != np.uint8:
+        raise InvalidInputError(
+            f"image must be uint8 (0-255), got {image.dtype}; convert e.g. with (image * 255).round().astype('uint8') "
+            "or skimage.util.img_as_ubyte."
+        )
+    if min(image.shape[:2]) < 2:
+        raise InvalidInputError(f"image is too small: {image.shape}.")
+    return image
+
+
+def _check_spot_centers(spot_centers, counts, proportions, shape) -> tuple[np.ndarray, pd.Index]:
+    if isinstance(spot_centers, pd.DataFrame):
+        if not {"x", "y"} <= set(spot_centers.columns):
+            raise InvalidInputError("spot_centers DataFrame needs columns 'x' and 'y' (pixels).")
+        xy = spot_centers[["x", "y"]].to_numpy(dtype=np.float64)
+        spot_ids = spot_centers.index.astype(str)
+    else:
+        xy = np.asarray(spot_centers, dtype=np.float64)
+        if xy.ndim != 2 or xy.shape[1] != 2:
+            raise InvalidInputError(f"spot_centers must be an (n, 2) array of x, y pixels, got shape {xy.shape}.")
+        source = counts if counts is not None else proportions
+        if source is not None:
+            spot_ids = (source.obs_names if isinstance(source, ad.AnnData) else source.index).astype(str)
+            if len(spot_ids) != len(xy):
+                raise InvalidInputError(
+                    f"spot_centers has {len(xy)} rows but counts/proportions have {len(spot_ids)}; pass spot_centers "
+                    "as a DataFrame indexed by barcode to match them."
+                )
+        else:
+            spot_ids = pd.Index([f"spot_{i:05d}" for i in range(len(xy))])
+    if len(xy) == 0:
+        raise InvalidInputError("spot_centers is empty.")
+    if spot_ids.has_duplicates:
+        raise InvalidInputError(f"spot barcodes are duplicated, e.g. {spot_ids[spot_ids.duplicated()][:3].tolist()}.")
+    if not np.isfinite(xy).all():
+        raise InvalidInputError("spot_centers contain NaN or infinite coordinates.")
+    height, width = shape
+    outside = (xy[:, 0] < 0) | (xy[:, 0] >= width) | (xy[:, 1] < 0) | (xy[:, 1] >= height)
+    if outside.any():
+        raise InvalidInputError(
+            f"{outside.sum()} spot centres lie outside the {width}×{height} px image, e.g. {spot_ids[outside][:3].tolist()}."
+        )
+    return xy, spot_ids

@@ -1,0 +1,63 @@
+"""Finding elements of a SpatialData by key, and the sample's µm per pixel."""
+
+from __future__ import annotations
+
+import math
+
+from spatialdata import SpatialData
+
+from .._errors import InvalidInputError
+
+_KINDS = {"images": "image", "labels": "labels", "shapes": "shapes", "tables": "table", "points": "points"}
+
+
+def resolve_key(sdata: SpatialData, kind: str, key: str | None, default: str | None = None) -> str:
+    """Return the name of the ``kind`` element to use.
+
+    ``key`` when given (it must exist); else ``default`` when present; else the only element of
+    that kind. Anything else raises an :class:`InvalidInputError` listing the candidates.
+    """
+    elements = getattr(sdata, kind)
+    what = _KINDS[kind]
+    if key is not None:
+        if key not in elements:
+            raise InvalidInputError(f"No {what} element {key!r} in the SpatialData; it has {sorted(elements)}.")
+        return key
+    if default is not None and default in elements:
+        return default
+    if len(elements) == 1:
+        return next(iter(elements))
+    if not elements:
+        raise InvalidInputError(f"The SpatialData has no {what} element.")
+    raise InvalidInputError(
+        f"Several {what} elements {sorted(elements)} and none is called {default!r}: pass the key explicitly."
+    )
+
+
+def get_mpp(sdata: SpatialData) -> float:
+    """Microns per pixel of the sample's ``global`` coordinate system (``sdata.attrs["mpp"]``)."""
+    mpp = sdata.attrs.get("mpp")
+    if mpp is None:
+        raise InvalidInputError(
+            "The SpatialData has no 'mpp' (µm per pixel) in sdata.attrs; set it, e.g. sdata.attrs['mpp'] = 0.5."
+        )
+    return check_mpp(mpp)
+
+
+def check_mpp(mpp) -> float:
+    """Return ``mpp`` as a float, refusing missing, non-finite or non-positive values."""
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"mpp (µm per pixel) must be a positive number, got {mpp!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidInputError(f"mpp (µm per pixel) must be a positive number, got {mpp!r}.")
+    return value
+
+
+def get_image(sdata: SpatialData, image_key: str | None = None):
+    """The full-resolution level of the H&E as a lazy (c, y, x) ``xarray.DataArray``."""
+    from .._constants import IMAGE_KEY
+
+    image = sdata.images[resolve_key(sdata, "images", image_key, IMAGE_KEY)]
+    return image["scale0"].image if hasattr(image, "children") and "scale0" in image.children else image

@@ -1,0 +1,111 @@
+"""Check that a SpatialData follows the histocell-sd data model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData, get_extent
+from spatialdata.models import get_table_keys
+from spatialdata.transformations import get_transformation
+
+from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PROPORTIONS_KEY, SPOTS_KEY, TABLE_KEY
+from .._errors import InvalidInputError
+from ._elements import get_image, get_mpp, resolve_key
+from ._proportions import SUM_TOLERANCE
+
+
+def validate(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    spots_key: str | None = None,
+    table_key: str | None = None,
+    nuclei_key: str | None = None,
+    nuclei_table_key: str | None = None,
+    proportions_key: str = PROPORTIONS_KEY,
+    require_spots: bool = False,
+) -> None:
+    """Raise :class:`InvalidInputError` naming the element and the problem if ``sdata`` breaks the data model.
+
+    Checks ``attrs["mpp"]``; the RGB uint8 image; that every element lives in the ``global``
+    coordinate system; spot circles inside the image; the spots table's annotation and proportions
+    (finite, non-negative, rows summing to 1); nuclei polygons and their table when present.
+    """
+    get_mpp(sdata)
+    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+    _check_image_element(sdata, image_key)
+    if spots_key is not None or SPOTS_KEY in sdata.shapes or require_spots:
+        spots_key = resolve_key(sdata, "shapes", spots_key, SPOTS_KEY)
+        _check_spots(sdata, spots_key, image_key)
+        table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
+        _check_annotating_table(sdata, table_key, spots_key)
+        if proportions_key in sdata.tables[table_key].obsm:
+            _check_stored_proportions(sdata.tables[table_key].obsm[proportions_key], f"tables[{table_key!r}].obsm[{proportions_key!r}]")
+    if nuclei_key is not None or NUCLEI_KEY in sdata.shapes:
+        nuclei_key = resolve_key(sdata, "shapes", nuclei_key, NUCLEI_KEY)
+        _check_in_global(sdata, nuclei_key)
+        nuclei_table_key = resolve_key(sdata, "tables", nuclei_table_key, HISTOCELL_KEY)
+        _check_annotating_table(sdata, nuclei_table_key, nuclei_key)
+
+
+def _check_in_global(sdata: SpatialData, key: str) -> None:
+    systems = get_transformation(sdata[key], get_all=True)
+    if COORDINATE_SYSTEM not in systems:
+        raise InvalidInputError(
+            f"Element {key!r} is not in the {COORDINATE_SYSTEM!r} coordinate system (it has {sorted(systems)}); "
+            "all elements must share the full-resolution pixel system 'global'."
+        )
+
+
+def _check_image_element(sdata: SpatialData, key: str) -> None:
+    _check_in_global(sdata, key)
+    level = get_image(sdata, key)
+    if tuple(level.dims) != ("c", "y", "x"):
+        raise InvalidInputError(f"Image {key!r} must be 2D with dims (c, y, x), got {tuple(level.dims)}.")
+    if level.sizes["c"] != 3:
+        raise InvalidInputError(f"Image {key!r} must have 3 channels (r, g, b), got {level.sizes['c']}.")
+    if level.dtype != np.uint8:
+        raise InvalidInputError(f"Image {key!r} must be uint8, got {level.dtype}.")
+
+
+def _check_spots(sdata: SpatialData, spots_key: str, image_key: str) -> None:
+    _check_in_global(sdata, spots_key)
+    spots = sdata.shapes[spots_key]
+    if "radius" not in spots.columns or not (spots.geometry.geom_type == "Point").all():
+        raise InvalidInputError(f"Shapes {spots_key!r} must be circles (points with a 'radius' column).")
+    if spots.index.has_duplicates:
+        raise InvalidInputError(f"Shapes {spots_key!r} has duplicate spot barcodes.")
+    extent = get_extent(sdata.images[image_key], coordinate_system=COORDINATE_SYSTEM)
+    x, y = spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()
+    outside = (x < extent["x"][0]) | (x > extent["x"][1]) | (y < extent["y"][0]) | (y > extent["y"][1])
+    if outside.any():
+        raise InvalidInputError(f"{outside.sum()} spots of {spots_key!r} lie outside image {image_key!r}.")
+
+
+def _check_annotating_table(sdata: SpatialData, table_key: str, region: str) -> None:
+    table = sdata.tables[table_key]
+    if "spatialdata_attrs" not in table.uns:
+        raise InvalidInputError(f"Table {table_key!r} does not annotate any element (no spatialdata_attrs).")
+    regions, region_key, instance_key = get_table_keys(table)
+    regions = [regions] if isinstance(regions, str) else list(regions)
+    if region not in regions:
+        raise InvalidInputError(f"Table {table_key!r} annotates {regions}, not {region!r}.")
+    rows = table.obs[region_key] == region
+    ids = pd.Index(table.obs.loc[rows, instance_key].astype(str))
+    shapes_ids = sdata.shapes[region].index.astype(str)
+    unknown = ids.difference(shapes_ids)
+    if len(unknown):
+        raise InvalidInputError(f"Table {table_key!r} has {len(unknown)} rows for unknown {region!r} ids, e.g. {unknown[:3].tolist()}.")
+
+
+def _check_stored_proportions(proportions, name: str) -> None:
+    if not isinstance(proportions, pd.DataFrame):
+        raise InvalidInputError(f"{name} must be a DataFrame with cell types as columns.")
+    values = proportions.to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise InvalidInputError(f"{name} contains NaN or infinite values.")
+    if (values < 0).any():
+        raise InvalidInputError(f"{name} contains negative values.")
+    sums = values.sum(axis=1)
+    if (np.abs(sums - 1) > SUM_TOLERANCE).any():
+        raise InvalidInputError(f"{name} has rows that do not sum to 1 (e.g. {sums[np.abs(sums - 1) > SUM_TOLERANCE][0]:.3g}).")

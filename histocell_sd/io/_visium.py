@@ -1,0 +1,184 @@
+"""Read a 10x Visium Space Ranger output folder into the histocell-sd data model."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import get_transformation
+
+from .._constants import (
+    COORDINATE_SYSTEM,
+    IMAGE_KEY,
+    REGION_KEY,
+    SPOT_ID_KEY,
+    SPOTS_KEY,
+    TABLE_KEY,
+    VISIUM_SPOT_DIAMETER_UM,
+)
+from .._errors import InvalidInputError
+from ._validate import validate
+
+_POSITIONS_FILES = ("tissue_positions_list.csv", "tissue_positions.csv")  # the reader's order
+_SCALEFACTORS_FILE = "scalefactors_json.json"
+
+
+def read_visium(
+    path: str | PathLike,
+    *,
+    dataset_id: str | None = None,
+    fullres_image_file: str | PathLike | None = None,
+    counts_file: str = "filtered_feature_bc_matrix.h5",
+    sample_id: str | None = None,
+    **kwargs,
+) -> SpatialData:
+    """Read a Visium Space Ranger output folder with :func:`spatialdata_io.visium`.
+
+    Parameters
+    ----------
+    path
+        The Space Ranger ``outs`` folder (counts file and ``spatial/``).
+    dataset_id
+        Name used by the reader; default: the counts file's library prefix, else the folder name.
+    fullres_image_file
+        The full-resolution H&E given to Space Ranger (relative to ``path`` or absolute). Required:
+        HistoCell works on nuclei, which the hires/lowres images cannot resolve.
+    counts_file
+        Counts file name (``(<library_id>_)filtered_feature_bc_matrix.h5`` by default).
+    sample_id
+        Stored in ``sdata.attrs["sample_id"]``; default ``dataset_id``.
+    **kwargs
+        Passed to :func:`spatialdata_io.visium` (e.g. ``imread_kwargs``, ``image_models_kwargs``).
+
+    Returns
+    -------
+    SpatialData with the full-resolution image ``"he"``, circles ``"spots"`` (radius in full-res
+    px, index = barcodes), the counts table ``"table"`` annotating them, the reader's hires/lowres
+    images, and ``attrs["mpp"] = 55 / spot_diameter_fullres``. Coordinate system ``"global"`` is
+    full-resolution pixels.
+    """
+    from spatialdata_io import visium
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InvalidInputError(f"Visium folder {path} does not exist or is not a directory.")
+    if fullres_image_file is None:
+        raise InvalidInputError(
+            "read_visium needs the full-resolution H&E image (HistoCell segments nuclei, which the hires/lowres "
+            "PNGs cannot resolve): pass fullres_image_file='<image given to Space Ranger>.tif'."
+        )
+    fullres = path / Path(fullres_image_file)
+    if not fullres.is_file():
+        raise InvalidInputError(f"Full-resolution image file {fullres} does not exist.")
+    _, library_id = _find_counts(path, counts_file)
+    positions = [path / "spatial" / name for name in _POSITIONS_FILES if (path / "spatial" / name).is_file()]
+    if not positions:
+        raise InvalidInputError(f"No spot positions file in {path / 'spatial'}: expected {' or '.join(_POSITIONS_FILES)}.")
+    scalefactors_path = path / "spatial" / _SCALEFACTORS_FILE
+    if not scalefactors_path.is_file():
+        raise InvalidInputError(f"Scale factors file {scalefactors_path} does not exist.")
+    diameter = _spot_diameter(scalefactors_path)
+    mpp = VISIUM_SPOT_DIAMETER_UM / diameter
+
+    if dataset_id is None:
+        dataset_id = library_id or _default_name(path)
+    dataset_id = str(dataset_id)
+    try:
+        with warnings.catch_warnings():  # the reader's own str -> categorical region column
+            warnings.filterwarnings("ignore", message="Converting `region_key", category=UserWarning)
+            raw = visium(path, dataset_id=dataset_id, counts_file=counts_file, fullres_image_file=fullres, **kwargs)
+    except (ValueError, KeyError, OSError) as error:
+        raise InvalidInputError(f"spatialdata-io could not read the Visium folder {path}: {error}") from error
+
+    full_key, shapes_key = f"{dataset_id}_full_image", dataset_id
+    if full_key not in raw.images:
+        raise InvalidInputError(f"Full-resolution image {fullres} could not be read.")
+    images = {IMAGE_KEY: _he_image(raw.images[full_key], fullres)}
+    images.update({k: v for k, v in raw.images.items() if k != full_key})
+    table, spots = _spots_and_table(raw.tables["table"], raw.shapes[shapes_key], positions[0])
+    shapes = {k: v for k, v in raw.shapes.items() if k != shapes_key}
+    shapes[SPOTS_KEY] = spots
+    tables = {k: v for k, v in raw.tables.items() if k != "table"}
+    tables[TABLE_KEY] = table
+    attrs = dict(raw.attrs)
+    attrs.update(mpp=mpp, sample_id=str(sample_id if sample_id is not None else dataset_id))
+    sdata = SpatialData(images=images, shapes=shapes, tables=tables, labels=dict(raw.labels),
+                        points=dict(raw.points), attrs=attrs)
+    if dataset_id != COORDINATE_SYSTEM:
+        sdata.rename_coordinate_systems({dataset_id: COORDINATE_SYSTEM})
+    validate(sdata)
+    return sdata
+
+
+def _find_counts(path: Path, counts_file: str) -> tuple[Path, str | None]:
+    """The counts file and the library id in its ``<library_id>_`` prefix, if any."""
+    if (path / counts_file).is_file():
+        return path / counts_file, None
+    prefixed = sorted(p for p in path.iterdir() if p.name.endswith(f"_{counts_file}") and p.is_file())
+    if not prefixed:
+        raise InvalidInputError(f"Counts file {path / counts_file} (or <library_id>_{counts_file}) does not exist.")
+    if len(prefixed) > 1:
+        raise InvalidInputError(f"Several counts files in {path}: {[p.name for p in prefixed]}; pass counts_file.")
+    return prefixed[0], prefixed[0].name[: -len(counts_file) - 1]
+
+
+def _spot_diameter(scalefactors_path: Path) -> float:
+    try:
+        scalefactors = json.loads(scalefactors_path.read_text())
+        diameter = float(scalefactors["spot_diameter_fullres"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidInputError(f"{scalefactors_path} has no usable 'spot_diameter_fullres': {error!r}.") from None
+    if not np.isfinite(diameter) or diameter <= 0:
+        raise InvalidInputError(f"{scalefactors_path}: spot_diameter_fullres must be positive, got {diameter}.")
+    return diameter
+
+
+def _default_name(path: Path) -> str:
+    """The folder name (its parent's for Space Ranger's ``outs``), made a valid element name."""
+    path = path.resolve()
+    name = path.parent.name if path.name == "outs" and path.parent.name else path.name
+    return re.sub(r"[^\w.-]", "_", name) or "visium"
+
+
+def _he_image(image, fullres: Path):
+    """The reader's full-resolution image, with RGBA reduced to RGB (the reader keeps every channel)."""
+    if "scale0" not in getattr(image, "children", {}):
+        return image
+    level = image["scale0"]["image"]
+    if level.sizes.get("c") != 4:
+        return image
+    warnings.warn(f"{fullres.name} is RGBA; the alpha channel was dropped.", stacklevel=3)
+    return Image2DModel.parse(
+        level.data[:3],
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        scale_factors=[2] * (len(image.children) - 1) or None,
+        transformations=get_transformation(level, get_all=True),
+    )
+
+
+def _spots_and_table(table, circles, positions_path: Path):
+    """Spots indexed by barcode and a table annotating them by ``spot_id`` = barcode."""
+    barcodes = table.obs_names.astype(str)
+    if not np.isfinite(np.asarray(table.obsm["spatial"], dtype=np.float64)).all():
+        missing = barcodes[~np.isfinite(np.asarray(table.obsm["spatial"], dtype=np.float64)).all(axis=1)]
+        raise InvalidInputError(f"{len(missing)} barcodes have no position in {positions_path}, e.g. {missing[:3].tolist()}.")
+    by_int_id = pd.Series(barcodes, index=table.obs[SPOT_ID_KEY].to_numpy())
+    circles = circles.copy()
+    circles.index = pd.Index(by_int_id.loc[circles.index.to_numpy()].to_numpy(), name=SPOT_ID_KEY)
+    ShapesModel.validate(circles)
+
+    adata = table.copy()
+    adata.uns.pop("spatialdata_attrs", None)
+    adata.obs_names = barcodes
+    adata.obs[SPOT_ID_KEY] = barcodes.to_numpy()
+    adata.obs[REGION_KEY] = pd.Categorical([SPOTS_KEY] * adata.n_obs)
+    adata = TableModel.parse(adata, region=SPOTS_KEY, region_key=REGION_KEY, instance_key=SPOT_ID_KEY)
+    return adata, circles

@@ -1,0 +1,68 @@
+"""Spot proportions over the H&E."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+from spatialdata import SpatialData
+
+from .._constants import IMAGE_KEY, PROPORTIONS_KEY, SPOTS_KEY, TABLE_KEY
+from .._errors import InvalidInputError
+from ..io import resolve_key
+
+
+def spot_proportions(
+    sdata: SpatialData,
+    cell_type: str,
+    *,
+    proportions_key: str = PROPORTIONS_KEY,
+    image_key: str | None = None,
+    spots_key: str | None = None,
+    table_key: str | None = None,
+    cmap: str = "viridis",
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+) -> plt.Axes:
+    """Plot the H&E with spots coloured by one cell type's proportion (spatialdata-plot).
+
+    Parameters
+    ----------
+    sdata
+        Sample in the histocell-sd data model.
+    cell_type
+        Column of ``table.obsm[proportions_key]`` to show.
+    proportions_key
+        ``obsm`` key, e.g. ``"proportions"`` or ``"true_proportions"``.
+    image_key, spots_key, table_key
+        Element names (defaults: ``"he"``, ``"spots"``, ``"table"`` or the only one).
+    cmap, ax, title
+        Matplotlib options.
+
+    Returns
+    -------
+    The axes drawn on.
+    """
+    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+    spots_key = resolve_key(sdata, "shapes", spots_key, SPOTS_KEY)
+    table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
+    table = sdata.tables[table_key]
+    if proportions_key not in table.obsm:
+        raise InvalidInputError(f"Table {table_key!r} has no obsm[{proportions_key!r}]; it has {list(table.obsm)}.")
+    proportions = table.obsm[proportions_key]
+    if cell_type not in proportions.columns:
+        raise InvalidInputError(f"Unknown cell type {cell_type!r}; obsm[{proportions_key!r}] has {list(proportions.columns)}.")
+    column = f"{proportions_key}.{cell_type}"
+    view = SpatialData(
+        images={image_key: sdata.images[image_key]},
+        shapes={spots_key: sdata.shapes[spots_key]},
+        tables={table_key: table.copy()},
+    )
+    view.tables[table_key].obs[column] = proportions[cell_type].to_numpy()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 6))
+    (
+        view.pl.render_images(image_key)
+        .pl.render_shapes(spots_key, color=column, cmap=cmap, fill_alpha=0.8, table_name=table_key)
+        .pl.show(coordinate_systems="global", ax=ax, title=title or f"{cell_type} ({proportions_key})")
+    )
+    return ax

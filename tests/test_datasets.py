@@ -1,0 +1,145 @@
+"""Invariants of the synthetic generator and the NuCLS loader."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial import cKDTree
+
+import histocell_sd as hc
+from histocell_sd.datasets import CELL_STATES, CELL_TYPES, TRUTH_LABELS_KEY, TRUTH_TABLE_KEY, synthetic_visium
+from histocell_sd.datasets._synthetic_expression import MARKERS
+
+
+def _image(sdata):
+    return np.asarray(hc.io.get_image(sdata)).transpose(1, 2, 0)
+
+
+def test_follows_data_model(tiny_slide):
+    sdata, _ = tiny_slide
+    hc.io.validate(sdata)
+    assert sdata.attrs["mpp"] == 0.5
+    assert list(sdata.tables["table"].obsm["proportions"].columns) == list(CELL_TYPES)
+    assert sdata.shapes["spots"]["radius"].iloc[0] == pytest.approx(27.5 / 0.5)
+
+
+def test_truth_proportions_equal_recount_of_nuclei_in_spots(tiny_slide):
+    sdata, _ = tiny_slide
+    truth = sdata.tables[TRUTH_TABLE_KEY]
+    spots = sdata.shapes["spots"]
+    centres = np.c_[spots.geometry.x, spots.geometry.y]
+    dist, idx = cKDTree(centres).query(truth.obsm["spatial"])
+    inside = dist <= spots["radius"].to_numpy()[idx]
+    recount = pd.crosstab(spots.index[idx[inside]], truth.obs["cell_type"].to_numpy()[inside])
+    recount = recount.reindex(columns=CELL_TYPES, fill_value=0)
+    recount = recount.div(recount.sum(axis=1), axis=0).loc[sdata.tables["table"].obs_names]
+    np.testing.assert_allclose(sdata.tables["table"].obsm["true_proportions"].to_numpy(), recount.to_numpy(), atol=1e-12)
+    np.testing.assert_array_equal(truth.obs["spot_id"].where(inside).fillna("-"), pd.Series(np.where(inside, spots.index[idx], "-"), index=truth.obs_names))
+
+
+def test_marker_expression_tracks_composition():
+    sdata, _ = synthetic_visium(seed=5, progress=False)
+    table = sdata.tables["table"]
+    counts = table.X.toarray()
+    cpm = counts / counts.sum(axis=1, keepdims=True)
+    truth = table.obsm["true_proportions"]
+    for cell_type, genes in MARKERS.items():
+        for gene in genes:
+            r = np.corrcoef(cpm[:, table.var_names.get_loc(gene)], truth[cell_type])[0, 1]
+            assert r >= 0.8, (cell_type, gene, r)
+
+
+def test_labels_raster_matches_truth_table(tiny_slide):
+    sdata, _ = tiny_slide
+    labels = np.asarray(sdata.labels[TRUTH_LABELS_KEY])
+    truth = sdata.tables[TRUTH_TABLE_KEY]
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    assert set(ids) <= set(truth.obs["label_id"])
+    assert len(ids) >= 0.97 * truth.n_obs  # nearly every nucleus is visible
+    xy = np.round(truth.obsm["spatial"]).astype(int)
+    under_centre = labels[np.clip(xy[:, 1], 0, labels.shape[0] - 1), np.clip(xy[:, 0], 0, labels.shape[1] - 1)]
+    assert np.mean(under_centre == truth.obs["label_id"].to_numpy()) > 0.95
+
+
+def test_density_and_morphology_are_realistic(tiny_slide):
+    sdata, _ = tiny_slide
+    spots_mm2 = (np.pi * (sdata.shapes["spots"]["radius"] * sdata.attrs["mpp"] / 1000) ** 2).sum()
+    density = sdata.tables[TRUTH_TABLE_KEY].obs["spot_id"].notna().sum() / spots_mm2
+    assert 2000 <= density <= 4000, density
+    labels = np.asarray(sdata.labels[TRUTH_LABELS_KEY])
+    area = pd.Series(np.bincount(labels.ravel())[1:], index=np.arange(1, labels.max() + 1))
+    obs = sdata.tables[TRUTH_TABLE_KEY].obs.set_index("label_id")
+    median_area = area.groupby(obs.loc[area.index, "cell_type"].to_numpy(), observed=True).median()
+    assert median_area["lymphocyte"] < median_area["macrophage"] < median_area["tumor"]
+    # distributions overlap: some lymphocytes are larger than some macrophages
+    lym = area[obs.loc[area.index, "cell_type"].to_numpy() == "lymphocyte"]
+    mac = area[obs.loc[area.index, "cell_type"].to_numpy() == "macrophage"]
+    assert lym.quantile(0.95) > mac.quantile(0.05)
+
+
+def test_compartments_are_spatially_coherent(tiny_slide):
+    sdata, _ = tiny_slide
+    truth = sdata.tables[TRUTH_TABLE_KEY]
+    _, idx = cKDTree(truth.obsm["spatial"]).query(truth.obsm["spatial"], k=6)
+    comp = truth.obs["compartment"].to_numpy()
+    same = (comp[idx[:, 1:]] == comp[:, None]).mean()
+    chance = (truth.obs["compartment"].value_counts(normalize=True) ** 2).sum()
+    assert same > chance + 0.25
+
+
+def test_reference_is_raw_counts_with_types_and_states(tiny_slide):
+    _, reference = tiny_slide
+    x = reference.X.toarray()
+    assert np.all(x == np.round(x)) and x.min() >= 0
+    assert set(reference.obs["cell_type"]) == set(CELL_TYPES)
+    assert sum(len(s) >= 2 for s in CELL_STATES.values()) >= 2
+    assert set(reference.obs["cell_state"]) == {s for states in CELL_STATES.values() for s in states}
+
+
+def test_same_seed_same_slide_and_stain_varies_between_seeds():
+    a, _ = synthetic_visium(seed=11, preset="tiny", width_um=300, height_um=300, progress=False)
+    b, _ = synthetic_visium(seed=11, preset="tiny", width_um=300, height_um=300, progress=False)
+    c, _ = synthetic_visium(seed=12, preset="tiny", width_um=300, height_um=300, progress=False)
+    np.testing.assert_array_equal(_image(a), _image(b))
+    assert np.abs(_image(a).reshape(-1, 3).mean(0) - _image(c).reshape(-1, 3).mean(0)).max() > 1.0
+
+
+def test_blocks_tile_seamlessly():
+    from histocell_sd.datasets._synthetic_cells import make_layout, sample_cells
+    from histocell_sd.datasets._synthetic_render import BlockRenderer, random_stain
+
+    rng = np.random.default_rng(0)
+    layout = make_layout(rng, 200, 150)
+    renderer = BlockRenderer(layout, sample_cells(rng, layout), random_stain(rng), 0.5, seed=0)
+    whole_rgb, whole_labels = renderer.render(0, 300, 0, 400)
+    left_rgb, left_labels = renderer.render(0, 300, 0, 170)
+    right_rgb, right_labels = renderer.render(0, 300, 170, 400)
+    np.testing.assert_array_equal(np.hstack([left_labels, right_labels]), whole_labels)
+    # pixel noise is drawn per block; the rendered tissue itself is identical
+    diff = np.abs(np.hstack([left_rgb, right_rgb]).astype(int) - whole_rgb.astype(int))
+    assert np.median(diff) <= 6
+
+
+def test_resolution_changes_pixels_not_microns():
+    lo, _ = synthetic_visium(seed=2, preset="tiny", width_um=300, height_um=300, mpp=0.5, progress=False)
+    hi, _ = synthetic_visium(seed=2, preset="tiny", width_um=300, height_um=300, mpp=0.25, progress=False)
+    assert _image(hi).shape[0] == 2 * _image(lo).shape[0]
+    area_lo = np.bincount(np.asarray(lo.labels[TRUTH_LABELS_KEY]).ravel())[1:].mean() * 0.25
+    area_hi = np.bincount(np.asarray(hi.labels[TRUTH_LABELS_KEY]).ravel())[1:].mean() * 0.0625
+    assert area_hi == pytest.approx(area_lo, rel=0.1)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="preset"):
+        synthetic_visium(preset="huge")
+
+
+def test_nucls_tiles():
+    tiles = hc.datasets.nucls("test")
+    assert list(tiles) == [f"test_{i}" for i in range(1, 6)]
+    sdata = tiles["test_1"]
+    hc.io.validate(sdata)
+    assert sdata.attrs["mpp"] == hc.datasets.NUCLS_MPP
+    assert _image(sdata).shape == (256, 256, 3)
+    truth = sdata.tables[TRUTH_TABLE_KEY]
+    assert truth.n_obs > 0 and set(truth.obs["cell_type"].cat.categories) == set(hc.datasets.NUCLS_CLASSES)
+    assert len(hc.datasets.nucls_tile_names("all")) == 15

@@ -1,0 +1,353 @@
+"""The I/O contract: every bad input is refused with a clear InvalidInputError and nothing is written."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import spatialdata
+from spatialdata.transformations import Identity, get_transformation, set_transformation
+
+from histocell_sd import InvalidInputError
+from histocell_sd.io import check_proportions, from_arrays, read_proportions, read_zarr, validate, write_zarr
+
+SIZE = 64
+MPP = 0.5
+BARCODES = ["AAAC-1", "AAAG-1", "AACT-1", "AAGC-1", "ACGT-1"]
+CELL_TYPES = ["T cell", "B cell", "Epithelial"]
+
+
+@pytest.fixture
+def image():
+    return np.random.default_rng(0).integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def centers():
+    return pd.DataFrame({"x": [10.0, 30.0, 50.0, 20.0, 40.5], "y": [10.0, 20.0, 40.0, 50.0, 60.25]}, index=BARCODES)
+
+
+@pytest.fixture
+def counts():
+    rng = np.random.default_rng(1)
+    return pd.DataFrame(rng.poisson(3, size=(len(BARCODES), 6)), index=BARCODES, columns=[f"Gene{i}" for i in range(6)])
+
+
+@pytest.fixture
+def proportions():
+    rng = np.random.default_rng(2)
+    return pd.DataFrame(rng.dirichlet(np.ones(len(CELL_TYPES)), len(BARCODES)), index=BARCODES, columns=CELL_TYPES)
+
+
+@pytest.fixture
+def sdata(image, centers, counts, proportions):
+    return from_arrays(image, MPP, centers, counts=counts, proportions=proportions, sample_id="s1")
+
+
+def _pixels(sdata) -> np.ndarray:
+    image = sdata.images["he"]
+    image = image["scale0"]["image"] if "scale0" in getattr(image, "children", {}) else image
+    return np.asarray(image.transpose("y", "x", "c").values)
+
+
+# --------------------------------------------------------------------------- image
+
+
+@pytest.mark.parametrize("shape", [(2, SIZE, SIZE, 3), (SIZE,)])
+def test_image_wrong_dims(shape, centers):
+    with pytest.raises(InvalidInputError, match="dimensions"):
+        from_arrays(np.zeros(shape, dtype=np.uint8), MPP, centers)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
+def test_image_wrong_dtype(dtype, centers):
+    with pytest.raises(InvalidInputError, match="uint8"):
+        from_arrays(np.zeros((SIZE, SIZE, 3), dtype=dtype), MPP, centers)
+
+
+def test_image_grayscale(centers):
+    with pytest.raises(InvalidInputError, match="grayscale"):
+        from_arrays(np.zeros((SIZE, SIZE), dtype=np.uint8), MPP, centers)
+
+
+def test_image_channel_first(image, centers):
+    with pytest.raises(InvalidInputError, match="channel-first"):
+        from_arrays(image.transpose(2, 0, 1), MPP, centers)
+
+
+def test_image_rgba_converted_with_warning(image, centers):
+    rgba = np.dstack([image, np.full((SIZE, SIZE), 255, dtype=np.uint8)])
+    with pytest.warns(UserWarning, match="RGBA"):
+        sdata = from_arrays(rgba, MPP, centers)
+    np.testing.assert_array_equal(_pixels(sdata), image)
+    validate(sdata)
+
+
+# --------------------------------------------------------------------------- mpp
+
+
+def test_mpp_missing(image, centers):
+    with pytest.raises(InvalidInputError, match="mpp"):
+        from_arrays(image, None, centers)
+
+
+@pytest.mark.parametrize("mpp", [0, -1, float("nan")])
+def test_mpp_not_positive(image, centers, mpp):
+    with pytest.raises(InvalidInputError, match="positive"):
+        from_arrays(image, mpp, centers)
+
+
+# --------------------------------------------------------------------------- spots, counts
+
+
+def test_spot_centers_outside_image(image, centers):
+    centers.loc["ACGT-1", "x"] = SIZE + 3.0
+    with pytest.raises(InvalidInputError, match="outside"):
+        from_arrays(image, MPP, centers)
+
+
+def test_spot_centers_duplicate_barcodes(image, centers):
+    centers.index = BARCODES[:-1] + [BARCODES[0]]
+    with pytest.raises(InvalidInputError, match="duplicated"):
+        from_arrays(image, MPP, centers)
+
+
+def test_counts_index_does_not_match_spots(image, centers, counts):
+    counts.index = BARCODES[:-1] + ["TTTT-1"]
+    with pytest.raises(InvalidInputError, match="unknown spots"):
+        from_arrays(image, MPP, centers, counts=counts)
+
+
+def test_counts_missing_spots(image, centers, counts):
+    with pytest.raises(InvalidInputError, match="no row"):
+        from_arrays(image, MPP, centers, counts=counts.iloc[:-1])
+
+
+def test_counts_rows_follow_spots_order(image, centers, counts):
+    sdata = from_arrays(image, MPP, centers, counts=counts.iloc[::-1])
+    table = sdata.tables["table"]
+    assert list(table.obs_names) == BARCODES
+    np.testing.assert_array_equal(table.X.toarray(), counts.to_numpy())
+
+
+# --------------------------------------------------------------------------- proportions
+
+
+def test_proportions_index_does_not_match_spots(image, centers, proportions):
+    proportions.index = ["x" + b for b in BARCODES]
+    with pytest.raises(InvalidInputError, match="unknown spots"):
+        from_arrays(image, MPP, centers, proportions=proportions)
+
+
+def test_proportions_nan(proportions):
+    proportions.iloc[1, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        check_proportions(proportions)
+
+
+def test_proportions_negative(proportions):
+    proportions.iloc[2, 1] = -0.1
+    with pytest.raises(InvalidInputError, match="negative"):
+        check_proportions(proportions)
+
+
+def test_proportions_all_zero_row(proportions):
+    proportions.iloc[3] = 0.0
+    with pytest.raises(InvalidInputError, match="all zero"):
+        check_proportions(proportions)
+
+
+def test_proportions_renormalised_with_warning(image, centers, proportions):
+    scaled = proportions * 7.0
+    with pytest.warns(UserWarning, match="renormalised"):
+        sdata = from_arrays(image, MPP, centers, proportions=scaled)
+    stored = sdata.tables["table"].obsm["proportions"]
+    np.testing.assert_allclose(stored.sum(axis=1), 1.0)
+    np.testing.assert_allclose(stored.to_numpy(), proportions.to_numpy())
+
+
+def test_proportions_that_sum_to_one_do_not_warn(proportions):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_proportions(proportions)
+
+
+def test_proportions_unknown_cell_types(proportions):
+    with pytest.raises(InvalidInputError, match="unknown cell types"):
+        check_proportions(proportions, cell_types=["T cell", "B cell"])
+    check_proportions(proportions, cell_types=CELL_TYPES + ["Fibroblast"])
+
+
+def test_proportions_duplicate_barcodes(image, centers, proportions):
+    proportions.index = BARCODES[:-1] + [BARCODES[0]]
+    with pytest.raises(InvalidInputError, match="duplicate"):
+        check_proportions(proportions)
+    with pytest.raises(InvalidInputError, match="duplicate"):
+        from_arrays(image, MPP, centers, proportions=proportions)
+
+
+# --------------------------------------------------------------------------- write_zarr / read_zarr
+
+
+def test_write_existing_path_refused_and_untouched(sdata, tmp_path):
+    path = write_zarr(sdata, tmp_path / "sample.zarr")
+    before = sorted((p.relative_to(path), p.stat().st_mtime_ns) for p in path.rglob("*"))
+    other = from_arrays(np.zeros((SIZE, SIZE, 3), dtype=np.uint8), 2.0)
+    with pytest.raises(InvalidInputError, match="already exists"):
+        write_zarr(other, path)
+    assert sorted((p.relative_to(path), p.stat().st_mtime_ns) for p in path.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
+    assert read_zarr(path).attrs["mpp"] == MPP
+
+
+def test_write_overwrite_replaces(sdata, tmp_path):
+    path = write_zarr(sdata, tmp_path / "sample.zarr")
+    other = from_arrays(np.zeros((SIZE, SIZE, 3), dtype=np.uint8), 2.0, sample_id="other")
+    write_zarr(other, path, overwrite=True)
+    back = read_zarr(path)
+    assert back.attrs == {"mpp": 2.0, "sample_id": "other"}
+    assert set(back.shapes) == set() and set(back.tables) == set()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_write_failure_leaves_nothing_behind(sdata, tmp_path, monkeypatch, existing):
+    path = tmp_path / "sample.zarr"
+    if existing:
+        write_zarr(sdata, path)
+    real_write = spatialdata.SpatialData.write
+
+    def half_write(self, file_path, *args, **kwargs):
+        real_write(self, file_path, *args, **kwargs)  # a complete temporary store ...
+        raise OSError("disk full")  # ... then the failure
+
+    monkeypatch.setattr(spatialdata.SpatialData, "write", half_write)
+    other = from_arrays(np.zeros((SIZE, SIZE, 3), dtype=np.uint8), 2.0)
+    with pytest.raises(OSError, match="disk full"):
+        write_zarr(other, path, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["sample.zarr"] if existing else [])
+    if existing:
+        back = read_zarr(path)
+        assert back.attrs["mpp"] == MPP
+        np.testing.assert_array_equal(_pixels(back), _pixels(sdata))
+
+
+def test_write_failure_while_swapping_restores_old_store(sdata, tmp_path, monkeypatch):
+    path = write_zarr(sdata, tmp_path / "sample.zarr")
+    real_rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target) == path and self.name.startswith(".sample.zarr.tmp-"):
+            raise OSError("rename failed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        write_zarr(from_arrays(np.zeros((SIZE, SIZE, 3), dtype=np.uint8), 2.0), path, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
+    assert read_zarr(path).attrs["mpp"] == MPP
+
+
+def test_overwrite_plain_file(sdata, tmp_path):
+    (tmp_path / "sample.zarr").write_text("not a store")
+    write_zarr(sdata, tmp_path / "sample.zarr", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
+    assert read_zarr(tmp_path / "sample.zarr").attrs["mpp"] == MPP
+
+
+def test_write_without_mpp_refused(sdata, tmp_path):
+    del sdata.attrs["mpp"]
+    with pytest.raises(InvalidInputError, match="mpp"):
+        write_zarr(sdata, tmp_path / "sample.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_zarr_missing(tmp_path):
+    with pytest.raises(InvalidInputError, match="No zarr store"):
+        read_zarr(tmp_path / "nothing.zarr")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InvalidInputError, match="not a readable"):
+        read_zarr(tmp_path / "folder")
+
+
+def test_round_trip(sdata, image, centers, counts, proportions, tmp_path):
+    validate(sdata)
+    back = read_zarr(write_zarr(sdata, tmp_path / "sample.zarr"))
+    validate(back)
+    assert back.attrs == {"mpp": MPP, "sample_id": "s1"}
+    np.testing.assert_array_equal(_pixels(back), image)
+    spots = back.shapes["spots"]
+    assert list(spots.index.astype(str)) == BARCODES
+    np.testing.assert_allclose(spots.geometry.x, centers["x"])
+    np.testing.assert_allclose(spots.geometry.y, centers["y"])
+    np.testing.assert_allclose(spots["radius"], 55 / 2 / MPP)
+    table = back.tables["table"]
+    assert list(table.obs_names) == BARCODES and list(table.var_names) == list(counts.columns)
+    np.testing.assert_array_equal(table.X.toarray(), counts.to_numpy())
+    pd.testing.assert_frame_equal(table.obsm["proportions"], proportions, check_names=False)
+    assert "global" in get_transformation(back.images["he"], get_all=True)
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def test_validate_missing_mpp(sdata):
+    del sdata.attrs["mpp"]
+    with pytest.raises(InvalidInputError, match="mpp"):
+        validate(sdata)
+
+
+@pytest.mark.parametrize("element", ["he", "spots"])
+def test_validate_element_not_in_global(sdata, element):
+    set_transformation(sdata[element], {"aligned": Identity()}, set_all=True)
+    with pytest.raises(InvalidInputError, match="global"):
+        validate(sdata)
+
+
+def test_validate_stored_proportions_not_summing_to_one(sdata):
+    sdata.tables["table"].obsm["proportions"] = sdata.tables["table"].obsm["proportions"] * 2
+    with pytest.raises(InvalidInputError, match="sum to 1"):
+        validate(sdata)
+
+
+# --------------------------------------------------------------------------- read_proportions
+
+
+def test_read_proportions_cell2location_csv(sdata, proportions, tmp_path):
+    abundances = proportions.iloc[::-1] * np.array([[3.0], [5.0], [8.0], [2.0], [9.0]])
+    abundances.columns = CELL_TYPES
+    abundances.index.name = "spot_id"
+    file = tmp_path / "cell2location.csv"
+    abundances.to_csv(file)
+    with pytest.warns(UserWarning, match="renormalised"):
+        result = read_proportions(file, sdata, key_added="c2l")
+    assert list(result.index) == BARCODES
+    stored = sdata.tables["table"].obsm["c2l"]
+    np.testing.assert_allclose(stored.to_numpy(), proportions.to_numpy())
+    np.testing.assert_allclose(stored.sum(axis=1), 1.0)
+
+
+def test_read_proportions_upstream_histocell_tsv(sdata, centers, proportions, tmp_path):
+    upstream = proportions.copy()
+    upstream.index = [f"{x:g}_{y:g}_{b}" for b, (x, y) in centers.loc[BARCODES, ["x", "y"]].iterrows()]
+    file = tmp_path / "proportions.tsv"
+    upstream.iloc[[2, 0, 4, 1, 3]].to_csv(file, sep="\t")
+    result = read_proportions(file, sdata)
+    assert list(result.index) == BARCODES
+    pd.testing.assert_frame_equal(sdata.tables["table"].obsm["proportions"], proportions, check_names=False)
+
+
+def test_read_proportions_unknown_barcode(sdata, proportions, tmp_path):
+    before = sdata.tables["table"].obsm["proportions"].copy()
+    proportions.index = BARCODES[:-1] + ["TTTT-1"]
+    file = tmp_path / "proportions.csv"
+    proportions.to_csv(file)
+    with pytest.raises(InvalidInputError, match="unknown spots"):
+        read_proportions(file, sdata)
+    pd.testing.assert_frame_equal(sdata.tables["table"].obsm["proportions"], before)
+    assert "c2l" not in sdata.tables["table"].obsm
