@@ -2,12 +2,13 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, io, pl
+from . import datasets, io, models, pl, pp, tl
 from ._errors import InvalidInputError
+from .models import HistoCell
 
 try:
     __version__ = version("histocell-sd")
 except PackageNotFoundError:  # pragma: no cover - source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["InvalidInputError", "datasets", "io", "pl", "__version__"]
+__all__ = ["HistoCell", "InvalidInputError", "datasets", "io", "models", "pl", "pp", "tl", "__version__"]

@@ -14,3 +14,15 @@ NUCLEUS_ID_KEY = "nucleus_id"
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_PITCH_UM = 100.0
+
+# Prediction layout of the nuclei table (``tables["histocell"]``), written by ``tl.predict``.
+CELL_TYPE_KEY = "cell_type"  # obs, categorical
+CELL_TYPE_PROBA_KEY = "cell_type_proba"  # obsm, DataFrame (columns = cell types)
+CELL_STATE_KEY = "cell_state"  # obs, categorical
+CELL_STATE_PROBA_KEY = "cell_state_proba"  # obsm, DataFrame (columns = states)
+COMPARTMENT_KEY = "compartment"  # obs, categorical
+ENTROPY_KEY = "cell_type_entropy"  # obs, float (nats)
+EMBEDDING_KEY = "histocell_embedding"  # obsm, float32 array
+SPATIAL_KEY = "spatial"  # obsm, px centroids (x, y)
+PREDICTED_PROPORTIONS_KEY = "histocell_proportions"  # spots table obsm, DataFrame
+STATE_PROPORTIONS_KEY = "state_proportions"  # spots table obsm, DataFrame (columns = states)

@@ -15,6 +15,7 @@ from .._constants import (
     COORDINATE_SYSTEM,
     PROPORTIONS_KEY,
     REGION_KEY,
+    STATE_PROPORTIONS_KEY,
     TABLE_KEY,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
@@ -66,8 +67,9 @@ def synthetic_visium(
     mpp, width_um, height_um
         Override the preset's resolution (µm per pixel) and tissue size.
     proportions
-        ``"truth"`` stores the true spot proportions as ``obsm["proportions"]`` (the weak labels the
-        model learns from, as if deconvolution were perfect); ``None`` leaves them out.
+        ``"truth"`` stores the true spot proportions as ``obsm["proportions"]`` and
+        ``obsm["state_proportions"]`` (the weak labels the model learns from, as if deconvolution
+        were perfect); ``None`` leaves them out.
     umi_per_cell
         Mean UMIs a cell contributes to its spot (sequencing depth).
     progress
@@ -120,6 +122,8 @@ def synthetic_visium(
     )
     table = sdata.tables[TABLE_KEY]
     table.obsm["true_proportions"] = true_props
+    if proportions == "truth":
+        table.obsm[STATE_PROPORTIONS_KEY] = true_state_props
     table.obsm["true_state_proportions"] = true_state_props
     table.obs["true_compartment"] = _spot_compartment(in_spot, spots.index)
     sdata.labels[TRUTH_LABELS_KEY] = Labels2DModel.parse(

@@ -2,6 +2,7 @@
 
 from ._arrays import from_arrays
 from ._elements import get_image, get_mpp, resolve_key
+from ._nuclei import read_nuclei
 from ._proportions import check_proportions, read_proportions
 from ._validate import validate
 from ._visium import read_visium
@@ -12,6 +13,7 @@ __all__ = [
     "from_arrays",
     "get_image",
     "get_mpp",
+    "read_nuclei",
     "read_proportions",
     "read_visium",
     "read_zarr",

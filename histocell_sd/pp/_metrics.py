@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 __all__ = ["match_points", "detection_scores", "aggregated_jaccard_index"]
@@ -39,12 +41,24 @@ def match_points(pred_xy, true_xy, max_dist: float) -> tuple[np.ndarray, np.ndar
     dist = cKDTree(pred).sparse_distance_matrix(cKDTree(true), max_dist, output_type="coo_matrix")
     if dist.nnz == 0:
         return empty, empty
-    rows, row_inv = np.unique(dist.row, return_inverse=True)
-    cols, col_inv = np.unique(dist.col, return_inverse=True)
+    # Pairs form small clusters: solve each connected cluster on its own (dense costs stay tiny).
+    n_pred = len(pred)
+    graph = coo_matrix((np.ones(dist.nnz), (dist.row, dist.col + n_pred)), shape=(n_pred + len(true),) * 2)
+    component = connected_components(graph, directed=False)[1][dist.row]
+    order = np.argsort(component, kind="stable")
+    bounds = np.flatnonzero(np.diff(component[order])) + 1
+    pairs = [_assign(dist.row[idx], dist.col[idx], dist.data[idx], max_dist) for idx in np.split(order, bounds)]
+    return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+
+
+def _assign(row, col, data, max_dist: float) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum-cardinality, minimum-distance matching of one cluster of candidate pairs."""
+    rows, row_inv = np.unique(row, return_inverse=True)
+    cols, col_inv = np.unique(col, return_inverse=True)
     # Cost: a big constant penalises leaving a pair unmatched, the distance breaks ties.
     unmatched = 1.0 + 2.0 * (max_dist + 1.0) * min(len(rows), len(cols))
     cost = np.full((len(rows), len(cols)), unmatched)
-    cost[row_inv, col_inv] = dist.data
+    cost[row_inv, col_inv] = data
     r, c = linear_sum_assignment(cost)
     keep = cost[r, c] < unmatched
     return rows[r[keep]].astype(int), cols[c[keep]].astype(int)

@@ -1,0 +1,185 @@
+"""Benchmark: Tangram alone vs HistoCell alone vs histology-refined deconvolution, against truth.
+
+Prints JSON. Spot level: RMSE and mean Jensen-Shannon divergence of the spot proportions against the
+true cell fractions. Nucleus level: accuracy of Tangram's in-spot assignment (type counts dealt in
+arbitrary order, as ``tangram.utils.deconvolve_cell_annotations``), of the image model alone
+(argmax) and of the refined assignment. Regimes: normal depth, low UMI depth (``umi_per_cell=300``)
+and a cell type missing from the reference. A separate run times deconvolve + refine on the
+``"visium"`` preset (generation not counted).
+
+Usage::
+
+    python benchmarks/deconvolution.py --probabilities simulated [--seeds 101 102] [--timing-preset visium]
+
+``--probabilities simulated`` uses a stand-in for HistoCell's nucleus probabilities (noisy around
+the true type, ~70 % top-1, confusing fibroblast/endothelial and lymphocyte/macrophage); the
+probability source is the single function :func:`nucleus_probabilities`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from spatialdata.models import ShapesModel, TableModel
+from spatialdata.transformations import Identity
+
+from histocell_sd import tl
+from histocell_sd._constants import (
+    CELL_TYPE_KEY,
+    CELL_TYPE_PROBA_KEY,
+    HISTOCELL_KEY,
+    NUCLEI_KEY,
+    NUCLEUS_ID_KEY,
+    PREDICTED_PROPORTIONS_KEY,
+    REGION_KEY,
+    SPOT_ID_KEY,
+)
+from histocell_sd.datasets import synthetic_visium
+
+SIMILAR = {"fibroblast": "endothelial", "endothelial": "fibroblast", "lymphocyte": "macrophage",
+           "macrophage": "lymphocyte", "tumor": "macrophage"}
+
+
+def simulated_probabilities(truth: pd.DataFrame, types, seed: int = 0, signal: float = 2.4, confusion: float = 1.2, noise: float = 1.1) -> pd.DataFrame:
+    """Stand-in nucleus probabilities: softmax of noisy logits favouring the true type, then its look-alike."""
+    rng = np.random.default_rng(seed)
+    types = list(types)
+    true = pd.Categorical(truth[CELL_TYPE_KEY].astype(str), categories=types).codes
+    similar = np.array([types.index(SIMILAR[t]) if SIMILAR.get(t) in types else i for i, t in enumerate(types)])
+    logits = rng.normal(0, noise, (len(true), len(types)))
+    logits[np.arange(len(true)), true] += signal
+    logits[np.arange(len(true)), similar[true]] += confusion
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return pd.DataFrame(p / p.sum(axis=1, keepdims=True), index=truth.index, columns=types)
+
+
+def add_nuclei(sdata, proba: pd.DataFrame) -> None:
+    """Write the prediction layout of tl.predict (nuclei circles + "histocell" table) from the truth nuclei."""
+    truth = sdata.tables["truth_nuclei"]
+    xy = np.asarray(truth.obsm["spatial"], dtype=np.float64)
+    names = pd.Index(truth.obs_names.astype(str), name=NUCLEUS_ID_KEY)
+    sdata.shapes[NUCLEI_KEY] = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), 8.0), index=names,
+                                                 transformations={"global": Identity()})
+    obs = pd.DataFrame(index=names.rename(None))
+    obs[REGION_KEY] = pd.Categorical([NUCLEI_KEY] * len(obs), categories=[NUCLEI_KEY])
+    obs[NUCLEUS_ID_KEY] = obs.index.to_numpy()
+    obs[SPOT_ID_KEY] = truth.obs["spot_id"].to_numpy()
+    obs[CELL_TYPE_KEY] = pd.Categorical(proba.columns.to_numpy()[proba.to_numpy().argmax(axis=1)], categories=list(proba.columns))
+    table = ad.AnnData(obs=obs, obsm={"spatial": xy, CELL_TYPE_PROBA_KEY: proba.set_axis(obs.index)})
+    sdata.tables[HISTOCELL_KEY] = TableModel.parse(table, region=NUCLEI_KEY, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
+    spots = sdata.tables["table"]
+    inside = obs[SPOT_ID_KEY].notna().to_numpy()
+    mean = proba[inside].groupby(obs.loc[inside, SPOT_ID_KEY].to_numpy()).mean()
+    spots.obsm[PREDICTED_PROPORTIONS_KEY] = mean.reindex(spots.obs_names).fillna(1.0 / proba.shape[1])
+
+
+def nucleus_probabilities(sdata, source: str, seed: int) -> pd.DataFrame:
+    """The one place the nucleus probabilities come from (``"simulated"``; ``"model"`` later)."""
+    if source == "simulated":
+        truth = sdata.tables["truth_nuclei"].obs
+        return simulated_probabilities(truth, ["tumor", "fibroblast", "lymphocyte", "macrophage", "endothelial"], seed=seed)
+    raise NotImplementedError(f"--probabilities {source} is not available yet.")
+
+
+def tangram_assignment(sdata, proportions: pd.DataFrame, seed: int) -> np.ndarray:
+    """Tangram's deconvolve_cell_annotations: largest-remainder type counts dealt in arbitrary order."""
+    from histocell_sd.tl._refine import largest_remainder
+
+    nuclei = sdata.tables[HISTOCELL_KEY].obs
+    rng = np.random.default_rng(seed)
+    out = np.full(len(nuclei), None, dtype=object)
+    types = np.asarray(proportions.columns)
+    for spot, idx in nuclei.groupby(SPOT_ID_KEY, observed=True).indices.items():
+        counts = largest_remainder(proportions.loc[spot].to_numpy(), len(idx))
+        out[rng.permutation(idx)] = np.repeat(types, counts)  # segmentation order is arbitrary w.r.t. type
+    return out
+
+
+def spot_scores(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    pred = pred.reindex(columns=truth.columns, fill_value=0.0).to_numpy(dtype=np.float64)
+    true = truth.to_numpy(dtype=np.float64)
+    m = 0.5 * (pred + true)
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * np.log(a / np.maximum(b, 1e-12)), 0.0).sum(axis=1)
+
+    return {"rmse": round(float(np.sqrt(((pred - true) ** 2).mean())), 4),
+            "jsd": round(float((0.5 * kl(pred, m) + 0.5 * kl(true, m)).mean() / np.log(2)), 4)}
+
+
+def evaluate(sdata, reference, probabilities: str, seed: int, epochs: int, strength: float, missing: str | None = None) -> dict:
+    """Run deconvolve + refine on one slide and score all three views."""
+    if missing is not None:
+        reference = reference[reference.obs["cell_type"] != missing].copy()
+        reference.obs["cell_type"] = reference.obs["cell_type"].cat.remove_unused_categories()
+    add_nuclei(sdata, nucleus_probabilities(sdata, probabilities, seed))
+    t0 = time.perf_counter()
+    tl.deconvolve(sdata, reference, epochs=epochs, seed=seed, progress=False)
+    t1 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl.refine_deconvolution(sdata, reference if missing is None else None, strength=strength,
+                                missing_types="raise" if missing is None else "image", progress=False)
+    t2 = time.perf_counter()
+    spots, nuclei = sdata.tables["table"], sdata.tables[HISTOCELL_KEY]
+    truth = spots.obsm["true_proportions"]
+    has = spots.obs_names.isin(nuclei.obs[SPOT_ID_KEY].dropna().unique())
+    true_type = sdata.tables["truth_nuclei"].obs[CELL_TYPE_KEY].astype(str).to_numpy()
+    in_spot = nuclei.obs[SPOT_ID_KEY].notna().to_numpy()
+    tangram_types = tangram_assignment(sdata, spots.obsm["proportions"], seed)
+
+    def acc(pred, mask=in_spot):
+        return round(float((np.asarray(pred, dtype=object)[mask] == true_type[mask]).mean()), 4)
+
+    return {
+        "n_spots": int(spots.n_obs), "n_nuclei": int(nuclei.n_obs),
+        "spot": {
+            "tangram": spot_scores(spots.obsm["proportions"][has], truth[has]),
+            "histocell": spot_scores(spots.obsm[PREDICTED_PROPORTIONS_KEY][has], truth[has]),
+            "refined": spot_scores(spots.obsm["refined_proportions"][has], truth[has]),
+        },
+        "nucleus_accuracy_in_spots": {
+            "tangram_arbitrary": acc(tangram_types),
+            "histocell_argmax": acc(nuclei.obs[CELL_TYPE_KEY].astype(str)),
+            "refined": acc(nuclei.obs["refined_cell_type"].astype(str)),
+        },
+        "seconds": {"deconvolve": round(t1 - t0, 1), "refine": round(t2 - t1, 1)},
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probabilities", choices=["simulated", "model"], default="simulated")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102])
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--timing-preset", default="visium", help="preset timed once ('none' to skip)")
+    parser.add_argument("--epochs", type=int, default=500)
+    parser.add_argument("--strength", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    regimes = {"normal": {}, "low_umi_300": {"umi_per_cell": 300.0}, "missing_endothelial": {"missing": "endothelial"}}
+    results = {"probabilities": args.probabilities, "preset": args.preset, "strength": args.strength, "regimes": {}}
+    for name, regime in regimes.items():
+        runs = {}
+        for seed in args.seeds:
+            sdata, reference = synthetic_visium(seed=seed, preset=args.preset, progress=False,
+                                                umi_per_cell=regime.get("umi_per_cell", 2500.0))
+            runs[f"seed{seed}"] = evaluate(sdata, reference, args.probabilities, seed, args.epochs, args.strength, regime.get("missing"))
+        results["regimes"][name] = runs
+    if args.timing_preset != "none":
+        sdata, reference = synthetic_visium(seed=args.seeds[0], preset=args.timing_preset, progress=False)
+        run = evaluate(sdata, reference, args.probabilities, args.seeds[0], args.epochs, args.strength)
+        run["seconds"]["total"] = round(sum(run["seconds"].values()), 1)
+        results["timing"] = {"preset": args.timing_preset, **run}
+    print(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

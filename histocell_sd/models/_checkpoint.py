@@ -1,0 +1,126 @@
+"""Checkpoints: safetensors weights + a JSON model card; loading never executes pickles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .._errors import InvalidInputError
+
+FORMAT = "histocell-sd/checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "weights.safetensors"
+CARD = "model_card.json"
+
+
+def _package_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_checkpoint(model, path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` to the folder ``path``: ``weights.safetensors`` and ``model_card.json``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InvalidInputError(f"{path} already exists; pass overwrite=True to replace it.")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.net.state_dict().items()}
+        save_file(state, tmp / WEIGHTS)
+        card = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "package_version": _package_version(),
+            "weights_sha256": _sha256(tmp / WEIGHTS),
+            "cell_types": model.cell_types,
+            "states": model.states,
+            "state_names": model.state_names,
+            "compartments": model.compartments,
+            "compartment_labels": model.compartment_labels,
+            "outputs": {
+                "cell_type_proba": "columns = cell_types, in order",
+                "cell_state_proba": "joint P(state) = P(type) P(state | type); columns = state_names",
+                "compartment": "argmax over compartment_labels",
+            },
+            "preprocessing": model.config,
+            "feature_mean": model.feature_mean_.tolist(),
+            "feature_std": model.feature_std_.tolist(),
+            "training_summary": model.training_summary_,
+            "history": None if model.history_ is None else model.history_.to_dict(orient="list"),
+        }
+        (tmp / CARD).write_text(json.dumps(card, indent=2, default=float))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(cls, path):
+    """Rebuild a model from a checkpoint folder, refusing a missing, corrupt or mismatched one."""
+    import pandas as pd
+
+    path = Path(path)
+    for name in (CARD, WEIGHTS):
+        if not (path / name).is_file():
+            raise InvalidInputError(f"Checkpoint {path} is missing {name}.")
+    try:
+        card = json.loads((path / CARD).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInputError(f"Checkpoint {path}: {CARD} is not valid JSON ({error}).") from None
+    if card.get("format") != FORMAT:
+        raise InvalidInputError(f"Checkpoint {path}: {CARD} is not a histocell-sd model card.")
+    if card.get("format_version") != FORMAT_VERSION:
+        raise InvalidInputError(
+            f"Checkpoint {path} has format version {card.get('format_version')}; this histocell-sd "
+            f"({_package_version()}) reads version {FORMAT_VERSION}. It was written by histocell-sd {card.get('package_version')}."
+        )
+    required = ("cell_types", "states", "compartments", "preprocessing", "feature_mean", "feature_std", "weights_sha256")
+    missing = [k for k in required if k not in card]
+    if missing:
+        raise InvalidInputError(f"Checkpoint {path}: model card lacks {missing}.")
+    if _sha256(path / WEIGHTS) != card["weights_sha256"]:
+        raise InvalidInputError(f"Checkpoint {path}: {WEIGHTS} does not match the card's checksum (corrupt or replaced).")
+    pre = card["preprocessing"]
+    model = cls(
+        card["cell_types"],
+        states=card["states"],
+        compartments=card["compartments"],
+        compartment_threshold=pre["compartment_threshold"],
+        crop_px=pre["crop_px"],
+        canonical_mpp=pre["canonical_mpp"],
+        context_mpp=pre["context_mpp"],
+        n_neighbors=pre["n_neighbors"],
+        radius_um=pre["radius_um"],
+        dim=pre["dim"],
+        use_morphology=bool(pre["feature_names"]),
+        max_nuclei_per_spot=pre["max_nuclei_per_spot"],
+        tile_um=pre["tile_um"],
+    )
+    model.config["feature_names"] = list(pre["feature_names"])
+    try:
+        state = load_file(path / WEIGHTS)
+        model.net.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise InvalidInputError(f"Checkpoint {path}: weights do not fit the model card ({error}).") from None
+    model.net.eval()
+    model.feature_mean_ = np.asarray(card["feature_mean"], np.float32)
+    model.feature_std_ = np.asarray(card["feature_std"], np.float32)
+    model.training_summary_ = card.get("training_summary") or {}
+    model.history_ = pd.DataFrame(card["history"]) if card.get("history") else None
+    return model

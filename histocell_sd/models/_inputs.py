@@ -1,0 +1,144 @@
+"""What the model sees of a sample: nucleus crops, a low-resolution context image, morphology and the
+nucleus neighbourhood graph. Built the same way for training and inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+from skimage.transform import rescale
+from spatialdata import SpatialData
+from tqdm.auto import tqdm
+
+from .._constants import HISTOCELL_KEY, SPATIAL_KEY, SPOT_ID_KEY
+from .._errors import InvalidInputError
+from ..io import get_image, get_mpp, resolve_key
+
+BAND_UM = 1024.0
+
+
+@dataclass
+class SampleInputs:
+    """Per-nucleus inputs of one sample (rows follow the nuclei table)."""
+
+    crops: np.ndarray  # (n, 3, crop, crop) uint8 at the canonical µm/px
+    context: np.ndarray  # (h, w, 3) uint8 image at the context µm/px
+    context_xy: np.ndarray  # (n, 2) float32 nucleus positions in context pixels (x, y)
+    features: np.ndarray  # (n, f) float32 morphology, raw (standardised by the model)
+    neighbors: np.ndarray  # (n, k) int64, column 0 = self, -1 = padding
+    distances: np.ndarray  # (n, k) float32 µm
+    spot_ids: pd.Series  # spot barcode per nucleus (NaN outside spots)
+    obs_names: pd.Index
+
+
+def _rescale_band(band: np.ndarray, factor: float) -> np.ndarray:
+    if np.isclose(factor, 1.0):
+        return band
+    out = rescale(band, factor, order=1, anti_aliasing=factor < 1, channel_axis=2, preserve_range=True)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def neighbor_graph(xy_um: np.ndarray, k: int, radius_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest nuclei within ``radius_um`` (self first), padded with -1."""
+    n = len(xy_um)
+    if n == 0:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    dist, idx = cKDTree(xy_um).query(xy_um, k=min(k, n), distance_upper_bound=radius_um)
+    dist, idx = np.atleast_2d(dist), np.atleast_2d(idx)
+    if idx.shape[1] < k:
+        pad = k - idx.shape[1]
+        idx = np.hstack([idx, np.full((n, pad), n)])
+        dist = np.hstack([dist, np.full((n, pad), np.inf)])
+    missing = idx >= n
+    idx[missing] = -1
+    dist[missing] = 0.0
+    return idx.astype(np.int64), dist.astype(np.float32)
+
+
+def sample_inputs(
+    sdata: SpatialData,
+    *,
+    crop_px: int,
+    canonical_mpp: float,
+    context_mpp: float,
+    n_neighbors: int,
+    radius_um: float,
+    feature_names: list[str] | None,
+    image_key: str | None = None,
+    table_key: str = HISTOCELL_KEY,
+    progress: bool = True,
+) -> SampleInputs:
+    """Crops, context, morphology and neighbours of every nucleus of ``sdata``'s nuclei table.
+
+    The image is read band by band (lazily), resampled to ``canonical_mpp`` for the crops and to
+    ``context_mpp`` for the context image, so memory stays bounded on whole slides.
+    """
+    mpp = get_mpp(sdata)
+    table_key = resolve_key(sdata, "tables", table_key, HISTOCELL_KEY)
+    table = sdata.tables[table_key]
+    if SPATIAL_KEY not in table.obsm:
+        raise InvalidInputError(f"Nuclei table {table_key!r} has no obsm['spatial']; segment nuclei first (hc.pp.segment_nuclei).")
+    features = _features(table, feature_names)
+    xy_px = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
+    image = get_image(sdata, image_key)
+    height, width = image.sizes["y"], image.sizes["x"]
+    scale = mpp / canonical_mpp
+    if scale > 4 or scale < 1 / 16:
+        raise InvalidInputError(
+            f"The image is at {mpp} µm/px; the model works at {canonical_mpp} µm/px and cannot resample by a factor {scale:.3g}."
+        )
+    crops = np.zeros((len(xy_px), 3, crop_px, crop_px), dtype=np.uint8)
+    band_px = max(int(BAND_UM / mpp), 64)
+    margin_px = int(np.ceil(crop_px * canonical_mpp / mpp)) + 2
+    context_bands = []
+    bands = range(0, height, band_px)
+    for y0 in tqdm(bands, desc="reading image", disable=not progress or len(bands) < 3):
+        y1 = min(y0 + band_px, height)
+        r0, r1 = max(y0 - margin_px, 0), min(y1 + margin_px, height)
+        band = np.asarray(image[:, r0:r1, :].transpose("y", "x", "c"))
+        context_bands.append(_rescale_band(band[y0 - r0 : y0 - r0 + (y1 - y0)], mpp / context_mpp))
+        inside = np.flatnonzero((xy_px[:, 1] >= y0) & (xy_px[:, 1] < y1))
+        if len(inside):
+            canonical = _rescale_band(band, scale)
+            local = (xy_px[inside] - [0, r0]) * scale
+            crops[inside] = _crop(canonical, local, crop_px)
+    context = np.concatenate(context_bands, axis=0) if context_bands else np.zeros((1, 1, 3), np.uint8)
+    xy_um = xy_px * mpp
+    neighbors, distances = neighbor_graph(xy_um, n_neighbors, radius_um)
+    spot_ids = table.obs[SPOT_ID_KEY] if SPOT_ID_KEY in table.obs else pd.Series(np.nan, index=table.obs_names)
+    return SampleInputs(
+        crops=crops,
+        context=context,
+        context_xy=(xy_um / context_mpp).astype(np.float32),
+        features=features,
+        neighbors=neighbors,
+        distances=distances,
+        spot_ids=spot_ids.astype(object).where(spot_ids.notna()),
+        obs_names=table.obs_names,
+    )
+
+
+def _features(table, feature_names: list[str] | None) -> np.ndarray:
+    if feature_names is None:
+        return np.zeros((table.n_obs, 0), np.float32)
+    missing = [f for f in feature_names if f not in table.var_names]
+    if missing:
+        raise InvalidInputError(f"Nuclei table lacks the morphology features {missing}; recompute them with hc.pp.store_nuclei.")
+    x = table[:, feature_names].X
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    return np.nan_to_num(x.astype(np.float32))
+
+
+def _crop(image: np.ndarray, xy: np.ndarray, size: int) -> np.ndarray:
+    """(n, 3, size, size) crops centred on ``xy`` (x, y px), zero-padded at the borders."""
+    half = size // 2
+    padded = np.pad(image, ((half, half + 1), (half, half + 1), (0, 0)))
+    # a crop centred on x starts at x - half, i.e. at x in the padded image
+    x0 = np.clip(np.round(xy[:, 0]).astype(int), 0, padded.shape[1] - size)
+    y0 = np.clip(np.round(xy[:, 1]).astype(int), 0, padded.shape[0] - size)
+    offs = np.arange(size)
+    rows = y0[:, None, None] + offs[None, :, None]
+    cols = x0[:, None, None] + offs[None, None, :]
+    return padded[rows, cols].transpose(0, 3, 1, 2)

@@ -1,0 +1,157 @@
+"""Torch modules of HistoCell: nucleus and context encoders, neighbour attention, heads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Optical densities of hematoxylin, eosin and DAB (rows) in RGB, as skimage's rgb2hed uses.
+_HED_FROM_RGB = torch.linalg.inv(
+    torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
+)
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
+
+
+def to_optical_density(rgb_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (…, 3, h, w) → optical density, the input scale of the encoders."""
+    return -torch.log((rgb_uint8.float() + 1.0) / 256.0)
+
+
+def stain_jitter(od: torch.Tensor, generator: torch.Generator, strength: float = 0.15) -> torch.Tensor:
+    """Scale and shift the hematoxylin and eosin concentrations of each image (HED augmentation)."""
+    n = od.shape[0]
+    hed = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB)
+    scale = 1 + strength * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
+    shift = 0.05 * strength * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
+    return torch.einsum("ndhw,dc->nchw", hed * scale + shift, _RGB_FROM_HED)
+
+
+def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    # No batch norm: it is slow on CPU and the nets are shallow enough to train without it.
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation), nn.ReLU(inplace=True))
+
+
+class NucleusEncoder(nn.Module):
+    """A small strided CNN over the nucleus crop (optical density), pooled to a vector."""
+
+    def __init__(self, width: int = 8, out_dim: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            _conv(3, width, 2),
+            _conv(width, width),
+            _conv(width, 2 * width, 2),
+            _conv(2 * width, 4 * width, 2),
+            _conv(4 * width, 4 * width),
+        )
+        self.proj = nn.Linear(8 * width, out_dim)
+
+    def forward(self, od: torch.Tensor) -> torch.Tensor:
+        x = self.net(od)
+        return self.proj(torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1))
+
+
+class ContextEncoder(nn.Module):
+    """A fully convolutional net over the low-resolution image; sampled at nucleus positions.
+
+    Its receptive field is ``RECEPTIVE_RADIUS`` pixels each side, so a window with that margin gives
+    the same features as the whole image.
+    """
+
+    RECEPTIVE_RADIUS = 1 + 2 + 4 + 4
+
+    def __init__(self, width: int = 8, out_dim: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            _conv(3, width),
+            _conv(width, width, dilation=2),
+            _conv(width, 2 * width, dilation=4),
+            _conv(2 * width, 2 * width, dilation=4),
+            nn.Conv2d(2 * width, out_dim, 1),
+        )
+
+    def forward(self, od: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        """``od`` (1, 3, h, w); ``xy`` (n, 2) positions in its pixels → (n, out_dim)."""
+        fmap = self.net(od)
+        h, w = od.shape[-2:]
+        grid = torch.stack([(xy[:, 0] + 0.5) / w * 2 - 1, (xy[:, 1] + 0.5) / h * 2 - 1], dim=-1)
+        return F.grid_sample(fmap, grid.view(1, -1, 1, 2), align_corners=False).view(fmap.shape[1], -1).T
+
+
+class NeighbourAttention(nn.Module):
+    """Multi-head attention of each nucleus over its neighbours (softmax over neighbours, padding masked).
+
+    A distance penalty learnt per head favours close neighbours; the output is added to the nucleus's
+    own embedding (residual) and normalised.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, radius_um: float = 30.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError("dim must be divisible by heads")
+        self.heads, self.radius_um = heads, radius_um
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.distance_weight = nn.Parameter(torch.ones(heads))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, h_query: torch.Tensor, h_keys: torch.Tensor, neighbors: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """``h_query`` (n, d); ``h_keys`` (m, d); ``neighbors`` (n, k) rows of ``h_keys`` or -1; ``distances`` (n, k) µm."""
+        n, k = neighbors.shape
+        d = h_query.shape[1] // self.heads
+        mask = neighbors >= 0
+        safe = neighbors.clamp(min=0)
+        q = self.q(h_query).view(n, 1, self.heads, d)
+        keys = self.k(h_keys)[safe].view(n, k, self.heads, d)
+        values = self.v(h_keys)[safe].view(n, k, self.heads, d)
+        logits = (q * keys).sum(-1) / math.sqrt(d)
+        logits = logits - F.softplus(self.distance_weight) * (distances / self.radius_um).unsqueeze(-1)
+        logits = logits.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        attention = torch.softmax(logits, dim=1)  # over neighbours
+        attention = torch.nan_to_num(attention, nan=0.0)
+        mixed = (attention.unsqueeze(-1) * values).sum(1).reshape(n, -1)
+        return self.norm(h_query + self.out(mixed))
+
+
+class HistoCellNet(nn.Module):
+    """Nucleus embedding → neighbour attention → type, state (per type) and compartment heads."""
+
+    def __init__(
+        self,
+        n_types: int,
+        states_per_type: list[int],
+        n_compartments: int,
+        n_features: int,
+        dim: int = 64,
+        radius_um: float = 30.0,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.nucleus = NucleusEncoder(out_dim=dim)
+        self.context = ContextEncoder(out_dim=32)
+        self.morphology = nn.Sequential(nn.Linear(n_features, 32), nn.ReLU()) if n_features else None
+        fused = dim + 32 + (32 if n_features else 0)
+        self.fuse = nn.Sequential(nn.Linear(fused, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.graph = NeighbourAttention(dim, radius_um=radius_um)
+        self.type_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * dim, n_types))
+        self.state_heads = nn.ModuleList(nn.Linear(2 * dim, s) for s in states_per_type)
+        self.compartment_head = nn.Linear(dim, max(n_compartments, 1))
+
+    def embed(self, crops_od: torch.Tensor, context: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Per-nucleus embedding before the graph layer from crop, sampled context and morphology."""
+        parts = [self.nucleus(crops_od), context]
+        if self.morphology is not None:
+            parts.append(self.morphology(features))
+        return self.fuse(torch.cat(parts, dim=1))
+
+    def heads(self, h_query: torch.Tensor, h_keys: torch.Tensor, neighbors: torch.Tensor, distances: torch.Tensor) -> dict:
+        """Type logits, per-type state logits and the neighbourhood representation of each query nucleus."""
+        mixed = self.graph(h_query, h_keys, neighbors, distances)
+        both = torch.cat([h_query, mixed], dim=1)
+        return {
+            "type": self.type_head(both),
+            "states": [head(both) for head in self.state_heads],
+            "mixed": mixed,
+        }

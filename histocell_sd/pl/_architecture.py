@@ -1,0 +1,65 @@
+"""Tissue niches over the H&E."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+from spatialdata import SpatialData
+
+from .._constants import IMAGE_KEY
+from .._errors import InvalidInputError
+from ..io import resolve_key
+
+
+def niches(
+    sdata: SpatialData,
+    key: str = "niche",
+    *,
+    image_key: str | None = None,
+    fill_alpha: float = 0.45,
+    palette: list[str] | None = None,
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] = (5, 4.5),
+) -> plt.Axes:
+    """Plot the niche regions of :func:`histocell_sd.tl.tissue_architecture` over the H&E.
+
+    Parameters
+    ----------
+    sdata
+        Sample holding the shapes element ``f"{key}_regions"`` (and an H&E image, drawn when present).
+    key
+        The ``key_added`` used by ``tl.tissue_architecture``.
+    image_key
+        The H&E image (default ``"he"`` or the only one; none drawn when there is no image).
+    fill_alpha
+        Opacity of the region fill.
+    palette
+        Colours of the niches, in category order.
+    ax, title, figsize
+        Matplotlib options.
+
+    Returns
+    -------
+    The axes drawn on.
+    """
+    regions_key = f"{key}_regions"
+    if regions_key not in sdata.shapes:
+        raise InvalidInputError(f"No shapes element {regions_key!r}: run tl.tissue_architecture(sdata, key_added={key!r}) first.")
+    regions = sdata.shapes[regions_key]
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    images = {}
+    if sdata.images:
+        image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+        images[image_key] = sdata.images[image_key]
+    view = SpatialData(images=images, shapes={regions_key: regions})
+    if images:
+        view = view.pl.render_images(image_key)
+    if palette is not None and len(palette) < len(regions):
+        raise InvalidInputError(f"palette has {len(palette)} colours for {len(regions)} niches.")
+    view = view.pl.render_shapes(
+        regions_key, color=key, fill_alpha=fill_alpha, outline_alpha=1.0, palette=palette[: len(regions)] if palette else None
+    )
+    view.pl.show(ax=ax, coordinate_systems="global", title=title or f"{key} regions")
+    return ax

@@ -1,0 +1,84 @@
+"""Cohort plots: Kaplan–Meier curves at a median split and example crops of a screened population."""
+
+from __future__ import annotations
+
+import anndata as ad
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .._errors import InvalidInputError
+
+__all__ = ["kaplan_meier", "screen_crops"]
+
+
+def kaplan_meier(
+    indicators: ad.AnnData | pd.DataFrame,
+    indicator: str,
+    duration_key: str = "duration",
+    event_key: str = "event",
+    clinical: pd.DataFrame | None = None,
+    *,
+    ax: plt.Axes | None = None,
+    figsize: tuple[float, float] = (4.5, 3.5),
+):
+    """Kaplan–Meier curves of the samples above / at-or-below the median of an indicator.
+
+    The title gives the log-rank p of the two groups (lifelines).
+
+    Parameters
+    ----------
+    indicators
+        Samples × indicators (clinical columns in ``obs``) or a DataFrame with both.
+    indicator
+        The indicator to split on.
+    duration_key, event_key
+        Clinical columns of follow-up time and event.
+    clinical
+        Clinical DataFrame indexed by sample id, used instead of ``indicators.obs``.
+    ax, figsize
+        Axes to draw on (a new figure of ``figsize`` otherwise).
+
+    Returns
+    -------
+    The axes; ``ax.logrank_p`` holds the p-value.
+    """
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import logrank_test
+
+    from ..tl._cohort_stats import _cohort_frame
+
+    values, clin = _cohort_frame(indicators, [duration_key, event_key], clinical, [indicator])
+    x = values[indicator]
+    ok = x.notna().to_numpy()
+    x, clin = x[ok], clin[ok]
+    high = (x > x.median()).to_numpy()
+    if high.all() or not high.any():
+        raise InvalidInputError(f"Indicator {indicator!r} cannot be split at its median (too few distinct values).")
+    duration = clin[duration_key].astype(float).to_numpy()
+    event = clin[event_key].astype(float).to_numpy()
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    for mask, label, color in ((~high, "≤ median", "tab:blue"), (high, "> median", "tab:red")):
+        KaplanMeierFitter(label=f"{label} (n={mask.sum()})").fit(duration[mask], event[mask]).plot_survival_function(ax=ax, ci_show=True, color=color)
+    p = logrank_test(duration[high], duration[~high], event[high], event[~high]).p_value
+    ax.set_title(f"{indicator}\nlog-rank p = {p:.2g}", fontsize=9)
+    ax.set_xlabel(duration_key)
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0, 1.05)
+    ax.logrank_p = float(p)
+    return ax
+
+
+def screen_crops(result, n: int = 8, *, ax=None, figsize: tuple[float, float] | None = None):
+    """Show the example crops of the top population of a :func:`~histocell_sd.tl.screen_phenotype` result."""
+    if result.crops is None:
+        raise InvalidInputError("The screen has no crops (the samples have no image).")
+    crops = result.crops[:n]
+    row = result.table.iloc[0]
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize or (1.2 * len(crops), 1.6))
+    ax.imshow(np.concatenate(list(crops), axis=1))
+    ax.set_axis_off()
+    ax.set_title(f"{result.top}: {row['dominant_cell_state']} (p = {row['p']:.2g})", fontsize=9)
+    return ax

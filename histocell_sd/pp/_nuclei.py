@@ -1,0 +1,320 @@
+"""Turn an instance label raster into nucleus polygons and a feature table (the data model).
+
+Every pixel statistic is accumulated with :func:`numpy.bincount` over bands of rows, so the
+cost is a few passes over the raster whatever the number of nuclei, and the stain densities
+are never held for the whole image at once.
+
+Coordinates follow the ``global`` system: pixel ``(row, col)`` covers ``[col, col + 1) ×
+[row, row + 1)``, so a centroid or contour vertex at array index ``(r, c)`` is stored at
+``(x, y) = (c + 0.5, r + 0.5)`` (plus the window ``origin``).
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
+from skimage.color import rgb2hed
+from skimage.measure import find_contours
+from spatialdata import SpatialData
+from spatialdata.models import Labels2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity, Translation
+
+from .._constants import (
+    COORDINATE_SYSTEM,
+    HISTOCELL_KEY,
+    IMAGE_KEY,
+    NUCLEI_KEY,
+    NUCLEUS_ID_KEY,
+    REGION_KEY,
+    SPOT_ID_KEY,
+    SPOTS_KEY,
+)
+from .._errors import InvalidInputError
+from ..io._elements import get_image, get_mpp, resolve_key
+
+__all__ = ["FEATURES", "store_nuclei"]
+
+FEATURES = {
+    "area_um2": "pixel count × mpp²",
+    "perimeter_um": "length of the (simplified) contour polygon",
+    "eccentricity": "of the ellipse with the same second moments (0 = circle)",
+    "solidity": "polygon area / convex hull area",
+    "major_axis_um": "major axis length of the same-moments ellipse (4·sqrt(λ1))",
+    "minor_axis_um": "minor axis length of the same-moments ellipse (4·sqrt(λ2))",
+    "orientation": "angle (rad, in (-π/2, π/2]) of the major axis to the image rows, as skimage",
+    "h_mean": "mean hematoxylin optical density (skimage.color.rgb2hed)",
+    "h_std": "standard deviation of the hematoxylin density",
+    "e_mean": "mean eosin optical density",
+    "e_std": "standard deviation of the eosin density",
+    "h_contrast": "mean squared hematoxylin difference of 4-neighbour pixel pairs inside the nucleus (GLCM contrast, d=1)",
+    "h_entropy": "Shannon entropy (bits) of the hematoxylin histogram (32 bins over [0, 0.4])",
+    "h_skewness": "skewness of the hematoxylin density",
+}
+"""Morphology features stored in the nucleus table's ``X``, in this order, with their definition."""
+
+_BAND_ROWS = 512
+_ENTROPY_BINS = 32
+_ENTROPY_MAX = 0.4
+_SIMPLIFY_PX = 1.0
+_MIN_VARIANCE = 1e-8  # below this the hematoxylin is flat (rounding noise) and skewness is 0
+
+
+def store_nuclei(
+    sdata: SpatialData,
+    labels,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    image_key: str | None = None,
+    spots_key: str | None = None,
+    key_added: str = NUCLEI_KEY,
+    table_key: str = HISTOCELL_KEY,
+    labels_key: str | None = None,
+    method: str = "external",
+) -> None:
+    """Store an instance label raster as nucleus polygons and their feature table.
+
+    Parameters
+    ----------
+    sdata
+        The sample; needs ``sdata.attrs["mpp"]`` and the H&E image.
+    labels
+        Integer label raster (numpy or dask), 0 = background, one positive id per nucleus, in
+        pixels of the full-resolution image. It may cover only a window of the image.
+    origin
+        ``(y0, x0)``: image pixel of ``labels[0, 0]``.
+    image_key
+        The H&E image; found automatically when there is one (or one called ``"he"``).
+    spots_key
+        Spot circles used for ``obs["spot_id"]``; by default ``"spots"`` when present, else none.
+    key_added
+        Name of the polygon shapes element written.
+    table_key
+        Name of the table written; it annotates ``key_added``.
+    labels_key
+        When given, the raster is also stored as a Labels2D element of that name.
+    method
+        Recorded in ``table.uns["histocell"]["method"]``.
+
+    Notes
+    -----
+    Writes ``sdata.shapes[key_added]`` (polygons indexed ``"nucleus_<id>"``, ``<id>`` the label
+    value, in ``global`` pixels, simplified to ~1 px) and ``sdata.tables[table_key]`` with
+    ``obs`` ``region``, ``nucleus_id`` and ``spot_id`` (when spots exist; NaN outside every
+    spot), ``obsm["spatial"]`` (centroids, px), the features of :data:`FEATURES` in ``X`` and
+    ``uns["histocell"]`` (mpp, method, feature definitions). With no nucleus in ``labels``
+    nothing is written (a SpatialData shapes element cannot be empty) and elements left under
+    these keys by an earlier run are removed; callers warn.
+    """
+    mpp = get_mpp(sdata)
+    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+    labels, origin = _check_labels(labels, origin, get_image(sdata, image_key).shape[1:])
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        _remove(sdata, key_added, table_key, labels_key)
+        return
+    stats = _pixel_stats(labels, get_image(sdata, image_key), origin, ids)
+    polygons = _polygons(labels, ids, origin)
+    features = _features(stats, polygons, mpp)
+    centroids = stats["centroid"][:, ::-1] + np.asarray(origin[::-1], dtype=float) + 0.5
+    names = pd.Index([f"nucleus_{i}" for i in ids], name=NUCLEUS_ID_KEY)
+    sdata.shapes[key_added] = _shapes_element(polygons, names)
+    spot_ids = _spot_ids(sdata, spots_key, centroids)
+    sdata.tables[table_key] = _table(features, centroids, names, spot_ids, key_added, mpp, method)
+    if labels_key is not None:
+        sdata.labels[labels_key] = Labels2DModel.parse(
+            labels, dims=("y", "x"), transformations={COORDINATE_SYSTEM: Translation([origin[1], origin[0]], axes=("x", "y"))}
+        )
+
+
+def _remove(sdata: SpatialData, *keys: str | None) -> None:
+    """Delete the elements named ``keys`` (None skipped) from ``sdata`` when present."""
+    for key in keys:
+        if key is not None and key in sdata:
+            del sdata[key]
+
+
+def _check_labels(labels, origin, image_shape) -> tuple[np.ndarray, tuple[int, int]]:
+    """The raster as a 2-D integer numpy array inside the image, and ``origin`` as ints."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidInputError(f"labels must be a 2-D integer raster, got shape {labels.shape} and dtype {labels.dtype}.")
+    y0, x0 = (int(v) for v in origin)
+    if y0 < 0 or x0 < 0 or y0 + labels.shape[0] > image_shape[0] or x0 + labels.shape[1] > image_shape[1]:
+        raise InvalidInputError(
+            f"labels of shape {labels.shape} at origin {(y0, x0)} fall outside the image of shape {tuple(image_shape)}."
+        )
+    if labels.min(initial=0) < 0:
+        raise InvalidInputError("labels must not be negative (0 is background).")
+    return labels, (y0, x0)
+
+
+def _pixel_stats(labels: np.ndarray, image, origin: tuple[int, int], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-nucleus sums (moments, stain densities, histogram, neighbour contrast), band by band."""
+    n = len(ids)
+    lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int64)
+    lut[ids] = np.arange(1, n + 1)
+    acc = {k: np.zeros(n + 1) for k in ("n", "y", "x", "yy", "xx", "xy", "h", "hh", "hhh", "e", "ee", "dh2", "pairs")}
+    acc["hist"] = np.zeros((n + 1) * _ENTROPY_BINS)
+    y0, x0 = origin
+    height, width = labels.shape
+    for r0 in range(0, height, _BAND_ROWS) if n else ():
+        r1 = min(r0 + _BAND_ROWS, height)
+        r_ext = min(r1 + 1, height)  # one extra row for vertical pixel pairs
+        lab = lut[labels[r0:r_ext]]
+        rgb = np.asarray(image[:, y0 + r0 : y0 + r_ext, x0 : x0 + width]).transpose(1, 2, 0)
+        hed = rgb2hed(rgb).astype(np.float32)
+        _accumulate_band(acc, lab, hed, r0, r1 - r0, n + 1)
+    return _finish_stats(acc, n)
+
+
+def _accumulate_band(acc: dict, lab: np.ndarray, hed: np.ndarray, r0: int, rows: int, size: int) -> None:
+    """Add the sums of one band (its first ``rows`` rows; one more row only for vertical pairs)."""
+    core, h_full = lab[:rows], hed[..., 0]
+    mask = core > 0
+    lid = core[mask]
+    yy, xx = np.nonzero(mask)
+    yy = yy.astype(np.float64) + r0
+    xx = xx.astype(np.float64)
+    h, e = h_full[:rows][mask].astype(np.float64), hed[:rows, :, 1][mask].astype(np.float64)
+
+    def add(key, weights=None):
+        acc[key] += np.bincount(lid, weights, minlength=size)
+
+    add("n")
+    for key, w in (("y", yy), ("x", xx), ("yy", yy * yy), ("xx", xx * xx), ("xy", xx * yy),
+                   ("h", h), ("hh", h * h), ("hhh", h * h * h), ("e", e), ("ee", e * e)):
+        add(key, w)
+    bins = np.clip((h / _ENTROPY_MAX * _ENTROPY_BINS).astype(np.int64), 0, _ENTROPY_BINS - 1)
+    acc["hist"] += np.bincount(lid * _ENTROPY_BINS + bins, minlength=size * _ENTROPY_BINS)
+    for a, b, ha, hb in (
+        (core[:, :-1], core[:, 1:], h_full[:rows, :-1], h_full[:rows, 1:]),
+        (lab[:-1][:rows], lab[1:][:rows], h_full[:-1][:rows], h_full[1:][:rows]),
+    ):
+        same = (a == b) & (a > 0)
+        acc["dh2"] += np.bincount(a[same], (ha[same].astype(np.float64) - hb[same]) ** 2, minlength=size)
+        acc["pairs"] += np.bincount(a[same], minlength=size)
+
+
+def _finish_stats(acc: dict, n: int) -> dict[str, np.ndarray]:
+    """Means, central moments and histogram entropy from the accumulated sums (row 0 dropped)."""
+    a = {k: v[1:] if k != "hist" else v.reshape(n + 1, _ENTROPY_BINS)[1:] for k, v in acc.items()}
+    cnt = np.maximum(a["n"], 1)
+    my, mx = a["y"] / cnt, a["x"] / cnt
+    h_mean = a["h"] / cnt
+    h_var = np.maximum(a["hh"] / cnt - h_mean**2, 0)
+    h_m3 = a["hhh"] / cnt - 3 * h_mean * a["hh"] / cnt + 2 * h_mean**3
+    e_mean = a["e"] / cnt
+    p = a["hist"] / cnt[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = 0.0 - np.sum(np.where(p > 0, p * np.log2(p), 0.0), axis=1)
+        skew = np.where(h_var > _MIN_VARIANCE, h_m3 / h_var**1.5, 0.0)
+    return {
+        "area_px": a["n"],
+        "centroid": np.column_stack([my, mx]),
+        "mu_yy": a["yy"] / cnt - my**2,
+        "mu_xx": a["xx"] / cnt - mx**2,
+        "mu_xy": a["xy"] / cnt - mx * my,
+        "h_mean": h_mean,
+        "h_std": np.sqrt(h_var),
+        "e_mean": e_mean,
+        "e_std": np.sqrt(np.maximum(a["ee"] / cnt - e_mean**2, 0)),
+        "h_contrast": a["dh2"] / np.maximum(a["pairs"], 1),
+        "h_entropy": entropy,
+        "h_skewness": skew,
+    }
+
+
+def _polygons(labels: np.ndarray, ids: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
+    """One simplified polygon per id (outer contour of its largest part), in global pixels."""
+    slices = ndi.find_objects(labels)
+    offset = np.asarray(origin, dtype=float) + 0.5
+    out = np.empty(len(ids), dtype=object)
+    for k, i in enumerate(ids):
+        sl = slices[i - 1]
+        crop = np.pad(labels[sl] == i, 1).astype(np.uint8)
+        contours = find_contours(crop, 0.5)
+        ring = max(contours, key=len)
+        yx = ring + np.array([sl[0].start, sl[1].start]) - 1 + offset
+        out[k] = yx[:, ::-1]
+    if not len(ids):
+        return out
+    polys = shapely.polygons([shapely.linearrings(c) if len(c) >= 4 else _square(c) for c in out])
+    return shapely.simplify(polys, _SIMPLIFY_PX / 2, preserve_topology=True)
+
+
+def _square(xy: np.ndarray):
+    """A one-pixel square ring around a degenerate contour (a single-pixel nucleus)."""
+    cx, cy = xy.mean(axis=0)
+    return shapely.linearrings([[cx - 0.5, cy - 0.5], [cx + 0.5, cy - 0.5], [cx + 0.5, cy + 0.5], [cx - 0.5, cy + 0.5]])
+
+
+def _features(stats: dict, polygons: np.ndarray, mpp: float) -> pd.DataFrame:
+    """The :data:`FEATURES` table (µm units where a length or area)."""
+    a, b, c = stats["mu_yy"], stats["mu_xy"], stats["mu_xx"]
+    half_diff = np.sqrt(((a - c) / 2) ** 2 + b**2)
+    l1, l2 = (a + c) / 2 + half_diff, np.maximum((a + c) / 2 - half_diff, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ecc = np.where(l1 > 0, np.sqrt(np.maximum(1 - l2 / l1, 0)), 0.0)
+        hull = shapely.area(shapely.convex_hull(polygons)) if len(polygons) else np.zeros(0)
+        solidity = np.where(hull > 0, shapely.area(polygons) / hull, 1.0) if len(polygons) else hull
+    feats = {
+        "area_um2": stats["area_px"] * mpp**2,
+        "perimeter_um": (shapely.length(polygons) if len(polygons) else np.zeros(0)) * mpp,
+        "eccentricity": ecc,
+        "solidity": np.minimum(solidity, 1.0),
+        "major_axis_um": 4 * np.sqrt(l1) * mpp,
+        "minor_axis_um": 4 * np.sqrt(l2) * mpp,
+        "orientation": _orientation(a, b, c),
+    } | {k: stats[k] for k in ("h_mean", "h_std", "e_mean", "e_std", "h_contrast", "h_entropy", "h_skewness")}
+    return pd.DataFrame({k: np.asarray(feats[k], dtype=np.float32) for k in FEATURES})
+
+
+def _orientation(mu_rr, mu_rc, mu_cc) -> np.ndarray:
+    """Major-axis angle as :func:`skimage.measure.regionprops` ``orientation`` defines it."""
+    return np.where(mu_rr - mu_cc == 0, np.where(mu_rc < 0, np.pi / 4, -np.pi / 4),
+                    0.5 * np.arctan2(-2 * mu_rc, mu_cc - mu_rr))
+
+
+def _shapes_element(polygons: np.ndarray, names: pd.Index) -> gpd.GeoDataFrame:
+    """The polygon shapes element."""
+    gdf = gpd.GeoDataFrame(geometry=gpd.GeoSeries(list(polygons), index=names))
+    return ShapesModel.parse(gdf, transformations={COORDINATE_SYSTEM: Identity()})
+
+
+def _spot_ids(sdata: SpatialData, spots_key: str | None, centroids: np.ndarray) -> pd.Series | None:
+    """Barcode of the spot circle holding each centroid (NaN outside all); None without spots."""
+    if spots_key is None and SPOTS_KEY not in sdata.shapes:
+        return None
+    spots = sdata.shapes[resolve_key(sdata, "shapes", spots_key, SPOTS_KEY)]
+    if "radius" not in spots.columns:
+        raise InvalidInputError("The spots element has no 'radius' column; spot circles are needed for spot_id.")
+    centers = np.column_stack([spots.geometry.x, spots.geometry.y])
+    out = pd.Series(np.full(len(centroids), np.nan, dtype=object))
+    if len(centroids) and len(centers):
+        dist, idx = cKDTree(centers).query(centroids)
+        inside = dist <= spots["radius"].to_numpy()[idx]
+        out[inside] = spots.index.to_numpy()[idx[inside]].astype(str)
+    return out
+
+
+def _table(features, centroids, names, spot_ids, region, mpp, method) -> ad.AnnData:
+    """The nucleus table annotating ``region``."""
+    obs = pd.DataFrame(index=names.astype(str).rename(None))
+    obs[REGION_KEY] = pd.Categorical([region] * len(obs), categories=[region])
+    obs[NUCLEUS_ID_KEY] = obs.index.to_numpy()
+    if spot_ids is not None:
+        obs[SPOT_ID_KEY] = spot_ids.to_numpy()
+    adata = ad.AnnData(
+        X=features.to_numpy(dtype=np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=list(FEATURES)),
+        obsm={"spatial": np.asarray(centroids, dtype=np.float64).reshape(-1, 2)},
+        uns={"histocell": {"mpp": float(mpp), "method": str(method), "features": dict(FEATURES)}},
+    )
+    return TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)

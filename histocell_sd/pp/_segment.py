@@ -1,0 +1,228 @@
+"""Slide-scale nucleus segmentation: tiles with overlap, background skipping, seam-free stitching."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import ndimage as ndi
+from joblib import Parallel, delayed
+from spatialdata import SpatialData
+from tqdm.auto import tqdm
+
+from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY
+from .._errors import InvalidInputError
+from ..io._elements import get_image, get_mpp, resolve_key
+from ._nuclei import store_nuclei
+from ._segment_array import _MIN_HEMATOXYLIN, _hematoxylin, hematoxylin_level, segment_array
+
+__all__ = ["segment_nuclei"]
+
+METHODS = ("default",)
+_WEIGHTS_METHODS = ("stardist", "cellpose")
+# Coarsest pyramid level used for the tissue check: a nucleus is still a few pixels there.
+_MAX_CHECK_DOWNSCALE = 8
+# Largest pixel size (µm) of the level on which the slide-wide hematoxylin threshold is set.
+_LEVEL_MPP = 1.0
+
+
+def segment_nuclei(
+    sdata: SpatialData,
+    image_key: str | None = None,
+    method: str = "default",
+    key_added: str = NUCLEI_KEY,
+    table_key: str = HISTOCELL_KEY,
+    *,
+    tile_size_px: int = 2048,
+    overlap_um: float = 32.0,
+    n_jobs: int = 1,
+    progress: bool = True,
+    labels_key: str | None = None,
+    **method_kwargs,
+) -> None:
+    """Segment the nuclei of the H&E image tile by tile and store them.
+
+    Tiles overlap by ``overlap_um``; a nucleus is kept only by the tile whose core (the tile
+    less half the overlap on each inner side) holds its centroid, so each nucleus appears once
+    and, the overlap exceeding a nucleus diameter, is never cut by a tile edge. Tiles without
+    hematoxylin on a coarse pyramid level are skipped without reading the full resolution.
+    With several tiles, the hematoxylin threshold is set once for the slide (Otsu on a pyramid
+    level of ≤ 1 µm pixels) so that neighbouring tiles agree at their seams.
+
+    Parameters
+    ----------
+    sdata
+        The sample, with ``sdata.attrs["mpp"]`` and an RGB ``uint8`` H&E image.
+    image_key
+        The image to segment; found automatically when there is one (or one called ``"he"``).
+    method
+        ``"default"``: the classical, resolution-aware segmenter
+        (:func:`~histocell_sd.pp.segment_array`). Deep-learning backends are not bundled.
+    key_added, table_key
+        Names of the nucleus polygons and of their feature table (see :func:`store_nuclei`).
+    tile_size_px
+        Tile side in pixels of the full-resolution image (not of the canonical resolution).
+    overlap_um
+        Overlap of neighbouring tiles in µm; keep it above the largest nucleus diameter.
+    n_jobs
+        Tiles segmented in parallel (joblib threads; ``-1`` = all cores).
+    progress
+        Show a progress bar over tiles.
+    labels_key
+        When given, the stitched instance raster is also stored as a Labels2D element.
+    **method_kwargs
+        Passed to :func:`~histocell_sd.pp.segment_array` (e.g. ``min_area_um2``).
+
+    Notes
+    -----
+    The stitched raster is int32 over the full image (4 bytes per pixel). When no nucleus is
+    found a warning is issued and nothing is written (see :func:`store_nuclei`).
+    """
+    _check_method(method, method_kwargs)
+    mpp = get_mpp(sdata)
+    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+    image = _check_image(get_image(sdata, image_key), image_key)
+    height, width = image.shape[1:]
+    tile_size_px, overlap_px = _check_tiling(tile_size_px, overlap_um, mpp)
+    tiles = _tiles(height, width, tile_size_px, overlap_px)
+    tissue = _tissue_check(sdata.images[image_key], (height, width))
+    tiles = [t for t in tiles if tissue(t)]
+    if len(tiles) > 1 and "threshold" not in method_kwargs:
+        method_kwargs = method_kwargs | {"threshold": _slide_threshold(sdata.images[image_key], (height, width), mpp, method_kwargs)}
+    labels = np.zeros((height, width), dtype=np.int32)
+    n_found = 0
+    jobs = (delayed(_segment_tile)(image, t, mpp, method_kwargs) for t in tiles)
+    results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator_unordered")(jobs)
+    for window, tile_labels in tqdm(results, total=len(tiles), desc="segmenting nuclei", disable=not progress):
+        n_found = _paste(labels, window, tile_labels, n_found)
+    if n_found == 0:
+        warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written.", stacklevel=2)
+    store_nuclei(sdata, labels, image_key=image_key, key_added=key_added, table_key=table_key,
+                 labels_key=labels_key, method=f"segment_nuclei:{method}")
+
+
+def _check_method(method: str, method_kwargs: dict) -> None:
+    """Refuse unknown methods, and deep-learning backends that would need downloaded weights."""
+    if method in METHODS:
+        return
+    if method in _WEIGHTS_METHODS:
+        raise InvalidInputError(
+            f"method={method!r} is not bundled: it needs the {method} package installed and its model weights "
+            "as local files (weights_path=...); histocell-sd never downloads weights. Segment with that tool "
+            "yourself and import the result with histocell_sd.io.read_nuclei, or use method='default'."
+        )
+    raise InvalidInputError(f"Unknown segmentation method {method!r}; choose from {list(METHODS)}.")
+
+
+def _check_image(image, image_key: str):
+    """The (c, y, x) image, refused unless it is RGB uint8."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise InvalidInputError(f"Image {image_key!r} must be RGB with 3 channels (c, y, x); got shape {tuple(image.shape)}.")
+    if image.dtype != np.uint8:
+        raise InvalidInputError(f"Image {image_key!r} must be uint8 (0-255); got {image.dtype}.")
+    return image
+
+
+def _check_tiling(tile_size_px: int, overlap_um: float, mpp: float) -> tuple[int, int]:
+    """Tile side and overlap in pixels; the overlap must leave a core in every tile."""
+    tile_size_px = int(tile_size_px)
+    overlap_px = int(np.ceil(float(overlap_um) / mpp))
+    if overlap_um < 0 or tile_size_px <= overlap_px:
+        raise InvalidInputError(
+            f"tile_size_px ({tile_size_px}) must exceed the overlap ({overlap_um} µm = {overlap_px} px), which must be ≥ 0."
+        )
+    return tile_size_px, overlap_px
+
+
+def _tiles(height: int, width: int, size: int, overlap: int) -> list[tuple]:
+    """Windows ``(y0, y1, x0, x1)`` with their cores ``(cy0, cy1, cx0, cx1)``; cores partition the image."""
+    ys, xs = _starts(height, size, overlap), _starts(width, size, overlap)
+    return [
+        ((y0, min(y0 + size, height), x0, min(x0 + size, width)), (*_core(ys, i, height, overlap), *_core(xs, j, width, overlap)))
+        for i, y0 in enumerate(ys)
+        for j, x0 in enumerate(xs)
+    ]
+
+
+def _starts(length: int, size: int, overlap: int) -> list[int]:
+    """Tile start positions along one axis, stride ``size - overlap``."""
+    stride = size - overlap
+    return list(range(0, max(length - overlap, 1), stride))
+
+
+def _core(starts: list[int], i: int, length: int, overlap: int) -> tuple[int, int]:
+    """Core of tile ``i`` along one axis: from half the overlap into it to half the overlap into the next."""
+    lo = 0 if i == 0 else starts[i] + overlap // 2
+    hi = length if i == len(starts) - 1 else starts[i + 1] + overlap // 2
+    return lo, hi
+
+
+def _tissue_check(element, shape: tuple[int, int]):
+    """A predicate on a tile: does its window hold hematoxylin on a coarse pyramid level?"""
+    level, factor = _coarse_level(element, shape)
+    h = _hematoxylin(np.asarray(level).transpose(1, 2, 0).astype(np.float32) / 255.0)
+    # half the per-image floor: averaging over a coarse pixel dilutes a small nucleus
+    stained = h > _MIN_HEMATOXYLIN / 2
+
+    def has_tissue(tile) -> bool:
+        y0, y1, x0, x1 = tile[0]
+        return bool(stained[int(y0 / factor) : int(np.ceil(y1 / factor)), int(x0 / factor) : int(np.ceil(x1 / factor))].any())
+
+    return has_tissue
+
+
+def _slide_threshold(element, shape: tuple[int, int], mpp: float, kwargs: dict) -> float:
+    """One hematoxylin level for all tiles: Otsu on a pyramid level of pixels ≤ 1 µm, smoothed as each tile is."""
+    level, factor = _coarse_level(element, shape, max(1.0, _LEVEL_MPP / mpp))
+    h = _hematoxylin(np.asarray(level).transpose(1, 2, 0).astype(np.float32) / 255.0)
+    hs = ndi.gaussian_filter(h, kwargs.get("smooth_um", 1.0) / (mpp * factor))
+    return hematoxylin_level(hs[hs > _MIN_HEMATOXYLIN / 2])
+
+
+def _coarse_level(element, shape: tuple[int, int], max_factor: float = _MAX_CHECK_DOWNSCALE):
+    """The coarsest pyramid level at most ``max_factor`` times smaller, and its factor."""
+    if hasattr(element, "children") and element.children:
+        best, best_factor = None, 0.0
+        for node in element.children.values():
+            level = node["image"]
+            factor = shape[0] / level.shape[1]
+            if best_factor < factor <= max_factor * 1.01:
+                best, best_factor = level, factor
+        if best is not None:
+            return best.data, best_factor
+        element = element["scale0"]["image"]
+    step = max(1, int(max_factor))
+    return element.data[:, ::step, ::step], float(step)
+
+
+def _segment_tile(image, tile: tuple, mpp: float, kwargs: dict) -> tuple[tuple, np.ndarray]:
+    """Segment one window; keep nuclei whose centroid lies in the core. Returns the window and its labels."""
+    (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) = tile
+    rgb = np.asarray(image.data[:, y0:y1, x0:x1]).transpose(1, 2, 0)
+    labels = segment_array(rgb, mpp, **kwargs)
+    n = int(labels.max())
+    if n == 0:
+        return tile[0], labels
+    rows, cols = np.nonzero(labels)
+    lab = labels[rows, cols]
+    count = np.bincount(lab, minlength=n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.bincount(lab, rows, minlength=n + 1) / count + y0
+        cx = np.bincount(lab, cols, minlength=n + 1) / count + x0
+    keep = (count > 0) & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
+    keep[0] = False
+    new_ids = np.zeros(n + 1, dtype=np.int32)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return tile[0], new_ids[labels]
+
+
+def _paste(labels: np.ndarray, window: tuple, tile_labels: np.ndarray, n_found: int) -> int:
+    """Write a tile's nuclei into the global raster under fresh ids (taken pixels stay); return the id count."""
+    y0, y1, x0, x1 = window
+    n = int(tile_labels.max())
+    if n == 0:
+        return n_found
+    target = labels[y0:y1, x0:x1]
+    free = (tile_labels > 0) & (target == 0)
+    target[free] = tile_labels[free] + n_found
+    return n_found + n

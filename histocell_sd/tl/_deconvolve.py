@@ -1,0 +1,312 @@
+"""Spot deconvolution against a single-cell reference (Tangram, cluster mode, CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from spatialdata import SpatialData
+from tqdm.auto import tqdm
+
+from .._constants import CELL_TYPE_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
+from .._errors import InvalidInputError
+from ..io import check_proportions, resolve_key
+
+__all__ = ["deconvolve", "reference_counts"]
+
+_METHODS = ("tangram",)
+MIN_SHARED_GENES = 20
+_INTEGER_TOLERANCE = 1e-6
+
+
+def deconvolve(
+    sdata: SpatialData,
+    reference: ad.AnnData,
+    cell_type_key: str = CELL_TYPE_KEY,
+    state_key: str | None = None,
+    method: str = "tangram",
+    key_added: str = PROPORTIONS_KEY,
+    table_key: str | None = None,
+    n_markers: int = 100,
+    epochs: int = 500,
+    learning_rate: float = 0.1,
+    min_shared_genes: int = MIN_SHARED_GENES,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Deconvolve the Visium spots into cell-type proportions with Tangram (cluster mode).
+
+    Marker genes are the top ``n_markers`` per cell type of :func:`scanpy.tl.rank_genes_groups`
+    (t-test) on the log-normalised reference, restricted to genes measured in the spots. Tangram
+    maps each cell type's summed reference expression onto the spots (``mode="clusters"``, uniform
+    density prior, on the CPU); the share of type ``c`` in spot ``s`` is ``M[c, s] · n_c``
+    normalised over types, ``M`` the mapping (each type's distribution over spots) and ``n_c`` the
+    type's share of reference cells, i.e. Tangram's own cluster density.
+
+    Parameters
+    ----------
+    sdata
+        Sample whose spots table holds raw counts in ``X`` (genes in ``var_names``).
+    reference
+        Single-cell reference with raw counts: integer ``X``, or ``layers["counts"]``, or
+        ``reference.raw``; cell types in ``obs[cell_type_key]``.
+    cell_type_key
+        ``reference.obs`` column with the cell types.
+    state_key
+        ``reference.obs`` column with cell states (sub-types); when given, state proportions are
+        estimated the same way and stored in ``obsm["state_proportions"]``.
+    method
+        Only ``"tangram"``.
+    key_added
+        ``obsm`` key of the spot proportions (DataFrame, columns = cell types).
+    table_key
+        The spots table; default ``"table"`` or the only table.
+    n_markers
+        Marker genes per cell type (union over types, shared with the spots).
+    epochs, learning_rate
+        Tangram optimiser settings.
+    min_shared_genes
+        Fewest genes the reference and the spots must share.
+    seed
+        Seeds Tangram's initialisation and optimiser: same seed, same result.
+    progress
+        Show a progress bar over the steps.
+
+    Returns
+    -------
+    None; writes ``sdata.tables[table_key].obsm[key_added]`` (and ``obsm["state_proportions"]``)
+    and records the settings and marker genes in ``uns["deconvolution"]``.
+    """
+    if method not in _METHODS:
+        raise InvalidInputError(f"method must be one of {_METHODS}, got {method!r}.")
+    if n_markers < 1 or epochs < 1:
+        raise InvalidInputError(f"n_markers and epochs must be positive, got {n_markers} and {epochs}.")
+    table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
+    table = sdata.tables[table_key]
+    spots = _spot_counts(table, table_key)
+    counts = reference_counts(reference)
+    labels = {"cell types": _labels(reference, cell_type_key)}
+    if state_key is not None:
+        labels["states"] = _labels(reference, state_key)
+    shared = _shared_genes(reference.var_names, spots.var_names, min_shared_genes)
+
+    steps = tqdm(total=1 + len(labels), desc="deconvolve", disable=not progress)
+    ref = ad.AnnData(counts[:, shared["reference"]], obs=pd.DataFrame(index=reference.obs_names.astype(str)))
+    ref.var_names = shared["names"]
+    sp = ad.AnnData(spots.X[:, shared["spots"]], obs=pd.DataFrame(index=spots.obs_names))
+    sp.var_names = shared["names"]
+    log_ref = _log_normalise(ref)
+    steps.update()
+    results, markers_used = {}, {}
+    for what, label in labels.items():
+        markers = _markers(log_ref, label, n_markers)
+        results[what] = _tangram(ref, sp, label, markers, epochs, learning_rate, seed)
+        markers_used[what] = markers
+        steps.update()
+    steps.close()
+
+    table.obsm[key_added] = check_proportions(results["cell types"], spot_ids=table.obs_names, name="Tangram proportions")
+    if state_key is not None:
+        table.obsm[STATE_PROPORTIONS_KEY] = check_proportions(results["states"], spot_ids=table.obs_names, name="Tangram state proportions")
+    table.uns["deconvolution"] = {
+        "method": method,
+        "mode": "clusters",
+        "key_added": key_added,
+        "cell_type_key": cell_type_key,
+        "state_key": state_key,
+        "n_shared_genes": len(shared["names"]),
+        "markers": list(markers_used["cell types"]),
+        "epochs": int(epochs),
+        "seed": int(seed),
+    }
+
+
+def reference_counts(reference: ad.AnnData) -> sparse.csr_matrix:
+    """The reference's raw counts (cells × ``reference.var_names``) as a float32 CSR matrix.
+
+    Looks at ``layers["counts"]``, then ``X``, then ``reference.raw`` (its genes must include the
+    reference's); raises :class:`InvalidInputError` when none holds non-negative integers.
+    """
+    if not isinstance(reference, ad.AnnData):
+        raise InvalidInputError(f"reference must be an AnnData, got {type(reference).__name__}.")
+    if reference.n_obs == 0 or reference.n_vars == 0:
+        raise InvalidInputError(f"reference is empty ({reference.n_obs} cells × {reference.n_vars} genes).")
+    candidates = []
+    if "counts" in reference.layers:
+        candidates.append(("layers['counts']", reference.layers["counts"]))
+    candidates.append(("X", reference.X))
+    if reference.raw is not None and reference.var_names.isin(reference.raw.var_names).all():
+        idx = reference.raw.var_names.get_indexer(reference.var_names)
+        candidates.append(("raw.X", reference.raw.X[:, idx]))
+    problems = []
+    for name, matrix in candidates:
+        problem = _count_problem(matrix)
+        if problem is None:
+            return sparse.csr_matrix(matrix, dtype=np.float32)
+        problems.append(f"{name} {problem}")
+    raise InvalidInputError(
+        "reference has no raw counts: " + "; ".join(problems) + ". Pass un-normalised UMI counts in X, "
+        "layers['counts'] or reference.raw (scanpy's normalize_total/log1p make them unusable)."
+    )
+
+
+def _count_problem(matrix) -> str | None:
+    """Why ``matrix`` is not raw counts, or None when it is."""
+    if matrix is None:
+        return "is missing"
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix).ravel()
+    if values.size and not np.isfinite(values).all():
+        return "has NaN or infinite values"
+    if values.size and values.min() < 0:
+        return "has negative values (scaled data?)"
+    if values.size == 0 or values.max() == 0:
+        return "is all zero"
+    fractional = np.abs(values - np.round(values)) > _INTEGER_TOLERANCE
+    if fractional.any():
+        hint = " and looks log-transformed" if values.max() < 20 else ""
+        return f"holds non-integer values (e.g. {values[fractional][0]:.3g}){hint}"
+    return None
+
+
+def _spot_counts(table: ad.AnnData, table_key: str) -> ad.AnnData:
+    if table.n_vars == 0:
+        raise InvalidInputError(f"Spots table {table_key!r} has no genes (no counts in X); deconvolution needs the spot counts.")
+    X = table.X
+    if X is None:
+        raise InvalidInputError(f"Spots table {table_key!r} has no counts in X.")
+    X = sparse.csr_matrix(X, dtype=np.float32)
+    if X.nnz == 0 or X.sum() == 0:
+        raise InvalidInputError(f"Spots table {table_key!r} has only zero counts.")
+    if X.data.size and (X.data < 0).any():
+        raise InvalidInputError(f"Spots table {table_key!r} has negative values in X; raw counts are needed.")
+    empty = np.asarray(X.sum(axis=1)).ravel() == 0
+    if empty.all():
+        raise InvalidInputError(f"Spots table {table_key!r} has only zero counts.")
+    if empty.any():
+        warnings.warn(f"{empty.sum()} spots have no counts; Tangram gives them uninformative proportions.", stacklevel=3)
+    return ad.AnnData(X, obs=pd.DataFrame(index=table.obs_names.astype(str)), var=pd.DataFrame(index=table.var_names.astype(str)))
+
+
+def _labels(reference: ad.AnnData, key: str) -> pd.Series:
+    if key not in reference.obs:
+        raise InvalidInputError(f"reference.obs has no column {key!r}; it has {list(reference.obs.columns)}.")
+    labels = reference.obs[key]
+    if labels.isna().any():
+        raise InvalidInputError(f"reference.obs[{key!r}] has {int(labels.isna().sum())} missing labels.")
+    labels = labels.astype(str)
+    if labels.nunique() < 2:
+        raise InvalidInputError(f"reference.obs[{key!r}] has fewer than two labels ({labels.unique().tolist()}).")
+    small = labels.value_counts()
+    small = small[small < 2]
+    if len(small):
+        raise InvalidInputError(f"reference.obs[{key!r}] has labels with a single cell: {small.index.tolist()}.")
+    return pd.Series(pd.Categorical(labels, categories=_ordered(reference.obs[key])), index=reference.obs_names.astype(str))
+
+
+def _ordered(column: pd.Series) -> list[str]:
+    """Categories in their declared order (categorical) or sorted, dropping unused ones."""
+    present = set(column.astype(str))
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return [str(c) for c in column.cat.categories if str(c) in present]
+    return sorted(present)
+
+
+def _shared_genes(ref_genes: pd.Index, spot_genes: pd.Index, minimum: int) -> dict:
+    """Genes in both (case-insensitive, first occurrence), as positions and names."""
+    ref_lower = pd.Index([str(g).lower() for g in ref_genes])
+    spot_lower = pd.Index([str(g).lower() for g in spot_genes])
+    ref_first = ~ref_lower.duplicated()
+    spot_pos = pd.Series(np.arange(len(spot_lower)), index=spot_lower)[~spot_lower.duplicated()]
+    keep = np.flatnonzero(ref_first & ref_lower.isin(spot_pos.index))
+    if len(keep) < minimum:
+        raise InvalidInputError(
+            f"The reference and the spots share only {len(keep)} genes (of {len(ref_genes)} reference and "
+            f"{len(spot_genes)} spot genes; need at least {minimum}). Check that both use the same gene "
+            "identifiers (symbols vs Ensembl ids) and species."
+        )
+    return {
+        "reference": keep,
+        "spots": spot_pos.loc[ref_lower[keep]].to_numpy(),
+        "names": pd.Index([str(g) for g in ref_genes[keep]]),
+    }
+
+
+def _log_normalise(ref: ad.AnnData) -> ad.AnnData:
+    import scanpy as sc
+
+    out = ref.copy()
+    sc.pp.normalize_total(out, target_sum=1e4)
+    sc.pp.log1p(out)
+    return out
+
+
+def _markers(log_ref: ad.AnnData, labels: pd.Series, n_markers: int) -> list[str]:
+    """Union of the top ``n_markers`` genes per label (t-test, positive scores only)."""
+    import scanpy as sc
+
+    adata = ad.AnnData(log_ref.X, obs=pd.DataFrame({"label": labels.to_numpy()}, index=log_ref.obs_names), var=log_ref.var)
+    sc.tl.rank_genes_groups(adata, "label", method="t-test", n_genes=n_markers, use_raw=False)
+    result = adata.uns["rank_genes_groups"]
+    genes: list[str] = []
+    for group in result["names"].dtype.names:
+        names = np.asarray(result["names"][group])
+        scores = np.asarray(result["scores"][group])
+        genes.extend(str(g) for g, s in zip(names, scores) if np.isfinite(s) and s > 0)
+    return list(dict.fromkeys(genes))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed numpy's global RNG and torch for Tangram on one thread, restoring their state afterwards."""
+    import torch
+
+    state = np.random.get_state()
+    torch_state = torch.random.get_rng_state()
+    threads = torch.get_num_threads()
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)  # the matrices are small; more threads only contend (and vary results)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+        torch.random.set_rng_state(torch_state)
+        torch.set_num_threads(threads)
+
+
+def _tangram(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[str], epochs: int, learning_rate: float, seed: int) -> pd.DataFrame:
+    """Tangram cluster-mode proportions (spots × labels)."""
+    import tangram as tg
+
+    sc_data = ad.AnnData(ref.X.copy(), obs=pd.DataFrame({"label": labels.to_numpy()}, index=ref.obs_names), var=ref.var.copy())
+    sp_data = sp.copy()
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # tangram logs every step at INFO on the root logger
+    try:
+        tg.pp_adatas(sc_data, sp_data, genes=markers)
+        if len(sc_data.uns["training_genes"]) < 2:
+            raise InvalidInputError(f"Only {len(sc_data.uns['training_genes'])} marker genes are expressed in both the reference and the spots.")
+        with _seeded(seed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mapping = tg.map_cells_to_space(
+                sc_data, sp_data, mode="clusters", cluster_label="label", density_prior="uniform",
+                num_epochs=epochs, learning_rate=learning_rate, device="cpu", verbose=False,
+                random_state=None,
+            )
+    finally:
+        logger.setLevel(level)
+    types = mapping.obs["label"].astype(str).to_numpy()
+    density = mapping.obs["cluster_density"].to_numpy(dtype=np.float64)
+    cells = np.asarray(mapping.X, dtype=np.float64).T * density[None, :]  # spots × types
+    frame = pd.DataFrame(cells, index=sp.obs_names, columns=types)
+    frame = frame[[c for c in labels.cat.categories if c in frame.columns]]
+    totals = frame.sum(axis=1).to_numpy()
+    frame = frame.div(np.where(totals > 0, totals, 1.0), axis=0)
+    frame[totals <= 0] = 1.0 / frame.shape[1]
+    return frame

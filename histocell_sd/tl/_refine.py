@@ -1,0 +1,415 @@
+"""Histology-refined deconvolution: spot composition × nucleus probabilities, per-nucleus assignment.
+
+The model (chosen by measurement, see ``benchmarks/deconvolution.py``)
+------------------------------------------------------------------------
+Spot ``s`` holds ``n_s`` segmented nuclei. Its composition ``π_s`` has a Dirichlet prior centred
+on the expression-based proportions ``e_s`` (Tangram or any deconvolution) with a strength of
+``strength`` pseudo-nuclei; each nucleus ``i`` has a type ``z_i ~ Cat(π_s)`` and the image model
+gives ``p_i(t)``, read as a likelihood ``p_i(t) / r(t)``, where ``r`` is uniform by default or, with
+``image_prior="mean"``, the image model's own marginal (mean probability over the slide's nuclei).
+Deconvolution biases are mostly slide-wide per type (RNA content, capture, reference mismatch),
+so ``e_s`` is reweighted by one factor per type, ``e_s ∝ b ∘ e_s``, fitted so the expression
+view's type totals match the nucleus posteriors' (``recalibrate=True``). EM alternates
+
+* E-step: ``q_i(t) ∝ p_i(t) / r(t) · π_s(t)`` (the nucleus posterior);
+* M-step: ``π_s = (strength · e_s + Σ_i q_i) / (strength + n_s)`` (MAP composition),
+
+until ``π`` moves less than ``tol``. The refined proportions are ``π``. Each nucleus then gets a
+type consistent with both views: the spot's integer type counts are ``n_s · π_s`` rounded by
+largest remainder, and nuclei are matched to those slots by an optimal assignment
+(:func:`scipy.optimize.linear_sum_assignment`) on ``-log q_i`` — Tangram's
+``deconvolve_cell_annotations`` deals the same counts out in arbitrary order instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from scipy.optimize import linear_sum_assignment
+from spatialdata import SpatialData
+from spatialdata.models import TableModel
+from tqdm.auto import tqdm
+
+from .._constants import (
+    CELL_TYPE_KEY,
+    CELL_TYPE_PROBA_KEY,
+    HISTOCELL_KEY,
+    NUCLEUS_ID_KEY,
+    PROPORTIONS_KEY,
+    REGION_KEY,
+    SPATIAL_KEY,
+    SPOT_ID_KEY,
+    TABLE_KEY,
+)
+from .._errors import InvalidInputError
+from ..io import check_proportions, resolve_key
+from ._deconvolve import _shared_genes, reference_counts
+
+__all__ = ["largest_remainder", "refine_deconvolution"]
+
+REFINED_TYPE_KEY = "refined_cell_type"
+REFINED_PROBA_KEY = "refined_cell_type_proba"
+EXPRESSION_KEY = "histocell_expression"
+_EPS = 1e-9
+_MATCHES = ("correlation", "random")
+_MISSING = ("raise", "image")
+
+
+def refine_deconvolution(
+    sdata: SpatialData,
+    reference: ad.AnnData | None = None,
+    proportions_key: str = PROPORTIONS_KEY,
+    table_key: str | None = None,
+    nuclei_table_key: str = HISTOCELL_KEY,
+    key_added: str = "refined_proportions",
+    *,
+    proba_key: str = CELL_TYPE_PROBA_KEY,
+    cell_type_key: str = CELL_TYPE_KEY,
+    strength: float = 5.0,
+    image_prior: str | None = None,
+    recalibrate: bool = True,
+    max_iter: int = 100,
+    tol: float = 1e-5,
+    missing_types: str = "raise",
+    expression_key: str | None = EXPRESSION_KEY,
+    match: str = "correlation",
+    top_k: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Refine spot proportions with HistoCell's nucleus probabilities and assign a type to every nucleus.
+
+    See the module docstring for the model.
+
+    Parameters
+    ----------
+    sdata
+        Sample with the spots table (``obsm[proportions_key]``) and the nucleus table
+        (``obsm[proba_key]``, ``obs["spot_id"]``, ``obsm["spatial"]``), e.g. after
+        :func:`histocell_sd.tl.deconvolve` and ``tl.predict``.
+    reference
+        Single-cell reference with raw counts; when given (and ``expression_key`` is not None) each
+        nucleus is matched to a reference cell of its refined type, giving a single-nucleus imputed
+        expression table.
+    proportions_key
+        Expression-based spot proportions in the spots table's ``obsm``.
+    table_key
+        The spots table; default ``"table"`` or the only spots table.
+    nuclei_table_key
+        The nucleus table.
+    key_added
+        ``obsm`` key of the refined spot proportions.
+    proba_key
+        ``obsm`` key of the nucleus probabilities (DataFrame, columns = cell types).
+    cell_type_key
+        ``reference.obs`` column with the cell types (for the imputation).
+    strength
+        Weight of the expression proportions, in nuclei: ``π_s = (strength · e_s + Σ q_i) /
+        (strength + n_s)``. 0 trusts the image counts alone, large values keep ``e_s``.
+    image_prior
+        ``"mean"`` divides the nucleus probabilities by their slide-wide mean (the image model's
+        marginal) before using them as likelihoods; ``None`` (default; better on the benchmark)
+        uses them as they are.
+    recalibrate
+        Fit one slide-wide factor per type on the expression proportions (see the module notes).
+    max_iter, tol
+        EM stopping rule (largest change of any ``π_s(t)``).
+    missing_types
+        Cell types predicted by the image model but absent from the proportions (a type missing
+        from the reference): ``"raise"`` (default) refuses; ``"image"`` fills their expression
+        share in each spot with the spot's mean nucleus probability.
+    expression_key
+        Name of the imputed expression table (annotating the nuclei); None skips it.
+    match
+        ``"correlation"``: each nucleus gets one of the ``top_k`` reference cells of its type best
+        correlated with its spot's expression (at random among them, seeded); ``"random"``: any
+        cell of its type. Nuclei outside spots always get a random cell of their type.
+    top_k
+        Candidates per type and spot for ``match="correlation"``.
+    seed
+        Seed of the reference-cell draws.
+    progress
+        Progress bar over the spots during the assignment.
+
+    Returns
+    -------
+    None. Writes ``obsm[key_added]`` in the spots table; ``obs["refined_cell_type"]``
+    (categorical) and ``obsm["refined_cell_type_proba"]`` (the posterior ``q``) in the nucleus
+    table (nuclei outside every spot keep their image prediction); with a reference,
+    ``sdata.tables[expression_key]`` (nuclei × reference genes, ``X`` = the matched cell's raw
+    counts, ``obs["matched_cell"]``). Spots without nuclei keep the expression proportions (a
+    warning counts them).
+    """
+    if strength < 0 or not np.isfinite(strength):
+        raise InvalidInputError(f"strength must be a non-negative number, got {strength!r}.")
+    if missing_types not in _MISSING:
+        raise InvalidInputError(f"missing_types must be one of {_MISSING}, got {missing_types!r}.")
+    if match not in _MATCHES:
+        raise InvalidInputError(f"match must be one of {_MATCHES}, got {match!r}.")
+    if image_prior not in ("mean", None):
+        raise InvalidInputError(f"image_prior must be 'mean' or None, got {image_prior!r}.")
+    table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
+    nuclei_table_key = resolve_key(sdata, "tables", nuclei_table_key, HISTOCELL_KEY)
+    if table_key == nuclei_table_key:
+        raise InvalidInputError(f"table_key and nuclei_table_key are both {table_key!r}.")
+    spots, nuclei = sdata.tables[table_key], sdata.tables[nuclei_table_key]
+    if proportions_key not in spots.obsm:
+        raise InvalidInputError(
+            f"Spots table {table_key!r} has no obsm[{proportions_key!r}]; run tl.deconvolve or io.read_proportions first "
+            f"(it has {list(spots.obsm)})."
+        )
+    expression = check_proportions(spots.obsm[proportions_key], spot_ids=spots.obs_names, name=f"obsm[{proportions_key!r}]")
+    proba = _nucleus_proba(nuclei, nuclei_table_key, proba_key)
+    types = _common_types(expression, proba, proportions_key, proba_key, missing_types)
+    P = proba[types].to_numpy(dtype=np.float64)
+    spot_of = _spot_index(nuclei, nuclei_table_key, spots.obs_names)
+    n_spots = spots.n_obs
+    inside = spot_of >= 0
+    members = sparse.csr_matrix((np.ones(inside.sum()), (spot_of[inside], np.flatnonzero(inside))), shape=(n_spots, len(P)))
+    n_nuclei = np.asarray(members.sum(axis=1)).ravel()
+    E = _expression_matrix(expression, types, members, P, n_nuclei)
+
+    prior = P.mean(axis=0) if image_prior == "mean" else np.full(len(types), 1.0 / len(types))
+    likelihood = P / np.maximum(prior, _EPS)
+    pi, Q, n_iter = _em(E, likelihood, spot_of, members, n_nuclei, strength, max_iter, tol, recalibrate)
+    empty = n_nuclei == 0
+    pi[empty] = E[empty]  # no nucleus: the expression proportions as they were (no recalibration)
+    if empty.any():
+        warnings.warn(
+            f"{int(empty.sum())} of {n_spots} spots hold no nuclei; they keep the expression proportions "
+            f"of obsm[{proportions_key!r}].",
+            stacklevel=2,
+        )
+
+    assigned = np.argmax(P, axis=1)
+    posterior = P.copy()
+    posterior[inside] = Q[inside]
+    assigned[inside] = _assign(posterior, spot_of, n_nuclei, pi, progress)
+
+    spots.obsm[key_added] = pd.DataFrame(pi, index=spots.obs_names, columns=types)
+    nuclei.obs[REFINED_TYPE_KEY] = pd.Categorical.from_codes(assigned, categories=types)
+    nuclei.obsm[REFINED_PROBA_KEY] = pd.DataFrame(posterior, index=nuclei.obs_names, columns=types)
+    settings = {
+        "proportions_key": proportions_key,
+        "proba_key": proba_key,
+        "strength": float(strength),
+        "image_prior": str(image_prior),
+        "iterations": int(n_iter),
+        "n_spots_without_nuclei": int(empty.sum()),
+        "n_nuclei_outside_spots": int((~inside).sum()),
+    }
+    spots.uns["refinement"] = settings
+    if reference is not None and expression_key is not None:
+        sdata.tables[expression_key] = _imputed_expression(
+            nuclei, reference, cell_type_key, types, assigned, spot_of, spots, match, top_k, seed
+        )
+
+
+def largest_remainder(fractions: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to ``total`` closest to ``total · fractions`` (Hamilton's method).
+
+    Ties in the remainders go to the earlier column, so the result is deterministic.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    quota = fractions / fractions.sum() * total
+    counts = np.floor(quota + 1e-12).astype(np.int64)
+    left = int(total - counts.sum())
+    if left > 0:
+        order = np.lexsort((np.arange(len(quota)), -(quota - counts)))
+        counts[order[:left]] += 1
+    return counts
+
+
+def _nucleus_proba(nuclei: ad.AnnData, key: str, proba_key: str) -> pd.DataFrame:
+    if proba_key not in nuclei.obsm:
+        raise InvalidInputError(
+            f"Nucleus table {key!r} has no obsm[{proba_key!r}] (nucleus probabilities); run tl.predict first "
+            f"(it has {list(nuclei.obsm)})."
+        )
+    proba = nuclei.obsm[proba_key]
+    if not isinstance(proba, pd.DataFrame):
+        raise InvalidInputError(f"obsm[{proba_key!r}] of {key!r} must be a DataFrame whose columns are the cell types.")
+    values = proba.to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise InvalidInputError(f"obsm[{proba_key!r}] of {key!r} has negative, NaN or infinite probabilities.")
+    sums = values.sum(axis=1)
+    if (sums <= 0).any():
+        raise InvalidInputError(f"obsm[{proba_key!r}] of {key!r} has {int((sums <= 0).sum())} nuclei with all-zero probabilities.")
+    out = pd.DataFrame(values / sums[:, None], index=nuclei.obs_names, columns=proba.columns.astype(str))
+    return out
+
+
+def _common_types(expression: pd.DataFrame, proba: pd.DataFrame, proportions_key: str, proba_key: str, missing: str) -> list[str]:
+    """Cell types of the refinement, in the image model's order; refuses mismatched sets."""
+    image_types, expr_types = list(proba.columns), list(expression.columns)
+    only_expr = [t for t in expr_types if t not in image_types]
+    only_image = [t for t in image_types if t not in expr_types]
+    if only_expr or (only_image and missing == "raise"):
+        hint = (
+            " Types the image model predicts but the reference lacks can be filled from the image with "
+            "missing_types='image'." if only_image and not only_expr else ""
+        )
+        raise InvalidInputError(
+            f"The proportions (obsm[{proportions_key!r}]: {expr_types}) and the nucleus predictions "
+            f"(obsm[{proba_key!r}]: {image_types}) come from different cell-type sets: only in the proportions "
+            f"{only_expr}, only in the predictions {only_image}.{hint}"
+        )
+    return image_types
+
+
+def _spot_index(nuclei: ad.AnnData, key: str, spot_ids: pd.Index) -> np.ndarray:
+    """Row of each nucleus' spot in the spots table, -1 outside every spot."""
+    if SPOT_ID_KEY not in nuclei.obs:
+        raise InvalidInputError(f"Nucleus table {key!r} has no obs[{SPOT_ID_KEY!r}]; nuclei must be assigned to spots (pp).")
+    ids = nuclei.obs[SPOT_ID_KEY]
+    index = pd.Index(spot_ids).astype(str)
+    pos = index.get_indexer(ids.astype(object).where(ids.notna(), None).astype(str))
+    pos[ids.isna().to_numpy()] = -1
+    unknown = ids.notna().to_numpy() & (pos < 0)
+    if unknown.any():
+        warnings.warn(
+            f"{int(unknown.sum())} nuclei name spots absent from the spots table (e.g. {ids[unknown].iloc[0]!r}); "
+            "they are treated as outside every spot.",
+            stacklevel=3,
+        )
+    return pos
+
+
+def _expression_matrix(expression: pd.DataFrame, types: list[str], members, P: np.ndarray, n_nuclei: np.ndarray) -> np.ndarray:
+    """Expression proportions in ``types`` order; types missing there filled from the image."""
+    missing = [t for t in types if t not in expression.columns]
+    E = expression.reindex(columns=types, fill_value=0.0).to_numpy(dtype=np.float64)
+    if missing:
+        cols = [types.index(t) for t in missing]
+        image_mean = np.asarray(members @ P) / np.maximum(n_nuclei, 1)[:, None]
+        fill = image_mean[:, cols]
+        E *= (1 - fill.sum(axis=1))[:, None]
+        E[:, cols] = fill
+    E = np.maximum(E, _EPS)
+    return E / E.sum(axis=1, keepdims=True)
+
+
+def _em(E, likelihood, spot_of, members, n_nuclei, strength, max_iter, tol, recalibrate=True):
+    """MAP-EM of the spot compositions; returns ``π`` (spots × types), ``q`` (nuclei × types), iterations.
+
+    With ``recalibrate`` the expression proportions are also reweighted by a slide-wide factor per
+    type, ``e_s ∝ b ∘ e_s``, fitted so that the expression view's type totals match the nucleus
+    posteriors' (a deconvolution's bias, e.g. from RNA content, is shared by all spots).
+    """
+    inside = spot_of >= 0
+    base = E
+    bias = np.ones(E.shape[1])
+    pi = E.copy()
+    Q = np.zeros_like(likelihood)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        q = likelihood[inside] * pi[spot_of[inside]]
+        q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
+        Q[inside] = q
+        posterior_counts = members @ Q
+        if recalibrate and n_nuclei.sum() > 0:
+            E = base * bias
+            E /= E.sum(axis=1, keepdims=True)
+            bias = bias * posterior_counts.sum(axis=0) / np.maximum((n_nuclei[:, None] * E).sum(axis=0), _EPS)
+            bias /= bias.mean()
+            E = base * bias
+            E /= E.sum(axis=1, keepdims=True)
+        new = (strength * E + posterior_counts) / np.maximum(strength + n_nuclei, _EPS)[:, None]
+        new[n_nuclei == 0] = E[n_nuclei == 0]
+        change = np.abs(new - pi).max() if len(pi) else 0.0
+        pi = new
+        if change < tol:
+            break
+    q = likelihood[inside] * pi[spot_of[inside]]
+    Q[inside] = q / np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
+    pi = np.maximum(pi, 0)
+    return pi / pi.sum(axis=1, keepdims=True), Q, n_iter
+
+
+def _assign(Q: np.ndarray, spot_of: np.ndarray, n_nuclei: np.ndarray, pi: np.ndarray, progress: bool) -> np.ndarray:
+    """Type codes of the nuclei inside spots: largest-remainder counts, optimal matching on -log q."""
+    inside = np.flatnonzero(spot_of >= 0)
+    order = inside[np.argsort(spot_of[inside], kind="stable")]
+    bounds = np.flatnonzero(np.diff(spot_of[order])) + 1
+    groups = np.split(order, bounds) if len(order) else []
+    cost = -np.log(np.maximum(Q, 1e-300))
+    out = np.empty(len(Q), dtype=np.int64)
+    for group in tqdm(groups, desc="assigning nuclei", disable=not progress):
+        s = spot_of[group[0]]
+        counts = largest_remainder(pi[s], len(group))
+        slots = np.repeat(np.arange(len(counts)), counts)
+        rows, cols = linear_sum_assignment(cost[np.ix_(group, slots)])
+        out[group[rows]] = slots[cols]
+    return out[inside]
+
+
+def _imputed_expression(nuclei, reference, cell_type_key, types, assigned, spot_of, spots, match, top_k, seed) -> ad.AnnData:
+    """Nuclei × reference genes: the raw counts of a reference cell of each nucleus' refined type."""
+    counts = reference_counts(reference)
+    if cell_type_key not in reference.obs:
+        raise InvalidInputError(f"reference.obs has no column {cell_type_key!r}; it has {list(reference.obs.columns)}.")
+    labels = reference.obs[cell_type_key].astype(str).to_numpy()
+    used = [types[c] for c in np.unique(assigned)]
+    absent = [t for t in used if t not in set(labels)]
+    if absent:
+        raise InvalidInputError(
+            f"Cell types {absent} of the nucleus predictions are absent from reference.obs[{cell_type_key!r}] "
+            f"({sorted(set(labels))}); no reference cell can be matched to those nuclei. Pass expression_key=None "
+            "to skip the imputed expression."
+        )
+    rng = np.random.default_rng(seed)
+    matched = np.empty(len(assigned), dtype=np.int64)
+    scores = _spot_reference_correlation(spots, reference, counts) if match == "correlation" else None
+    for code in np.unique(assigned):
+        cells = np.flatnonzero(labels == types[code])
+        these = np.flatnonzero(assigned == code)
+        matched[these] = cells[rng.integers(0, len(cells), len(these))]
+        if scores is None:
+            continue
+        in_spot = these[spot_of[these] >= 0]
+        k = min(top_k, len(cells))
+        for chunk in np.array_split(in_spot, max(1, len(in_spot) // 20000)):
+            if not len(chunk):
+                continue
+            corr = scores(spot_of[chunk], cells)
+            best = np.argpartition(-corr, k - 1, axis=1)[:, :k]
+            pick = best[np.arange(len(chunk)), rng.integers(0, k, len(chunk))]
+            matched[chunk] = cells[pick]
+    region = nuclei.uns.get("spatialdata_attrs", {}).get("region", "nuclei")
+    obs = pd.DataFrame(index=nuclei.obs_names.copy())
+    obs[REGION_KEY] = pd.Categorical([region] * len(obs), categories=[region])
+    obs[NUCLEUS_ID_KEY] = nuclei.obs[NUCLEUS_ID_KEY].to_numpy() if NUCLEUS_ID_KEY in nuclei.obs else obs.index.to_numpy()
+    obs[SPOT_ID_KEY] = nuclei.obs[SPOT_ID_KEY].to_numpy()
+    obs[CELL_TYPE_KEY] = pd.Categorical.from_codes(assigned, categories=types)
+    obs["matched_cell"] = reference.obs_names.to_numpy()[matched]
+    adata = ad.AnnData(counts[matched], obs=obs, var=pd.DataFrame(index=reference.var_names.copy()))
+    if SPATIAL_KEY in nuclei.obsm:
+        adata.obsm[SPATIAL_KEY] = np.asarray(nuclei.obsm[SPATIAL_KEY])
+    adata.uns["imputation"] = {"match": match, "top_k": int(top_k), "seed": int(seed)}
+    return TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
+
+
+def _spot_reference_correlation(spots: ad.AnnData, reference: ad.AnnData, counts: sparse.csr_matrix):
+    """A function ``(spot rows, reference cells) -> correlation`` of log-normalised expression on shared genes."""
+    try:
+        shared = _shared_genes(reference.var_names, spots.var_names.astype(str), 2)
+    except InvalidInputError:
+        shared = None
+    if shared is None or spots.n_vars == 0:
+        return lambda rows, cells: np.zeros((len(rows), len(cells)))
+
+    def standardise(X):
+        X = sparse.csr_matrix(X, dtype=np.float64)
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        X = sparse.diags(1e4 / np.maximum(totals, 1)) @ X
+        X = np.log1p(X.toarray())
+        X -= X.mean(axis=1, keepdims=True)
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), _EPS)
+
+    spot_z = standardise(sparse.csr_matrix(spots.X)[:, shared["spots"]])
+    ref_z = standardise(counts[:, shared["reference"]])
+    return lambda rows, cells: spot_z[rows] @ ref_z[cells].T

@@ -1,0 +1,179 @@
+"""tl.deconvolve (Tangram) and tl.refine_deconvolution (histology-refined composition, per-nucleus types)."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from histocell_sd import InvalidInputError, tl
+from histocell_sd.tl._refine import largest_remainder
+
+EPOCHS = 60
+
+
+@pytest.fixture
+def deconvolved(tiny_predicted):
+    sdata, reference = tiny_predicted
+    tl.deconvolve(sdata, reference, state_key="cell_state", epochs=EPOCHS, progress=False)
+    return sdata, reference
+
+
+def test_proportions_sum_to_one_and_states(deconvolved):
+    sdata, reference = deconvolved
+    table = sdata.tables["table"]
+    props = table.obsm["proportions"]
+    assert list(props.columns) == list(reference.obs["cell_type"].cat.categories)
+    assert (props.index == table.obs_names).all()
+    np.testing.assert_allclose(props.sum(axis=1), 1, atol=1e-6)
+    assert (props.to_numpy() >= 0).all()
+    states = table.obsm["state_proportions"]
+    assert set(states.columns) == set(reference.obs["cell_state"].astype(str))
+    np.testing.assert_allclose(states.sum(axis=1), 1, atol=1e-6)
+    assert table.uns["deconvolution"]["n_shared_genes"] == reference.n_vars
+    # better than a flat guess
+    truth = table.obsm["true_proportions"][props.columns].to_numpy()
+    assert np.sqrt(((props.to_numpy() - truth) ** 2).mean()) < np.sqrt(((truth - truth.mean(0)) ** 2).mean()) + 0.05
+
+
+def test_deconvolve_is_deterministic(tiny_predicted):
+    sdata, reference = tiny_predicted
+    tl.deconvolve(sdata, reference, epochs=EPOCHS, progress=False, seed=1)
+    first = sdata.tables["table"].obsm["proportions"].copy()
+    tl.deconvolve(sdata, reference, epochs=EPOCHS, progress=False, seed=1, key_added="again")
+    pd.testing.assert_frame_equal(first, sdata.tables["table"].obsm["again"])
+
+
+def test_refine_outputs_and_counts(deconvolved):
+    sdata, reference = deconvolved
+    with pytest.warns(UserWarning, match="hold no nuclei") if _has_empty_spots(sdata) else _nothing():
+        tl.refine_deconvolution(sdata, reference, progress=False)
+    spots, nuclei = sdata.tables["table"], sdata.tables["histocell"]
+    refined = spots.obsm["refined_proportions"]
+    np.testing.assert_allclose(refined.sum(axis=1), 1, atol=1e-6)
+    types = list(refined.columns)
+    assert list(nuclei.obs["refined_cell_type"].cat.categories) == types
+    np.testing.assert_allclose(nuclei.obsm["refined_cell_type_proba"].sum(axis=1), 1, atol=1e-6)
+    # per spot, the refined types' counts are the largest-remainder counts of the refined proportions
+    inside = nuclei.obs["spot_id"].notna()
+    for spot, obs in nuclei.obs[inside].groupby("spot_id", observed=True):
+        expected = largest_remainder(refined.loc[spot].to_numpy(), len(obs))
+        got = obs["refined_cell_type"].value_counts().reindex(types, fill_value=0).to_numpy()
+        np.testing.assert_array_equal(got, expected)
+    # nuclei outside spots keep the image prediction
+    outside = ~inside
+    if outside.any():
+        assert (nuclei.obs.loc[outside, "refined_cell_type"].astype(str) == nuclei.obs.loc[outside, "cell_type"].astype(str)).all()
+    # imputed expression: the reference's genes, one row per nucleus, a cell of the refined type
+    expr = sdata.tables["histocell_expression"]
+    assert list(expr.var_names) == list(reference.var_names)
+    assert (expr.obs_names == nuclei.obs_names).all()
+    matched_type = reference.obs.loc[expr.obs["matched_cell"], "cell_type"].astype(str).to_numpy()
+    assert (matched_type == nuclei.obs["refined_cell_type"].astype(str).to_numpy()).all()
+    assert expr.uns["spatialdata_attrs"]["region"] == "nuclei"
+
+
+def test_refined_accuracy_beats_noisy_input(deconvolved):
+    sdata, _ = deconvolved
+    tl.refine_deconvolution(sdata, progress=False)
+    nuclei = sdata.tables["histocell"]
+    truth = sdata.tables["truth_nuclei"].obs["cell_type"].astype(str).to_numpy()
+    inside = nuclei.obs["spot_id"].notna().to_numpy()
+    noisy = (nuclei.obs["cell_type"].astype(str).to_numpy() == truth)[inside].mean()
+    refined = (nuclei.obs["refined_cell_type"].astype(str).to_numpy() == truth)[inside].mean()
+    assert refined >= noisy
+
+
+def test_refined_table_runs_squidpy(deconvolved):
+    import squidpy as sq
+
+    sdata, _ = deconvolved
+    tl.refine_deconvolution(sdata, progress=False)
+    nuclei = sdata.tables["histocell"]
+    sq.gr.spatial_neighbors_knn(nuclei, n_neighs=6)
+    sq.gr.nhood_enrichment(nuclei, cluster_key="refined_cell_type", n_perms=20, seed=0, show_progress_bar=False)
+    assert nuclei.uns["refined_cell_type_nhood_enrichment"]["zscore"].shape == (5, 5)
+
+
+def test_largest_remainder():
+    np.testing.assert_array_equal(largest_remainder(np.array([0.5, 0.3, 0.2]), 7), [4, 2, 1])
+    assert largest_remainder(np.array([0.2] * 5), 3).sum() == 3
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_reference_without_raw_counts(tiny_predicted):
+    sdata, reference = tiny_predicted
+    logged = reference.copy()
+    logged.X = sparse.csr_matrix(np.log1p(logged.X.toarray() / 3))
+    with pytest.raises(InvalidInputError, match="no raw counts.*log-transformed"):
+        tl.deconvolve(sdata, logged, epochs=5, progress=False)
+    # raw counts kept in layers["counts"] or .raw are found
+    logged.layers["counts"] = reference.X.copy()
+    tl.deconvolve(sdata, logged, epochs=5, progress=False)
+    with_raw = logged.copy()
+    del with_raw.layers["counts"]
+    with_raw.raw = reference.copy()
+    tl.deconvolve(sdata, with_raw, epochs=5, progress=False)
+
+
+def test_too_few_shared_genes(tiny_predicted):
+    sdata, reference = tiny_predicted
+    renamed = reference[:, :300].copy()
+    renamed.var_names = [f"ENSG{i:08d}" for i in range(renamed.n_vars)]
+    renamed = ad.concat([renamed, reference[:, 300:305]], axis=1, merge="same")
+    renamed.obs = reference.obs.copy()
+    with pytest.raises(InvalidInputError, match="share only 5 genes"):
+        tl.deconvolve(sdata, renamed, epochs=5, progress=False)
+
+
+def test_missing_cell_type_key_and_no_counts(tiny_predicted):
+    sdata, reference = tiny_predicted
+    with pytest.raises(InvalidInputError, match="no column 'celltype'"):
+        tl.deconvolve(sdata, reference, cell_type_key="celltype", epochs=5, progress=False)
+    table = sdata.tables["table"]
+    sdata.tables["table"] = ad.AnnData(obs=table.obs.copy(), obsm={k: v for k, v in table.obsm.items()},
+                                       uns=table.uns.copy(), X=sparse.csr_matrix((table.n_obs, 0), dtype=np.float32))
+    with pytest.raises(InvalidInputError, match="no genes"):
+        tl.deconvolve(sdata, reference, epochs=5, progress=False)
+
+
+def test_refine_cell_type_sets_must_match(tiny_predicted):
+    sdata, _ = tiny_predicted
+    table = sdata.tables["table"]
+    props = table.obsm["true_proportions"].drop(columns="endothelial")
+    table.obsm["partial"] = props.div(props.sum(axis=1).replace(0, 1), axis=0).where(props.sum(axis=1) > 0, 0.25, axis=0)
+    with pytest.raises(InvalidInputError, match="different cell-type sets"):
+        tl.refine_deconvolution(sdata, proportions_key="partial", progress=False)
+    tl.refine_deconvolution(sdata, proportions_key="partial", missing_types="image", progress=False)
+    assert "endothelial" in table.obsm["refined_proportions"].columns
+    extra = table.obsm["true_proportions"].assign(plasma=0.0)
+    table.obsm["extra"] = extra
+    with pytest.raises(InvalidInputError, match=r"only in the proportions \['plasma'\]"):
+        tl.refine_deconvolution(sdata, proportions_key="extra", progress=False)
+
+
+def test_refine_reference_missing_type_and_empty_spots(tiny_predicted):
+    sdata, reference = tiny_predicted
+    table, nuclei = sdata.tables["table"], sdata.tables["histocell"]
+    table.obsm["proportions"] = table.obsm["true_proportions"]
+    nuclei.obs.loc[nuclei.obs["spot_id"] == table.obs_names[0], "spot_id"] = np.nan
+    with pytest.warns(UserWarning, match=r"1 of \d+ spots hold no nuclei"):
+        tl.refine_deconvolution(sdata, progress=False)
+    pd.testing.assert_series_equal(table.obsm["refined_proportions"].iloc[0], table.obsm["proportions"].iloc[0], check_names=False)
+    partial = reference[reference.obs["cell_type"] != "macrophage"].copy()
+    with pytest.raises(InvalidInputError, match=r"\['macrophage'\].*absent from reference"), pytest.warns(UserWarning):
+        tl.refine_deconvolution(sdata, partial, progress=False)
+
+
+def _has_empty_spots(sdata):
+    spot_ids = set(sdata.tables["histocell"].obs["spot_id"].dropna())
+    return not set(sdata.tables["table"].obs_names) <= spot_ids
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

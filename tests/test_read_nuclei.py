@@ -1,0 +1,339 @@
+"""Tests of importing nuclei segmented elsewhere (HoVer-Net JSON, GeoJSON, label masks)."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from scipy import ndimage as ndi
+
+from histocell_sd import InvalidInputError
+from histocell_sd.io import from_arrays, read_nuclei
+from histocell_sd.io._nuclei import _parse_geojson, _parse_hovernet, _to_raster
+
+MPP = 0.5
+SIZE = 200
+# (x, y, radius px) of the dark disks, and their HoVer-Net classes
+DISKS = [(40, 50, 8), (120, 45, 6), (70, 140, 10), (160, 150, 7)]
+TYPES = [1, 2, 1, 3]
+TYPE_MAP = {1: "neoplastic", 2: "inflammatory", 3: "connective"}
+
+
+def _truth() -> np.ndarray:
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    labels = np.zeros((SIZE, SIZE), dtype=np.int32)
+    for i, (x, y, r) in enumerate(DISKS, start=1):
+        labels[(xx - x) ** 2 + (yy - y) ** 2 <= r**2] = i
+    return labels
+
+
+TRUTH = _truth()
+TRUE_AREA_UM2 = np.bincount(TRUTH.ravel())[1:] * MPP**2
+
+
+def _image() -> np.ndarray:
+    image = np.full((SIZE, SIZE, 3), 235, dtype=np.uint8)
+    image[TRUTH > 0] = (70, 40, 110)
+    return image
+
+
+def _sdata(**kwargs):
+    return from_arrays(_image(), mpp=MPP, **kwargs)
+
+
+def _contour(mask: np.ndarray) -> list:
+    """Boundary pixels of a star-shaped mask ordered by angle, as HoVer-Net's [[x, y], ...]."""
+    edge = mask & ~ndi.binary_erosion(mask)
+    ys, xs = np.nonzero(edge)
+    cy, cx = ys.mean(), xs.mean()
+    order = np.argsort(np.arctan2(ys - cy, xs - cx))
+    return [[int(xs[k]), int(ys[k])] for k in order]
+
+
+def _hovernet(types=TYPES) -> dict:
+    nuc = {}
+    for i, ((x, y, r), t) in enumerate(zip(DISKS, types), start=1):
+        nuc[str(i)] = {
+            "bbox": [[y - r, x - r], [y + r, x + r]],
+            "centroid": [x, y],
+            "contour": _contour(TRUTH == i),
+            "type_prob": 0.9,
+            "type": t,
+        }
+    return {"mag": 40, "nuc": nuc}
+
+
+def _circle(x, y, r, n=48, scale=1.0) -> list:
+    """A closed ring around disk (x, y, r) in QuPath's pixel-corner coordinates."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    ring = np.c_[x + 0.5 + r * np.cos(t), y + 0.5 + r * np.sin(t)] / scale
+    return np.vstack([ring, ring[:1]]).tolist()
+
+
+def _geojson(scale=1.0) -> dict:
+    features = []
+    for i, ((x, y, r), t) in enumerate(zip(DISKS, TYPES)):
+        features.append({
+            "type": "Feature",
+            "id": f"cell-{i}",
+            "geometry": {"type": "Polygon", "coordinates": [_circle(x, y, r, scale=scale)]},
+            "properties": {"objectType": "detection", "classification": {"name": TYPE_MAP[t], "color": [255, 0, 0]}},
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _write_json(tmp_path, name, obj) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------- parsing
+
+
+def _iou_per_nucleus(labels: np.ndarray) -> np.ndarray:
+    return np.array([
+        ((labels == i) & (TRUTH == i)).sum() / ((labels == i) | (TRUTH == i)).sum() for i in range(1, len(DISKS) + 1)
+    ])
+
+
+def _full(labels, origin):
+    out = np.zeros((SIZE, SIZE), dtype=np.int32)
+    y0, x0 = origin
+    out[y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]] = labels
+    return out
+
+
+def test_hovernet_contours_rasterise_to_the_mask(tmp_path):
+    parsed = _parse_hovernet(_write_json(tmp_path, "h.json", _hovernet()))
+    assert parsed.names == ["1", "2", "3", "4"] and parsed.types == TYPES
+    labels, origin, _ = _to_raster(_hovernet(), "hovernet", (SIZE, SIZE), 1.0, (0.0, 0.0))
+    assert (_full(labels, origin) == TRUTH).all() or _iou_per_nucleus(_full(labels, origin)).min() > 0.97
+    assert _iou_per_nucleus(_full(labels, origin)).min() > 0.97
+
+
+def test_geojson_polygons_rasterise_to_the_mask():
+    parsed = _parse_geojson(_geojson())
+    assert parsed.names == [f"cell-{i}" for i in range(4)] and parsed.types == [TYPE_MAP[t] for t in TYPES]
+    labels, origin, _ = _to_raster(_geojson(), "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))
+    assert _iou_per_nucleus(_full(labels, origin)).min() > 0.9
+
+
+def test_geojson_multipolygon_keeps_largest_and_skips_annotations():
+    fc = _geojson()
+    big, small = _circle(*DISKS[0]), _circle(5, 5, 2)
+    fc["features"][0]["geometry"] = {"type": "MultiPolygon", "coordinates": [[small], [big]]}
+    fc["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_circle(100, 100, 90)]},
+                           "properties": {"objectType": "annotation"}})
+    parsed = _parse_geojson(fc["features"])  # a plain list of Features works too
+    assert len(parsed.polygons) == 4
+    assert np.allclose(parsed.polygons[0].mean(axis=0), [40.5, 50.5], atol=0.1)
+
+
+def test_later_polygons_do_not_overwrite_earlier_ones():
+    fc = _geojson()
+    fc["features"][1]["geometry"]["coordinates"] = [_circle(44, 50, 8)]  # overlaps nucleus 0
+    full = _full(*_to_raster(fc, "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))[:2])
+    alone = _full(*_to_raster(_geojson(), "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))[:2])
+    assert ((full == 1) == (alone == 1)).all()
+    assert 0 < (full == 2).sum() < (TRUTH == 1).sum()
+
+
+def test_scale_and_offset_map_downsampled_exports():
+    half = _geojson(scale=2.0)  # exported at a 2× downsampled level
+    labels, origin, _ = _to_raster(half, "geojson", (SIZE, SIZE), 2.0, (0.0, 0.0))
+    assert _iou_per_nucleus(_full(labels, origin)).min() > 0.85
+    # a crop starting at (30, 20) px
+    crop = _hovernet()
+    for rec in crop["nuc"].values():
+        rec["contour"] = [[x - 30, y - 20] for x, y in rec["contour"]]
+    labels, origin, _ = _to_raster(crop, "hovernet", (SIZE, SIZE), 1.0, (30.0, 20.0))
+    assert _iou_per_nucleus(_full(labels, origin)).min() > 0.97
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".tif", ".png", "array"])
+def test_label_mask_sources(tmp_path, suffix):
+    path = tmp_path / f"mask{suffix}"
+    if suffix == ".npy":
+        np.save(path, TRUTH)
+    elif suffix == ".npz":
+        np.savez(path, inst_map=TRUTH, other=np.zeros(3))
+    elif suffix == ".tif":
+        tifffile.imwrite(path, TRUTH.astype(np.uint16))
+    elif suffix == ".png":
+        Image.fromarray(TRUTH.astype(np.uint8)).save(path)
+    else:
+        path = TRUTH
+    labels, origin, parsed = _to_raster(path, "labels", (SIZE, SIZE), 1.0, (0.0, 0.0))
+    assert parsed is None and origin == (0, 0) and (labels == TRUTH).all()
+
+
+def test_label_mask_of_a_downsampled_level():
+    labels, origin, _ = _to_raster(TRUTH[::2, ::2], "labels", (SIZE, SIZE), 2.0, (0.0, 0.0))
+    assert _iou_per_nucleus(_full(labels, origin)).min() > 0.8
+    # a crop of the mask placed at its offset
+    labels, origin, _ = _to_raster(TRUTH[20:120, 30:180], "labels", (SIZE, SIZE), 1.0, (30.0, 20.0))
+    assert origin == (20, 30) and (_full(labels, origin)[20:120, 30:180] == TRUTH[20:120, 30:180]).all()
+
+
+def test_qupath_cells_use_their_nucleus_geometry():
+    fc = _geojson()
+    for feat in fc["features"]:
+        feat["nucleusGeometry"] = feat["geometry"]
+        cell = np.asarray(feat["geometry"]["coordinates"][0])
+        feat["geometry"] = {"type": "Polygon", "coordinates": [((cell - cell.mean(0)) * 2 + cell.mean(0)).tolist()]}
+        feat["properties"] = {"objectType": "cell", "classification": "Tumor"}
+    labels, origin, parsed = _to_raster(fc, "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))
+    assert _iou_per_nucleus(_full(labels, origin)).min() > 0.9 and parsed.types == ["Tumor"] * 4
+
+
+# -------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d.pop("nuc"), "no 'nuc' key"),
+        (lambda d: d["nuc"]["3"].pop("contour"), "nucleus '3'.*no 'contour'"),
+        (lambda d: d["nuc"]["2"].update(contour=[[1, 1], [5, 5]]), "nucleus '2'.*2 points"),
+        (lambda d: d["nuc"]["4"].update(contour=[[1, 1], [5, "a"], [3, 4]]), "nucleus '4'.*malformed"),
+        (lambda d: d["nuc"]["1"].update(contour=[[190, 190], [250, 190], [250, 230]]), "nucleus '1'.*outside"),
+    ],
+)
+def test_hovernet_errors_name_the_record(tmp_path, mutate, match):
+    data = _hovernet()
+    mutate(data)
+    with pytest.raises(InvalidInputError, match=match):
+        read_nuclei(_write_json(tmp_path, "h.json", data), _sdata(), format="hovernet")
+
+
+def test_malformed_json_is_named(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"nuc": {"1": ')
+    with pytest.raises(InvalidInputError, match="broken.json.*not valid JSON"):
+        read_nuclei(str(path), _sdata())
+    with pytest.raises(InvalidInputError, match="broken.json.*not valid JSON"):
+        read_nuclei(path, _sdata(), format="geojson")
+
+
+@pytest.mark.parametrize(
+    "geometry, kind",
+    [({"type": "Point", "coordinates": [3, 4]}, "Point"),
+     ({"type": "LineString", "coordinates": [[3, 4], [5, 6]]}, "LineString")],
+)
+def test_geojson_non_polygon_is_named(geometry, kind):
+    fc = _geojson()
+    fc["features"][2]["geometry"] = geometry
+    with pytest.raises(InvalidInputError, match=f"feature 2 \\(id 'cell-2'\\).*{kind}"):
+        read_nuclei(fc, _sdata(), format="geojson")
+
+
+def test_geojson_outside_and_degenerate(tmp_path):
+    fc = _geojson()
+    fc["features"][1]["geometry"]["coordinates"] = [_circle(120, 45, 6, scale=0.5)]  # 2× too large
+    with pytest.raises(InvalidInputError, match="nucleus 'cell-1'.*outside.*scale"):
+        read_nuclei(_write_json(tmp_path, "g.geojson", fc), _sdata(), format="geojson")
+    fc = _geojson()
+    fc["features"][3]["geometry"]["coordinates"] = [[[1, 1], [2, 2], [1, 1]]]
+    with pytest.raises(InvalidInputError, match="feature 3 \\(id 'cell-3'\\).*2 points"):
+        read_nuclei(fc, _sdata(), format="geojson")
+    fc = _geojson()
+    fc["features"][0]["geometry"] = None
+    with pytest.raises(InvalidInputError, match="feature 0 \\(id 'cell-0'\\).*no geometry"):
+        read_nuclei(fc, _sdata(), format="geojson")
+    with pytest.raises(InvalidInputError, match="neither a GeoJSON FeatureCollection"):
+        read_nuclei({"type": "Polygon"}, _sdata(), format="geojson")
+
+
+def test_label_mask_errors(tmp_path):
+    sdata = _sdata()
+    with pytest.raises(InvalidInputError, match="shape \\(100, 200\\).*image is \\(200, 200\\)"):
+        read_nuclei(TRUTH[:100], sdata, format="labels")
+    with pytest.raises(InvalidInputError, match="must be an integer"):
+        read_nuclei(TRUTH.astype(np.float32), sdata, format="labels")
+    with pytest.raises(InvalidInputError, match="must be an integer"):
+        read_nuclei(TRUTH > 0, sdata, format="labels")
+    np.save(tmp_path / "m.npy", TRUTH[:, :150])
+    with pytest.raises(InvalidInputError, match="m.npy.*shape \\(200, 150\\)"):
+        read_nuclei(tmp_path / "m.npy", sdata, format="labels")
+    with pytest.raises(InvalidInputError, match="does not fit"):
+        read_nuclei(TRUTH[::2, ::2], sdata, format="labels", scale=2, offset=(10, 0))
+    with pytest.raises(InvalidInputError, match="format must be"):
+        read_nuclei(TRUTH, sdata, format="csv")
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+def _check_table(sdata, table_key="histocell", key_added="nuclei", n=len(DISKS)):
+    table = sdata.tables[table_key]
+    assert table.n_obs == n and len(sdata.shapes[key_added]) == n
+    # store_nuclei puts pixel (r, c) at [c, c + 1) × [r, r + 1): a disk centred on pixel (x, y) has centroid (x + .5, y + .5)
+    expected = np.array([[x + 0.5, y + 0.5] for x, y, _ in DISKS])
+    assert np.abs(table.obsm["spatial"] - expected).max() < 1.0
+    area = np.asarray(table[:, "area_um2"].X).ravel()
+    assert np.allclose(area, TRUE_AREA_UM2, rtol=0.1)
+    return table
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_read_hovernet_end_to_end(tmp_path, as_file):
+    sdata = _sdata()
+    source = _write_json(tmp_path, "h.json", _hovernet()) if as_file else _hovernet()
+    read_nuclei(source, sdata, format="hovernet", type_map=TYPE_MAP)
+    table = _check_table(sdata)
+    assert table.obs["imported_type"].tolist() == [TYPE_MAP[t] for t in TYPES]
+    assert list(table.obs["imported_type"].cat.categories) == ["neoplastic", "inflammatory", "connective"]
+
+
+def test_hovernet_types_without_map_and_with_type_info_json():
+    sdata = _sdata()
+    read_nuclei(_hovernet(), sdata)
+    assert sdata.tables["histocell"].obs["imported_type"].tolist() == ["1", "2", "1", "3"]
+    type_info = {"0": ["nolabe", [0, 0, 0]], "1": ["neopla", [255, 0, 0]], "2": ["inflam", [0, 255, 0]],
+                 "3": ["connec", [0, 0, 255]]}
+    read_nuclei(_hovernet(types=[1, 2, None, 3]), sdata, type_map=type_info)
+    types = sdata.tables["histocell"].obs["imported_type"]
+    assert types.iloc[[0, 1, 3]].tolist() == ["neopla", "inflam", "connec"] and types.isna().iloc[2]
+
+
+def test_read_geojson_end_to_end(tmp_path):
+    sdata = _sdata()
+    read_nuclei(_write_json(tmp_path, "cells.geojson", _geojson()), sdata, format="geojson",
+                key_added="qupath", table_key="qupath_table")
+    table = _check_table(sdata, "qupath_table", "qupath")
+    assert table.obs["imported_type"].tolist() == [TYPE_MAP[t] for t in TYPES]
+
+
+def test_read_geojson_downsampled_export():
+    sdata = _sdata()
+    read_nuclei(_geojson(scale=2.0), sdata, format="geojson", scale=2.0)
+    _check_table(sdata)
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_read_label_mask_end_to_end(tmp_path, as_file):
+    sdata = _sdata()
+    if as_file:
+        np.save(tmp_path / "mask.npy", TRUTH)
+    read_nuclei(tmp_path / "mask.npy" if as_file else TRUTH, sdata, format="labels")
+    table = _check_table(sdata)
+    assert "imported_type" not in table.obs
+
+
+def test_dropped_nuclei_keep_their_types_aligned():
+    data = _hovernet()
+    data["nuc"] = {"0": {**data["nuc"]["1"], "type": 3}, **data["nuc"]}  # same pixels as nucleus '1', first
+    sdata = _sdata()
+    with pytest.warns(UserWarning, match="1 nuclei.*dropped.*'1'"):
+        read_nuclei(data, sdata, type_map=TYPE_MAP)
+    table = _check_table(sdata)
+    assert table.obs["imported_type"].tolist() == ["connective", "inflammatory", "neoplastic", "connective"]
+
+
+def test_nuclei_are_assigned_to_spots():
+    sdata = _sdata(spot_centers=np.array([[45.0, 50.0], [150.0, 150.0]]))
+    read_nuclei(_hovernet(), sdata)
+    spot_ids = sdata.tables["histocell"].obs["spot_id"]
+    assert spot_ids.iloc[0] == "spot_00000" and spot_ids.iloc[3] == "spot_00001" and spot_ids.isna().sum() == 2

@@ -1,0 +1,143 @@
+"""Tests of slide-scale nucleus segmentation (segment_nuclei) and of store_nuclei."""
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+from skimage.draw import disk
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel
+
+import histocell_sd as hc
+from histocell_sd import InvalidInputError
+from histocell_sd.io import from_arrays, validate
+from histocell_sd.pp import FEATURES, detection_scores, match_points, segment_nuclei, store_nuclei
+
+MATCH_UM = 3.0
+
+
+@pytest.fixture(scope="module")
+def slide(tiny_slide):
+    """A copy-free view of the tiny slide's image and truth, segmented once in one tile."""
+    sdata, _ = tiny_slide
+    sub = hc.io.from_arrays(
+        np.asarray(sdata.images["he"]["scale0"]["image"].values).transpose(1, 2, 0),
+        sdata.attrs["mpp"],
+        spot_centers=np.column_stack([sdata.shapes["spots"].geometry.x, sdata.shapes["spots"].geometry.y]),
+    )
+    segment_nuclei(sub, tile_size_px=4096, progress=False)
+    return sub, sdata.tables["truth_nuclei"].obsm["spatial"]
+
+
+def test_seams_keep_each_nucleus_once(slide):
+    whole, _ = slide
+    mpp = whole.attrs["mpp"]
+    image = np.asarray(whole.images["he"]["scale0"]["image"].values).transpose(1, 2, 0)
+    one, tiled = from_arrays(image, mpp), from_arrays(image, mpp)
+    segment_nuclei(one, tile_size_px=4096, threshold=0.06, progress=False)  # same level in both runs
+    segment_nuclei(tiled, tile_size_px=300, overlap_um=32.0, n_jobs=2, threshold=0.06, progress=False)
+    a, b = one.tables["histocell"].obsm["spatial"], tiled.tables["histocell"].obsm["spatial"]
+    assert not cKDTree(b).query_pairs(1.0 / mpp)  # no duplicates
+    matched = len(match_points(b, a, 1.0 / mpp)[0])
+    assert matched >= 0.97 * len(a) and abs(len(a) - len(b)) <= 0.02 * len(a)
+
+
+def test_detection_f1_on_synthetic(slide):
+    sdata, truth = slide
+    scores = detection_scores(sdata.tables["histocell"].obsm["spatial"], truth, MATCH_UM / sdata.attrs["mpp"])
+    assert scores["f1"] >= 0.80
+
+
+def test_detection_f1_on_nucls_test_tiles():
+    matched = n_pred = n_true = 0
+    for sdata in hc.datasets.nucls("test").values():
+        segment_nuclei(sdata, progress=False)
+        scores = detection_scores(
+            sdata.tables["histocell"].obsm["spatial"], sdata.tables["truth_nuclei"].obsm["spatial"], MATCH_UM / 0.25
+        )
+        matched, n_pred, n_true = matched + scores["n_matched"], n_pred + scores["n_pred"], n_true + scores["n_true"]
+    assert 2 * matched / (n_pred + n_true) >= 0.80
+
+
+def test_resolution_invariance():
+    areas = []
+    for mpp in (0.25, 0.5):
+        sdata, _ = hc.datasets.synthetic_visium(seed=11, preset="tiny", mpp=mpp, width_um=300, height_um=300, progress=False)
+        segment_nuclei(sdata, progress=False)
+        areas.append(np.median(sdata.tables["histocell"].to_df()["area_um2"]))
+    assert areas[0] == pytest.approx(areas[1], rel=0.10)
+
+
+def test_white_image_warns_and_writes_nothing():
+    sdata = from_arrays(np.full((600, 700, 3), 255, dtype=np.uint8), 0.5)
+    with pytest.warns(UserWarning, match="No nuclei"):
+        segment_nuclei(sdata, tile_size_px=256, progress=False)
+    assert "nuclei" not in sdata.shapes and "histocell" not in sdata.tables
+    validate(sdata)
+
+
+def _disk_sample(mpp=0.5, radius_px=20):
+    image = np.full((300, 400, 3), 235, dtype=np.uint8)
+    labels = np.zeros(image.shape[:2], dtype=np.int32)
+    for label, (cy, cx) in ((3, (100, 100)), (7, (200, 300))):
+        rr, cc = disk((cy, cx), radius_px)
+        labels[rr, cc] = label
+        image[rr, cc] = (70, 50, 150)
+    spots = np.array([[100.5, 100.5], [300.5, 50.0]])  # (x, y): the first holds nucleus 3, none holds nucleus 7
+    return from_arrays(image, mpp, spot_centers=spots, spot_diameter_um=30.0), labels
+
+
+def test_features_in_um_and_spot_ids():
+    sdata, labels = _disk_sample()
+    store_nuclei(sdata, labels, labels_key="nuclei_labels")
+    table = sdata.tables["histocell"]
+    assert list(table.var_names) == list(FEATURES)
+    assert list(sdata.shapes["nuclei"].index) == ["nucleus_3", "nucleus_7"] == list(table.obs["nucleus_id"])
+    df = table.to_df()
+    assert df["area_um2"].to_numpy() == pytest.approx(np.pi * (20 * 0.5) ** 2, rel=0.05)
+    assert df["perimeter_um"].to_numpy() == pytest.approx(2 * np.pi * 20 * 0.5, rel=0.05)
+    assert df["major_axis_um"].to_numpy() == pytest.approx(20.0, rel=0.05)
+    assert (df["eccentricity"] < 0.1).all() and (df["solidity"] > 0.95).all()
+    assert (df["h_mean"] > df["e_mean"]).all()
+    np.testing.assert_allclose(table.obsm["spatial"], [[100.5, 100.5], [300.5, 200.5]])
+    assert table.obs["spot_id"].iloc[0] == sdata.shapes["spots"].index[0]
+    assert table.obs["spot_id"].isna().iloc[1]
+    assert table.uns["histocell"]["mpp"] == 0.5
+    assert "nuclei_labels" in sdata.labels
+    validate(sdata)
+
+
+def test_store_nuclei_window_origin():
+    sdata, labels = _disk_sample()
+    store_nuclei(sdata, labels[50:250, 50:200], origin=(50, 50))
+    table = sdata.tables["histocell"]
+    assert table.n_obs == 1
+    np.testing.assert_allclose(table.obsm["spatial"], [[100.5, 100.5]])
+    x0, y0, x1, y1 = sdata.shapes["nuclei"].total_bounds
+    assert 79 <= x0 <= 82 and 119 <= x1 <= 122 and 79 <= y0 <= 82
+
+
+def test_segment_nuclei_on_drawn_disks_and_labels_key():
+    sdata, _ = _disk_sample(radius_px=12)
+    segment_nuclei(sdata, tile_size_px=256, progress=False, labels_key="seg")
+    df = sdata.tables["histocell"].to_df()
+    assert len(df) == 2
+    assert df["area_um2"].to_numpy() == pytest.approx(np.pi * 6.0**2, rel=0.10)
+    assert sdata.labels["seg"].shape == (300, 400)
+    validate(sdata)
+
+
+def test_bad_inputs():
+    sdata, _ = _disk_sample()
+    with pytest.raises(InvalidInputError, match="weights_path"):
+        segment_nuclei(sdata, method="stardist", progress=False)
+    with pytest.raises(InvalidInputError, match="default"):
+        segment_nuclei(sdata, method="otsu", progress=False)
+    with pytest.raises(InvalidInputError, match="tile_size_px"):
+        segment_nuclei(sdata, tile_size_px=20, progress=False)
+    with pytest.raises(InvalidInputError, match="outside"):
+        store_nuclei(sdata, np.zeros((300, 400), dtype=np.int32), origin=(10, 0))
+    float_image = SpatialData(
+        images={"he": Image2DModel.parse(np.zeros((3, 64, 64), dtype=np.float32), dims=("c", "y", "x"))}, attrs={"mpp": 0.5}
+    )
+    with pytest.raises(InvalidInputError, match="uint8"):
+        segment_nuclei(float_image, progress=False)
