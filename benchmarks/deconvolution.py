@@ -11,7 +11,8 @@ Usage::
 
     python benchmarks/deconvolution.py --probabilities simulated [--seeds 101 102] [--timing-preset visium]
 
-``--probabilities simulated`` uses a stand-in for HistoCell's nucleus probabilities (noisy around
+``--probabilities model`` trains HistoCell on slide seed 0 and predicts each slide's nuclei (the
+real pipeline); ``--probabilities simulated`` uses a stand-in for HistoCell's nucleus probabilities (noisy around
 the true type, ~70 % top-1, confusing fibroblast/endothelial and lymphocyte/macrophage); the
 probability source is the single function :func:`nucleus_probabilities`.
 """
@@ -19,6 +20,7 @@ probability source is the single function :func:`nucleus_probabilities`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 import warnings
@@ -41,6 +43,7 @@ from histocell_sd._constants import (
     SPOT_ID_KEY,
 )
 from histocell_sd.datasets import synthetic_visium
+from histocell_sd.models import HistoCell
 
 SIMILAR = {"fibroblast": "endothelial", "endothelial": "fibroblast", "lymphocyte": "macrophage",
            "macrophage": "lymphocyte", "tumor": "macrophage"}
@@ -79,12 +82,32 @@ def add_nuclei(sdata, proba: pd.DataFrame) -> None:
     spots.obsm[PREDICTED_PROPORTIONS_KEY] = mean.reindex(spots.obs_names).fillna(1.0 / proba.shape[1])
 
 
+@functools.cache
+def trained_model():
+    """HistoCell trained on the spot proportions of synthetic slide seed 0 (nuclei from its truth raster)."""
+    from histocell_sd.datasets import CELL_STATES, CELL_TYPES
+    from histocell_sd.pp import store_nuclei
+
+    train, _ = synthetic_visium(seed=0, progress=False)
+    store_nuclei(train, np.asarray(train.labels["truth_labels"]))
+    compartments = {"tumor": ["tumor"], "stroma": ["fibroblast", "endothelial"], "immune": ["lymphocyte", "macrophage"]}
+    return HistoCell(CELL_TYPES, states=CELL_STATES, compartments=compartments).fit(train, progress=False)
+
+
 def nucleus_probabilities(sdata, source: str, seed: int) -> pd.DataFrame:
-    """The one place the nucleus probabilities come from (``"simulated"``; ``"model"`` later)."""
+    """The one place the nucleus probabilities come from: ``"simulated"`` stand-in or the ``"model"``."""
+    truth = sdata.tables["truth_nuclei"].obs
+    types = ["tumor", "fibroblast", "lymphocyte", "macrophage", "endothelial"]
     if source == "simulated":
-        truth = sdata.tables["truth_nuclei"].obs
-        return simulated_probabilities(truth, ["tumor", "fibroblast", "lymphocyte", "macrophage", "endothelial"], seed=seed)
-    raise NotImplementedError(f"--probabilities {source} is not available yet.")
+        return simulated_probabilities(truth, types, seed=seed)
+    from histocell_sd.pp import store_nuclei
+
+    store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]))
+    tl.predict(sdata, trained_model(), progress=False)
+    proba = sdata.tables[HISTOCELL_KEY].obsm[CELL_TYPE_PROBA_KEY]
+    proba = proba.set_axis(proba.index.str.removeprefix("nucleus_").astype(int))
+    # truth rows are label ids 1..n; a nucleus with no pixel in the raster gets a uniform probability
+    return proba.reindex(truth["label_id"].to_numpy()).fillna(1.0 / len(types)).set_axis(truth.index)[types]
 
 
 def tangram_assignment(sdata, proportions: pd.DataFrame, seed: int) -> np.ndarray:

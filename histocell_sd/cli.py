@@ -1,55 +1,148 @@
-"""Command line: ``histocell-sd demo``."""
+"""Command line: ``histocell-sd demo | segment | train | predict``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+SYNTHETIC_COMPARTMENTS = {"tumor": ["tumor"], "stroma": ["fibroblast", "endothelial"], "immune": ["lymphocyte", "macrophage"]}
 
-def demo(out: Path, seed: int, preset: str, progress: bool) -> None:
-    """Generate the synthetic slide, write it as zarr and a PNG overview, print where they are."""
+
+def demo(out: Path, seed: int, preset: str, epochs: int, progress: bool) -> None:
+    """Synthetic slides → segment → train on one → predict on an unseen one → scores, zarr and PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import datasets, io, pl
+    from . import datasets, io, pl, pp, tl
+    from .models import HistoCell
 
     start = time.perf_counter()
-    sdata, reference = datasets.synthetic_visium(seed=seed, preset=preset, progress=progress)
-    table = sdata.tables["table"]
+    train, reference = datasets.synthetic_visium(seed=seed, preset=preset, progress=progress)
+    test, _ = datasets.synthetic_visium(seed=seed + 1000, preset=preset, progress=progress)
     print(
-        f"synthetic slide (seed {seed}, {preset}): {table.n_obs} spots, {sdata.tables[datasets.TRUTH_TABLE_KEY].n_obs} "
-        f"nuclei, {table.n_vars} genes, mpp {sdata.attrs['mpp']} µm/px; reference {reference.n_obs} cells "
-        f"({time.perf_counter() - start:.1f} s)"
+        f"synthetic slides ({preset}; seeds {seed} for training, {seed + 1000} held out): "
+        f"{train.tables['table'].n_obs} + {test.tables['table'].n_obs} spots, mpp {train.attrs['mpp']} µm/px "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+    for name, sdata in (("training", train), ("held-out", test)):
+        t = time.perf_counter()
+        pp.segment_nuclei(sdata, n_jobs=2, progress=progress)
+        detection = tl.transfer_truth(sdata)
+        print(f"segmented {name} slide: {sdata.tables['histocell'].n_obs} nuclei, detection F1 {detection['f1']:.3f} ({time.perf_counter() - t:.0f} s)")
+    model = HistoCell(datasets.CELL_TYPES, states=datasets.CELL_STATES, compartments=SYNTHETIC_COMPARTMENTS)
+    t = time.perf_counter()
+    model.fit(train, epochs=epochs, progress=progress)
+    print(f"trained on spot proportions only in {time.perf_counter() - t:.0f} s ({model.training_summary_['epochs_run']} epochs)")
+    t = time.perf_counter()
+    tl.predict(test, model, progress=progress)
+    seconds = time.perf_counter() - t
+    obs = test.tables["histocell"].obs
+    types = tl.classification_scores(obs["true_cell_type"], obs["cell_type"], labels=model.cell_types)
+    states = tl.classification_scores(obs["true_cell_state"], obs["cell_state"], labels=model.state_names)
+    r = tl.spot_pearson(test)
+    print(
+        f"held-out slide, {len(obs)} nuclei predicted in {seconds:.1f} s ({len(obs) / seconds:.0f} nuclei/s):\n"
+        f"  cell type  accuracy {types['accuracy']:.3f}  macro-F1 {types['macro_f1']:.3f} (nuclei matched to truth within 3 µm)\n"
+        f"  cell state accuracy {states['accuracy']:.3f}  macro-F1 {states['macro_f1']:.3f}\n"
+        f"  spot proportions Pearson r {r:.3f}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    store = io.write_zarr(sdata, out / "demo.zarr", overwrite=True)
-    reference_path = out / "reference.h5ad"
-    reference.write_h5ad(reference_path)
+    model.save(out / "model", overwrite=True)
+    store = io.write_zarr(test, out / "demo.zarr", overwrite=True)
+    reference.write_h5ad(out / "reference.h5ad")
     fig, axes = plt.subplots(1, 2, figsize=(14, 6))
-    pl.spot_proportions(sdata, "tumor", proportions_key="true_proportions", ax=axes[0])
-    pl.spot_proportions(sdata, "lymphocyte", proportions_key="true_proportions", ax=axes[1])
-    overview = out / "overview.png"
-    fig.savefig(overview, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {store}\nwrote {reference_path}\nwrote {overview}")
+    pl.spot_proportions(test, "tumor", proportions_key="true_proportions", ax=axes[0])
+    pl.spot_proportions(test, "tumor", proportions_key="histocell_proportions", ax=axes[1])
+    fig.savefig(out / "overview.png", dpi=100, bbox_inches="tight")
+    fig, ax = plt.subplots(figsize=(8, 7))
+    height, width = io.get_image(test).shape[1:]
+    pl.cell_types(test, extent=(width * 0.35, width * 0.65, height * 0.35, height * 0.65), ax=ax, title="predicted cell types")
+    fig.savefig(out / "predicted_cell_types.png", dpi=110, bbox_inches="tight")
+    plt.close("all")
+    print(f"wrote {store}\nwrote {out / 'model'}\nwrote {out / 'overview.png'}\nwrote {out / 'predicted_cell_types.png'}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+def segment(store: Path, n_jobs: int, progress: bool) -> None:
+    """Segment the nuclei of a zarr store and write them back in place."""
+    from . import io, pp
+
+    sdata = io.read_zarr(store)
+    pp.segment_nuclei(sdata, n_jobs=n_jobs, progress=progress)
+    io.write_zarr(sdata, store, overwrite=True)
+    print(f"{store}: {sdata.tables['histocell'].n_obs} nuclei")
+
+
+def train(stores: list[Path], out: Path, epochs: int, states: str | None, compartments: str | None, seed: int, progress: bool) -> None:
+    """Train a model on the spot proportions of one or more segmented zarr stores."""
+    from . import io
+    from ._errors import InvalidInputError
+    from .models import HistoCell
+
+    samples = [io.read_zarr(s) for s in stores]
+    table = samples[0].tables.get("table")
+    if table is None or "proportions" not in table.obsm:
+        raise InvalidInputError(f"{stores[0]} has no spot proportions (tables['table'].obsm['proportions']).")
+    cell_types = list(table.obsm["proportions"].columns)
+    state_map = json.loads(states) if states else samples[0].attrs.get("cell_states")
+    compartment_map = json.loads(compartments) if compartments else None
+    model = HistoCell(cell_types, states=state_map, compartments=compartment_map).fit(samples, epochs=epochs, seed=seed, progress=progress)
+    model.save(out, overwrite=True)
+    print(f"model saved to {out}: {json.dumps(model.training_summary_)}")
+
+
+def predict(store: Path, model_dir: Path, out: Path | None, progress: bool) -> None:
+    """Predict every nucleus of a segmented zarr store with a saved model."""
+    from . import io, tl
+    from .models import HistoCell
+
+    model = HistoCell.load(model_dir)
+    sdata = io.read_zarr(store)
+    tl.predict(sdata, model, progress=progress)
+    target = io.write_zarr(sdata, out or store, overwrite=True)
+    counts = sdata.tables["histocell"].obs["cell_type"].value_counts().to_dict()
+    print(f"{target}: {counts}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``histocell-sd`` console script."""
     parser = argparse.ArgumentParser(prog="histocell-sd", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="synthetic Visium slide -> zarr + overview PNG")
-    p_demo.add_argument("--out", type=Path, default=Path("histocell_demo"), help="output folder (default: histocell_demo)")
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--preset", default="default", choices=["tiny", "default", "visium"])
-    p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("demo", help="synthetic slides -> segment -> train -> predict -> scores, zarr, PNGs")
+    p.add_argument("--out", type=Path, default=Path("histocell_demo"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="default", choices=["tiny", "default", "visium"])
+    p.add_argument("--epochs", type=int, default=30)
+    p = sub.add_parser("segment", help="segment nuclei of a zarr store (in place)")
+    p.add_argument("store", type=Path)
+    p.add_argument("--n-jobs", type=int, default=2)
+    p = sub.add_parser("train", help="train on segmented zarr stores with spot proportions")
+    p.add_argument("stores", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True, help="model folder (safetensors + model card)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--states", help='JSON {"cell_type": ["state", ...]} (default: the store\'s attrs["cell_states"])')
+    p.add_argument("--compartments", help='JSON {"compartment": ["cell_type", ...]}')
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("predict", help="predict the nuclei of a segmented zarr store")
+    p.add_argument("store", type=Path)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="output store (default: in place)")
     args = parser.parse_args(argv)
+    progress = not args.quiet
     if args.command == "demo":
-        demo(args.out, args.seed, args.preset, progress=not args.quiet)
+        demo(args.out, args.seed, args.preset, args.epochs, progress)
+    elif args.command == "segment":
+        segment(args.store, args.n_jobs, progress)
+    elif args.command == "train":
+        train(args.stores, args.out, args.epochs, args.states, args.compartments, args.seed, progress)
+    elif args.command == "predict":
+        predict(args.store, args.model, args.out, progress)
     return 0
 
 

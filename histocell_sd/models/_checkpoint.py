@@ -30,6 +30,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+_STRUCTURE = ("cell_types", "states", "compartments", "preprocessing", "feature_mean", "feature_std")
+
+
+def _structure_sha256(card: dict) -> str:
+    """Checksum of the fields that give the weights their meaning (order of outputs, preprocessing)."""
+    return hashlib.sha256(json.dumps({k: card.get(k) for k in _STRUCTURE}, sort_keys=True, default=float).encode()).hexdigest()
+
+
 def save_checkpoint(model, path, *, overwrite: bool = False) -> Path:
     """Write ``model`` to the folder ``path``: ``weights.safetensors`` and ``model_card.json``."""
     path = Path(path)
@@ -61,6 +69,7 @@ def save_checkpoint(model, path, *, overwrite: bool = False) -> Path:
             "training_summary": model.training_summary_,
             "history": None if model.history_ is None else model.history_.to_dict(orient="list"),
         }
+        card["structure_sha256"] = _structure_sha256(json.loads(json.dumps(card, default=float)))
         (tmp / CARD).write_text(json.dumps(card, indent=2, default=float))
         if path.exists():
             shutil.rmtree(path)
@@ -90,14 +99,38 @@ def load_checkpoint(cls, path):
             f"Checkpoint {path} has format version {card.get('format_version')}; this histocell-sd "
             f"({_package_version()}) reads version {FORMAT_VERSION}. It was written by histocell-sd {card.get('package_version')}."
         )
-    required = ("cell_types", "states", "compartments", "preprocessing", "feature_mean", "feature_std", "weights_sha256")
+    required = (*_STRUCTURE, "weights_sha256", "structure_sha256")
     missing = [k for k in required if k not in card]
     if missing:
         raise InvalidInputError(f"Checkpoint {path}: model card lacks {missing}.")
     if _sha256(path / WEIGHTS) != card["weights_sha256"]:
         raise InvalidInputError(f"Checkpoint {path}: {WEIGHTS} does not match the card's checksum (corrupt or replaced).")
+    if _structure_sha256(card) != card["structure_sha256"]:
+        raise InvalidInputError(
+            f"Checkpoint {path}: the model card's cell types, states or preprocessing were edited after saving; "
+            "they no longer match the weights."
+        )
     pre = card["preprocessing"]
-    model = cls(
+    try:
+        model = _model_from_card(cls, card, pre)
+    except (InvalidInputError, KeyError, TypeError, ValueError) as error:
+        raise InvalidInputError(f"Checkpoint {path}: the model card is inconsistent ({error}).") from None
+    model.config["feature_names"] = list(pre["feature_names"])
+    try:
+        state = load_file(path / WEIGHTS)
+        model.net.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise InvalidInputError(f"Checkpoint {path}: weights do not fit the model card ({error}).") from None
+    model.net.eval()
+    model.feature_mean_ = np.asarray(card["feature_mean"], np.float32)
+    model.feature_std_ = np.asarray(card["feature_std"], np.float32)
+    model.training_summary_ = card.get("training_summary") or {}
+    model.history_ = pd.DataFrame(card["history"]) if card.get("history") else None
+    return model
+
+
+def _model_from_card(cls, card: dict, pre: dict):
+    return cls(
         card["cell_types"],
         states=card["states"],
         compartments=card["compartments"],
@@ -112,15 +145,3 @@ def load_checkpoint(cls, path):
         max_nuclei_per_spot=pre["max_nuclei_per_spot"],
         tile_um=pre["tile_um"],
     )
-    model.config["feature_names"] = list(pre["feature_names"])
-    try:
-        state = load_file(path / WEIGHTS)
-        model.net.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise InvalidInputError(f"Checkpoint {path}: weights do not fit the model card ({error}).") from None
-    model.net.eval()
-    model.feature_mean_ = np.asarray(card["feature_mean"], np.float32)
-    model.feature_std_ = np.asarray(card["feature_std"], np.float32)
-    model.training_summary_ = card.get("training_summary") or {}
-    model.history_ = pd.DataFrame(card["history"]) if card.get("history") else None
-    return model

@@ -43,6 +43,7 @@ class _Sample:
     state_targets: np.ndarray | None  # (spots, states)
     compartments: np.ndarray  # (spots,) int
     spot_xy_um: np.ndarray
+    nucleus_labels: np.ndarray | None = None  # (nuclei,) type index, -1 = unknown (supervised twin)
 
 
 class HistoCell:
@@ -214,6 +215,7 @@ class HistoCell:
         table_key: str | None = None,
         nuclei_table_key: str = HISTOCELL_KEY,
         image_key: str | None = None,
+        nucleus_labels_key: str | None = None,
     ) -> HistoCell:
         """Train from spot proportions only.
 
@@ -237,6 +239,9 @@ class HistoCell:
             Seeds the split, sampling, augmentation and initialisation: same seed, same model.
         progress
             Show progress bars.
+        nucleus_labels_key
+            For benchmarking only: train the same architecture with the per-nucleus cell types in
+            ``obs[nucleus_labels_key]`` of the nuclei table (cross-entropy) instead of proportions.
 
         Returns
         -------
@@ -250,7 +255,7 @@ class HistoCell:
         generator = torch.Generator().manual_seed(seed)
         self.net = self._build()
         prepared = [
-            self._prepare(s, proportions_key, state_proportions_key, table_key, nuclei_table_key, image_key, progress)
+            self._prepare(s, proportions_key, state_proportions_key, table_key, nuclei_table_key, image_key, nucleus_labels_key, progress)
             for s in samples
         ]
         self._set_feature_scaling([p.inputs for p in prepared])
@@ -259,14 +264,16 @@ class HistoCell:
         train, val = _split(tiles, val_fraction, rng)
         history: list[dict] = []
         weights = (compartment_weight, pseudo_label_weight)
-        self._train_stage("types", prepared, train, val, epochs, lr, weights, patience, rng, generator, history, progress)
-        if self_training_epochs > 0:
+        first = "supervised" if nucleus_labels_key else "types"
+        self._train_stage(first, prepared, train, val, epochs, lr, weights, patience, rng, generator, history, progress)
+        if self_training_epochs > 0 and not nucleus_labels_key:
             self._train_stage("self-training", prepared, train, val, self_training_epochs, lr / 2, weights, patience, rng, generator, history, progress)
         if use_states and state_epochs > 0:
             self._train_stage("states", prepared, train, val, state_epochs, lr / 2, weights, patience, rng, generator, history, progress)
         self.net.eval()
         self.history_ = pd.DataFrame(history)
-        last = self.history_.loc[self.history_["val_loss"].idxmin()] if len(val) else self.history_.iloc[-1]
+        last_stage = self.history_[self.history_["stage"] == self.history_["stage"].iloc[-1]]
+        last = last_stage.loc[last_stage["val_loss"].idxmin()] if len(val) else last_stage.iloc[-1]
         self.training_summary_ = {
             "samples": len(samples),
             "spots_train": int(sum(len(s) for _, s in train)),
@@ -281,7 +288,7 @@ class HistoCell:
         }
         return self
 
-    def _prepare(self, sdata, proportions_key, state_key, table_key, nuclei_table_key, image_key, progress) -> _Sample:
+    def _prepare(self, sdata, proportions_key, state_key, table_key, nuclei_table_key, image_key, labels_key, progress) -> _Sample:
         get_mpp(sdata)
         table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
         table = sdata.tables[table_key]
@@ -305,7 +312,7 @@ class HistoCell:
             logger.warning("%d of %d spots hold no nucleus and are skipped.", (~has_nuclei).sum(), len(has_nuclei))
         keep = np.flatnonzero(has_nuclei)
         state_targets = None
-        if state_key and state_key in table.obsm:
+        if state_key and state_key in table.obsm and len(self.state_names) > len(self.cell_types):
             states = check_proportions(table.obsm[state_key], cell_types=self.state_names, name=f"obsm[{state_key!r}]")
             states = states.reindex(columns=self.state_names, fill_value=0.0).loc[proportions.index]
             state_targets = states.to_numpy(np.float32)[keep]
@@ -318,7 +325,16 @@ class HistoCell:
             state_targets=state_targets,
             compartments=self._compartment_of(proportions.to_numpy()[keep]),
             spot_xy_um=xy[keep],
+            nucleus_labels=self._nucleus_labels(sdata, nuclei_table_key, labels_key),
         )
+
+    def _nucleus_labels(self, sdata, nuclei_table_key, labels_key) -> np.ndarray | None:
+        if labels_key is None:
+            return None
+        obs = sdata.tables[nuclei_table_key].obs
+        if labels_key not in obs:
+            raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obs[{labels_key!r}].")
+        return pd.Categorical(obs[labels_key].astype(str), categories=self.cell_types).codes.astype(np.int64)
 
     def _compartment_of(self, proportions: np.ndarray) -> np.ndarray:
         shares = np.stack([proportions[:, [self.cell_types.index(t) for t in types]].sum(1) for types in self.compartments.values()], 1)
@@ -361,6 +377,10 @@ class HistoCell:
         proba = self._state_proba(out["type"], out["states"]) if stage == "states" else torch.softmax(out["type"], 1)
         loss = symmetric_kl(bag_mean(proba, bag, n_bags), targets)
         total = loss
+        if stage == "supervised":
+            labels = torch.from_numpy(sample.nucleus_labels[query])
+            known = labels >= 0
+            total = F.cross_entropy(out["type"][known], labels[known]) if known.any() else out["type"].sum() * 0.0
         if stage == "self-training":
             pseudo = spot_posteriors(proba.detach(), bag, targets)
             total = total + pseudo_label_weight * -(pseudo * F.log_softmax(out["type"], 1)).sum(1).mean()
@@ -382,7 +402,7 @@ class HistoCell:
                 optimizer.zero_grad()
                 total.backward()
                 optimizer.step()
-                losses.append(float(total))
+                losses.append(total.item())
             scheduler.step()
             val_loss, pearson = self._validate(prepared, val, stage == "states")
             history.append({"stage": stage, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_spot_pearson": pearson})
@@ -432,8 +452,9 @@ class HistoCell:
         h = self._embed_all(inputs, progress)
         passes = [self._head_pass(inputs, h, dropout=False)]
         if mc_samples > 0:
-            torch.manual_seed(0)
-            passes += [self._head_pass(inputs, h, dropout=True) for _ in range(mc_samples)]
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                passes += [self._head_pass(inputs, h, dropout=True) for _ in range(mc_samples)]
         out = passes[0]
         if mc_samples > 0:
             samples = np.stack([p["type"] for p in passes[1:]])

@@ -102,10 +102,11 @@ class NeighbourAttention(nn.Module):
         n, k = neighbors.shape
         d = h_query.shape[1] // self.heads
         mask = neighbors >= 0
-        safe = neighbors.clamp(min=0)
+        safe = neighbors.clamp(min=0).reshape(-1)
         q = self.q(h_query).view(n, 1, self.heads, d)
-        keys = self.k(h_keys)[safe].view(n, k, self.heads, d)
-        values = self.v(h_keys)[safe].view(n, k, self.heads, d)
+        # index_select: its backward (index_add_) is deterministic on CPU, unlike fancy indexing's
+        keys = self.k(h_keys).index_select(0, safe).view(n, k, self.heads, d)
+        values = self.v(h_keys).index_select(0, safe).view(n, k, self.heads, d)
         logits = (q * keys).sum(-1) / math.sqrt(d)
         logits = logits - F.softplus(self.distance_weight) * (distances / self.radius_um).unsqueeze(-1)
         logits = logits.masked_fill(~mask.unsqueeze(-1), float("-inf"))

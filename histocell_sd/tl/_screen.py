@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scanpy as sc
 from spatialdata import SpatialData
 from tqdm.auto import tqdm
 
@@ -86,7 +87,7 @@ def screen_phenotype(
     1. **Populations**: ``n_cells_per_sample`` nuclei per sample (seeded subsample) are pooled over
        the cohort; their representation ``obsm[use_rep]`` (HistoCell's embedding; the cell-type
        probabilities when absent) is clustered on a kNN graph (scanpy ``neighbors`` then
-       ``leiden``; Louvain from networkx when ``leidenalg``/``igraph`` are not installed). Every
+       ``leiden``). Every
        nucleus of every sample is then assigned the population of its nearest pooled neighbours.
        Each population is described by its dominant predicted ``cell_type`` and ``cell_state``.
     2. **Association**: each population's per-sample abundance (fraction of nuclei) against the
@@ -246,7 +247,7 @@ def _representation(table: ad.AnnData, use_rep: str, name: str) -> np.ndarray:
 
 
 def _cluster(x: np.ndarray, n_neighbors: int, resolution: float, seed: int) -> np.ndarray:
-    """Leiden (scanpy) on a symmetric kNN graph; networkx Louvain when leidenalg/igraph are missing.
+    """Leiden (scanpy) on a symmetric kNN graph.
 
     The graph is built with scikit-learn (exact kNN, Euclidean, unit weights, symmetrised).
     Labels are numbered by decreasing population size.
@@ -259,20 +260,9 @@ def _cluster(x: np.ndarray, n_neighbors: int, resolution: float, seed: int) -> n
     graph.setdiag(0)
     graph = sp.csr_matrix(graph.maximum(graph.T))
     graph.eliminate_zeros()
-    try:
-        import scanpy as sc
-
-        adata = ad.AnnData(X=x)
-        sc.tl.leiden(adata, resolution=resolution, random_state=seed, adjacency=graph, flavor="igraph", n_iterations=2, directed=False)
-        labels = adata.obs["leiden"].astype(int).to_numpy()
-    except ImportError:
-        import networkx as nx
-        from networkx.algorithms.community import louvain_communities
-
-        communities = louvain_communities(nx.from_scipy_sparse_array(graph), weight="weight", resolution=resolution, seed=seed)
-        labels = np.empty(len(x), dtype=int)
-        for i, members in enumerate(communities):
-            labels[list(members)] = i
+    adata = ad.AnnData(X=x)
+    sc.tl.leiden(adata, resolution=resolution, random_state=seed, adjacency=graph, flavor="igraph", n_iterations=2, directed=False)
+    labels = adata.obs["leiden"].astype(int).to_numpy()
     sizes = np.bincount(labels)
     order = np.argsort(-sizes, kind="stable")
     return np.argsort(order)[labels]

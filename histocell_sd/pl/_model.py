@@ -1,0 +1,126 @@
+"""Plots of a trained model and its predictions: training curve, confusion matrix, proportions, overlay."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+from spatialdata import SpatialData, bounding_box_query
+
+from .._constants import CELL_TYPE_KEY, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PREDICTED_PROPORTIONS_KEY
+from .._errors import InvalidInputError
+from ..io import resolve_key
+
+
+def training_curve(model, ax: plt.Axes | None = None) -> plt.Axes:
+    """Training and validation loss per epoch (stages shaded), with the validation spot Pearson r."""
+    if model.history_ is None or model.history_.empty:
+        raise InvalidInputError("The model has no training history; fit it first.")
+    history = model.history_.reset_index(drop=True)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(history))
+    ax.plot(x, history["train_loss"], label="train loss")
+    ax.plot(x, history["val_loss"], label="validation loss (held-out spots)")
+    for stage, rows in history.groupby("stage", sort=False):
+        ax.axvspan(rows.index.min() - 0.5, rows.index.max() + 0.5, alpha=0.08, color=sns.color_palette()[len(ax.patches) % 10])
+        ax.text(rows.index.min(), ax.get_ylim()[1], stage, va="top", fontsize=8)
+    twin = ax.twinx()
+    twin.plot(x, history["val_spot_pearson"], color="grey", ls="--", label="validation spot r")
+    twin.set_ylabel("spot Pearson r")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend(loc="center right", fontsize=8)
+    return ax
+
+
+def confusion_matrix(
+    y_true, y_pred, labels: Sequence[str] | None = None, *, normalize: bool = True, ax: plt.Axes | None = None, title: str | None = None
+) -> plt.Axes:
+    """Heatmap of true (rows) vs predicted (columns) labels, row-normalised by default; unknown truth skipped."""
+    y_true, y_pred = pd.Series(y_true, dtype=object), pd.Series(y_pred, dtype=object)
+    known = y_true.notna().to_numpy()
+    labels = list(labels) if labels is not None else sorted(set(y_true[known].astype(str)) | set(y_pred[known].astype(str)))
+    table = pd.crosstab(pd.Categorical(y_true[known].astype(str), labels), pd.Categorical(y_pred[known].astype(str), labels), dropna=False)
+    if normalize:
+        table = table.div(table.sum(axis=1).replace(0, 1), axis=0)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1 + 0.8 * len(labels), 0.8 + 0.7 * len(labels)))
+    sns.heatmap(table, annot=True, fmt=".2f" if normalize else "d", cmap="Blues", cbar=False, ax=ax, vmin=0)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "")
+    return ax
+
+
+def predicted_vs_true(
+    sdata: SpatialData,
+    predicted_key: str = PREDICTED_PROPORTIONS_KEY,
+    true_key: str = "true_proportions",
+    *,
+    table_key: str | None = None,
+    axes=None,
+):
+    """One scatter per cell type: predicted vs true spot proportions with Pearson r."""
+    table = sdata.tables[resolve_key(sdata, "tables", table_key, "table")]
+    for key in (predicted_key, true_key):
+        if key not in table.obsm:
+            raise InvalidInputError(f"The spots table has no obsm[{key!r}].")
+    predicted = table.obsm[predicted_key]
+    true = table.obsm[true_key].reindex(columns=predicted.columns)
+    keep = predicted.notna().all(axis=1).to_numpy()
+    if axes is None:
+        _, axes = plt.subplots(1, len(predicted.columns), figsize=(2.6 * len(predicted.columns), 2.6), sharex=True, sharey=True)
+    for ax, column in zip(np.atleast_1d(axes), predicted.columns):
+        x, y = true[column].to_numpy()[keep], predicted[column].to_numpy()[keep]
+        ax.scatter(x, y, s=8, alpha=0.6)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        r = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else np.nan
+        ax.set_title(f"{column}\nr = {r:.2f}", fontsize=9)
+        ax.set_xlabel("true")
+    np.atleast_1d(axes)[0].set_ylabel("predicted")
+    return axes
+
+
+def cell_types(
+    sdata: SpatialData,
+    color: str = CELL_TYPE_KEY,
+    *,
+    table_key: str = HISTOCELL_KEY,
+    nuclei_key: str = NUCLEI_KEY,
+    image_key: str | None = None,
+    extent: tuple[float, float, float, float] | None = None,
+    palette: Sequence[str] | None = None,
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+) -> plt.Axes:
+    """Nuclei coloured by a column of the nuclei table (predicted cell type by default) over the H&E.
+
+    ``extent`` = (x_min, x_max, y_min, y_max) in pixels crops the view (recommended on whole slides).
+    """
+    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+    if table_key not in sdata.tables or color not in sdata.tables[table_key].obs:
+        raise InvalidInputError(f"No obs[{color!r}] in table {table_key!r}; run hc.tl.predict first.")
+    view = SpatialData(
+        images={image_key: sdata.images[image_key]},
+        shapes={nuclei_key: sdata.shapes[nuclei_key]},
+        tables={table_key: sdata.tables[table_key]},
+    )
+    if extent is not None:
+        x0, x1, y0, y1 = extent
+        view = bounding_box_query(view, axes=("x", "y"), min_coordinate=[x0, y0], max_coordinate=[x1, y1], target_coordinate_system="global")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 6))
+    categories = view.tables[table_key].obs[color]
+    groups = list(categories.cat.categories) if hasattr(categories, "cat") else None
+    colours = list(palette) if palette is not None else (sns.color_palette("tab10", len(groups)).as_hex() if groups else None)
+    (
+        view.pl.render_images(image_key)
+        .pl.render_shapes(nuclei_key, color=color, table_name=table_key, fill_alpha=0.7, groups=groups, palette=colours)
+        .pl.show(coordinate_systems="global", ax=ax, title=title or color)
+    )
+    return ax

@@ -1,0 +1,75 @@
+"""Score predictions against ground truth nuclei (synthetic slides, annotated tiles)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+
+from .._constants import HISTOCELL_KEY, SPATIAL_KEY
+from .._errors import InvalidInputError
+from ..io import get_mpp
+from ..pp import detection_scores, match_points
+
+
+def transfer_truth(
+    sdata: SpatialData,
+    truth_key: str = "truth_nuclei",
+    columns: Sequence[str] = ("cell_type", "cell_state", "compartment"),
+    *,
+    table_key: str = HISTOCELL_KEY,
+    max_distance_um: float = 3.0,
+    prefix: str = "true_",
+) -> dict[str, float]:
+    """Match nuclei one-to-one to truth nuclei within ``max_distance_um`` and copy their labels.
+
+    Writes ``obs[prefix + column]`` of the nuclei table (missing where a nucleus has no match) and
+    returns the detection scores (precision, recall, F1 of the matching).
+    """
+    for key in (truth_key, table_key):
+        if key not in sdata.tables:
+            raise InvalidInputError(f"No table {key!r} in the SpatialData.")
+    truth, table = sdata.tables[truth_key], sdata.tables[table_key]
+    missing = [c for c in columns if c not in truth.obs]
+    if missing:
+        raise InvalidInputError(f"Truth table {truth_key!r} lacks the columns {missing}.")
+    max_px = max_distance_um / get_mpp(sdata)
+    pred_idx, true_idx = match_points(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_px)
+    for column in columns:
+        values = pd.Series(pd.NA, index=table.obs_names, dtype=object)
+        values.iloc[pred_idx] = truth.obs[column].astype(str).to_numpy()[true_idx]
+        categories = truth.obs[column].cat.categories if hasattr(truth.obs[column], "cat") else None
+        table.obs[prefix + column] = pd.Categorical(values, categories=categories)
+    return detection_scores(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_px)
+
+
+def classification_scores(y_true, y_pred, labels: Sequence[str] | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1 and weighted-F1 over the nuclei whose truth is known."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    y_true, y_pred = pd.Series(y_true, dtype=object), pd.Series(y_pred, dtype=object)
+    known = y_true.notna().to_numpy()
+    if not known.any():
+        raise InvalidInputError("No nucleus has a known true label.")
+    t, p = y_true[known].astype(str), y_pred[known].astype(str)
+    labels = list(labels) if labels is not None else sorted(set(t))
+    return {
+        "n": int(known.sum()),
+        "accuracy": float(accuracy_score(t, p)),
+        "macro_f1": float(f1_score(t, p, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(t, p, labels=labels, average="weighted", zero_division=0)),
+    }
+
+
+def spot_pearson(sdata: SpatialData, predicted_key: str = "histocell_proportions", true_key: str = "true_proportions", table_key: str = "table") -> float:
+    """Pearson r between predicted and true spot proportions (all types pooled; spots with nuclei)."""
+    table = sdata.tables[table_key]
+    for key in (predicted_key, true_key):
+        if key not in table.obsm:
+            raise InvalidInputError(f"Spots table {table_key!r} has no obsm[{key!r}].")
+    predicted = table.obsm[predicted_key]
+    true = table.obsm[true_key][predicted.columns]
+    keep = predicted.notna().all(axis=1).to_numpy()
+    return float(np.corrcoef(predicted.to_numpy()[keep].ravel(), true.to_numpy()[keep].ravel())[0, 1])

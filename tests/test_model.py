@@ -1,0 +1,609 @@
+"""The HistoCell model: losses, neighbour attention, determinism, checkpoints, bad input, end to end.
+
+One small model is trained per module on the ``"tiny"`` synthetic slide (seed 3), with nuclei stored
+from the truth label raster (no segmentation) so the whole file stays fast on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import histocell_sd as hc
+from histocell_sd import InvalidInputError
+from histocell_sd.models import HistoCell
+from histocell_sd.models._losses import bag_mean, spot_posteriors, symmetric_kl
+from histocell_sd.models._checkpoint import _structure_sha256
+from histocell_sd.models._modules import NeighbourAttention
+
+FAST = {"epochs": 6, "self_training_epochs": 0, "state_epochs": 2, "progress": False}
+TINY_FIT = {"epochs": 1, "self_training_epochs": 1, "state_epochs": 1, "progress": False}
+
+
+# ---------------------------------------------------------------------------- fixtures
+def _fresh_slide():
+    """A fresh tiny slide (seed 3) with nuclei stored from the truth raster, and its reference."""
+    from histocell_sd.datasets import synthetic_visium
+
+    sdata, reference = synthetic_visium(seed=3, preset="tiny", progress=False)
+    hc.pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]))
+    return sdata, reference
+
+
+def _copy(sdata):
+    import spatialdata
+
+    copied = spatialdata.deepcopy(sdata)
+    copied.attrs = dict(sdata.attrs)
+    return copied
+
+
+def _new_model(sdata) -> HistoCell:
+    from histocell_sd.datasets import CELL_TYPES
+
+    return HistoCell(list(CELL_TYPES), states=sdata.attrs["cell_states"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on a shared two-core machine this is several times faster, and it keeps the
+    fits bitwise reproducible (see test_same_seed_identical_with_several_threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def slide():
+    """Module slide with nuclei; treat as read-only (tests that mutate take a copy)."""
+    return _fresh_slide()
+
+
+@pytest.fixture(scope="module")
+def model(slide):
+    sdata, _ = slide
+    return _new_model(sdata).fit(sdata, **FAST)
+
+
+@pytest.fixture(scope="module")
+def predicted(slide, model):
+    """A copy of the module slide with the module model's predictions."""
+    sdata = _copy(slide[0])
+    hc.tl.predict(sdata, model, progress=False)
+    return sdata
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save(path)
+    return path
+
+
+def _image_array(sdata) -> np.ndarray:
+    from histocell_sd.io import get_image
+
+    return np.asarray(get_image(sdata).transpose("y", "x", "c"))
+
+
+def _proba(sdata) -> pd.DataFrame:
+    return sdata.tables["histocell"].obsm["cell_type_proba"].copy()
+
+
+def _in_eval_mode(net: torch.nn.Module) -> bool:
+    return not any(m.training for m in net.modules())
+
+
+# ---------------------------------------------------------------------------- 1. losses
+def test_bag_mean_averages_rows_of_each_bag_and_ignores_unbagged():
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8], [9.0, 9.0]])
+    bag = torch.tensor([0, 0, 1, 1, -1])
+    out = bag_mean(p, bag, 3)
+    expected = torch.tensor([[0.5, 0.5], [0.35, 0.65], [0.0, 0.0]])  # bag 2 is empty
+    torch.testing.assert_close(out, expected)
+    # the unbagged row does not leak into any bag, whatever its value
+    p2 = p.clone()
+    p2[4] = torch.tensor([-100.0, 100.0])
+    torch.testing.assert_close(bag_mean(p2, bag, 3), expected)
+    # gradients reach exactly the bagged rows
+    p3 = p.clone().requires_grad_(True)
+    bag_mean(p3, bag, 3).sum().backward()
+    torch.testing.assert_close(p3.grad[:, 0], torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0]))
+
+
+def test_symmetric_kl_zero_symmetric_positive():
+    a = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.4, 0.0]])
+    b = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    assert float(symmetric_kl(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(symmetric_kl(a, b)) == pytest.approx(float(symmetric_kl(b, a)), rel=1e-6)
+    assert float(symmetric_kl(a, b)) > 0.1
+    # hand-computed: batch mean of sum (q - p)(log q - log p)
+    row0 = sum((q - p) * (np.log(q) - np.log(p)) for p, q in zip([0.2, 0.3, 0.5], [0.5, 0.3, 0.2]))
+    assert float(symmetric_kl(a[:1], b[:1])) == pytest.approx(row0, rel=1e-4)
+    # batch mean, not sum
+    assert float(symmetric_kl(torch.cat([a[:1], a[:1]]), torch.cat([b[:1], b[:1]]))) == pytest.approx(row0, rel=1e-4)
+
+
+def test_spot_posteriors_match_targets_and_keep_unbagged():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(1.5 * torch.randn(10, 3, generator=g), dim=1)
+    bag = torch.tensor([0, 0, 0, 1, 1, 1, 1, -1, -1, 0])
+    targets = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    q = spot_posteriors(p, bag, targets)
+    torch.testing.assert_close(bag_mean(q, bag, 2), targets, atol=1e-3, rtol=0)
+    torch.testing.assert_close(q[bag == -1], p[bag == -1])
+    torch.testing.assert_close(q.sum(1), torch.ones(10))
+    assert (q >= 0).all()
+
+
+# ---------------------------------------------------------------------------- 2. neighbour attention
+@pytest.fixture
+def attention():
+    torch.manual_seed(0)
+    layer = NeighbourAttention(8, heads=2, radius_um=30.0).eval()
+    h = torch.randn(6, 8)
+    return layer, h
+
+
+def test_attention_ignores_padding_and_non_neighbours(attention):
+    layer, h = attention
+    # row 0 of h_keys is what padding (-1) is clamped to: it must get zero attention from query 1
+    neighbors = torch.tensor([[1, 2, -1, -1], [2, 3, 4, -1]])
+    distances = torch.tensor([[0.0, 5.0, 0.0, 0.0], [0.0, 8.0, 12.0, 0.0]])
+    query = h[[1, 2]]
+    out = layer(query, h, neighbors, distances)
+    changed = h.clone()
+    changed[0] += 10.0  # only ever a padded neighbour
+    changed[5] -= 10.0  # not a neighbour at all
+    torch.testing.assert_close(layer(query, changed, neighbors, distances), out)
+    # a real neighbour changes the output of exactly the queries that list it
+    changed = h.clone()
+    changed[4] += 3.0
+    moved = layer(query, changed, neighbors, distances)
+    torch.testing.assert_close(moved[0], out[0])
+    assert (moved[1] - out[1]).abs().max() > 1e-3
+
+
+def test_attention_mixes_neighbours_and_sums_to_one(attention):
+    layer, h = attention
+    # identical keys/values at different distances: whatever the weights, a convex combination of
+    # one value vector is that vector, so the output equals a single-neighbour output.
+    keys = h.clone()
+    keys[2] = keys[3] = keys[4] = h[2]
+    query = h[[1]]
+    several = layer(query, keys, torch.tensor([[2, 3, 4, -1]]), torch.tensor([[1.0, 9.0, 20.0, 0.0]]))
+    single = layer(query, keys, torch.tensor([[2, -1, -1, -1]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(several, single)
+    # the layer really mixes: the output depends on the neighbours, not only on the query
+    other = layer(query, h, torch.tensor([[5, -1, -1, -1]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert (other - single).abs().max() > 1e-3
+    # a nucleus with no valid neighbour gets a finite output (no NaN from an all-masked softmax)
+    lonely = layer(query, h, torch.tensor([[-1, -1, -1, -1]]), torch.zeros(1, 4))
+    assert torch.isfinite(lonely).all()
+
+
+def test_attention_weights_sum_to_one_over_valid_neighbours(attention, monkeypatch):
+    layer, h = attention
+    captured = []
+    softmax = torch.softmax
+
+    def spy(x, dim=None, **kwargs):
+        out = softmax(x, dim=dim, **kwargs)
+        captured.append(out.detach())
+        return out
+
+    monkeypatch.setattr(torch, "softmax", spy)
+    neighbors = torch.tensor([[1, 2, -1, -1], [2, 3, 4, 5]])
+    layer(h[[1, 2]], h, neighbors, torch.tensor([[0.0, 4.0, 0.0, 0.0], [0.0, 3.0, 6.0, 9.0]]))
+    assert len(captured) == 1
+    weights = captured[0]  # (n, k, heads)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2, layer.heads))
+    assert (weights[0, 2:] == 0).all()  # padding gets zero attention
+    assert (weights[:, :2] > 0).all()
+
+
+# ---------------------------------------------------------------------------- 3. determinism
+@pytest.fixture
+def threads():
+    """Set torch's intra-op threads for one test, restoring them afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_same_seed_same_predictions(slide):
+    sdata = _copy(slide[0])
+    a = _new_model(sdata).fit(sdata, seed=7, **TINY_FIT)
+    assert _in_eval_mode(a.net)
+    hc.tl.predict(sdata, a, progress=False)
+    first = _proba(sdata)
+    b = _new_model(sdata).fit(sdata, seed=7, **TINY_FIT)
+    hc.tl.predict(sdata, b, progress=False)
+    pd.testing.assert_frame_equal(_proba(sdata), first, check_exact=True)
+    assert a.history_.equals(b.history_)
+    # a different seed gives a different model
+    c = _new_model(sdata).fit(sdata, seed=8, **TINY_FIT)
+    hc.tl.predict(sdata, c, progress=False)
+    assert not np.array_equal(_proba(sdata).to_numpy(), first.to_numpy())
+
+
+def test_attention_gradients_reproducible_with_several_threads(threads):
+    threads(2)
+    torch.manual_seed(0)
+    layer = NeighbourAttention(64)
+    h = torch.randn(400, 64)
+    neighbors = torch.randint(0, 400, (4000, 12))
+    distances = 30 * torch.rand(4000, 12)
+
+    def gradient():
+        keys = h.clone().requires_grad_(True)
+        layer(keys.repeat(10, 1), keys, neighbors, distances).sum().backward()
+        return keys.grad
+
+    reference = gradient()
+    for _ in range(3):
+        torch.testing.assert_close(gradient(), reference, rtol=0, atol=0)
+
+
+def test_predicting_twice_is_identical_and_eval_mode(slide, model):
+    assert _in_eval_mode(model.net)
+    sdata = _copy(slide[0])
+    hc.tl.predict(sdata, model, progress=False)
+    first = _proba(sdata)
+    hc.tl.predict(sdata, model, progress=False)
+    pd.testing.assert_frame_equal(_proba(sdata), first, check_exact=True)
+    assert _in_eval_mode(model.net)
+
+
+# ---------------------------------------------------------------------------- 4. checkpoints
+def test_save_load_round_trip(slide, model, predicted, checkpoint, monkeypatch):
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("loading a checkpoint must not unpickle anything")
+
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded = HistoCell.load(checkpoint)
+    monkeypatch.undo()
+    assert _in_eval_mode(loaded.net)
+    assert loaded.cell_types == model.cell_types
+    assert loaded.state_names == model.state_names
+    assert loaded.compartment_labels == model.compartment_labels
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(loaded.feature_mean_, model.feature_mean_)
+    np.testing.assert_array_equal(loaded.feature_std_, model.feature_std_)
+    assert loaded.training_summary_ == model.training_summary_
+    assert list(loaded.history_.columns) == list(model.history_.columns)
+    for key, value in model.net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[key], value), key
+    sdata = _copy(slide[0])
+    hc.tl.predict(sdata, loaded, progress=False)
+    pd.testing.assert_frame_equal(_proba(sdata), _proba(predicted), check_exact=True)
+    assert sdata.tables["histocell"].obs["cell_type"].equals(predicted.tables["histocell"].obs["cell_type"])
+
+
+def test_model_card_contents(model, checkpoint):
+    from safetensors import safe_open
+
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert files == ["model_card.json", "weights.safetensors"]
+    card = json.loads((checkpoint / "model_card.json").read_text())
+    assert card["cell_types"] == model.cell_types == ["tumor", "fibroblast", "lymphocyte", "macrophage", "endothelial"]
+    assert card["states"] == model.states
+    assert card["state_names"] == model.state_names
+    assert card["states"]["tumor"] == ["tumor_proliferative", "tumor_quiescent"]
+    assert card["compartment_labels"] == model.compartment_labels
+    pre = card["preprocessing"]
+    for key in ("crop_px", "canonical_mpp", "context_mpp", "n_neighbors", "radius_um", "max_nuclei_per_spot"):
+        assert pre[key] == model.config[key]
+    assert card["package_version"] == hc.__version__
+    assert isinstance(card["format_version"], int)
+    summary = card["training_summary"]
+    assert summary["nuclei"] == 1572 and summary["seed"] == 0
+    assert summary["spots_train"] + summary["spots_val"] == 49
+    assert np.isfinite(summary["val_loss"]) and np.isfinite(summary["val_spot_pearson"])
+    # weights are a safetensors file (8-byte header length + JSON header), not a pickle
+    raw = (checkpoint / "weights.safetensors").read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and json.loads(raw[8 : 8 + header])
+    assert not raw.startswith(b"\x80")  # pickle protocol marker
+    with safe_open(str(checkpoint / "weights.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(model.net.state_dict())
+
+
+def _broken(checkpoint, tmp_path, name="broken"):
+    path = tmp_path / name
+    shutil.copytree(checkpoint, path)
+    return path
+
+
+def _edit_card(path, edit):
+    card = json.loads((path / "model_card.json").read_text())
+    edit(card)
+    (path / "model_card.json").write_text(json.dumps(card))
+
+
+def test_load_refuses_missing_files(checkpoint, tmp_path):
+    path = _broken(checkpoint, tmp_path)
+    (path / "weights.safetensors").unlink()
+    with pytest.raises(InvalidInputError, match="missing weights.safetensors"):
+        HistoCell.load(path)
+    path = _broken(checkpoint, tmp_path, "nocard")
+    (path / "model_card.json").unlink()
+    with pytest.raises(InvalidInputError, match="missing model_card.json"):
+        HistoCell.load(path)
+    with pytest.raises(InvalidInputError, match="missing"):
+        HistoCell.load(tmp_path / "does_not_exist")
+
+
+def test_load_refuses_bad_card(checkpoint, tmp_path):
+    path = _broken(checkpoint, tmp_path, "notjson")
+    (path / "model_card.json").write_text("{ this is not json")
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        HistoCell.load(path)
+
+    path = _broken(checkpoint, tmp_path, "version")
+    _edit_card(path, lambda card: card.update(format_version=999))
+    with pytest.raises(InvalidInputError, match="format version 999"):
+        HistoCell.load(path)
+
+    path = _broken(checkpoint, tmp_path, "format")
+    _edit_card(path, lambda card: card.update(format="something-else"))
+    with pytest.raises(InvalidInputError, match="not a histocell-sd model card"):
+        HistoCell.load(path)
+
+    path = _broken(checkpoint, tmp_path, "lacks")
+    _edit_card(path, lambda card: card.pop("preprocessing"))
+    with pytest.raises(InvalidInputError, match="lacks"):
+        HistoCell.load(path)
+
+
+def test_load_refuses_corrupt_weights(checkpoint, tmp_path):
+    path = _broken(checkpoint, tmp_path)
+    raw = bytearray((path / "weights.safetensors").read_bytes())
+    for i in range(len(raw) - 64, len(raw) - 32):  # flip bytes inside the tensor data
+        raw[i] ^= 0xFF
+    (path / "weights.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(InvalidInputError, match="checksum"):
+        HistoCell.load(path)
+
+
+def test_load_refuses_cell_types_that_do_not_match_weights(checkpoint, tmp_path):
+    # drop a cell type and fix nothing else
+    path = _broken(checkpoint, tmp_path, "dropped")
+    _edit_card(path, lambda card: card["cell_types"].remove("endothelial"))
+    with pytest.raises(InvalidInputError, match="edited after saving"):
+        HistoCell.load(path)
+
+    # reordering cell types would silently swap labels: the card's structure checksum refuses it
+    path = _broken(checkpoint, tmp_path, "reordered")
+    _edit_card(path, lambda card: card["cell_types"].reverse())
+    with pytest.raises(InvalidInputError, match="edited after saving"):
+        HistoCell.load(path)
+
+    # drop it consistently from the whole card and forge the checksum: the weights (5 type logits) no longer fit
+    def drop_everywhere(card):
+        card["cell_types"].remove("endothelial")
+        card["states"].pop("endothelial")
+        card["compartments"].pop("endothelial")
+        card["structure_sha256"] = _structure_sha256(card)
+
+    path = _broken(checkpoint, tmp_path, "consistent")
+    _edit_card(path, drop_everywhere)
+    with pytest.raises(InvalidInputError, match="weights do not fit the model card"):
+        HistoCell.load(path)
+
+
+def test_save_refuses_existing_path_without_overwrite(model, checkpoint, tmp_path):
+    path = _broken(checkpoint, tmp_path)
+    with pytest.raises(InvalidInputError, match="already exists"):
+        model.save(path)
+    model.save(path, overwrite=True)
+    assert HistoCell.load(path).cell_types == model.cell_types
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# ---------------------------------------------------------------------------- 5. bad input
+def test_fit_refuses_unknown_cell_type_column(slide):
+    sdata = _copy(slide[0])
+    table = sdata.tables["table"]
+    table.obsm["proportions"] = table.obsm["proportions"].rename(columns={"macrophage": "monocyte"})
+    with pytest.raises(InvalidInputError, match="monocyte"):
+        _new_model(sdata).fit(sdata, **TINY_FIT)
+
+
+def test_fit_refuses_missing_cell_type_column(slide):
+    sdata = _copy(slide[0])
+    table = sdata.tables["table"]
+    props = table.obsm["proportions"].drop(columns="endothelial")
+    props.loc[props.sum(1) == 0, "tumor"] = 1.0
+    table.obsm["proportions"] = props.div(props.sum(1), axis=0)
+    with pytest.raises(InvalidInputError, match="lacks the cell types \\['endothelial'\\]"):
+        _new_model(sdata).fit(sdata, **TINY_FIT)
+
+
+def test_fit_refuses_missing_proportions_key(slide):
+    sdata = slide[0]
+    with pytest.raises(InvalidInputError, match="no obsm\\['not_there'\\]"):
+        _new_model(sdata).fit(sdata, proportions_key="not_there", **TINY_FIT)
+
+
+def test_fit_refuses_zero_spots(slide):
+    sdata = _copy(slide[0])
+    # a spots table with no rows cannot be parsed by spatialdata, so bypass its validation
+    sdata.tables.data["table"] = sdata.tables["table"][:0].copy()
+    assert sdata.tables["table"].obsm["proportions"].shape == (0, 5)
+    with pytest.raises(InvalidInputError, match="zero spots"):
+        _new_model(sdata).fit(sdata, **TINY_FIT)
+
+
+def test_fit_refuses_all_zero_proportions(slide):
+    sdata = _copy(slide[0])
+    table = sdata.tables["table"]
+    table.obsm["proportions"] = table.obsm["proportions"] * 0.0
+    with pytest.raises(InvalidInputError, match="all zero"):
+        _new_model(sdata).fit(sdata, **TINY_FIT)
+
+
+def test_fit_refuses_spots_without_any_nucleus(slide):
+    sdata = _copy(slide[0])
+    sdata.tables["histocell"].obs["spot_id"] = np.nan
+    with pytest.raises(InvalidInputError, match="No nucleus lies in a spot"):
+        _new_model(sdata).fit(sdata, **TINY_FIT)
+
+
+def test_fit_skips_spots_without_nuclei_with_a_log(slide, caplog):
+    sdata = _copy(slide[0])
+    obs = sdata.tables["histocell"].obs
+    emptied = obs["spot_id"].dropna().unique()[:3]
+    obs.loc[obs["spot_id"].isin(emptied), "spot_id"] = np.nan
+    with caplog.at_level(logging.WARNING, logger="histocell_sd"):
+        model = _new_model(sdata).fit(sdata, epochs=1, self_training_epochs=0, state_epochs=0, progress=False)
+    assert "3 of 49 spots hold no nucleus and are skipped" in caplog.text
+    assert model.training_summary_["spots_train"] + model.training_summary_["spots_val"] == 46
+
+
+def test_resolution_that_cannot_be_resampled(slide, model):
+    sdata = _copy(slide[0])
+    sdata.attrs["mpp"] = 20.0
+    with pytest.raises(InvalidInputError, match="cannot resample"):
+        hc.tl.predict(sdata, model, progress=False)
+    with pytest.raises(InvalidInputError, match="cannot resample"):
+        _new_model(sdata).fit(sdata, **TINY_FIT)
+
+
+def test_predict_refuses_untrained_model(slide):
+    sdata = _copy(slide[0])
+    with pytest.raises(InvalidInputError, match="untrained"):
+        hc.tl.predict(sdata, _new_model(sdata), progress=False)
+    with pytest.raises(InvalidInputError, match="HistoCell"):
+        hc.tl.predict(sdata, object(), progress=False)
+
+
+def test_predict_refuses_sdata_without_nuclei(slide, model):
+    sdata = hc.io.from_arrays(_image_array(slide[0]), 0.5)
+    with pytest.raises(InvalidInputError, match="No nuclei table 'histocell'"):
+        hc.tl.predict(sdata, model, progress=False)
+
+
+def test_constructor_refuses_bad_types_and_states():
+    with pytest.raises(InvalidInputError):
+        HistoCell(["tumor"])
+    with pytest.raises(InvalidInputError):
+        HistoCell(["tumor", "tumor"])
+    with pytest.raises(InvalidInputError, match="unknown cell types"):
+        HistoCell(["tumor", "stroma"], states={"immune": ["a", "b"]})
+
+
+def test_types_only_model_ignores_state_proportions(slide):
+    sdata = slide[0]
+    assert "state_proportions" in sdata.tables["table"].obsm
+    model = HistoCell(list(sdata.tables["table"].obsm["proportions"].columns))
+    model.fit(sdata, epochs=1, self_training_epochs=0, state_epochs=1, progress=False)
+    assert model.training_summary_["states_trained"] is False
+
+
+# ---------------------------------------------------------------------------- 6. end to end
+def test_fit_beats_prior_only_on_nuclei(predicted, model):
+    table = predicted.tables["histocell"]
+    truth = predicted.tables["truth_nuclei"].obs
+    truth = truth.set_index("nucleus_" + truth["label_id"].astype(str))["cell_type"].astype(str)
+    truth = truth.reindex(table.obs_names)
+    assert truth.notna().all()
+    predicted_types = table.obs["cell_type"].astype(str)
+    accuracy = float((predicted_types.to_numpy() == truth.to_numpy()).mean())
+    prior_only = float((truth == truth.value_counts().index[0]).mean())
+    assert accuracy >= prior_only + 0.15, (accuracy, prior_only)
+    assert predicted_types.nunique() >= 2
+    history = model.history_
+    assert list(history.columns[:2]) == ["stage", "epoch"] and set(history["stage"]) == {"types", "states"}
+    assert history["val_loss"].notna().all()
+
+
+def test_predicted_spot_proportions_correlate_with_truth(predicted, model):
+    spots = predicted.tables["table"]
+    mean = spots.obsm["histocell_proportions"]
+    assert list(mean.columns) == model.cell_types
+    assert list(mean.index) == list(spots.obs_names)
+    ok = mean.notna().all(1)
+    assert ok.sum() >= 45
+    np.testing.assert_allclose(mean[ok].sum(1), 1.0, atol=1e-5)
+    true = spots.obsm["true_proportions"][model.cell_types].loc[mean.index[ok]]
+    r = np.corrcoef(mean[ok].to_numpy().ravel(), true.to_numpy().ravel())[0, 1]
+    assert r >= 0.8, r
+    assert (spots.obs["n_nuclei"][ok] > 0).all()
+
+
+def test_prediction_outputs(predicted, model):
+    table = predicted.tables["histocell"]
+    obs = table.obs
+    assert isinstance(obs["cell_type"].dtype, pd.CategoricalDtype)
+    assert list(obs["cell_type"].cat.categories) == model.cell_types
+    proba = table.obsm["cell_type_proba"]
+    assert isinstance(proba, pd.DataFrame)
+    assert list(proba.columns) == model.cell_types and proba.index.equals(table.obs_names)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(proba.to_numpy().argmax(1), obs["cell_type"].cat.codes.to_numpy())
+    assert (obs["cell_type_entropy"] >= 0).all() and (obs["cell_type_entropy"] <= np.log(5) + 1e-6).all()
+    assert list(obs["cell_state"].cat.categories) == model.state_names
+    state = table.obsm["cell_state_proba"]
+    assert list(state.columns) == model.state_names
+    np.testing.assert_allclose(state.sum(1), 1.0, atol=1e-5)
+    # joint P(state): summing a type's states gives P(type)
+    tumor = state[["tumor_proliferative", "tumor_quiescent"]].sum(1)
+    np.testing.assert_allclose(tumor, proba["tumor"], atol=1e-5)
+    assert list(obs["compartment"].cat.categories) == model.compartment_labels
+    np.testing.assert_allclose(table.obsm["compartment_proba"].sum(1), 1.0, atol=1e-5)
+    assert table.obsm["histocell_embedding"].shape == (table.n_obs, model.config["dim"])
+    assert "cell_type_mc_std" not in obs
+
+
+def test_histology_only_prediction(slide, model):
+    sdata = hc.io.from_arrays(_image_array(slide[0]), 0.5)
+    hc.pp.store_nuclei(sdata, np.asarray(slide[0].labels["truth_labels"]))
+    assert "table" not in sdata.tables and "spots" not in sdata.shapes
+    hc.tl.predict(sdata, model, progress=False)
+    assert set(sdata.tables) == {"histocell"}
+    table = sdata.tables["histocell"]
+    assert table.n_obs == 1572
+    np.testing.assert_allclose(table.obsm["cell_type_proba"].sum(1), 1.0, atol=1e-5)
+    assert {"cell_type", "cell_state", "compartment"} <= set(table.obs)
+
+
+# ---------------------------------------------------------------------------- 7. from_arrays
+def test_api_on_from_arrays_data(slide):
+    source = slide[0]
+    spots = source.shapes["spots"]
+    centers = pd.DataFrame({"x": spots.geometry.x, "y": spots.geometry.y}, index=spots.index.astype(str))
+    proportions = source.tables["table"].obsm["proportions"].loc[centers.index]
+    sdata = hc.io.from_arrays(_image_array(source), 0.5, spot_centers=centers, proportions=proportions)
+    hc.pp.store_nuclei(sdata, np.asarray(source.labels["truth_labels"]))
+    in_spots = sdata.tables["histocell"].obs["spot_id"].notna()
+    assert in_spots.sum() == slide[0].tables["histocell"].obs["spot_id"].notna().sum()
+    cell_types = list(proportions.columns)
+    model = HistoCell(cell_types).fit(sdata, epochs=2, self_training_epochs=0, state_epochs=0, progress=False)
+    assert model.training_summary_["states_trained"] is False
+    hc.tl.predict(sdata, model, progress=False)
+    table = sdata.tables["histocell"]
+    assert list(table.obs["cell_type"].cat.categories) == cell_types
+    mean = sdata.tables["table"].obsm["histocell_proportions"]
+    assert list(mean.columns) == cell_types and mean.notna().all(1).sum() >= 45
+
+
+# ---------------------------------------------------------------------------- 8. MC dropout
+def test_mc_dropout(slide, model, predicted):
+    sdata = _copy(slide[0])
+    hc.tl.predict(sdata, model, mc_samples=3, progress=False)
+    table = sdata.tables["histocell"]
+    std = table.obs["cell_type_mc_std"]
+    assert std.notna().all() and (std >= 0).all() and (std > 0).any()
+    pd.testing.assert_frame_equal(_proba(sdata), _proba(predicted), check_exact=True)
+    assert _in_eval_mode(model.net)
