@@ -137,7 +137,7 @@ def spot_scores(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
             "jsd": round(float((0.5 * kl(pred, m) + 0.5 * kl(true, m)).mean() / np.log(2)), 4)}
 
 
-def evaluate(sdata, reference, probabilities: str, seed: int, epochs: int, strength: float, missing: str | None = None) -> dict:
+def evaluate(sdata, reference, probabilities: str, seed: int, epochs: int, strength: float, missing: str | None = None, image_prior: str | None = "mean") -> dict:
     """Run deconvolve + refine on one slide and score all three views."""
     if missing is not None:
         reference = reference[reference.obs["cell_type"] != missing].copy()
@@ -148,7 +148,7 @@ def evaluate(sdata, reference, probabilities: str, seed: int, epochs: int, stren
     t1 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tl.refine_deconvolution(sdata, reference if missing is None else None, strength=strength,
+        tl.refine_deconvolution(sdata, reference if missing is None else None, strength=strength, image_prior=image_prior,
                                 missing_types="raise" if missing is None else "image", progress=False)
     t2 = time.perf_counter()
     spots, nuclei = sdata.tables["table"], sdata.tables[HISTOCELL_KEY]
@@ -184,20 +184,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--timing-preset", default="visium", help="preset timed once ('none' to skip)")
     parser.add_argument("--epochs", type=int, default=500)
-    parser.add_argument("--strength", type=float, default=5.0)
+    parser.add_argument("--strength", type=float, default=2.0)
+    parser.add_argument("--image-prior", choices=["mean", "none"], default="mean")
     args = parser.parse_args(argv)
     regimes = {"normal": {}, "low_umi_300": {"umi_per_cell": 300.0}, "missing_endothelial": {"missing": "endothelial"}}
-    results = {"probabilities": args.probabilities, "preset": args.preset, "strength": args.strength, "regimes": {}}
+    prior = None if args.image_prior == "none" else args.image_prior
+    results = {"probabilities": args.probabilities, "image_prior": args.image_prior, "preset": args.preset, "strength": args.strength, "regimes": {}}
     for name, regime in regimes.items():
         runs = {}
         for seed in args.seeds:
             sdata, reference = synthetic_visium(seed=seed, preset=args.preset, progress=False,
                                                 umi_per_cell=regime.get("umi_per_cell", 2500.0))
-            runs[f"seed{seed}"] = evaluate(sdata, reference, args.probabilities, seed, args.epochs, args.strength, regime.get("missing"))
+            runs[f"seed{seed}"] = evaluate(sdata, reference, args.probabilities, seed, args.epochs, args.strength, regime.get("missing"), prior)
         results["regimes"][name] = runs
     if args.timing_preset != "none":
         sdata, reference = synthetic_visium(seed=args.seeds[0], preset=args.timing_preset, progress=False)
-        run = evaluate(sdata, reference, args.probabilities, args.seeds[0], args.epochs, args.strength)
+        run = evaluate(sdata, reference, args.probabilities, args.seeds[0], args.epochs, args.strength, image_prior=prior)
         run["seconds"]["total"] = round(sum(run["seconds"].values()), 1)
         results["timing"] = {"preset": args.timing_preset, **run}
     print(json.dumps(results, indent=1))

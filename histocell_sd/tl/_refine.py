@@ -69,8 +69,8 @@ def refine_deconvolution(
     *,
     proba_key: str = CELL_TYPE_PROBA_KEY,
     cell_type_key: str = CELL_TYPE_KEY,
-    strength: float = 5.0,
-    image_prior: str | None = None,
+    strength: float = 2.0,
+    image_prior: str | None = "mean",
     recalibrate: bool = True,
     max_iter: int = 100,
     tol: float = 1e-5,
@@ -111,9 +111,11 @@ def refine_deconvolution(
         Weight of the expression proportions, in nuclei: ``π_s = (strength · e_s + Σ q_i) /
         (strength + n_s)``. 0 trusts the image counts alone, large values keep ``e_s``.
     image_prior
-        ``"mean"`` divides the nucleus probabilities by their slide-wide mean (the image model's
-        marginal) before using them as likelihoods; ``None`` (default; better on the benchmark)
-        uses them as they are.
+        ``"mean"`` (default) divides the nucleus probabilities by their slide-wide mean (the image
+        model's marginal) before using them as likelihoods; ``None`` uses them as they are. With
+        a trained HistoCell model's probabilities, ``"mean"`` with ``strength=2`` gave the lowest
+        spot error on the benchmark (refined/Tangram RMSE 0.60–0.71 vs 0.78–0.83 for ``None``,
+        ``strength=5``); with the un-calibrated simulated stand-in ``None`` is better.
     recalibrate
         Fit one slide-wide factor per type on the expression proportions (see the module notes).
     max_iter, tol
