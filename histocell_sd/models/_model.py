@@ -353,8 +353,8 @@ class HistoCell:
         query, bag = [], []
         for b, s in enumerate(spots):
             nuclei = sample.spot_nuclei[s]
-            if len(nuclei) > cap:
-                nuclei = rng.choice(nuclei, cap, replace=False) if rng is not None else nuclei[:cap]
+            if len(nuclei) > cap and rng is not None:  # training samples; validation uses every nucleus, as prediction does
+                nuclei = rng.choice(nuclei, cap, replace=False)
             query.append(nuclei)
             bag.append(np.full(len(nuclei), b))
         query = np.concatenate(query)
