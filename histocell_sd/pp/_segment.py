@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -29,7 +30,7 @@ _LEVEL_MPP = 1.0
 def segment_nuclei(
     sdata: SpatialData,
     image_key: str | None = None,
-    method: str = "default",
+    method: str | Callable[[np.ndarray, float], np.ndarray] = "default",
     key_added: str = NUCLEI_KEY,
     table_key: str = HISTOCELL_KEY,
     *,
@@ -57,7 +58,14 @@ def segment_nuclei(
         The image to segment; found automatically when there is one (or one called ``"he"``).
     method
         ``"default"``: the classical, resolution-aware segmenter
-        (:func:`~histocell_sd.pp.segment_array`). Deep-learning backends are not bundled.
+        (:func:`~histocell_sd.pp.segment_array`). Or any callable ``f(rgb, mpp, **method_kwargs)``
+        returning an integer instance raster of the tile's height and width: the tiling, seam
+        handling and features stay the same. This is how StarDist, Cellpose or any model runs
+        with weights from a local path (nothing is ever downloaded), e.g.::
+
+            from cellpose import models
+            net = models.CellposeModel(pretrained_model="/path/to/weights", gpu=False)
+            hc.pp.segment_nuclei(sdata, method=lambda rgb, mpp: net.eval(rgb, diameter=8 / mpp)[0])
     key_added, table_key
         Names of the nucleus polygons and of their feature table (see :func:`store_nuclei`).
     tile_size_px
@@ -71,7 +79,7 @@ def segment_nuclei(
     labels_key
         When given, the stitched instance raster is also stored as a Labels2D element.
     **method_kwargs
-        Passed to :func:`~histocell_sd.pp.segment_array` (e.g. ``min_area_um2``).
+        Passed to :func:`~histocell_sd.pp.segment_array` (e.g. ``min_area_um2``) or to the callable.
 
     Notes
     -----
@@ -87,31 +95,32 @@ def segment_nuclei(
     tiles = _tiles(height, width, tile_size_px, overlap_px)
     tissue = _tissue_check(sdata.images[image_key], (height, width))
     tiles = [t for t in tiles if tissue(t)]
-    if len(tiles) > 1 and "threshold" not in method_kwargs:
+    if method == "default" and len(tiles) > 1 and "threshold" not in method_kwargs:
         method_kwargs = method_kwargs | {"threshold": _slide_threshold(sdata.images[image_key], (height, width), mpp, method_kwargs)}
     labels = np.zeros((height, width), dtype=np.int32)
     n_found = 0
-    jobs = (delayed(_segment_tile)(image, t, mpp, method_kwargs) for t in tiles)
+    segmenter = segment_array if method == "default" else method
+    jobs = (delayed(_segment_tile)(image, t, mpp, segmenter, method_kwargs) for t in tiles)
     results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator_unordered")(jobs)
     for window, tile_labels in tqdm(results, total=len(tiles), desc="segmenting nuclei", disable=not progress):
         n_found = _paste(labels, window, tile_labels, n_found)
     if n_found == 0:
         warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written.", stacklevel=2)
     store_nuclei(sdata, labels, image_key=image_key, key_added=key_added, table_key=table_key,
-                 labels_key=labels_key, method=f"segment_nuclei:{method}")
+                 labels_key=labels_key, method=f"segment_nuclei:{getattr(method, '__name__', method)}")
 
 
 def _check_method(method: str, method_kwargs: dict) -> None:
     """Refuse unknown methods, and deep-learning backends that would need downloaded weights."""
-    if method in METHODS:
+    if callable(method) or method in METHODS:
         return
     if method in _WEIGHTS_METHODS:
         raise InvalidInputError(
-            f"method={method!r} is not bundled: it needs the {method} package installed and its model weights "
-            "as local files (weights_path=...); histocell-sd never downloads weights. Segment with that tool "
-            "yourself and import the result with histocell_sd.io.read_nuclei, or use method='default'."
+            f"method={method!r} is not bundled, and histocell-sd never downloads weights: load the {method} model "
+            "from local weights yourself and pass a function (rgb, mpp) -> labels as method= (see the docstring), "
+            "or import its results with histocell_sd.io.read_nuclei, or use method='default'."
         )
-    raise InvalidInputError(f"Unknown segmentation method {method!r}; choose from {list(METHODS)}.")
+    raise InvalidInputError(f"Unknown segmentation method {method!r}; choose from {list(METHODS)} or pass a function (rgb, mpp) -> labels.")
 
 
 def _check_image(image, image_key: str):
@@ -195,11 +204,17 @@ def _coarse_level(element, shape: tuple[int, int], max_factor: float = _MAX_CHEC
     return element.data[:, ::step, ::step], float(step)
 
 
-def _segment_tile(image, tile: tuple, mpp: float, kwargs: dict) -> tuple[tuple, np.ndarray]:
+def _segment_tile(image, tile: tuple, mpp: float, segmenter, kwargs: dict) -> tuple[tuple, np.ndarray]:
     """Segment one window; keep nuclei whose centroid lies in the core. Returns the window and its labels."""
     (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) = tile
     rgb = np.asarray(image.data[:, y0:y1, x0:x1]).transpose(1, 2, 0)
-    labels = segment_array(rgb, mpp, **kwargs)
+    labels = np.asarray(segmenter(rgb, mpp, **kwargs))
+    if labels.shape != rgb.shape[:2] or not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+        raise InvalidInputError(
+            f"The segmentation method returned {labels.dtype} labels of shape {labels.shape} for a tile of shape "
+            f"{rgb.shape[:2]}; it must return non-negative integer instance ids of the tile's shape."
+        )
+    labels = labels.astype(np.int32, copy=False)
     n = int(labels.max())
     if n == 0:
         return tile[0], labels

@@ -5,8 +5,9 @@ The model (chosen by measurement, see ``benchmarks/deconvolution.py``)
 Spot ``s`` holds ``n_s`` segmented nuclei. Its composition ``π_s`` has a Dirichlet prior centred
 on the expression-based proportions ``e_s`` (Tangram or any deconvolution) with a strength of
 ``strength`` pseudo-nuclei; each nucleus ``i`` has a type ``z_i ~ Cat(π_s)`` and the image model
-gives ``p_i(t)``, read as a likelihood ``p_i(t) / r(t)``, where ``r`` is uniform by default or, with
-``image_prior="mean"``, the image model's own marginal (mean probability over the slide's nuclei).
+gives ``p_i(t)``, read as a likelihood ``p_i(t) / r(t)``, where ``r`` is the image model's own
+marginal (mean probability over the slide's nuclei; ``image_prior="mean"``, the default) or uniform
+(``image_prior=None``).
 Deconvolution biases are mostly slide-wide per type (RNA content, capture, reference mismatch),
 so ``e_s`` is reweighted by one factor per type, ``e_s ∝ b ∘ e_s``, fitted so the expression
 view's type totals match the nucleus posteriors' (``recalibrate=True``). EM alternates
