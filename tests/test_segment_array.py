@@ -1,37 +1,19 @@
 """Tests of the classical nucleus segmentation and of the segmentation metrics."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from PIL import Image
 from scipy import ndimage as ndi
 from skimage.transform import rescale
 
-import histocell_sd
+from histocell_sd.datasets import NUCLS_MPP, read_nucls_tile
 from histocell_sd.pp._metrics import aggregated_jaccard_index, detection_scores, match_points
 from histocell_sd.pp._segment_array import segment_array
 
-NUCLS_MPP = 0.25
-NUCLS_DIRS = [
-    Path(histocell_sd.__file__).parent / "datasets" / "data" / "nucls",
-    Path("/work/shared/data/nucls"),
-]
 
-
-@pytest.fixture(scope="module")
-def nucls() -> Path:
-    """The NuCLS tiles: the package copy first, else the shared data folder."""
-    for path in NUCLS_DIRS:
-        if (path / "images").is_dir():
-            return path
-    pytest.skip("NuCLS tiles not available")
-
-
-def _tile(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    rgb = np.asarray(Image.open(root / "images" / f"{name}.png").convert("RGB"))
-    points = np.loadtxt(root / "points" / f"{name}.csv", delimiter=",", ndmin=2)[:, :2]
-    return rgb, points
+def _tile(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """RGB image and annotated centroids (x, y px) of a NuCLS tile shipped with the package."""
+    rgb, _, points = read_nucls_tile(name)
+    return rgb, points[["x", "y"]].to_numpy(dtype=float)
 
 
 def _centroids(labels: np.ndarray) -> np.ndarray:
@@ -39,10 +21,10 @@ def _centroids(labels: np.ndarray) -> np.ndarray:
     return np.asarray(ndi.center_of_mass(np.ones_like(labels), labels, ids)).reshape(-1, 2)[:, ::-1]
 
 
-def test_f1_on_nucls_test_tiles(nucls):
+def test_f1_on_nucls_test_tiles():
     matched = n_pred = n_true = 0
     for i in range(1, 6):
-        rgb, points = _tile(nucls, f"test_{i}")
+        rgb, points = _tile(f"test_{i}")
         labels = segment_array(rgb, NUCLS_MPP)
         assert labels.shape == rgb.shape[:2] and labels.dtype == np.int32
         scores = detection_scores(_centroids(labels), points, 3.0 / NUCLS_MPP)
@@ -65,8 +47,8 @@ def test_image_smaller_than_a_nucleus_gives_no_nuclei(shape):
     assert labels.shape == shape[:2] and not labels.any()
 
 
-def test_deterministic_and_float_input(nucls):
-    rgb, _ = _tile(nucls, "train_1")
+def test_deterministic_and_float_input():
+    rgb, _ = _tile("train_1")
     labels = segment_array(rgb, NUCLS_MPP)
     np.testing.assert_array_equal(labels, segment_array(rgb, NUCLS_MPP))
     np.testing.assert_array_equal(labels, segment_array(rgb / 255.0, NUCLS_MPP))
@@ -74,12 +56,12 @@ def test_deterministic_and_float_input(nucls):
 
 
 @pytest.mark.parametrize("factor", [2.0, 0.5])
-def test_resolution_invariance(nucls, factor):
+def test_resolution_invariance(factor):
     def median_area_um2(rgb, mpp):
         labels = segment_array(rgb, mpp)
         return np.median(np.bincount(labels.ravel())[1:]) * mpp**2
 
-    rgb = np.concatenate([_tile(nucls, name)[0] for name in ("train_2", "train_5")], axis=1)
+    rgb = np.concatenate([_tile(name)[0] for name in ("train_2", "train_5")], axis=1)
     resized = rescale(rgb / 255.0, factor, order=1, channel_axis=-1, anti_aliasing=factor < 1)
     reference = median_area_um2(rgb, NUCLS_MPP)
     assert median_area_um2(resized, NUCLS_MPP / factor) == pytest.approx(reference, rel=0.10)

@@ -289,7 +289,7 @@ class HistoCell:
         return self
 
     def _prepare(self, sdata, proportions_key, state_key, table_key, nuclei_table_key, image_key, labels_key, progress) -> _Sample:
-        get_mpp(sdata)
+        mpp = get_mpp(sdata)
         table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
         table = sdata.tables[table_key]
         if proportions_key not in table.obsm:
@@ -317,7 +317,7 @@ class HistoCell:
             states = states.reindex(columns=self.state_names, fill_value=0.0).loc[proportions.index]
             state_targets = states.to_numpy(np.float32)[keep]
         spots = sdata.shapes[_annotated_region(table, table_key)]
-        xy = np.c_[spots.geometry.x, spots.geometry.y][spots.index.get_indexer(proportions.index)] * get_mpp(sdata)
+        xy = np.c_[spots.geometry.x, spots.geometry.y][spots.index.get_indexer(proportions.index)] * mpp
         return _Sample(
             inputs=inputs,
             spot_nuclei=[groups[i] for i in keep],

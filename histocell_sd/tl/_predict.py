@@ -90,8 +90,7 @@ def predict(
 def _aggregate_to_spots(sdata, nuclei_table, type_proba: pd.DataFrame, spots_table_key, nuclei_key) -> None:
     if SPOT_ID_KEY not in nuclei_table.obs or nuclei_table.obs[SPOT_ID_KEY].isna().all():
         return
-    candidates = [k for k in sdata.tables if k != nuclei_key]
-    if spots_table_key is None and TABLE_KEY not in candidates:
+    if spots_table_key is None and (TABLE_KEY not in sdata.tables or nuclei_key == TABLE_KEY):
         return
     spots_table_key = resolve_key(sdata, "tables", spots_table_key, TABLE_KEY)
     spots_table = sdata.tables[spots_table_key]
