@@ -137,43 +137,72 @@ def spot_scores(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
             "jsd": round(float((0.5 * kl(pred, m) + 0.5 * kl(true, m)).mean() / np.log(2)), 4)}
 
 
-def evaluate(sdata, reference, probabilities: str, seed: int, epochs: int, strength: float, missing: str | None = None, image_prior: str | None = "mean") -> dict:
-    """Run deconvolve + refine on one slide and score all three views."""
+def oracle_assignment(sdata) -> np.ndarray:
+    """Upper bound of any in-spot assignment: the true type counts of each spot, matched on the image posteriors."""
+    from histocell_sd.tl._refine import _assign
+
+    nuclei = sdata.tables[HISTOCELL_KEY]
+    proba = nuclei.obsm[CELL_TYPE_PROBA_KEY]
+    types = list(proba.columns)
+    spot_of = pd.Index(sdata.tables["table"].obs_names).get_indexer(nuclei.obs[SPOT_ID_KEY].astype(object))
+    inside = spot_of >= 0
+    true = pd.Categorical(sdata.tables["truth_nuclei"].obs[CELL_TYPE_KEY].astype(str), categories=types).codes
+    counts = np.zeros((len(sdata.tables["table"]), len(types)))
+    np.add.at(counts, (spot_of[inside], true[inside]), 1)
+    n = counts.sum(axis=1)
+    likelihood = proba.to_numpy() / proba.to_numpy().mean(axis=0)
+    q = likelihood * (counts / np.maximum(n, 1)[:, None])[np.maximum(spot_of, 0)]
+    q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
+    out = np.full(len(nuclei), None, dtype=object)
+    out[inside] = np.asarray(types)[_assign(q, spot_of, n.astype(int), counts / np.maximum(n, 1)[:, None], False)]
+    return out
+
+
+def evaluate(sdata, reference, probabilities: str, seed: int, epochs: int, strength: float, missing: str | None = None,
+             image_prior: str | None = "mean", umi_weight: float = 1.0) -> dict:
+    """Run both deconvolutions and both refinements on one slide and score every view against truth."""
     if missing is not None:
         reference = reference[reference.obs["cell_type"] != missing].copy()
         reference.obs["cell_type"] = reference.obs["cell_type"].cat.remove_unused_categories()
     add_nuclei(sdata, nucleus_probabilities(sdata, probabilities, seed))
+    spots, nuclei = sdata.tables["table"], sdata.tables[HISTOCELL_KEY]
+    seconds = {}
     t0 = time.perf_counter()
     tl.deconvolve(sdata, reference, epochs=epochs, seed=seed, progress=False)
-    t1 = time.perf_counter()
+    seconds["deconvolve_tangram"] = time.perf_counter() - t0
+    tl.deconvolve(sdata, reference, method="poisson", key_added="poisson_proportions", progress=False)
+    filled = "raise" if missing is None else "image"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tl.refine_deconvolution(sdata, reference if missing is None else None, strength=strength, image_prior=image_prior,
-                                missing_types="raise" if missing is None else "image", progress=False)
-    t2 = time.perf_counter()
-    spots, nuclei = sdata.tables["table"], sdata.tables[HISTOCELL_KEY]
+        t0 = time.perf_counter()
+        tl.refine_deconvolution(sdata, reference, umi_weight=umi_weight, image_prior=image_prior, missing_types=filled,
+                                expression_key=None if missing else "histocell_expression", progress=False)
+        seconds["refine_counts"] = time.perf_counter() - t0
+        counts_types = nuclei.obs["refined_cell_type"].astype(str).copy()
+        tl.refine_deconvolution(sdata, expression="proportions", key_added="refined_from_tangram", strength=strength,
+                                image_prior=image_prior, missing_types=filled, progress=False)
     truth = spots.obsm["true_proportions"]
     has = spots.obs_names.isin(nuclei.obs[SPOT_ID_KEY].dropna().unique())
     true_type = sdata.tables["truth_nuclei"].obs[CELL_TYPE_KEY].astype(str).to_numpy()
     in_spot = nuclei.obs[SPOT_ID_KEY].notna().to_numpy()
-    tangram_types = tangram_assignment(sdata, spots.obsm["proportions"], seed)
 
-    def acc(pred, mask=in_spot):
-        return round(float((np.asarray(pred, dtype=object)[mask] == true_type[mask]).mean()), 4)
+    def acc(pred):
+        return round(float((np.asarray(pred, dtype=object)[in_spot] == true_type[in_spot]).mean()), 4)
 
+    views = {"tangram": "proportions", "poisson": "poisson_proportions", "histocell": PREDICTED_PROPORTIONS_KEY,
+             "refined": "refined_proportions", "refined_from_tangram": "refined_from_tangram"}
     return {
         "n_spots": int(spots.n_obs), "n_nuclei": int(nuclei.n_obs),
-        "spot": {
-            "tangram": spot_scores(spots.obsm["proportions"][has], truth[has]),
-            "histocell": spot_scores(spots.obsm[PREDICTED_PROPORTIONS_KEY][has], truth[has]),
-            "refined": spot_scores(spots.obsm["refined_proportions"][has], truth[has]),
-        },
+        "spot": {name: spot_scores(spots.obsm[key][has], truth[has]) for name, key in views.items()},
         "nucleus_accuracy_in_spots": {
-            "tangram_arbitrary": acc(tangram_types),
+            "tangram_arbitrary": acc(tangram_assignment(sdata, spots.obsm["proportions"], seed)),
+            "poisson_arbitrary": acc(tangram_assignment(sdata, spots.obsm["poisson_proportions"], seed)),
             "histocell_argmax": acc(nuclei.obs[CELL_TYPE_KEY].astype(str)),
-            "refined": acc(nuclei.obs["refined_cell_type"].astype(str)),
+            "refined": acc(counts_types),
+            "refined_from_tangram": acc(nuclei.obs["refined_cell_type"].astype(str)),
+            "oracle_counts": acc(oracle_assignment(sdata)),
         },
-        "seconds": {"deconvolve": round(t1 - t0, 1), "refine": round(t2 - t1, 1)},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
 
 
@@ -186,20 +215,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=500)
     parser.add_argument("--strength", type=float, default=2.0)
     parser.add_argument("--image-prior", choices=["mean", "none"], default="mean")
+    parser.add_argument("--umi-weight", type=float, default=1.0)
     args = parser.parse_args(argv)
     regimes = {"normal": {}, "low_umi_300": {"umi_per_cell": 300.0}, "missing_endothelial": {"missing": "endothelial"}}
     prior = None if args.image_prior == "none" else args.image_prior
-    results = {"probabilities": args.probabilities, "image_prior": args.image_prior, "preset": args.preset, "strength": args.strength, "regimes": {}}
+    results = {"probabilities": args.probabilities, "image_prior": args.image_prior, "preset": args.preset,
+               "umi_weight": args.umi_weight, "strength_of_proportions_model": args.strength, "regimes": {}}
     for name, regime in regimes.items():
         runs = {}
         for seed in args.seeds:
             sdata, reference = synthetic_visium(seed=seed, preset=args.preset, progress=False,
                                                 umi_per_cell=regime.get("umi_per_cell", 2500.0))
-            runs[f"seed{seed}"] = evaluate(sdata, reference, args.probabilities, seed, args.epochs, args.strength, regime.get("missing"), prior)
+            runs[f"seed{seed}"] = evaluate(sdata, reference, args.probabilities, seed, args.epochs, args.strength, regime.get("missing"),
+                                              prior, args.umi_weight)
         results["regimes"][name] = runs
     if args.timing_preset != "none":
         sdata, reference = synthetic_visium(seed=args.seeds[0], preset=args.timing_preset, progress=False)
-        run = evaluate(sdata, reference, args.probabilities, args.seeds[0], args.epochs, args.strength, image_prior=prior)
+        run = evaluate(sdata, reference, args.probabilities, args.seeds[0], args.epochs, args.strength, image_prior=prior,
+                       umi_weight=args.umi_weight)
         run["seconds"]["total"] = round(sum(run["seconds"].values()), 1)
         results["timing"] = {"preset": args.timing_preset, **run}
     print(json.dumps(results, indent=1))

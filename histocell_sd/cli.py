@@ -11,19 +11,25 @@ from pathlib import Path
 SYNTHETIC_COMPARTMENTS = {"tumor": ["tumor"], "stroma": ["fibroblast", "endothelial"], "immune": ["lymphocyte", "macrophage"]}
 
 
-def demo(out: Path, seed: int, preset: str, epochs: int, progress: bool) -> None:
-    """Synthetic slides → segment → train on one → predict on an unseen one → scores, zarr and PNGs."""
+def demo(out: Path, seed: int, preset: str, epochs: int, deconvolution: str, progress: bool) -> None:
+    """Synthetic slides → segment → deconvolve → train on one → predict and refine an unseen one → scores, zarr, PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from . import datasets, io, pl, pp, tl
     from .models import HistoCell
 
+    def rmse(spots, key):
+        truth = spots.obsm["true_proportions"]
+        occupied = truth.sum(axis=1).to_numpy() > 0
+        return float(np.sqrt(((spots.obsm[key][truth.columns] - truth).to_numpy()[occupied] ** 2).mean()))
+
     start = time.perf_counter()
-    train, reference = datasets.synthetic_visium(seed=seed, preset=preset, progress=progress)
-    test, _ = datasets.synthetic_visium(seed=seed + 1000, preset=preset, progress=progress)
+    train, reference = datasets.synthetic_visium(seed=seed, preset=preset, proportions=None, progress=progress)
+    test, test_reference = datasets.synthetic_visium(seed=seed + 1000, preset=preset, proportions=None, progress=progress)
     print(
         f"synthetic slides ({preset}; seeds {seed} for training, {seed + 1000} held out): "
         f"{train.tables['table'].n_obs} + {test.tables['table'].n_obs} spots, mpp {train.attrs['mpp']} µm/px "
@@ -34,10 +40,13 @@ def demo(out: Path, seed: int, preset: str, epochs: int, progress: bool) -> None
         pp.segment_nuclei(sdata, n_jobs=2, progress=progress)
         detection = tl.transfer_truth(sdata)
         print(f"segmented {name} slide: {sdata.tables['histocell'].n_obs} nuclei, detection F1 {detection['f1']:.3f} ({time.perf_counter() - t:.0f} s)")
+    t = time.perf_counter()
+    tl.deconvolve(train, reference, state_key="cell_state", method=deconvolution, progress=progress)
+    print(f"deconvolved the training spots ({deconvolution}): RMSE {rmse(train.tables['table'], 'proportions'):.3f} vs the true proportions ({time.perf_counter() - t:.0f} s)")
     model = HistoCell(datasets.CELL_TYPES, states=datasets.CELL_STATES, compartments=SYNTHETIC_COMPARTMENTS)
     t = time.perf_counter()
     model.fit(train, epochs=epochs, progress=progress)
-    print(f"trained on spot proportions only in {time.perf_counter() - t:.0f} s ({model.training_summary_['epochs_run']} epochs)")
+    print(f"trained on those spot proportions only in {time.perf_counter() - t:.0f} s ({model.training_summary_['epochs_run']} epochs)")
     t = time.perf_counter()
     tl.predict(test, model, progress=progress)
     seconds = time.perf_counter() - t
@@ -51,10 +60,22 @@ def demo(out: Path, seed: int, preset: str, epochs: int, progress: bool) -> None
         f"  cell state accuracy {states['accuracy']:.3f}  macro-F1 {states['macro_f1']:.3f}\n"
         f"  spot proportions Pearson r {r:.3f}"
     )
+    tl.deconvolve(test, test_reference, method=deconvolution, progress=progress)
+    tl.refine_deconvolution(test, test_reference, progress=progress)
+    in_spot = obs["spot_id"].notna() & obs["true_cell_type"].notna()
+    refined = tl.classification_scores(obs.loc[in_spot, "true_cell_type"], obs.loc[in_spot, "refined_cell_type"], labels=model.cell_types)
+    alone = tl.classification_scores(obs.loc[in_spot, "true_cell_type"], obs.loc[in_spot, "cell_type"], labels=model.cell_types)
+    spots = test.tables["table"]
+    print(
+        "held-out slide, histology-refined deconvolution (spot counts × nucleus predictions):\n"
+        f"  spot RMSE: {deconvolution} {rmse(spots, 'proportions'):.3f}, HistoCell {rmse(spots, 'histocell_proportions'):.3f}, "
+        f"refined {rmse(spots, 'refined_proportions'):.3f}\n"
+        f"  nucleus accuracy in spots: HistoCell {alone['accuracy']:.3f}, refined {refined['accuracy']:.3f}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model", overwrite=True)
     store = io.write_zarr(test, out / "demo.zarr", overwrite=True)
-    reference.write_h5ad(out / "reference.h5ad")
+    test_reference.write_h5ad(out / "reference.h5ad")
     fig, axes = plt.subplots(1, 2, figsize=(14, 6))
     pl.spot_proportions(test, "tumor", proportions_key="true_proportions", ax=axes[0])
     pl.spot_proportions(test, "tumor", proportions_key="histocell_proportions", ax=axes[1])
@@ -78,7 +99,7 @@ def segment(store: Path, n_jobs: int, progress: bool) -> None:
     print(f"{store}: {sdata.tables['histocell'].n_obs} nuclei")
 
 
-def train(stores: list[Path], out: Path, epochs: int, states: str | None, compartments: str | None, seed: int, progress: bool) -> None:
+def train(stores: list[Path], out: Path, epochs: int | None, states: str | None, compartments: str | None, seed: int, progress: bool) -> None:
     """Train a model on the spot proportions of one or more segmented zarr stores."""
     from . import io
     from ._errors import InvalidInputError
@@ -119,13 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="default", choices=["tiny", "default", "visium"])
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--deconvolution", default="poisson", choices=["poisson", "tangram"],
+                   help="how the training spots get their proportions (default: poisson)")
     p = sub.add_parser("segment", help="segment nuclei of a zarr store (in place)")
     p.add_argument("store", type=Path)
     p.add_argument("--n-jobs", type=int, default=2)
     p = sub.add_parser("train", help="train on segmented zarr stores with spot proportions")
     p.add_argument("stores", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True, help="model folder (safetensors + model card)")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs of the first stage (default: by slide size)")
     p.add_argument("--states", help='JSON {"cell_type": ["state", ...]} (default: the store\'s attrs["cell_states"])')
     p.add_argument("--compartments", help='JSON {"compartment": ["cell_type", ...]}')
     p.add_argument("--seed", type=int, default=0)
@@ -136,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = not args.quiet
     if args.command == "demo":
-        demo(args.out, args.seed, args.preset, args.epochs, progress)
+        demo(args.out, args.seed, args.preset, args.epochs, args.deconvolution, progress)
     elif args.command == "segment":
         segment(args.store, args.n_jobs, progress)
     elif args.command == "train":

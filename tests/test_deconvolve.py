@@ -1,4 +1,4 @@
-"""tl.deconvolve (Tangram) and tl.refine_deconvolution (histology-refined composition, per-nucleus types)."""
+"""tl.deconvolve (Tangram, Poisson mixture) and tl.refine_deconvolution (histology-refined composition, per-nucleus types)."""
 
 import anndata as ad
 import numpy as np
@@ -36,6 +36,22 @@ def test_proportions_sum_to_one_and_states(deconvolved):
     assert np.sqrt(((props.to_numpy() - truth) ** 2).mean()) < np.sqrt(((truth - truth.mean(0)) ** 2).mean()) + 0.05
 
 
+def test_poisson_deconvolution(tiny_predicted):
+    sdata, reference = tiny_predicted
+    tl.deconvolve(sdata, reference, state_key="cell_state", method="poisson", progress=False)
+    table = sdata.tables["table"]
+    props, states = table.obsm["proportions"], table.obsm["state_proportions"]
+    np.testing.assert_allclose(props.sum(axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(states.sum(axis=1), 1, atol=1e-6)
+    assert table.uns["deconvolution"]["method"] == "poisson"
+    # the generator's counts follow this likelihood: the fractions are close to the truth
+    truth = table.obsm["true_proportions"][props.columns].to_numpy()
+    occupied = truth.sum(axis=1) > 0
+    assert np.sqrt(((props.to_numpy() - truth)[occupied] ** 2).mean()) < 0.05
+    tl.deconvolve(sdata, reference, method="poisson", key_added="again", progress=False)
+    pd.testing.assert_frame_equal(props, table.obsm["again"])
+
+
 def test_deconvolve_is_deterministic(tiny_predicted):
     sdata, reference = tiny_predicted
     tl.deconvolve(sdata, reference, epochs=EPOCHS, progress=False, seed=1)
@@ -49,6 +65,7 @@ def test_refine_outputs_and_counts(deconvolved):
     with pytest.warns(UserWarning, match="hold no nuclei") if _has_empty_spots(sdata) else _nothing():
         tl.refine_deconvolution(sdata, reference, progress=False)
     spots, nuclei = sdata.tables["table"], sdata.tables["histocell"]
+    assert spots.uns["refinement"]["expression"] == "counts"
     refined = spots.obsm["refined_proportions"]
     np.testing.assert_allclose(refined.sum(axis=1), 1, atol=1e-6)
     types = list(refined.columns)
@@ -73,15 +90,29 @@ def test_refine_outputs_and_counts(deconvolved):
     assert expr.uns["spatialdata_attrs"]["region"] == "nuclei"
 
 
-def test_refined_accuracy_beats_noisy_input(deconvolved):
-    sdata, _ = deconvolved
-    tl.refine_deconvolution(sdata, progress=False)
-    nuclei = sdata.tables["histocell"]
+@pytest.mark.parametrize("expression", ["proportions", "counts"])
+def test_refined_beats_its_inputs(deconvolved, expression):
+    sdata, reference = deconvolved
+    with pytest.warns(UserWarning, match="hold no nuclei") if _has_empty_spots(sdata) else _nothing():
+        tl.refine_deconvolution(sdata, reference, expression=expression, expression_key=None, progress=False)
+    spots, nuclei = sdata.tables["table"], sdata.tables["histocell"]
+    assert spots.uns["refinement"]["expression"] == expression
     truth = sdata.tables["truth_nuclei"].obs["cell_type"].astype(str).to_numpy()
     inside = nuclei.obs["spot_id"].notna().to_numpy()
     noisy = (nuclei.obs["cell_type"].astype(str).to_numpy() == truth)[inside].mean()
     refined = (nuclei.obs["refined_cell_type"].astype(str).to_numpy() == truth)[inside].mean()
-    assert refined >= noisy
+    true_props = spots.obsm["true_proportions"]
+    occupied = true_props.sum(axis=1).to_numpy() > 0
+
+    def rmse(key):
+        return np.sqrt(((spots.obsm[key][true_props.columns] - true_props).to_numpy()[occupied] ** 2).mean())
+
+    if expression == "proportions":
+        assert refined >= noisy
+        assert rmse("refined_proportions") < rmse("proportions")
+    else:  # the spot counts pin the composition down; the image ranks the nuclei within a spot
+        assert refined >= noisy + 0.05
+        assert rmse("refined_proportions") < 0.5 * rmse("proportions")
 
 
 def test_refined_table_runs_squidpy(deconvolved):
@@ -161,9 +192,34 @@ def test_refine_reference_missing_type_and_empty_spots(tiny_predicted):
     with pytest.warns(UserWarning, match=r"1 of \d+ spots hold no nuclei"):
         tl.refine_deconvolution(sdata, progress=False)
     pd.testing.assert_series_equal(table.obsm["refined_proportions"].iloc[0], table.obsm["proportions"].iloc[0], check_names=False)
+    # with a reference, a spot without nuclei gets the expression likelihood alone, i.e. method="poisson"
+    tl.deconvolve(sdata, reference, method="poisson", key_added="poisson", progress=False)
+    with pytest.warns(UserWarning, match=r"1 of \d+ spots hold no nuclei.*expression likelihood alone"):
+        tl.refine_deconvolution(sdata, reference, expression_key=None, progress=False)
+    np.testing.assert_allclose(table.obsm["refined_proportions"].iloc[0], table.obsm["poisson"].iloc[0], atol=2e-3)
+
+
+def test_refine_reference_type_sets(tiny_predicted):
+    sdata, reference = tiny_predicted
     partial = reference[reference.obs["cell_type"] != "macrophage"].copy()
-    with pytest.raises(InvalidInputError, match=r"\['macrophage'\].*absent from reference"), pytest.warns(UserWarning):
+    with pytest.raises(InvalidInputError, match=r"only in the predictions \['macrophage'\].*missing_types='image'"):
         tl.refine_deconvolution(sdata, partial, progress=False)
+    # the missing type's share then comes from the nuclei alone; no reference cell can be imputed for it
+    with pytest.warns(UserWarning, match="hold no nuclei") if _has_empty_spots(sdata) else _nothing():
+        tl.refine_deconvolution(sdata, partial, missing_types="image", expression_key=None, progress=False)
+    refined = sdata.tables["table"].obsm["refined_proportions"]
+    assert refined["macrophage"].max() > 0
+    with pytest.raises(InvalidInputError, match=r"\['macrophage'\].*absent from reference"):
+        tl.refine_deconvolution(sdata, partial, missing_types="image", progress=False)
+    extra = reference.copy()
+    extra.obs["cell_type"] = extra.obs["cell_type"].cat.add_categories("plasma")
+    extra.obs.iloc[:5, extra.obs.columns.get_loc("cell_type")] = "plasma"
+    with pytest.raises(InvalidInputError, match=r"only in the reference \['plasma'\].*Subset the reference"):
+        tl.refine_deconvolution(sdata, extra, progress=False)
+    with pytest.raises(InvalidInputError, match="needs a single-cell reference"):
+        tl.refine_deconvolution(sdata, expression="counts", progress=False)
+    with pytest.raises(InvalidInputError, match="expression must be one of"):
+        tl.refine_deconvolution(sdata, reference, expression="tangram", progress=False)
 
 
 def _has_empty_spots(sdata):

@@ -607,3 +607,13 @@ def test_mc_dropout(slide, model, predicted):
     assert std.notna().all() and (std >= 0).all() and (std > 0).any()
     pd.testing.assert_frame_equal(_proba(sdata), _proba(predicted), check_exact=True)
     assert _in_eval_mode(model.net)
+
+
+def test_default_epochs_scale_with_the_training_spots():
+    from histocell_sd.models._model import _stage_epochs
+
+    assert _stage_epochs(300, None, None, None) == [40, 10, 15]
+    assert _stage_epochs(3000, None, None, None) == [13, 3, 5]  # a Visium slide: about the same optimiser steps
+    assert _stage_epochs(3000, 7, None, 0) == [7, 3, 0]
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        _stage_epochs(10, -1, None, None)

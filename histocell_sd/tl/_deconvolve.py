@@ -1,4 +1,4 @@
-"""Spot deconvolution against a single-cell reference (Tangram, cluster mode, CPU)."""
+"""Spot deconvolution against a single-cell reference: Tangram (cluster mode, CPU) or a Poisson mixture."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 from .._constants import CELL_TYPE_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
 from .._errors import InvalidInputError
 from ..io import check_proportions, resolve_key
+from ._poisson import composition_em, type_signatures
 
-__all__ = ["deconvolve", "reference_counts"]
+__all__ = ["deconvolve", "reference_counts", "shared_data"]
 
-_METHODS = ("tangram",)
+_METHODS = ("tangram", "poisson")
 MIN_SHARED_GENES = 20
 _INTEGER_TOLERANCE = 1e-6
 
@@ -39,14 +40,20 @@ def deconvolve(
     seed: int = 0,
     progress: bool = True,
 ) -> None:
-    """Deconvolve the Visium spots into cell-type proportions with Tangram (cluster mode).
+    """Deconvolve the Visium spots into cell-type proportions (cell fractions per spot).
 
     Marker genes are the top ``n_markers`` per cell type of :func:`scanpy.tl.rank_genes_groups`
-    (t-test) on the log-normalised reference, restricted to genes measured in the spots. Tangram
-    maps each cell type's summed reference expression onto the spots (``mode="clusters"``, uniform
-    density prior, on the CPU); the share of type ``c`` in spot ``s`` is ``M[c, s] · n_c``
-    normalised over types, ``M`` the mapping (each type's distribution over spots) and ``n_c`` the
-    type's share of reference cells, i.e. Tangram's own cluster density.
+    (t-test) on the log-normalised reference, restricted to genes measured in the spots. Then
+
+    * ``method="tangram"`` (default): Tangram maps each cell type's summed reference expression
+      onto the spots (``mode="clusters"``, uniform density prior, on the CPU); the share of type
+      ``c`` in spot ``s`` is ``M[c, s] · n_c`` normalised over types, ``M`` the mapping (each type's
+      distribution over spots) and ``n_c`` the type's share of reference cells, i.e. Tangram's own
+      cluster density.
+    * ``method="poisson"``: the spot's marker counts are a Poisson mixture of the types' reference
+      signatures, weighted by cell fraction × the type's RNA content (mean reference library size);
+      the maximum-likelihood fractions are found by EM (see ``histocell_sd.tl._poisson``). It is
+      the expression half of :func:`refine_deconvolution`'s ``expression="counts"`` model.
 
     Parameters
     ----------
@@ -61,7 +68,7 @@ def deconvolve(
         ``reference.obs`` column with cell states (sub-types); when given, state proportions are
         estimated the same way and stored in ``obsm["state_proportions"]``.
     method
-        Only ``"tangram"``.
+        ``"tangram"`` or ``"poisson"``.
     key_added
         ``obsm`` key of the spot proportions (DataFrame, columns = cell types).
     table_key
@@ -69,11 +76,12 @@ def deconvolve(
     n_markers
         Marker genes per cell type (union over types, shared with the spots).
     epochs, learning_rate
-        Tangram optimiser settings.
+        Tangram optimiser settings (ignored by ``"poisson"``).
     min_shared_genes
         Fewest genes the reference and the spots must share.
     seed
-        Seeds Tangram's initialisation and optimiser: same seed, same result.
+        Seeds Tangram's initialisation and optimiser: same seed, same result (``"poisson"`` is
+        deterministic).
     progress
         Show a progress bar over the steps.
 
@@ -88,42 +96,50 @@ def deconvolve(
         raise InvalidInputError(f"n_markers and epochs must be positive, got {n_markers} and {epochs}.")
     table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
     table = sdata.tables[table_key]
-    spots = _spot_counts(table, table_key)
-    counts = reference_counts(reference)
     labels = {"cell types": _labels(reference, cell_type_key)}
     if state_key is not None:
         labels["states"] = _labels(reference, state_key)
-    shared = _shared_genes(reference.var_names, spots.var_names, min_shared_genes)
 
     steps = tqdm(total=1 + len(labels), desc="deconvolve", disable=not progress)
-    ref = ad.AnnData(counts[:, shared["reference"]], obs=pd.DataFrame(index=reference.obs_names.astype(str)))
-    ref.var_names = shared["names"]
-    sp = ad.AnnData(spots.X[:, shared["spots"]], obs=pd.DataFrame(index=spots.obs_names))
-    sp.var_names = shared["names"]
+    ref, sp = shared_data(table, table_key, reference, min_shared_genes)
     log_ref = _log_normalise(ref)
     steps.update()
     results, markers_used = {}, {}
     for what, label in labels.items():
         markers = _markers(log_ref, label, n_markers)
-        results[what] = _tangram(ref, sp, label, markers, epochs, learning_rate, seed)
+        if method == "tangram":
+            results[what] = _tangram(ref, sp, label, markers, epochs, learning_rate, seed)
+        else:
+            results[what] = _poisson(ref, sp, label, markers)
         markers_used[what] = markers
         steps.update()
     steps.close()
 
-    table.obsm[key_added] = check_proportions(results["cell types"], spot_ids=table.obs_names, name="Tangram proportions")
+    table.obsm[key_added] = check_proportions(results["cell types"], spot_ids=table.obs_names, name=f"{method} proportions")
     if state_key is not None:
-        table.obsm[STATE_PROPORTIONS_KEY] = check_proportions(results["states"], spot_ids=table.obs_names, name="Tangram state proportions")
+        table.obsm[STATE_PROPORTIONS_KEY] = check_proportions(results["states"], spot_ids=table.obs_names, name=f"{method} state proportions")
     table.uns["deconvolution"] = {
         "method": method,
-        "mode": "clusters",
+        "mode": "clusters" if method == "tangram" else "mixture",
         "key_added": key_added,
         "cell_type_key": cell_type_key,
         "state_key": state_key,
-        "n_shared_genes": len(shared["names"]),
+        "n_shared_genes": int(ref.n_vars),
         "markers": list(markers_used["cell types"]),
         "epochs": int(epochs),
         "seed": int(seed),
     }
+
+
+def shared_data(table: ad.AnnData, table_key: str, reference: ad.AnnData, min_shared_genes: int = MIN_SHARED_GENES) -> tuple[ad.AnnData, ad.AnnData]:
+    """Raw counts of the reference and of the spots on their shared genes (``ref``, ``sp``), same gene order."""
+    spots = _spot_counts(table, table_key)
+    counts = reference_counts(reference)
+    shared = _shared_genes(reference.var_names, spots.var_names, min_shared_genes)
+    ref = ad.AnnData(counts[:, shared["reference"]], obs=pd.DataFrame(index=reference.obs_names.astype(str)))
+    sp = ad.AnnData(spots.X[:, shared["spots"]], obs=pd.DataFrame(index=spots.obs_names))
+    ref.var_names = sp.var_names = shared["names"]
+    return ref, sp
 
 
 def reference_counts(reference: ad.AnnData) -> sparse.csr_matrix:
@@ -188,7 +204,7 @@ def _spot_counts(table: ad.AnnData, table_key: str) -> ad.AnnData:
     if empty.all():
         raise InvalidInputError(f"Spots table {table_key!r} has only zero counts.")
     if empty.any():
-        warnings.warn(f"{empty.sum()} spots have no counts; Tangram gives them uninformative proportions.", stacklevel=3)
+        warnings.warn(f"{empty.sum()} spots have no counts; they get uninformative (uniform) proportions.", stacklevel=4)
     return ad.AnnData(X, obs=pd.DataFrame(index=table.obs_names.astype(str)), var=pd.DataFrame(index=table.var_names.astype(str)))
 
 
@@ -310,3 +326,13 @@ def _tangram(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[s
     frame = frame.div(np.where(totals > 0, totals, 1.0), axis=0)
     frame[totals <= 0] = 1.0 / frame.shape[1]
     return frame
+
+
+def _poisson(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[str]) -> pd.DataFrame:
+    """Maximum-likelihood cell fractions (spots × labels) of the Poisson mixture on the marker genes."""
+    genes = ref.var_names.get_indexer(markers)
+    types = list(labels.cat.categories)
+    mu, rho = type_signatures(ref.X[:, genes], labels.to_numpy().astype(str), types)
+    Y = sparse.csr_matrix(sp.X, dtype=np.float64)[:, genes].toarray()
+    pi, _, _ = composition_em(Y, mu, rho)
+    return pd.DataFrame(pi, index=sp.obs_names, columns=types)
