@@ -444,7 +444,9 @@ def section_speed(args, estimate_epoch_s_per_spot: float | None, trained=None) -
     n_nuclei = int(sdata.tables["histocell"].n_obs)
     n_spots = int(sdata.tables["table"].n_obs)
     result.update({"nuclei": n_nuclei, "spots": n_spots, "torch_threads": __import__("torch").get_num_threads()})
-    defaults = {"epochs": 40, "self_training_epochs": 10, "state_epochs": 15}
+    from histocell_sd.models._model import _stage_epochs
+
+    default_epochs = sum(_stage_epochs(round(n_spots * 0.85), None, None, None))  # the library's defaults on this slide
     if args.speed_train == "fit" or trained is None:
         fit_kwargs = {"epochs": 2, "self_training_epochs": 1, "state_epochs": 1} if args.quick else cli_epochs(args)
         result["fit_kwargs"] = fit_kwargs or "defaults"
@@ -453,7 +455,7 @@ def section_speed(args, estimate_epoch_s_per_spot: float | None, trained=None) -
         t = model.timing_summary()
         result["training"] = t | {"summary": model.training_summary_}
         if t["mean_epoch_s"]:
-            result["training"]["default_fit_extrapolated_upper_bound_s"] = round(t["prepare_s"] + sum(defaults.values()) * t["mean_epoch_s"], 0)
+            result["training"]["default_fit_extrapolated_upper_bound_s"] = round(t["prepare_s"] + default_epochs * t["mean_epoch_s"], 0)
         result["training_measured_on_this_slide"] = True
     else:
         model = trained
@@ -487,8 +489,8 @@ def section_speed(args, estimate_epoch_s_per_spot: float | None, trained=None) -
                       "x training spots of this slide; preprocessing approximated by the first predict call (an upper bound)",
             "epoch_s_per_training_spot": round(estimate_epoch_s_per_spot, 4),
             "epoch_s": round(epoch_s, 1),
-            "default_max_epochs": sum(defaults.values()),
-            "default_fit_upper_bound_s": round(first_s + sum(defaults.values()) * epoch_s, 0),
+            "default_max_epochs": default_epochs,
+            "default_fit_upper_bound_s": round(first_s + default_epochs * epoch_s, 0),
             "epochs_fitting_in_600_s": int(max(0, (600 - first_s) // epoch_s)),
         }
     fit_s = result.get("training", {}).get("fit_s") or result.get("training_extrapolated", {}).get("default_fit_upper_bound_s", np.inf)

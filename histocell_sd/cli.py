@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 SYNTHETIC_COMPARTMENTS = {"tumor": ["tumor"], "stroma": ["fibroblast", "endothelial"], "immune": ["lymphocyte", "macrophage"]}
@@ -23,9 +24,13 @@ def demo(out: Path, seed: int, preset: str, epochs: int, deconvolution: str, pro
     from .models import HistoCell
 
     def rmse(spots, key):
+        """Against the true proportions, over the spots that hold nuclei (HistoCell's view is undefined elsewhere)."""
         truth = spots.obsm["true_proportions"]
-        occupied = truth.sum(axis=1).to_numpy() > 0
-        return float(np.sqrt(((spots.obsm[key][truth.columns] - truth).to_numpy()[occupied] ** 2).mean()))
+        error = (spots.obsm[key][truth.columns] - truth).to_numpy()
+        keep = truth.sum(axis=1).to_numpy() > 0
+        if "histocell_proportions" in spots.obsm:
+            keep &= np.isfinite(spots.obsm["histocell_proportions"].to_numpy()).all(axis=1)
+        return float(np.sqrt((error[keep] ** 2).mean()))
 
     start = time.perf_counter()
     train, reference = datasets.synthetic_visium(seed=seed, preset=preset, proportions=None, progress=progress)
@@ -61,7 +66,9 @@ def demo(out: Path, seed: int, preset: str, epochs: int, deconvolution: str, pro
         f"  spot proportions Pearson r {r:.3f}"
     )
     tl.deconvolve(test, test_reference, method=deconvolution, progress=progress)
-    tl.refine_deconvolution(test, test_reference, progress=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # spots without nuclei keep the expression view
+        tl.refine_deconvolution(test, test_reference, progress=progress)
     in_spot = obs["spot_id"].notna() & obs["true_cell_type"].notna()
     refined = tl.classification_scores(obs.loc[in_spot, "true_cell_type"], obs.loc[in_spot, "refined_cell_type"], labels=model.cell_types)
     alone = tl.classification_scores(obs.loc[in_spot, "true_cell_type"], obs.loc[in_spot, "cell_type"], labels=model.cell_types)

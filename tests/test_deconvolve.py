@@ -216,6 +216,10 @@ def test_refine_reference_type_sets(tiny_predicted):
     extra.obs.iloc[:5, extra.obs.columns.get_loc("cell_type")] = "plasma"
     with pytest.raises(InvalidInputError, match=r"only in the reference \['plasma'\].*Subset the reference"):
         tl.refine_deconvolution(sdata, extra, progress=False)
+    logged = reference.copy()
+    logged.X = sparse.csr_matrix(np.log1p(logged.X.toarray() / 3))
+    with pytest.raises(InvalidInputError, match="no raw counts"):
+        tl.refine_deconvolution(sdata, logged, progress=False)
     with pytest.raises(InvalidInputError, match="needs a single-cell reference"):
         tl.refine_deconvolution(sdata, expression="counts", progress=False)
     with pytest.raises(InvalidInputError, match="expression must be one of"):
