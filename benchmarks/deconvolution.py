@@ -25,62 +25,19 @@ import json
 import time
 import warnings
 
-import anndata as ad
 import numpy as np
 import pandas as pd
-from spatialdata.models import ShapesModel, TableModel
-from spatialdata.transformations import Identity
 
 from histocell_sd import tl
 from histocell_sd._constants import (
     CELL_TYPE_KEY,
     CELL_TYPE_PROBA_KEY,
     HISTOCELL_KEY,
-    NUCLEI_KEY,
-    NUCLEUS_ID_KEY,
     PREDICTED_PROPORTIONS_KEY,
-    REGION_KEY,
     SPOT_ID_KEY,
 )
-from histocell_sd.datasets import synthetic_visium
+from histocell_sd.datasets import confused_probabilities, synthetic_visium, truth_as_predictions
 from histocell_sd.models import HistoCell
-
-SIMILAR = {"fibroblast": "endothelial", "endothelial": "fibroblast", "lymphocyte": "macrophage",
-           "macrophage": "lymphocyte", "tumor": "macrophage"}
-
-
-def simulated_probabilities(truth: pd.DataFrame, types, seed: int = 0, signal: float = 2.4, confusion: float = 1.2, noise: float = 1.1) -> pd.DataFrame:
-    """Stand-in nucleus probabilities: softmax of noisy logits favouring the true type, then its look-alike."""
-    rng = np.random.default_rng(seed)
-    types = list(types)
-    true = pd.Categorical(truth[CELL_TYPE_KEY].astype(str), categories=types).codes
-    similar = np.array([types.index(SIMILAR[t]) if SIMILAR.get(t) in types else i for i, t in enumerate(types)])
-    logits = rng.normal(0, noise, (len(true), len(types)))
-    logits[np.arange(len(true)), true] += signal
-    logits[np.arange(len(true)), similar[true]] += confusion
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return pd.DataFrame(p / p.sum(axis=1, keepdims=True), index=truth.index, columns=types)
-
-
-def add_nuclei(sdata, proba: pd.DataFrame) -> None:
-    """Write the prediction layout of tl.predict (nuclei circles + "histocell" table) from the truth nuclei."""
-    truth = sdata.tables["truth_nuclei"]
-    xy = np.asarray(truth.obsm["spatial"], dtype=np.float64)
-    names = pd.Index(truth.obs_names.astype(str), name=NUCLEUS_ID_KEY)
-    sdata.shapes[NUCLEI_KEY] = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), 8.0), index=names,
-                                                 transformations={"global": Identity()})
-    obs = pd.DataFrame(index=names.rename(None))
-    obs[REGION_KEY] = pd.Categorical([NUCLEI_KEY] * len(obs), categories=[NUCLEI_KEY])
-    obs[NUCLEUS_ID_KEY] = obs.index.to_numpy()
-    obs[SPOT_ID_KEY] = truth.obs["spot_id"].to_numpy()
-    obs[CELL_TYPE_KEY] = pd.Categorical(proba.columns.to_numpy()[proba.to_numpy().argmax(axis=1)], categories=list(proba.columns))
-    table = ad.AnnData(obs=obs, obsm={"spatial": xy, CELL_TYPE_PROBA_KEY: proba.set_axis(obs.index)})
-    sdata.tables[HISTOCELL_KEY] = TableModel.parse(table, region=NUCLEI_KEY, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
-    spots = sdata.tables["table"]
-    inside = obs[SPOT_ID_KEY].notna().to_numpy()
-    mean = proba[inside].groupby(obs.loc[inside, SPOT_ID_KEY].to_numpy()).mean()
-    spots.obsm[PREDICTED_PROPORTIONS_KEY] = mean.reindex(spots.obs_names).fillna(1.0 / proba.shape[1])
-
 
 @functools.cache
 def trained_model():
@@ -99,7 +56,7 @@ def nucleus_probabilities(sdata, source: str, seed: int) -> pd.DataFrame:
     truth = sdata.tables["truth_nuclei"].obs
     types = ["tumor", "fibroblast", "lymphocyte", "macrophage", "endothelial"]
     if source == "simulated":
-        return simulated_probabilities(truth, types, seed=seed)
+        return confused_probabilities(sdata, seed=seed)
     from histocell_sd.pp import store_nuclei
 
     store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]))
@@ -164,7 +121,7 @@ def evaluate(sdata, reference, probabilities: str, seed: int, epochs: int, stren
     if missing is not None:
         reference = reference[reference.obs["cell_type"] != missing].copy()
         reference.obs["cell_type"] = reference.obs["cell_type"].cat.remove_unused_categories()
-    add_nuclei(sdata, nucleus_probabilities(sdata, probabilities, seed))
+    truth_as_predictions(sdata, proba=nucleus_probabilities(sdata, probabilities, seed))
     spots, nuclei = sdata.tables["table"], sdata.tables[HISTOCELL_KEY]
     seconds = {}
     t0 = time.perf_counter()

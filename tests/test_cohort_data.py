@@ -69,3 +69,23 @@ def test_optional_image():
     samples, _, _ = synthetic_cohort(n_samples=2, seed=0, n_nuclei=200, image=True)
     img = samples["sample_00"].images["he"]
     assert img.shape[0] == 3 and img.dtype == np.uint8
+
+
+def test_truth_as_predictions_with_given_probabilities(tiny_predicted):
+    from histocell_sd import InvalidInputError
+    from histocell_sd.datasets import confused_probabilities, truth_as_predictions
+
+    sdata, _ = tiny_predicted  # written by truth_as_predictions(sdata, proba=confused_probabilities(sdata, seed=3))
+    proba = confused_probabilities(sdata, seed=3)
+    truth = sdata.tables["truth_nuclei"].obs["cell_type"].astype(str).to_numpy()
+    accuracy = (proba.to_numpy().argmax(axis=1) == pd.Categorical(truth, categories=CELL_TYPES).codes).mean()
+    assert 0.55 < accuracy < 0.85  # a confused stand-in, not the truth
+    nuclei, spots = sdata.tables["histocell"], sdata.tables["table"]
+    np.testing.assert_array_equal(nuclei.obsm[CELL_TYPE_PROBA_KEY].to_numpy(), proba.to_numpy())
+    assert (nuclei.obs["cell_type"].cat.codes.to_numpy() == proba.to_numpy().argmax(axis=1)).all()
+    means = spots.obsm["histocell_proportions"]
+    held = nuclei.obs["spot_id"].dropna().unique()
+    np.testing.assert_allclose(means.loc[held].sum(axis=1), 1, atol=1e-6)
+    assert means.drop(index=held).isna().all().all()  # spots without nuclei: undefined, as in tl.predict
+    with pytest.raises(InvalidInputError, match="one row per truth nucleus"):
+        truth_as_predictions(sdata, proba=proba.iloc[:10])

@@ -1,7 +1,7 @@
 """Embedded example data: the synthetic Visium + H&E generator and real NuCLS tiles."""
 
 from ._nucls import NUCLS_CLASSES, NUCLS_MPP, nucls, nucls_tile_names, read_nucls_tile
-from ._cohort import synthetic_cohort, truth_as_predictions
+from ._cohort import confused_probabilities, synthetic_cohort, truth_as_predictions
 from ._synthetic import PRESETS, TRUTH_LABELS_KEY, TRUTH_TABLE_KEY, synthetic_visium
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
 
@@ -14,6 +14,7 @@ __all__ = [
     "PRESETS",
     "TRUTH_LABELS_KEY",
     "TRUTH_TABLE_KEY",
+    "confused_probabilities",
     "nucls",
     "nucls_tile_names",
     "read_nucls_tile",

@@ -29,15 +29,19 @@ from .._constants import (
     IMAGE_KEY,
     NUCLEI_KEY,
     NUCLEUS_ID_KEY,
+    PREDICTED_PROPORTIONS_KEY,
     REGION_KEY,
     SPATIAL_KEY,
     SPOT_ID_KEY,
+    TABLE_KEY,
 )
 from .._errors import InvalidInputError
 from ._synthetic import TRUTH_TABLE_KEY
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
 
-__all__ = ["INFILTRATION_RADIUS_UM", "PROGNOSTIC_INDICATOR", "synthetic_cohort", "truth_as_predictions"]
+__all__ = ["INFILTRATION_RADIUS_UM", "PROGNOSTIC_INDICATOR", "confused_probabilities", "synthetic_cohort", "truth_as_predictions"]
+
+_LOOK_ALIKE = {"fibroblast": "endothelial", "endothelial": "fibroblast", "lymphocyte": "macrophage", "macrophage": "lymphocyte", "tumor": "macrophage"}
 
 PROGNOSTIC_INDICATOR = "infiltration_lymphocyte_in_tumor"
 """Name (as ``tl.spatial_indicators`` writes it) of the indicator the cohort's hazard depends on."""
@@ -319,12 +323,22 @@ def _render(rng, xy_px, radius_px, cell_type, size: int):
     return Image2DModel.parse(img, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={COORDINATE_SYSTEM: Identity()})
 
 
-def truth_as_predictions(sdata: SpatialData, *, type_noise: float = 0.0, seed: int = 0, table_key: str = HISTOCELL_KEY, key_added: str = NUCLEI_KEY) -> None:
+def truth_as_predictions(
+    sdata: SpatialData,
+    *,
+    type_noise: float = 0.0,
+    seed: int = 0,
+    proba: pd.DataFrame | None = None,
+    table_key: str = HISTOCELL_KEY,
+    key_added: str = NUCLEI_KEY,
+) -> None:
     """Write "perfect" (or noisy) predictions of a :func:`synthetic_visium` slide from its truth.
 
     Stand-in for ``tl.predict`` when testing downstream analysis: nucleus circles
     ``key_added`` at the true centroids and the table ``table_key`` in the prediction layout
-    with the true ``cell_type``, ``cell_state``, ``compartment`` and ``spot_id``.
+    with the true ``cell_type``, ``cell_state``, ``compartment`` and ``spot_id``; like ``tl.predict``,
+    the spots table gets the mean nucleus probability per spot in ``obsm["histocell_proportions"]``
+    (NaN for spots without nuclei).
 
     Parameters
     ----------
@@ -334,6 +348,9 @@ def truth_as_predictions(sdata: SpatialData, *, type_noise: float = 0.0, seed: i
         Share of nuclei whose type (and state) is replaced by a uniformly random one.
     seed
         Seed of the noise, probabilities and embedding.
+    proba
+        Nucleus type probabilities to write instead (rows = the truth nuclei in order, columns =
+        cell types, e.g. :func:`confused_probabilities`); ``cell_type`` becomes their argmax.
     table_key, key_added
         Names of the table and the nucleus shapes written.
     """
@@ -354,4 +371,38 @@ def truth_as_predictions(sdata: SpatialData, *, type_noise: float = 0.0, seed: i
     )
     table.obs[SPOT_ID_KEY] = truth.obs["spot_id"].to_numpy()
     table.uns["histocell"] = {"mpp": mpp, "method": "truth" if type_noise == 0 else f"truth+{type_noise:g} type noise"}
+    if proba is not None:
+        if proba.shape[0] != len(xy) or list(proba.columns) != list(CELL_TYPES):
+            raise InvalidInputError(f"proba must have one row per truth nucleus ({len(xy)}) and the columns {list(CELL_TYPES)}.")
+        proba = proba.set_axis(table.obs_names)
+        table.obsm[CELL_TYPE_PROBA_KEY] = proba
+        table.obs[CELL_TYPE_KEY] = pd.Categorical(np.asarray(CELL_TYPES)[proba.to_numpy().argmax(axis=1)], categories=list(CELL_TYPES))
+        table.uns["histocell"]["method"] = "given probabilities"
     sdata.tables[table_key] = table
+    if TABLE_KEY in sdata.tables:
+        spots = sdata.tables[TABLE_KEY]
+        probabilities = table.obsm[CELL_TYPE_PROBA_KEY]
+        inside = table.obs[SPOT_ID_KEY].notna().to_numpy()
+        means = probabilities[inside].groupby(table.obs.loc[inside, SPOT_ID_KEY].to_numpy()).mean()
+        spots.obsm[PREDICTED_PROPORTIONS_KEY] = means.reindex(spots.obs_names)
+
+
+def confused_probabilities(sdata: SpatialData, seed: int = 0, signal: float = 2.4, confusion: float = 1.2, noise: float = 1.1) -> pd.DataFrame:
+    """Stand-in nucleus probabilities of a :func:`synthetic_visium` slide: right on average, confused like a real model.
+
+    The softmax of Gaussian logits (sd ``noise``) raised by ``signal`` for each truth nucleus's type
+    and by ``confusion`` for its look-alike (fibroblast/endothelial, lymphocyte/macrophage,
+    tumour→macrophage); the defaults give ≈ 70 % top-1 accuracy. Rows follow the truth nuclei.
+    """
+    if TRUTH_TABLE_KEY not in sdata.tables:
+        raise InvalidInputError(f"The SpatialData has no {TRUTH_TABLE_KEY!r} table: confused_probabilities needs a synthetic_visium slide.")
+    types = list(CELL_TYPES)
+    truth = sdata.tables[TRUTH_TABLE_KEY].obs
+    rng = np.random.default_rng(seed)
+    true = pd.Categorical(truth["cell_type"].astype(str), categories=types).codes
+    similar = np.array([types.index(_LOOK_ALIKE[t]) for t in types])
+    logits = rng.normal(0, noise, (len(true), len(types)))
+    logits[np.arange(len(true)), true] += signal
+    logits[np.arange(len(true)), similar[true]] += confusion
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return pd.DataFrame(p / p.sum(axis=1, keepdims=True), index=truth.index, columns=types)
