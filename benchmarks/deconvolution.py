@@ -1,11 +1,16 @@
 """Benchmark: Tangram alone vs HistoCell alone vs histology-refined deconvolution, against truth.
 
 Prints JSON. Spot level: RMSE and mean Jensen-Shannon divergence of the spot proportions against the
-true cell fractions. Nucleus level: accuracy of Tangram's in-spot assignment (type counts dealt in
-arbitrary order, as ``tangram.utils.deconvolve_cell_annotations``), of the image model alone
-(argmax) and of the refined assignment. Regimes: normal depth, low UMI depth (``umi_per_cell=300``)
-and a cell type missing from the reference. A separate run times deconvolve + refine on the
-``"visium"`` preset (generation not counted).
+true cell fractions, for Tangram, the Poisson mixture alone (``deconvolve(method="poisson")``),
+HistoCell alone (mean nucleus probability), the refinement with the spot counts (default) and the
+refinement of Tangram's proportions (``expression="proportions"``). Nucleus level: accuracy of a
+deconvolution's in-spot assignment (type counts dealt in arbitrary order, as
+``tangram.utils.deconvolve_cell_annotations``), of the image model alone (argmax), of both
+refinements, and the bound of any assignment given the true counts. Regimes: normal depth, low UMI
+depth (``umi_per_cell=300``), a cell type missing from the reference, and a platform effect
+(every reference gene's expression scaled by a log-normal factor, sd 0.5, as between a single-cell
+reference and Visium). A separate run times deconvolve + refine on the ``"visium"`` preset
+(generation not counted).
 
 Usage::
 
@@ -27,6 +32,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from histocell_sd import tl
 from histocell_sd._constants import (
@@ -92,6 +98,15 @@ def spot_scores(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
 
     return {"rmse": round(float(np.sqrt(((pred - true) ** 2).mean())), 4),
             "jsd": round(float((0.5 * kl(pred, m) + 0.5 * kl(true, m)).mean() / np.log(2)), 4)}
+
+
+def platform_shift(reference, sd: float, seed: int):
+    """The reference as another platform would measure it: each gene scaled by exp(N(0, sd)), counts redrawn."""
+    rng = np.random.default_rng(seed)
+    factor = np.exp(rng.normal(0, sd, reference.n_vars))
+    shifted = reference.copy()
+    shifted.X = sparse.csr_matrix(rng.poisson(reference.X.toarray() * factor).astype(np.float32))
+    return shifted
 
 
 def oracle_assignment(sdata) -> np.ndarray:
@@ -173,16 +188,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--strength", type=float, default=2.0)
     parser.add_argument("--image-prior", choices=["mean", "none"], default="mean")
     parser.add_argument("--umi-weight", type=float, default=1.0)
+    parser.add_argument("--regimes", nargs="+", default=None, help="subset of the regimes (default: all)")
     args = parser.parse_args(argv)
-    regimes = {"normal": {}, "low_umi_300": {"umi_per_cell": 300.0}, "missing_endothelial": {"missing": "endothelial"}}
+    regimes = {"normal": {}, "low_umi_300": {"umi_per_cell": 300.0}, "missing_endothelial": {"missing": "endothelial"},
+               "platform_effect_0.5": {"platform_sd": 0.5}}
     prior = None if args.image_prior == "none" else args.image_prior
     results = {"probabilities": args.probabilities, "image_prior": args.image_prior, "preset": args.preset,
                "umi_weight": args.umi_weight, "strength_of_proportions_model": args.strength, "regimes": {}}
     for name, regime in regimes.items():
+        if args.regimes and name not in args.regimes:
+            continue
         runs = {}
         for seed in args.seeds:
             sdata, reference = synthetic_visium(seed=seed, preset=args.preset, progress=False,
                                                 umi_per_cell=regime.get("umi_per_cell", 2500.0))
+            if "platform_sd" in regime:
+                reference = platform_shift(reference, regime["platform_sd"], seed)
             runs[f"seed{seed}"] = evaluate(sdata, reference, args.probabilities, seed, args.epochs, args.strength, regime.get("missing"),
                                               prior, args.umi_weight)
         results["regimes"][name] = runs

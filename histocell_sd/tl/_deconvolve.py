@@ -51,9 +51,10 @@ def deconvolve(
       distribution over spots) and ``n_c`` the type's share of reference cells, i.e. Tangram's own
       cluster density.
     * ``method="poisson"``: the spot's marker counts are a Poisson mixture of the types' reference
-      signatures, weighted by cell fraction × the type's RNA content (mean reference library size);
-      the maximum-likelihood fractions are found by EM (see ``histocell_sd.tl._poisson``). It is
-      the expression half of :func:`refine_deconvolution`'s ``expression="counts"`` model.
+      signatures, weighted by cell fraction × the type's RNA content (mean reference library size),
+      with one platform factor per gene fitted across the spots; the maximum-likelihood fractions
+      are found by EM (see ``histocell_sd.tl._poisson``). It is the expression half of
+      :func:`refine_deconvolution`'s ``expression="counts"`` model.
 
     Parameters
     ----------

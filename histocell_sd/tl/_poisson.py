@@ -15,8 +15,11 @@ The MAP composition maximises ``τ Σ_g y_sg log Σ_k w_sk μ_kg + Σ_i log Σ_k
 * M-step, the stationary point of the Lagrangian (its multiplier is the nucleus count ``n_s``):
   ``π_sk ∝ (τ U_sk + N_sk) / (n_s + τ U_s ρ_k / Σ_j π_sj ρ_j)``.
 
-Without nuclei this is a Poisson regression on the signatures (the likelihood of RCTD or
-stereoscope, without their gene-wise platform effects). A type with ``ρ_k = 0`` (absent from the
+Gene-wise platform effects (a single-cell reference and Visium capture genes differently) are fitted
+as one factor ``γ_g`` per gene shared by all spots: the signatures become ``μ_kg γ_g`` renormalised
+(and ``ρ_k`` the RNA they capture), with ``γ`` updated after each M-step so that the spots' pooled
+counts match the model's, as RCTD does. Without nuclei this is a Poisson regression on the
+signatures (the likelihood of RCTD or stereoscope). A type with ``ρ_k = 0`` (absent from the
 reference) takes no UMIs; its share comes from the nuclei alone.
 """
 
@@ -57,6 +60,7 @@ def composition_em(
     spot_of: np.ndarray | None = None,
     max_iter: int = 500,
     tol: float = 1e-6,
+    platform_effects: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """MAP cell fractions of the spots (module docstring); returns ``π``, the nucleus posteriors and the iterations.
 
@@ -75,6 +79,10 @@ def composition_em(
         is its normalised ``ℓ``.
     max_iter, tol
         Stop when no ``π_sk`` moves more than ``tol``.
+    platform_effects
+        Also fit one factor per gene shared by all spots (``μ_kg → μ_kg γ_g``, renormalised), so
+        that the spots' pooled counts match the model's (the gene-wise platform effect between a
+        single-cell reference and Visium).
     """
     n_spots, n_types = Y.shape[0], mu.shape[0]
     umis = Y.sum(axis=1)
@@ -86,8 +94,13 @@ def composition_em(
         n_nuclei = np.asarray(members.sum(axis=1)).ravel()
     else:
         n_nuclei = np.zeros(n_spots)
+    base_mu, base_rho = mu, rho
+    gamma = np.ones(Y.shape[1])
+    pooled = Y.sum(axis=0)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
+        if platform_effects:
+            mu, rho = _scaled(base_mu, base_rho, gamma)
         w = pi * rho
         w /= np.maximum(w.sum(axis=1, keepdims=True), _TINY)
         U = w * ((Y / np.maximum(w @ mu, _TINY)) @ mu.T)
@@ -102,6 +115,12 @@ def composition_em(
         new = np.where(totals > 0, new / np.maximum(totals, _TINY), pi)  # no UMI and no nucleus: unchanged
         change = np.abs(new - pi).max() if n_spots else 0.0
         pi = new
+        if platform_effects:
+            w = pi * rho
+            w /= np.maximum(w.sum(axis=1, keepdims=True), _TINY)
+            expected = umis @ (w @ mu)
+            gamma = gamma * np.where(expected > 0, pooled / np.maximum(expected, _TINY), 1.0)
+            gamma /= np.exp(np.log(np.maximum(gamma, _TINY)).mean())
         if change < tol:
             break
     if likelihood is None:
@@ -109,6 +128,13 @@ def composition_em(
     Q = likelihood / np.maximum(likelihood.sum(axis=1, keepdims=True), _TINY)
     Q[inside] = _posterior(likelihood[inside], pi[rows])
     return pi, Q, n_iter
+
+
+def _scaled(mu: np.ndarray, rho: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signatures seen through the gene factors ``γ`` (rows renormalised) and the RNA content they capture."""
+    captured = mu @ gamma
+    safe = np.maximum(captured, _TINY)
+    return mu * gamma / safe[:, None], rho * captured
 
 
 def _posterior(likelihood: np.ndarray, prior: np.ndarray) -> np.ndarray:

@@ -8,9 +8,9 @@ marginal (mean probability over the slide's nuclei; ``image_prior="mean"``, the 
 (``image_prior=None``). The expression evidence enters in one of two ways:
 
 * ``expression="counts"`` (with a reference; the default then): the spot's UMI counts are a
-  Poisson mixture of the reference's type signatures weighted by ``π_s`` × RNA content, so the
-  composition maximises the joint likelihood of the counts and the nuclei
-  (:mod:`histocell_sd.tl._poisson`).
+  Poisson mixture of the reference's type signatures weighted by ``π_s`` × RNA content, with a
+  platform factor per gene, so the composition maximises the joint likelihood of the counts and
+  the nuclei (:mod:`histocell_sd.tl._poisson`).
 * ``expression="proportions"`` (external or Tangram proportions ``e_s`` only): ``π_s`` has a
   Dirichlet prior centred on ``e_s`` with a strength of ``strength`` pseudo-nuclei. Deconvolution
   biases are mostly slide-wide per type (RNA content, capture, reference mismatch), so ``e_s`` is
