@@ -259,3 +259,24 @@ def test_composition_em_recovers_fractions_and_platform_effects():
 
     assert rmse(True) < 0.03
     assert rmse(True) < 0.5 * rmse(False)
+
+
+def test_deconvolve_is_the_same_in_every_process():
+    """Tangram orders genes through a Python set, whose order changes with the process's hash seed."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, warnings; warnings.simplefilter('ignore')\n"
+        "from histocell_sd import datasets, tl\n"
+        "s, r = datasets.synthetic_visium(seed=3, preset='tiny', progress=False)\n"
+        "tl.deconvolve(s, r, epochs=20, progress=False)\n"
+        "print(hashlib.md5(s.tables['table'].obsm['proportions'].to_numpy().tobytes()).hexdigest())\n"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
+                       capture_output=True, text=True, check=True).stdout.split()[-1]
+        for h in (1, 2)
+    }
+    assert len(digests) == 1

@@ -307,6 +307,9 @@ def _tangram(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[s
     logger.setLevel(logging.WARNING)  # tangram logs every step at INFO on the root logger
     try:
         tg.pp_adatas(sc_data, sp_data, genes=markers)
+        for adata in (sc_data, sp_data):  # tangram orders genes through a set: fix the order, or results vary by process
+            for key in ("training_genes", "overlap_genes"):
+                adata.uns[key] = sorted(adata.uns[key])
         if len(sc_data.uns["training_genes"]) < 2:
             raise InvalidInputError(f"Only {len(sc_data.uns['training_genes'])} marker genes are expressed in both the reference and the spots.")
         with _seeded(seed), warnings.catch_warnings():
