@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/histocell-sd demo
 
 test: $(STAMP)
-	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -p nbval --nbval-lax -q tests tutorials
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -p nbval --nbval-lax -q tests tutorials notebooks
 
 clean:
 	rm -rf $(VENV) histocell_demo
