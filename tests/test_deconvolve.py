@@ -210,7 +210,8 @@ def test_refine_reference_type_sets(tiny_predicted):
     refined = sdata.tables["table"].obsm["refined_proportions"]
     assert refined["macrophage"].max() > 0
     with pytest.raises(InvalidInputError, match=r"\['macrophage'\].*absent from reference"):
-        tl.refine_deconvolution(sdata, partial, missing_types="image", progress=False)
+        tl.refine_deconvolution(sdata, partial, missing_types="image", key_added="not_written", progress=False)
+    assert "not_written" not in sdata.tables["table"].obsm  # refused before anything was written
     extra = reference.copy()
     extra.obs["cell_type"] = extra.obs["cell_type"].cat.add_categories("plasma")
     extra.obs.iloc[:5, extra.obs.columns.get_loc("cell_type")] = "plasma"

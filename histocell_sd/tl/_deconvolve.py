@@ -116,9 +116,10 @@ def deconvolve(
         steps.update()
     steps.close()
 
-    table.obsm[key_added] = check_proportions(results["cell types"], spot_ids=table.obs_names, name=f"{method} proportions")
+    checked = {what: check_proportions(frame, spot_ids=table.obs_names, name=f"{method} {what} proportions") for what, frame in results.items()}
+    table.obsm[key_added] = checked["cell types"]
     if state_key is not None:
-        table.obsm[STATE_PROPORTIONS_KEY] = check_proportions(results["states"], spot_ids=table.obs_names, name=f"{method} state proportions")
+        table.obsm[STATE_PROPORTIONS_KEY] = checked["states"]
     table.uns["deconvolution"] = {
         "method": method,
         "mode": "clusters" if method == "tangram" else "mixture",

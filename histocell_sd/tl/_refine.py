@@ -217,6 +217,9 @@ def refine_deconvolution(
     posterior = P.copy()
     posterior[inside] = Q[inside]
     assigned[inside] = _assign(posterior, spot_of, n_nuclei, pi, progress)
+    imputed = None
+    if reference is not None and expression_key is not None:  # may refuse: before anything is written
+        imputed = _imputed_expression(nuclei, reference, cell_type_key, types, assigned, spot_of, spots, match, top_k, seed)
 
     spots.obsm[key_added] = pd.DataFrame(pi, index=spots.obs_names, columns=types)
     nuclei.obs[REFINED_TYPE_KEY] = pd.Categorical.from_codes(assigned, categories=types)
@@ -233,10 +236,8 @@ def refine_deconvolution(
         "n_nuclei_outside_spots": int((~inside).sum()),
     }
     spots.uns["refinement"] = settings
-    if reference is not None and expression_key is not None:
-        sdata.tables[expression_key] = _imputed_expression(
-            nuclei, reference, cell_type_key, types, assigned, spot_of, spots, match, top_k, seed
-        )
+    if imputed is not None:
+        sdata.tables[expression_key] = imputed
 
 
 def largest_remainder(fractions: np.ndarray, total: int) -> np.ndarray:
