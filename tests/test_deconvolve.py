@@ -260,6 +260,10 @@ def test_composition_em_recovers_fractions_and_platform_effects():
 
     assert rmse(True) < 0.03
     assert rmse(True) < 0.5 * rmse(False)
+    with pytest.warns(UserWarning, match="stopped after max_iter=2 iterations"):
+        composition_em(Y, mu, rho, max_iter=2)
+    with pytest.raises(InvalidInputError, match="max_iter must be at least 1"):
+        composition_em(Y, mu, rho, max_iter=0)
 
 
 def test_deconvolve_is_the_same_in_every_process():

@@ -25,8 +25,12 @@ reference) takes no UMIs; its share comes from the nuclei alone.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import sparse
+
+from .._errors import InvalidInputError
 
 _TINY = 1e-300
 
@@ -58,8 +62,8 @@ def composition_em(
     umi_weight: float = 1.0,
     likelihood: np.ndarray | None = None,
     spot_of: np.ndarray | None = None,
-    max_iter: int = 500,
-    tol: float = 1e-6,
+    max_iter: int = 1000,
+    tol: float = 1e-5,
     platform_effects: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """MAP cell fractions of the spots (module docstring); returns ``π``, the nucleus posteriors and the iterations.
@@ -84,6 +88,8 @@ def composition_em(
         that the spots' pooled counts match the model's (the gene-wise platform effect between a
         single-cell reference and Visium).
     """
+    if max_iter < 1:
+        raise InvalidInputError(f"max_iter must be at least 1, got {max_iter}.")
     n_spots, n_types = Y.shape[0], mu.shape[0]
     umis = Y.sum(axis=1)
     pi = np.full((n_spots, n_types), 1.0 / n_types)
@@ -123,6 +129,8 @@ def composition_em(
             gamma /= np.exp(np.log(np.maximum(gamma, _TINY)).mean())
         if change < tol:
             break
+    else:
+        warnings.warn(f"The composition EM stopped after max_iter={max_iter} iterations, still moving by {change:.2g} (tol {tol:g}).", stacklevel=3)
     if likelihood is None:
         return pi, None, n_iter
     Q = likelihood / np.maximum(likelihood.sum(axis=1, keepdims=True), _TINY)
