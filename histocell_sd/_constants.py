@@ -26,3 +26,11 @@ EMBEDDING_KEY = "histocell_embedding"  # obsm, float32 array
 SPATIAL_KEY = "spatial"  # obsm, px centroids (x, y)
 PREDICTED_PROPORTIONS_KEY = "histocell_proportions"  # spots table obsm, DataFrame
 STATE_PROPORTIONS_KEY = "state_proportions"  # spots table obsm, DataFrame (columns = states)
+
+# Colours of categories (cell types, states, compartments) in the order of the model's labels: bright and
+# saturated so they stay visible over hematoxylin (purple) and eosin (pink); stored as uns["<key>_colors"]
+# (the scanpy convention spatialdata-plot and squidpy read).
+PALETTE = (
+    "#ffe119", "#00e5ff", "#3cb44b", "#ff7f00", "#1e40ff", "#b8ff2e", "#ffffff", "#000000",
+    "#8b4513", "#00a087", "#ffb3c7", "#7f7f7f",
+)  # fmt: skip

@@ -106,29 +106,63 @@ def segment(store: Path, n_jobs: int, progress: bool) -> None:
     print(f"{store}: {sdata.tables['histocell'].n_obs} nuclei")
 
 
-def train(stores: list[Path], out: Path, epochs: int | None, states: str | None, compartments: str | None, seed: int, progress: bool) -> None:
+def _json_option(text: str | None, option: str) -> dict | None:
+    """The JSON object given to ``option``, refusing malformed JSON with a message naming the option."""
+    from ._errors import InvalidInputError
+
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(f"{option} is not valid JSON ({error}); quote names, e.g. {option} '{{\"tumor\": [\"a\", \"b\"]}}'.") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{option} must be a JSON object {{\"name\": [\"...\", ...]}}, got {text!r}.")
+    return value
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool, *, in_place: Path | None = None) -> None:
+    """Refuse an output that is, contains or lies in an input (``in_place`` excepted), or exists without ``overwrite``."""
+    from ._errors import InvalidInputError
+
+    target = out.resolve()
+    if in_place is not None and target == in_place.resolve():
+        return
+    for source in inputs:
+        source_r = source.resolve()
+        if target == source_r or target in source_r.parents or source_r in target.parents:
+            raise InvalidInputError(f"--out {out} is, contains or lies inside the input {source}; writing it would destroy that input. Choose another --out.")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise InvalidInputError(f"--out {out} already exists; pass --overwrite to replace it.")
+
+
+def train(stores: list[Path], out: Path, epochs: int | None, states: str | None, compartments: str | None, seed: int,
+          progress: bool, overwrite: bool = False) -> None:
     """Train a model on the spot proportions of one or more segmented zarr stores."""
     from . import io
     from ._errors import InvalidInputError
     from .models import HistoCell
 
+    state_map, compartment_map = _json_option(states, "--states"), _json_option(compartments, "--compartments")
+    _check_out(out, stores, overwrite)
     samples = [io.read_zarr(s) for s in stores]
     table = samples[0].tables.get("table")
     if table is None or "proportions" not in table.obsm:
         raise InvalidInputError(f"{stores[0]} has no spot proportions (tables['table'].obsm['proportions']).")
     cell_types = list(table.obsm["proportions"].columns)
-    state_map = json.loads(states) if states else samples[0].attrs.get("cell_states")
-    compartment_map = json.loads(compartments) if compartments else None
+    state_map = state_map if state_map is not None else samples[0].attrs.get("cell_states")
     model = HistoCell(cell_types, states=state_map, compartments=compartment_map).fit(samples, epochs=epochs, seed=seed, progress=progress)
-    model.save(out, overwrite=True)
+    model.save(out, overwrite=overwrite)
     print(f"model saved to {out}: {json.dumps(model.training_summary_)}")
 
 
-def predict(store: Path, model_dir: Path, out: Path | None, progress: bool) -> None:
-    """Predict every nucleus of a segmented zarr store with a saved model."""
+def predict(store: Path, model_dir: Path, out: Path | None, progress: bool, overwrite: bool = False) -> None:
+    """Predict every nucleus of a segmented zarr store with a saved model (in place unless ``out``)."""
     from . import io, tl
     from .models import HistoCell
 
+    if out is not None:
+        _check_out(out, [store, model_dir], overwrite, in_place=store)
     model = HistoCell.load(model_dir)
     sdata = io.read_zarr(store)
     tl.predict(sdata, model, progress=progress)
@@ -159,20 +193,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--states", help='JSON {"cell_type": ["state", ...]} (default: the store\'s attrs["cell_states"])')
     p.add_argument("--compartments", help='JSON {"compartment": ["cell_type", ...]}')
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p = sub.add_parser("predict", help="predict the nuclei of a segmented zarr store")
     p.add_argument("store", type=Path)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, help="output store (default: in place)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     progress = not args.quiet
-    if args.command == "demo":
-        demo(args.out, args.seed, args.preset, args.epochs, args.deconvolution, progress)
-    elif args.command == "segment":
-        segment(args.store, args.n_jobs, progress)
-    elif args.command == "train":
-        train(args.stores, args.out, args.epochs, args.states, args.compartments, args.seed, progress)
-    elif args.command == "predict":
-        predict(args.store, args.model, args.out, progress)
+    try:
+        if args.command == "demo":
+            demo(args.out, args.seed, args.preset, args.epochs, args.deconvolution, progress)
+        elif args.command == "segment":
+            segment(args.store, args.n_jobs, progress)
+        elif args.command == "train":
+            train(args.stores, args.out, args.epochs, args.states, args.compartments, args.seed, progress, args.overwrite)
+        elif args.command == "predict":
+            predict(args.store, args.model, args.out, progress, args.overwrite)
+    except Exception as error:  # noqa: BLE001 - every failure is reported as one line, exit status 2
+        from ._errors import InvalidInputError
+
+        message = str(error) if isinstance(error, InvalidInputError) else f"{type(error).__name__}: {error}"
+        print(f"histocell-sd {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
     return 0
 
 

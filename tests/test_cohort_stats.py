@@ -118,3 +118,23 @@ def test_no_effect_nothing_passes_fdr():
     rate = hits.mean()
     print(f"false-positive rate over {len(hits)} null cohorts: {rate.round(3).to_dict()}")
     assert (rate <= 0.10).all()
+
+
+def _separating(n_samples: int, events: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An indicator that falls as the follow-up time grows (it orders the event times) and a noise indicator."""
+    index = [f"s{i}" for i in range(n_samples)]
+    duration = np.arange(1.0, n_samples + 1)
+    noise = np.random.default_rng(0).normal(size=n_samples)
+    return (pd.DataFrame({"ordering": -duration, "noise": noise}, index=index),
+            pd.DataFrame({"duration": duration, "event": events}, index=index))
+
+
+@pytest.mark.parametrize("n_samples, events", [(3, [1, 1, 0]), (12, [1, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1])])
+def test_survival_separation_gives_nan_and_a_warning(n_samples, events):
+    df, clinical = _separating(n_samples, events)
+    with pytest.warns(UserWarning, match=r"no finite estimate for 1 indicators.*\['ordering'\].*separation"):
+        res = tl.survival(df, clinical=clinical, multivariate=False)
+    assert res.attrs["not_estimable"] == ["ordering"]
+    assert res.loc["ordering", ["hazard_ratio", "ci_lower", "ci_upper", "p", "fdr"]].isna().all()
+    assert res.loc["ordering", "n_events"] == sum(events)
+    assert np.isfinite(res.loc["noise", "hazard_ratio"]) and res.index[0] == "noise"

@@ -143,3 +143,62 @@ def test_nucls_tiles():
     truth = sdata.tables[TRUTH_TABLE_KEY]
     assert truth.n_obs > 0 and set(truth.obs["cell_type"].cat.categories) == set(hc.datasets.NUCLS_CLASSES)
     assert len(hc.datasets.nucls_tile_names("all")) == 15
+
+
+def test_brca_m2c_embedded_patches():
+    patches = hc.datasets.brca_m2c("test")
+    assert len(patches) == 4 and len(hc.datasets.brca_m2c_names("train")) == 2 and hc.datasets.brca_m2c_names("val") == []
+    for sdata in patches.values():
+        hc.io.validate(sdata)
+        assert sdata.attrs["mpp"] == pytest.approx(0.5, abs=0.01)
+        truth = sdata.tables[TRUTH_TABLE_KEY]
+        assert list(truth.obs["cell_type"].cat.categories) == list(hc.datasets.BRCA_M2C_CLASSES)
+        xy = truth.obsm["spatial"]
+        height, width = _image(sdata).shape[:2]
+        assert (xy >= 0).all() and (xy[:, 0] < width).all() and (xy[:, 1] < height).all()
+    rgb, mpp, points = hc.datasets.read_brca_m2c_patch(hc.datasets.brca_m2c_names("test")[0])
+    assert rgb.dtype == np.uint8 and rgb.shape[2] == 3 and len(points) == 324  # 89 lymphocytes, 144 tumour, 91 stromal
+    assert points["cell_type"].value_counts().to_dict() == {"tumor": 144, "stromal": 91, "lymphocyte": 89}
+
+
+def test_brca_m2c_bad_inputs(tmp_path):
+    with pytest.raises(hc.InvalidInputError, match="split"):
+        hc.datasets.brca_m2c_names("holdout")
+    with pytest.raises(hc.InvalidInputError, match="not a BRCA-M2C folder"):
+        hc.datasets.brca_m2c("test", path=tmp_path)
+    with pytest.raises(hc.InvalidInputError, match="No BRCA-M2C patch"):
+        hc.datasets.read_brca_m2c_patch("TCGA-nope_1_1_1000_1000_0.93")
+
+
+def test_pseudo_spots_hold_the_shares_of_annotated_cells():
+    sdata = hc.datasets.brca_m2c("test")[hc.datasets.brca_m2c_names("test")[0]]
+    hc.datasets.pseudo_spots(sdata)
+    spots, table = sdata.shapes["spots"], sdata.tables["table"]
+    hc.io.validate(sdata)
+    props = table.obsm["proportions"]
+    assert list(props.columns) == list(hc.datasets.BRCA_M2C_CLASSES)
+    np.testing.assert_allclose(props.sum(1), 1.0)
+    radius = spots["radius"].iloc[0]
+    assert radius * 2 * sdata.attrs["mpp"] == pytest.approx(55.0)
+    height, width = _image(sdata).shape[:2]
+    assert ((spots.geometry.x - radius >= 0) & (spots.geometry.x + radius <= width)).all()  # wholly inside
+    # recount the first spot by hand
+    truth = sdata.tables[TRUTH_TABLE_KEY]
+    xy = truth.obsm["spatial"]
+    inside = np.hypot(xy[:, 0] - spots.geometry.x.iloc[0], xy[:, 1] - spots.geometry.y.iloc[0]) <= radius
+    counts = truth.obs["cell_type"][inside].value_counts(normalize=True).reindex(props.columns, fill_value=0)
+    np.testing.assert_allclose(props.iloc[0].to_numpy(), counts.to_numpy())
+    assert table.obs["n_cells"].iloc[0] == inside.sum()
+    with pytest.raises(hc.InvalidInputError, match="overwrite=True"):
+        hc.datasets.pseudo_spots(sdata)
+    hc.datasets.pseudo_spots(sdata, diameter_um=100.0, pitch_um=110.0, overwrite=True)
+    assert table is not sdata.tables["table"] and sdata.tables["table"].obs["n_cells"].mean() > 3 * table.obs["n_cells"].mean()
+
+
+def test_pseudo_spots_refuse_when_none_qualifies():
+    sdata = hc.datasets.brca_m2c("test")[hc.datasets.brca_m2c_names("test")[0]]
+    with pytest.raises(hc.InvalidInputError, match="No 55.0 µm pseudo-spot"):
+        hc.datasets.pseudo_spots(sdata, min_cells=10_000)
+    assert "spots" not in sdata.shapes and "table" not in sdata.tables
+    with pytest.raises(hc.InvalidInputError, match="No annotated cells"):
+        hc.datasets.pseudo_spots(sdata, truth_key="missing")

@@ -285,3 +285,27 @@ def test_deconvolve_is_the_same_in_every_process():
         for h in (1, 2)
     }
     assert len(digests) == 1
+
+
+def test_deconvolve_reference_not_anndata(tiny_predicted):
+    sdata, reference = tiny_predicted
+    frame, before = reference.to_df(), set(sdata.tables["table"].obsm)
+    with pytest.raises(InvalidInputError, match="reference must be an AnnData.*got DataFrame"):
+        tl.deconvolve(sdata, frame, key_added="new", progress=False)
+    with pytest.raises(InvalidInputError, match="reference must be an AnnData.*got DataFrame"):
+        tl.refine_deconvolution(sdata, frame, key_added="new", progress=False)
+    assert set(sdata.tables["table"].obsm) == before
+
+
+def test_refine_expression_key_must_not_overwrite_other_elements(tiny_predicted):
+    sdata, reference = tiny_predicted
+    spots, nuclei = sdata.tables["table"].copy(), sdata.tables["histocell"].copy()
+    for key in ("table", "histocell", "nuclei", "spots"):
+        with pytest.raises(InvalidInputError, match=f"expression_key '{key}' names an existing .* did not write"):
+            tl.refine_deconvolution(sdata, reference, expression_key=key, progress=False)
+    assert "refined_proportions" not in sdata.tables["table"].obsm and "refined_cell_type" not in sdata.tables["histocell"].obs
+    assert sdata.tables["table"].n_vars == spots.n_vars and sdata.tables["histocell"].n_vars == nuclei.n_vars
+    with pytest.warns(UserWarning, match="hold no nuclei") if _has_empty_spots(sdata) else _nothing():
+        tl.refine_deconvolution(sdata, reference, expression_key="imputed", progress=False)
+        tl.refine_deconvolution(sdata, reference, expression_key="imputed", seed=1, progress=False)  # its own output: replaced
+    assert sdata.tables["imputed"].uns["imputation"]["seed"] == 1

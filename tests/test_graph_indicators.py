@@ -158,6 +158,17 @@ def test_infiltration_matches_reference():
     assert 0.05 < got < 0.95
 
 
+def test_infiltration_unknown_cell_type_refused():
+    adata = _hand_made()
+    with pytest.raises(InvalidInputError, match=r"unknown cell types \['tcell'\].*\['tumor', .*'lymphocyte'"):
+        tl.spatial_indicators({"a": adata}, infiltration=("tcell", "tumor"), n_perms=0, progress=False)
+    with pytest.raises(InvalidInputError, match="must be a pair"):
+        tl.spatial_indicators({"a": adata}, infiltration="lymphocyte", n_perms=0, progress=False)
+    ind = tl.spatial_indicators({"a": adata}, infiltration=("macrophage", "tumor"), n_perms=0, progress=False)
+    assert "infiltration_macrophage_in_tumor" in ind.var_names
+    assert ind.uns["spatial_indicators"]["infiltration"] == ["macrophage", "tumor"]
+
+
 def test_indicators_samples_forms_and_niches(slide):
     tl.tissue_architecture(slide, n_niches=3)
     one = tl.spatial_indicators(slide, progress=False, n_perms=10)

@@ -237,15 +237,17 @@ def test_write_failure_leaves_nothing_behind(sdata, tmp_path, monkeypatch, exist
 
 
 def test_write_failure_while_swapping_restores_old_store(sdata, tmp_path, monkeypatch):
+    import os
+
     path = write_zarr(sdata, tmp_path / "sample.zarr")
-    real_rename = Path.rename
+    real_rename = os.rename
 
-    def failing_rename(self, target):
-        if Path(target) == path and self.name.startswith(".sample.zarr.tmp-"):
+    def failing_rename(source, target):
+        if Path(target) == path and Path(source).name.startswith(".sample.zarr.tmp-"):
             raise OSError("rename failed")
-        return real_rename(self, target)
+        return real_rename(source, target)
 
-    monkeypatch.setattr(Path, "rename", failing_rename)
+    monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError, match="rename failed"):
         write_zarr(from_arrays(np.zeros((SIZE, SIZE, 3), dtype=np.uint8), 2.0), path, overwrite=True)
     monkeypatch.undo()
@@ -351,3 +353,104 @@ def test_read_proportions_unknown_barcode(sdata, proportions, tmp_path):
         read_proportions(file, sdata)
     pd.testing.assert_frame_equal(sdata.tables["table"].obsm["proportions"], before)
     assert "c2l" not in sdata.tables["table"].obsm
+
+
+# --------------------------------------------------------------------------- bad inputs refused with a clear message
+
+
+@pytest.mark.parametrize("mpp", [1e6, 1e-4, 100.0])
+def test_mpp_outside_plausible_range(image, centers, mpp):
+    with pytest.raises(InvalidInputError, match="plausible range"):
+        from_arrays(image, mpp, centers)
+
+
+@pytest.mark.parametrize("mpp", [True, np.bool_(True), "0.5"])
+def test_mpp_bool_or_string_refused(image, centers, mpp):
+    with pytest.raises(InvalidInputError, match="must be a positive number"):
+        from_arrays(image, mpp, centers)
+
+
+def test_spot_diameter_string_refused(image, centers):
+    with pytest.raises(InvalidInputError, match="spot_diameter_um must be a number"):
+        from_arrays(image, MPP, centers, spot_diameter_um="55")
+
+
+def test_counts_negative_refused(image, centers, counts):
+    with pytest.raises(InvalidInputError, match="negative"):
+        from_arrays(image, MPP, centers, counts=counts.astype(float) - 0.5)
+
+
+def test_counts_string_column_named(image, centers, counts):
+    with pytest.raises(InvalidInputError, match=r"non-numeric columns \['Gene2'\]"):
+        from_arrays(image, MPP, centers, counts=counts.assign(Gene2=list("abcde")))
+
+
+def test_counts_duplicate_genes_named(image, centers, counts):
+    counts.columns = ["Gene0", "Gene1", "Gene1", "Gene3", "Gene4", "Gene4"]
+    with pytest.raises(InvalidInputError, match=r"duplicated gene names.*\['Gene1', 'Gene4'\]"):
+        from_arrays(image, MPP, centers, counts=counts)
+
+
+def test_counts_nan_refused(image, centers, counts):
+    counts = counts.astype(float)
+    counts.iloc[2, 3] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        from_arrays(image, MPP, centers, counts=counts)
+
+
+def test_spot_centers_non_numeric_strings(image, centers):
+    centers["x"] = centers["x"].astype(object)
+    centers.iloc[1, 0] = "left"
+    with pytest.raises(InvalidInputError, match="spot_centers column 'x'.*'left'"):
+        from_arrays(image, MPP, centers)
+
+
+def test_read_proportions_spot_without_values(sdata, proportions, tmp_path):
+    file = tmp_path / "proportions.csv"
+    proportions.to_csv(file)
+    file.write_text(file.read_text().replace(f"{BARCODES[-1]},", f"{BARCODES[-1]}\n#").split("\n#")[0] + "\n")
+    before = sdata.tables["table"].obsm["proportions"].copy()
+    with pytest.raises(InvalidInputError, match="no values for 1 spots.*ACGT-1.*missing from the table"):
+        read_proportions(file, sdata, key_added="new")
+    (tmp_path / "index_only.csv").write_text("spot\n" + "\n".join(BARCODES) + "\n")
+    with pytest.raises(InvalidInputError, match="no cell-type columns"):
+        read_proportions(tmp_path / "index_only.csv", sdata, key_added="new")
+    assert "new" not in sdata.tables["table"].obsm
+    pd.testing.assert_frame_equal(sdata.tables["table"].obsm["proportions"], before)
+
+
+def test_read_proportions_empty_file(sdata, tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(InvalidInputError, match="is empty"):
+        read_proportions(tmp_path / "empty.csv", sdata, key_added="new")
+    assert "new" not in sdata.tables["table"].obsm
+
+
+def test_read_proportions_coordinate_columns_need_drop_columns(sdata, centers, proportions, tmp_path):
+    file = tmp_path / "rctd.csv"
+    proportions.join(centers).to_csv(file)
+    with pytest.raises(InvalidInputError, match=r"\['x', 'y'\] that look like spot coordinates.*drop_columns"):
+        read_proportions(file, sdata, key_added="new")
+    assert "new" not in sdata.tables["table"].obsm
+    result = read_proportions(file, sdata, key_added="new", drop_columns=["x", "y"])
+    assert list(result.columns) == CELL_TYPES
+
+
+@pytest.mark.filterwarnings("ignore:SpatialData is not stored in the most current format")
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_read_zarr_refuses_a_deleted_image_chunk(tmp_path, zarr_format):
+    pixels = np.full((1100, 1100, 3), 200, dtype=np.uint8)  # 2 × 2 chunks at full resolution, with a pyramid
+    pixels[:1024, :1024] = 0  # an all-zero chunk that zarr legitimately does not write
+    sdata = from_arrays(pixels, MPP)
+    path = tmp_path / "sample.zarr"
+    if zarr_format == 3:
+        write_zarr(sdata, path)
+    else:
+        fmt = pytest.importorskip("spatialdata._io.format")
+        sdata.write(path, sdata_formats=[fmt.RasterFormatV02(), fmt.SpatialDataContainerFormatV01()])
+    np.testing.assert_array_equal(_pixels(read_zarr(path)), pixels)  # complete store, omitted empty chunk: fine
+    s0 = path / "images" / "he" / "s0"
+    chunk = next(p for p in (s0 / "c" / "0" / "1" / "1", s0 / "0" / "1" / "1") if p.is_file())
+    chunk.unlink()
+    with pytest.raises(InvalidInputError, match=r"Image 'he' .* missing 1 chunk files \(1 of 4 at scale0"):
+        read_zarr(path)

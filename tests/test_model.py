@@ -20,7 +20,7 @@ import histocell_sd as hc
 from histocell_sd import InvalidInputError
 from histocell_sd.models import HistoCell
 from histocell_sd.models._losses import bag_mean, spot_posteriors, symmetric_kl
-from histocell_sd.models._checkpoint import _structure_sha256
+from histocell_sd.models._checkpoint import card_sha256
 from histocell_sd.models._modules import NeighbourAttention
 
 FAST = {"epochs": 6, "self_training_epochs": 0, "state_epochs": 2, "progress": False}
@@ -394,7 +394,7 @@ def test_load_refuses_cell_types_that_do_not_match_weights(checkpoint, tmp_path)
         card["cell_types"].remove("endothelial")
         card["states"].pop("endothelial")
         card["compartments"].pop("endothelial")
-        card["structure_sha256"] = _structure_sha256(card)
+        card["card_sha256"] = card_sha256(card)
 
     path = _broken(checkpoint, tmp_path, "consistent")
     _edit_card(path, drop_everywhere)
@@ -546,21 +546,24 @@ def test_prediction_outputs(predicted, model):
     table = predicted.tables["histocell"]
     obs = table.obs
     assert isinstance(obs["cell_type"].dtype, pd.CategoricalDtype)
-    assert list(obs["cell_type"].cat.categories) == model.cell_types
+    present = [t for t in model.cell_types if (obs["cell_type"] == t).any()]
+    assert list(obs["cell_type"].cat.categories) == present  # only what occurs, in the model's order (squidpy needs it)
+    colours = dict(zip(present, table.uns["cell_type_colors"]))
+    assert colours == {t: hc._constants.PALETTE[model.cell_types.index(t)] for t in present}  # a type keeps its colour
     proba = table.obsm["cell_type_proba"]
     assert isinstance(proba, pd.DataFrame)
     assert list(proba.columns) == model.cell_types and proba.index.equals(table.obs_names)
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
-    np.testing.assert_array_equal(proba.to_numpy().argmax(1), obs["cell_type"].cat.codes.to_numpy())
+    np.testing.assert_array_equal(np.asarray(model.cell_types)[proba.to_numpy().argmax(1)], obs["cell_type"].astype(str).to_numpy())
     assert (obs["cell_type_entropy"] >= 0).all() and (obs["cell_type_entropy"] <= np.log(5) + 1e-6).all()
-    assert list(obs["cell_state"].cat.categories) == model.state_names
+    assert set(obs["cell_state"].cat.categories) <= set(model.state_names)
     state = table.obsm["cell_state_proba"]
     assert list(state.columns) == model.state_names
     np.testing.assert_allclose(state.sum(1), 1.0, atol=1e-5)
     # joint P(state): summing a type's states gives P(type)
     tumor = state[["tumor_proliferative", "tumor_quiescent"]].sum(1)
     np.testing.assert_allclose(tumor, proba["tumor"], atol=1e-5)
-    assert list(obs["compartment"].cat.categories) == model.compartment_labels
+    assert set(obs["compartment"].cat.categories) <= set(model.compartment_labels)
     np.testing.assert_allclose(table.obsm["compartment_proba"].sum(1), 1.0, atol=1e-5)
     assert table.obsm["histocell_embedding"].shape == (table.n_obs, model.config["dim"])
     assert "cell_type_mc_std" not in obs
@@ -593,7 +596,7 @@ def test_api_on_from_arrays_data(slide):
     assert model.training_summary_["states_trained"] is False
     hc.tl.predict(sdata, model, progress=False)
     table = sdata.tables["histocell"]
-    assert list(table.obs["cell_type"].cat.categories) == cell_types
+    assert set(table.obs["cell_type"].cat.categories) <= set(cell_types)
     mean = sdata.tables["table"].obsm["histocell_proportions"]
     assert list(mean.columns) == cell_types and mean.notna().all(1).sum() >= 45
 
@@ -617,3 +620,155 @@ def test_default_epochs_scale_with_the_training_spots():
     assert _stage_epochs(3000, 7, None, 0) == [7, 3, 0]
     with pytest.raises(InvalidInputError, match="non-negative"):
         _stage_epochs(10, -1, None, None)
+
+
+# ---------------------------------------------------------------------------- 6. reliability cases (shared/reliability/cases.md)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cell_types": "tumor"}, "must be a list of names"),
+        ({"states": {"tumor": ["x", "x"]}}, "repeats names"),
+        ({"states": {"tumor": ["fibroblast", "b"]}}, "differ from the other cell types"),
+        ({"states": {"tumor": "ab"}}, "must be a list of names"),
+        ({"compartments": {"mixed": ["tumor"], "other": ["fibroblast"]}}, "'mixed' is the label"),
+        ({"crop_px": 0}, "crop_px must be at least 8"),
+        ({"dim": 0}, "dim must be at least 4"),
+        ({"dim": 30}, "multiple of 4"),
+        ({"n_neighbors": 0}, "n_neighbors must be at least 1"),
+        ({"radius_um": -5}, "radius_um must be above 0"),
+        ({"canonical_mpp": 0}, "canonical_mpp must be above 0"),
+        ({"compartment_threshold": 2.0}, r"must lie in \(0, 1\]"),
+    ],
+)
+def test_constructor_refuses_degenerate_settings(kwargs, message):
+    from histocell_sd.datasets import CELL_TYPES
+
+    kwargs = {"cell_types": list(CELL_TYPES)} | kwargs
+    with pytest.raises(InvalidInputError, match=message):
+        HistoCell(kwargs.pop("cell_types"), **kwargs, encoder="scratch")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0, "self_training_epochs": 0, "state_epochs": 0}, "nothing to train"),
+        ({"val_fraction": 1.0}, r"must lie in \[0, 1\)"),
+        ({"val_fraction": -0.5}, r"must lie in \[0, 1\)"),
+        ({"lr": 0.0}, "lr must be a positive number"),
+        ({"lr": 1e6}, "Training diverged"),
+    ],
+)
+def test_fit_refuses_degenerate_settings_and_keeps_the_trained_model(slide, model, kwargs, message):
+    sdata, _ = slide
+    refit = _new_model(sdata).fit(sdata, **TINY_FIT)
+    before = {k: v.clone() for k, v in refit.net.state_dict().items()}
+    summary = dict(refit.training_summary_)
+    with pytest.raises(InvalidInputError, match=message):
+        refit.fit(sdata, **(TINY_FIT | kwargs))
+    assert refit.training_summary_ == summary  # still trained, with the weights it had
+    for key, value in refit.net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_failed_fit_on_bad_data_leaves_the_model_as_it_was(slide, model):
+    sdata = _copy(slide[0])
+    sdata.tables["table"].obsm["proportions"] = sdata.tables["table"].obsm["proportions"].rename(columns={"tumor": "Tumor"})
+    refit = _new_model(slide[0]).fit(slide[0], **TINY_FIT)
+    proba = refit.predict_inputs(refit._inputs(slide[0], progress=False), progress=False)["type"]
+    with pytest.raises(InvalidInputError, match="Tumor"):
+        refit.fit(sdata, **TINY_FIT)
+    np.testing.assert_array_equal(refit.predict_inputs(refit._inputs(slide[0], progress=False), progress=False)["type"], proba)
+    untrained = _new_model(slide[0])
+    with pytest.raises(InvalidInputError):
+        untrained.fit(sdata, **TINY_FIT)
+    assert not untrained.training_summary_
+    with pytest.raises(InvalidInputError, match="SpatialData"):
+        untrained.fit(pd.DataFrame({"a": [1]}), **TINY_FIT)
+
+
+def test_states_missing_or_inconsistent(slide):
+    sdata = _copy(slide[0])
+    del sdata.tables["table"].obsm["state_proportions"]
+    with pytest.warns(UserWarning, match="state heads are not trained"):
+        refit = _new_model(slide[0]).fit(sdata, **TINY_FIT)
+    assert refit.training_summary_["states_trained"] is False
+    with pytest.warns(UserWarning, match="no cell states written"):
+        hc.tl.predict(sdata, refit, progress=False)
+    assert "cell_state" not in sdata.tables["histocell"].obs
+    no_state_epochs = _new_model(slide[0]).fit(slide[0], **(TINY_FIT | {"state_epochs": 0}))
+    assert no_state_epochs.training_summary_["states_trained"] is False
+    skewed = _copy(slide[0])
+    states = skewed.tables["table"].obsm["state_proportions"]
+    skewed.tables["table"].obsm["state_proportions"] = states * 0 + np.eye(states.shape[1])[0]  # all mass on one tumour state
+    with pytest.raises(InvalidInputError, match="disagrees with"):
+        _new_model(slide[0]).fit(skewed, **TINY_FIT)
+
+
+def test_predict_validates_before_writing(slide, model):
+    sdata = _copy(slide[0])
+    table = sdata.tables["histocell"]
+    with pytest.raises(InvalidInputError, match="does not annotate spots"):
+        hc.tl.predict(sdata, model, spots_table_key="histocell", progress=False)
+    assert "cell_type" not in table.obs and "cell_type_proba" not in table.obsm  # nothing half-written
+    with pytest.raises(InvalidInputError, match="mc_samples"):
+        hc.tl.predict(sdata, model, mc_samples=-3, progress=False)
+    broken = _copy(slide[0])
+    broken.tables["histocell"].X[0, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN or infinite morphology"):
+        hc.tl.predict(broken, model, progress=False)
+    broken = _copy(slide[0])
+    broken.tables["histocell"].obsm["spatial"][0] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN or infinite centroids"):
+        hc.tl.predict(broken, model, progress=False)
+    broken = _copy(slide[0])
+    broken.tables["histocell"].obsm["spatial"][:3] += 1e5
+    with pytest.raises(InvalidInputError, match="outside the"):
+        hc.tl.predict(broken, model, progress=False)
+
+
+def test_predict_with_another_model_leaves_no_stale_outputs(slide, model):
+    sdata = _copy(slide[0])
+    hc.tl.predict(sdata, model, mc_samples=2, progress=False)
+    assert "cell_type_mc_std" in sdata.tables["histocell"].obs
+    three = HistoCell(["tumor", "fibroblast", "lymphocyte"], encoder="scratch")
+    sub = _copy(slide[0])
+    props = sub.tables["table"].obsm["proportions"][["tumor", "fibroblast", "lymphocyte"]] + 1e-3
+    sub.tables["table"].obsm["proportions"] = props.div(props.sum(1), axis=0)
+    three.fit(sub, **TINY_FIT)
+    hc.tl.predict(sdata, three, progress=False)
+    obs = sdata.tables["histocell"].obs
+    assert "cell_type_mc_std" not in obs and set(obs["cell_type"].cat.categories) <= set(three.cell_types)
+    assert sdata.tables["histocell"].uns["histocell"]["mpp"] == sdata.attrs["mpp"]  # segmentation metadata kept
+
+
+def test_card_edits_are_refused(checkpoint, tmp_path):
+    path = tmp_path / "edited"
+    shutil.copytree(checkpoint, path)
+    card = json.loads((path / "model_card.json").read_text())
+    card["training_summary"]["val_spot_pearson"] = 0.99
+    (path / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(InvalidInputError, match="edited after saving"):
+        HistoCell.load(path)
+    (path / "model_card.json").write_text("[1, 2]")
+    with pytest.raises(InvalidInputError, match="not a histocell-sd model card"):
+        HistoCell.load(path)
+    shutil.rmtree(path)
+    shutil.copytree(checkpoint, path)
+    weights = path / "weights.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[8:40] = b"{" * 32  # garbage header, checksum forged
+    weights.write_bytes(bytes(raw))
+    card = json.loads((path / "model_card.json").read_text())
+    card["weights_sha256"] = __import__("hashlib").sha256(bytes(raw)).hexdigest()
+    card["card_sha256"] = card_sha256(card)
+    (path / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(InvalidInputError, match="not a readable safetensors file"):
+        HistoCell.load(path)
+
+
+def test_save_onto_a_file_is_refused(model, tmp_path):
+    target = tmp_path / "afile.txt"
+    target.write_text("keep me")
+    with pytest.raises(InvalidInputError, match="is a file"):
+        model.save(target, overwrite=True)
+    assert target.read_text() == "keep me"

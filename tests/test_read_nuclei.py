@@ -337,3 +337,17 @@ def test_nuclei_are_assigned_to_spots():
     read_nuclei(_hovernet(), sdata)
     spot_ids = sdata.tables["histocell"].obs["spot_id"]
     assert spot_ids.iloc[0] == "spot_00000" and spot_ids.iloc[3] == "spot_00001" and spot_ids.isna().sum() == 2
+
+
+def test_all_zero_label_mask_is_refused_and_nothing_written():
+    sdata = _sdata()
+    read_nuclei(TRUTH, sdata, format="labels")  # an earlier import must survive the refused one
+    before = sdata.tables["histocell"].copy()
+    with pytest.raises(InvalidInputError, match="no nuclei in the mask"):
+        read_nuclei(np.zeros_like(TRUTH), sdata, format="labels")
+    assert set(sdata.shapes) == {"nuclei"} and set(sdata.tables) == {"histocell"}
+    assert sdata.tables["histocell"].n_obs == before.n_obs
+    empty = _sdata()
+    with pytest.raises(InvalidInputError, match="no nuclei in the mask"):
+        read_nuclei(np.zeros_like(TRUTH), empty, format="labels")
+    assert not empty.shapes and not empty.tables

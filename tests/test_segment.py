@@ -33,8 +33,8 @@ def test_seams_keep_each_nucleus_once(slide):
     mpp = whole.attrs["mpp"]
     image = np.asarray(whole.images["he"]["scale0"]["image"].values).transpose(1, 2, 0)
     one, tiled = from_arrays(image, mpp), from_arrays(image, mpp)
-    segment_nuclei(one, tile_size_px=4096, threshold=0.06, progress=False)  # same level in both runs
-    segment_nuclei(tiled, tile_size_px=300, overlap_um=32.0, n_jobs=2, threshold=0.06, progress=False)
+    segment_nuclei(one, method="classical", tile_size_px=4096, threshold=0.06, progress=False)  # same level in both runs
+    segment_nuclei(tiled, method="classical", tile_size_px=300, overlap_um=32.0, n_jobs=2, threshold=0.06, progress=False)
     a, b = one.tables["histocell"].obsm["spatial"], tiled.tables["histocell"].obsm["spatial"]
     assert not cKDTree(b).query_pairs(1.0 / mpp)  # no duplicates
     matched = len(match_points(b, a, 1.0 / mpp)[0])
@@ -118,7 +118,7 @@ def test_store_nuclei_window_origin():
 
 def test_segment_nuclei_on_drawn_disks_and_labels_key():
     sdata, _ = _disk_sample(radius_px=12)
-    segment_nuclei(sdata, tile_size_px=256, progress=False, labels_key="seg")
+    segment_nuclei(sdata, method="classical", tile_size_px=256, progress=False, labels_key="seg")  # drawn disks, not H&E
     df = sdata.tables["histocell"].to_df()
     assert len(df) == 2
     assert df["area_um2"].to_numpy() == pytest.approx(np.pi * 6.0**2, rel=0.10)
@@ -162,3 +162,88 @@ def test_bad_inputs():
     )
     with pytest.raises(InvalidInputError, match="uint8"):
         segment_nuclei(float_image, progress=False)
+
+
+# ---------------------------------------------------------------------------- reliability cases (shared/reliability/cases.md)
+@pytest.fixture(scope="module")
+def tiny_rgb(tiny_slide):
+    sdata, _ = tiny_slide
+    return np.asarray(hc.io.get_image(sdata).data).transpose(1, 2, 0), sdata.attrs["mpp"]
+
+
+def _count(rgb, mpp, **kwargs):
+    sdata = from_arrays(rgb, mpp)
+    segment_nuclei(sdata, progress=False, **kwargs)
+    return sdata.tables["histocell"].n_obs if "histocell" in sdata.tables else 0
+
+
+@pytest.mark.parametrize("method", ["default", "classical"])
+def test_black_padding_and_tiling_do_not_change_the_nuclei(tiny_rgb, method):
+    rgb, mpp = tiny_rgb
+    plain = _count(rgb, mpp, method=method)
+    blob = rgb.copy()
+    blob[200:260, 200:260] = 0
+    for image in (np.pad(rgb, ((5, 5), (5, 5), (0, 0))), np.pad(rgb, ((100, 100), (100, 100), (0, 0))), blob):
+        assert abs(_count(image, mpp, method=method) - plain) <= 0.03 * plain
+    for tile in (1024, 512):  # one tile or many: the same nuclei (classical: one slide-wide level)
+        assert abs(_count(rgb, mpp, method=method, tile_size_px=tile) - plain) <= 0.01 * plain
+
+
+def test_noise_is_not_tissue():
+    noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    assert _count(noise, 0.5) < 50  # the learnt default; the classical pipeline still finds blobs in noise
+
+
+def test_absurd_resolution_is_refused_before_any_work(tiny_rgb):
+    rgb, _ = tiny_rgb
+    for method in ("default", "classical"):
+        sdata = from_arrays(rgb[:256, :256], 5.0)  # 10x mis-declared: would upsample to 2560 px tiles
+        with pytest.raises(InvalidInputError, match="resamples by at most"):
+            segment_nuclei(sdata, method=method, progress=False)
+
+
+def test_key_collisions_are_refused_and_change_nothing():
+    sdata, _ = _disk_sample(radius_px=12)
+    spots_before = sdata.shapes["spots"].copy()
+    with pytest.raises(InvalidInputError, match="were not written by a segmentation"):
+        segment_nuclei(sdata, method="classical", key_added="spots", progress=False)
+    with pytest.raises(InvalidInputError, match="were not written by a segmentation"):
+        segment_nuclei(sdata, method="classical", table_key="table", progress=False)
+    with pytest.raises(InvalidInputError, match="must differ"):
+        segment_nuclei(sdata, method="classical", labels_key="histocell", progress=False)
+    assert sdata.shapes["spots"].equals(spots_before) and "radius" in sdata.shapes["spots"]
+    assert sorted(sdata.tables) == ["table"]
+    segment_nuclei(sdata, method="classical", tile_size_px=256, progress=False)
+    segment_nuclei(sdata, method="classical", tile_size_px=256, progress=False)  # its own earlier nuclei: replaced
+    assert sdata.tables["histocell"].n_obs == 2
+
+
+def test_blank_image_removes_only_earlier_nuclei():
+    sdata, _ = _disk_sample(radius_px=12)
+    segment_nuclei(sdata, method="classical", tile_size_px=256, progress=False)
+    blank = from_arrays(np.full((300, 400, 3), 235, dtype=np.uint8), 0.5, spot_centers=np.array([[100.5, 100.5]]), spot_diameter_um=30.0)
+    blank.shapes["nuclei"], blank.tables["histocell"] = sdata.shapes["nuclei"], sdata.tables["histocell"]
+    with pytest.warns(UserWarning, match="No nuclei"):
+        segment_nuclei(blank, method="classical", progress=False)
+    assert sorted(blank.tables) == ["table"] and "nuclei" not in blank.shapes  # the spots table survives
+
+
+def test_n_jobs_keeps_nucleus_ids(tiny_rgb):
+    rgb, mpp = tiny_rgb
+    runs = []
+    for n_jobs in (1, 2, 2):
+        sdata = from_arrays(rgb, mpp)
+        segment_nuclei(sdata, method="classical", tile_size_px=400, n_jobs=n_jobs, progress=False)
+        runs.append(sdata.tables["histocell"])
+    for other in runs[1:]:
+        assert list(other.obs_names) == list(runs[0].obs_names)
+        np.testing.assert_array_equal(other.obsm["spatial"], runs[0].obsm["spatial"])
+
+
+def test_missing_spot_stays_missing_through_zarr(tmp_path):
+    sdata, labels = _disk_sample()
+    store_nuclei(sdata, labels)
+    path = hc.io.write_zarr(sdata, tmp_path / "s.zarr")
+    back = hc.io.read_zarr(path).tables["histocell"].obs["spot_id"]
+    assert back.isna().tolist() == [False, True]
+    assert "nan" not in back.astype(str).replace("nan", np.nan).dropna().tolist()

@@ -164,3 +164,14 @@ def test_read_visium_barcode_without_position(tmp_path):
     pd.read_csv(positions).iloc[1:].to_csv(positions, index=False)
     with pytest.raises(InvalidInputError, match="no position"):
         read_visium(tmp_path, fullres_image_file="image.tif")
+
+
+@pytest.mark.parametrize("res", ["hires", "lowres"])
+def test_read_visium_hires_or_lowres_given_as_fullres(tmp_path, res):
+    make_spaceranger_outs(tmp_path)
+    with pytest.raises(InvalidInputError, match=f"looks like Space Ranger's {res} image.*tissue_{res}_scalef.*full-resolution H&E"):
+        read_visium(tmp_path, fullres_image_file=f"spatial/tissue_{res}_image.png")
+    for png in ("hires", "lowres"):  # without the PNGs to compare with: the spots fit the image once scaled
+        (tmp_path / "spatial" / f"tissue_{png}_image.png").rename(tmp_path / f"{png}.png")
+    with pytest.raises(InvalidInputError, match="looks like Space Ranger's"):
+        read_visium(tmp_path, fullres_image_file=f"{res}.png")

@@ -1,11 +1,14 @@
-"""Embedded example data: the synthetic Visium + H&E generator and real NuCLS tiles."""
+"""Embedded example data: the synthetic Visium + H&E generator and real BRCA-M2C and NuCLS tiles."""
 
+from ._brca_m2c import BRCA_M2C_CLASSES, brca_m2c, brca_m2c_names, read_brca_m2c_patch
 from ._nucls import NUCLS_CLASSES, NUCLS_MPP, nucls, nucls_tile_names, read_nucls_tile
 from ._cohort import confused_probabilities, synthetic_cohort, truth_as_predictions
+from ._pseudo_spots import hex_grid, pseudo_spots
 from ._synthetic import PRESETS, TRUTH_LABELS_KEY, TRUTH_TABLE_KEY, synthetic_visium
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
 
 __all__ = [
+    "BRCA_M2C_CLASSES",
     "CELL_STATES",
     "CELL_TYPES",
     "COMPARTMENTS",
@@ -14,9 +17,14 @@ __all__ = [
     "PRESETS",
     "TRUTH_LABELS_KEY",
     "TRUTH_TABLE_KEY",
+    "brca_m2c",
+    "brca_m2c_names",
     "confused_probabilities",
+    "hex_grid",
     "nucls",
     "nucls_tile_names",
+    "pseudo_spots",
+    "read_brca_m2c_patch",
     "read_nucls_tile",
     "synthetic_cohort",
     "synthetic_visium",

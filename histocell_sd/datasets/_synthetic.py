@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 
 from .._constants import (
     COORDINATE_SYSTEM,
-    PROPORTIONS_KEY,
     REGION_KEY,
     STATE_PROPORTIONS_KEY,
     TABLE_KEY,

@@ -44,14 +44,15 @@ def from_arrays(
     image
         H×W×3 ``uint8`` RGB array (numpy or dask). RGBA is converted with a warning.
     mpp
-        Microns per pixel of ``image``; stored in ``sdata.attrs["mpp"]``.
+        Microns per pixel of ``image`` (a number in the open range 0.01–100); stored in ``sdata.attrs["mpp"]``.
     spot_centers
         Spot centres in pixels: an (n, 2) array of x, y or a DataFrame with columns ``x``, ``y``
         whose index holds the barcodes.
     spot_diameter_um
         Spot diameter in µm (55 for Visium).
     counts
-        Spot × gene counts (AnnData or DataFrame) indexed by barcode.
+        Spot × gene counts (AnnData or DataFrame) indexed by barcode: finite, non-negative numbers
+        with unique gene names.
     proportions
         Spot × cell-type proportions indexed by barcode.
     sample_id
@@ -70,8 +71,7 @@ def from_arrays(
         if counts is not None or proportions is not None:
             raise InvalidInputError("counts/proportions were given without spot_centers.")
     else:
-        if spot_diameter_um is None or not np.isfinite(spot_diameter_um) or spot_diameter_um <= 0:
-            raise InvalidInputError(f"spot_diameter_um must be positive, got {spot_diameter_um!r}.")
+        _check_spot_diameter(spot_diameter_um)
         xy, spot_ids = _check_spot_centers(spot_centers, counts, proportions, (height, width))
         radius = spot_diameter_um / 2 / mpp
         elements["shapes"] = {SPOTS_KEY: spots_element(xy, radius, spot_ids)}
@@ -125,16 +125,49 @@ def spots_table(spot_ids, counts=None, proportions=None, region: str = SPOTS_KEY
 
 def _counts_anndata(counts, spot_ids: pd.Index) -> ad.AnnData:
     if isinstance(counts, pd.DataFrame):
+        _check_gene_names(counts.columns.astype(str))
+        non_numeric = [str(c) for c, t in counts.dtypes.items() if not pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t)]
+        if non_numeric:
+            raise InvalidInputError(f"counts has non-numeric columns {non_numeric[:5]}; rows = spots, columns = genes, numbers only.")
         counts = ad.AnnData(sparse.csr_matrix(counts.to_numpy()), obs=pd.DataFrame(index=counts.index.astype(str)),
                             var=pd.DataFrame(index=counts.columns.astype(str)))
     elif not isinstance(counts, ad.AnnData):
         raise InvalidInputError(f"counts must be an AnnData or a DataFrame, got {type(counts).__name__}.")
+    _check_counts(counts)
     if counts.obs_names.has_duplicates:
         raise InvalidInputError("counts has duplicate spot barcodes.")
     order = align_to_spots(pd.DataFrame(index=counts.obs_names.astype(str)).assign(i=np.arange(counts.n_obs)), spot_ids, name="counts")
     adata = counts[order["i"].to_numpy()].copy()
     adata.obs_names = spot_ids
     return adata
+
+
+def _check_gene_names(names: pd.Index) -> None:
+    if names.has_duplicates:
+        dup = names[names.duplicated()].unique()[:5].tolist()
+        raise InvalidInputError(f"counts has duplicated gene names, e.g. {dup}; make them unique (e.g. adata.var_names_make_unique()).")
+
+
+def _check_counts(counts: ad.AnnData) -> None:
+    """Refuse duplicated gene names and NaN, infinite or negative counts."""
+    _check_gene_names(counts.var_names)
+    X = counts.X
+    if X is None:
+        return
+    values = X.data if sparse.issparse(X) else np.asarray(X)
+    if not np.issubdtype(values.dtype, np.number) or values.dtype == bool:
+        raise InvalidInputError(f"counts must be numbers, got dtype {values.dtype}.")
+    if not np.isfinite(values).all():
+        raise InvalidInputError("counts has NaN or infinite values; raw counts are needed.")
+    if (values < 0).any():
+        raise InvalidInputError("counts has negative values; raw (non-negative) counts are needed, not scaled data.")
+
+
+def _check_spot_diameter(spot_diameter_um) -> None:
+    if isinstance(spot_diameter_um, (bool, np.bool_)) or not isinstance(spot_diameter_um, (int, float, np.number)):
+        raise InvalidInputError(f"spot_diameter_um must be a number of µm, got {spot_diameter_um!r}.")
+    if not np.isfinite(spot_diameter_um) or spot_diameter_um <= 0:
+        raise InvalidInputError(f"spot_diameter_um must be positive, got {spot_diameter_um!r}.")
 
 
 def _check_image(image):
@@ -167,10 +200,18 @@ def _check_spot_centers(spot_centers, counts, proportions, shape) -> tuple[np.nd
     if isinstance(spot_centers, pd.DataFrame):
         if not {"x", "y"} <= set(spot_centers.columns):
             raise InvalidInputError("spot_centers DataFrame needs columns 'x' and 'y' (pixels).")
+        for column in ("x", "y"):
+            values = spot_centers[column]
+            bad = pd.to_numeric(values, errors="coerce").isna() & values.notna()
+            if bad.any():
+                raise InvalidInputError(f"spot_centers column {column!r} holds values that are not numbers (pixels), e.g. {values[bad].iloc[0]!r}.")
         xy = spot_centers[["x", "y"]].to_numpy(dtype=np.float64)
         spot_ids = spot_centers.index.astype(str)
     else:
-        xy = np.asarray(spot_centers, dtype=np.float64)
+        try:
+            xy = np.asarray(spot_centers, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInputError("spot_centers must be an (n, 2) array of x, y pixels (numbers).") from None
         if xy.ndim != 2 or xy.shape[1] != 2:
             raise InvalidInputError(f"spot_centers must be an (n, 2) array of x, y pixels, got shape {xy.shape}.")
         source = counts if counts is not None else proportions

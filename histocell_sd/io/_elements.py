@@ -44,14 +44,27 @@ def get_mpp(sdata: SpatialData) -> float:
     return check_mpp(mpp)
 
 
+MPP_RANGE = (0.01, 100.0)
+"""Plausible µm per pixel of an H&E image (exclusive bounds): 40× scans are ~0.25, thumbnails a few µm/px."""
+
+
 def check_mpp(mpp) -> float:
-    """Return ``mpp`` as a float, refusing missing, non-finite or non-positive values."""
+    """Return ``mpp`` as a float, refusing missing, non-numeric (bool, str), non-finite, non-positive values
+    and values outside :data:`MPP_RANGE`."""
+    if isinstance(mpp, (bool, str, bytes)) or getattr(getattr(mpp, "dtype", None), "kind", "") == "b":
+        raise InvalidInputError(f"mpp (µm per pixel) must be a positive number, got {mpp!r}.")
     try:
         value = float(mpp)
     except (TypeError, ValueError):
         raise InvalidInputError(f"mpp (µm per pixel) must be a positive number, got {mpp!r}.") from None
     if not math.isfinite(value) or value <= 0:
         raise InvalidInputError(f"mpp (µm per pixel) must be a positive number, got {mpp!r}.")
+    low, high = MPP_RANGE
+    if not low < value < high:
+        raise InvalidInputError(
+            f"mpp (µm per pixel) {value:g} is outside the plausible range ({low:g}, {high:g}) for an H&E image; "
+            "give µm per pixel (e.g. 0.25 at 40×, 0.5 at 20×), not pixels per µm, nm or a magnification."
+        )
     return value
 
 

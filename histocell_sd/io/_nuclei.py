@@ -140,6 +140,8 @@ def _to_raster(path, format: str, shape: tuple[int, int], scale: float, offset):
     else:  # fill on the file's own pixel grid (outline included), then map to the image's
         window, file_origin = _rasterise_indices(parsed)
         labels, origin = _upsample(window, file_origin, scale, offset, shape)
+    if not labels.any():
+        raise InvalidInputError(f"No nucleus of {parsed.source} covers a pixel of the image; nothing was imported.")
     return labels, origin, parsed
 
 
@@ -391,6 +393,8 @@ def _read_label_mask(path, shape: tuple[int, int], scale: float, offset):
         raise InvalidInputError(f"{source} has negative ids.")
     if mask.size and mask.max() > np.iinfo(np.int32).max:
         raise InvalidInputError(f"{source} has ids beyond the int32 range.")
+    if not mask.any():
+        raise InvalidInputError(f"{source}: no nuclei in the mask (every pixel is 0, the background); nothing was imported.")
     height, width = shape
     if scale == 1.0 and offset == (0.0, 0.0):
         if mask.shape != shape:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import warnings
 from collections.abc import Sequence
 from os import PathLike
@@ -96,6 +97,54 @@ def _is_number(text: str) -> bool:
     return True
 
 
+# Column names (lower case) of spot coordinates that deconvolution tools export next to the proportions.
+_COORDINATE_COLUMNS = frozenset({
+    "x", "y", "imagerow", "imagecol", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres",
+    "pxl_row", "pxl_col", "row", "col", "in_tissue", "x_coord", "y_coord", "coord_x", "coord_y", "spot_x", "spot_y",
+})
+
+
+def _read_table(path, index_col, sep) -> pd.DataFrame:
+    """A delimited file as a DataFrame; the separator (``sep=None``) is one of tab, comma, semicolon, pipe."""
+    source = f"proportions file {str(path)!r}"
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            sample = fh.read(65536)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{source} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidInputError(f"{source} could not be read as text: {error}") from None
+    if not sample.strip():
+        raise InvalidInputError(f"{source} is empty.")
+    if sep is None:
+        try:
+            sep = csv.Sniffer().sniff(sample.splitlines()[0] + "\n", delimiters="\t,;|").delimiter
+        except csv.Error:
+            sep = ","  # one column: the index alone
+    try:
+        return pd.read_csv(path, index_col=index_col, sep=sep, encoding="utf-8-sig")
+    except (ValueError, IndexError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise InvalidInputError(f"{source} is not a table of spots × cell types: {error}") from None
+
+
+def _check_columns(frame: pd.DataFrame, source: str) -> None:
+    """Refuse tables without cell-type columns, with coordinate columns, or with spots lacking every value."""
+    if frame.shape[1] == 0:
+        raise InvalidInputError(f"{source} has no cell-type columns (only the spot index); expected rows = spots, columns = cell types.")
+    coords = [str(c) for c in frame.columns if str(c).strip().lower() in _COORDINATE_COLUMNS]
+    if coords:
+        raise InvalidInputError(
+            f"{source} has columns {coords} that look like spot coordinates, not cell types; pass "
+            f"drop_columns={coords} to ignore them."
+        )
+    empty = frame.isna().all(axis=1).to_numpy()
+    if empty.any():
+        raise InvalidInputError(
+            f"{source} has no values for {int(empty.sum())} spots (a barcode with empty cells), e.g. "
+            f"{frame.index[empty][:3].tolist()}: these spots are missing from the table."
+        )
+
+
 def read_proportions(
     path_or_frame: str | PathLike | pd.DataFrame,
     sdata: SpatialData | None = None,
@@ -124,19 +173,21 @@ def read_proportions(
     key_added
         ``obsm`` key of the stored proportions.
     index_col, sep
-        Passed to :func:`pandas.read_csv`.
+        Passed to :func:`pandas.read_csv`; ``sep=None`` picks tab, comma, semicolon or pipe from the header.
     drop_columns
-        Non-proportion columns to ignore (coordinates, totals...).
+        Non-proportion columns to ignore (coordinates, totals...). Columns named like spot coordinates
+        (``x``, ``y``, ``imagerow``, ``array_col``, ``pxl_row_in_fullres``...) are refused unless dropped.
 
     Returns
     -------
     The validated proportions (rows in the spots' order when ``sdata`` is given).
     """
     if isinstance(path_or_frame, pd.DataFrame):
-        frame = path_or_frame.copy()
+        frame, source = path_or_frame.copy(), "proportions"
     else:
-        frame = pd.read_csv(path_or_frame, index_col=index_col, sep=sep, engine="python" if sep is None else "c")
+        frame, source = _read_table(path_or_frame, index_col, sep), f"proportions file {str(path_or_frame)!r}"
     frame = frame.drop(columns=[c for c in drop_columns if c in frame.columns])
+    _check_columns(frame, source)
     frame.index = [_barcode_from_upstream(i) for i in frame.index]
     if sdata is None:
         return check_proportions(frame)

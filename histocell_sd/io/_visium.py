@@ -100,6 +100,7 @@ def read_visium(
     full_key, shapes_key = f"{dataset_id}_full_image", dataset_id
     if full_key not in raw.images:
         raise InvalidInputError(f"Full-resolution image {fullres} could not be read.")
+    _check_full_resolution(raw.images[full_key], fullres, scalefactors_path, raw.tables["table"].obsm["spatial"])
     images = {IMAGE_KEY: _he_image(raw.images[full_key], fullres)}
     images.update({k: v for k, v in raw.images.items() if k != full_key})
     table, spots = _spots_and_table(raw.tables["table"], raw.shapes[shapes_key], positions[0])
@@ -138,6 +139,47 @@ def _spot_diameter(scalefactors_path: Path) -> float:
     if not np.isfinite(diameter) or diameter <= 0:
         raise InvalidInputError(f"{scalefactors_path}: spot_diameter_fullres must be positive, got {diameter}.")
     return diameter
+
+
+def _check_full_resolution(image, fullres: Path, scalefactors_path: Path, spots_xy) -> None:
+    """Refuse Space Ranger's hires or lowres PNG given as the full-resolution image.
+
+    Such an image is as large as ``tissue_<res>_scalef`` × the full resolution (estimated from the
+    PNGs next to the scale factors); without PNGs, when the spots lie outside the image but would fit
+    once scaled by that factor.
+    """
+    from PIL import Image
+
+    level = image["scale0"]["image"] if "scale0" in getattr(image, "children", {}) else image
+    size = np.array([level.sizes["x"], level.sizes["y"]], dtype=np.float64)
+    factors = {}
+    for res, value in json.loads(scalefactors_path.read_text()).items():
+        name = re.fullmatch(r"tissue_(\w+)_scalef", res)
+        if name and isinstance(value, (int, float)) and 0 < value < 1:
+            factors[name.group(1)] = float(value)
+    full = None
+    for res, factor in factors.items():
+        png = scalefactors_path.parent / f"tissue_{res}_image.png"
+        if png.is_file():
+            with Image.open(png) as img:
+                full = np.array(img.size, dtype=np.float64) / factor
+            break
+    xy = np.asarray(spots_xy, dtype=np.float64)
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    outside = bool(len(xy)) and bool((xy >= size).any())
+    for res, factor in factors.items():
+        if full is not None:
+            looks_downsampled = bool((np.abs(full * factor - size) <= np.maximum(2, 0.005 * size)).all())
+        else:
+            looks_downsampled = outside and bool((xy * factor < size).all())
+        if looks_downsampled:
+            estimate = "" if full is None else f" (~{full[0]:.0f}×{full[1]:.0f} px)"
+            raise InvalidInputError(
+                f"{fullres.name} ({size[0]:.0f}×{size[1]:.0f} px) looks like Space Ranger's {res} image: its size is "
+                f"tissue_{res}_scalef ({factor:g}) × the full-resolution size{estimate}, while the spot positions are "
+                "in full-resolution pixels. Pass as fullres_image_file the full-resolution H&E given to Space Ranger "
+                "(e.g. the original .tif/.svs), not spatial/tissue_*_image.png."
+            )
 
 
 def _default_name(path: Path) -> str:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._errors import InvalidInputError
+from .._utils import atomic_write
 
 FORMAT = "histocell-sd/checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: nucleus encoder v2 (pretrained encoder), encoder provenance in preprocessing
 WEIGHTS = "weights.safetensors"
 CARD = "model_card.json"
 
@@ -33,19 +32,19 @@ def _sha256(path: Path) -> str:
 _STRUCTURE = ("cell_types", "states", "compartments", "preprocessing", "feature_mean", "feature_std")
 
 
-def _structure_sha256(card: dict) -> str:
-    """Checksum of the fields that give the weights their meaning (order of outputs, preprocessing)."""
-    return hashlib.sha256(json.dumps({k: card.get(k) for k in _STRUCTURE}, sort_keys=True, default=float).encode()).hexdigest()
+def card_sha256(card: dict) -> str:
+    """Checksum of the whole card but itself: an edited output order, preprocessing, summary or metric is refused."""
+    return hashlib.sha256(json.dumps({k: v for k, v in card.items() if k != "card_sha256"}, sort_keys=True, default=float).encode()).hexdigest()
 
 
-def save_checkpoint(model, path, *, overwrite: bool = False) -> Path:
-    """Write ``model`` to the folder ``path``: ``weights.safetensors`` and ``model_card.json``."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InvalidInputError(f"{path} already exists; pass overwrite=True to replace it.")
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+def save_checkpoint(model, path, *, overwrite: bool = False, metadata: dict | None = None) -> Path:
+    """Write ``model`` to the folder ``path``: ``weights.safetensors`` and ``model_card.json``.
+
+    ``metadata`` (JSON-serialisable) is stored under the card's ``"metadata"`` key: training data,
+    licences, metrics, intended use.
+    """
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
         state = {k: v.detach().contiguous() for k, v in model.net.state_dict().items()}
         save_file(state, tmp / WEIGHTS)
         card = {
@@ -68,16 +67,15 @@ def save_checkpoint(model, path, *, overwrite: bool = False) -> Path:
             "feature_std": model.feature_std_.tolist(),
             "training_summary": model.training_summary_,
             "history": None if model.history_ is None else model.history_.to_dict(orient="list"),
+            "metadata": metadata or {},
         }
-        card["structure_sha256"] = _structure_sha256(json.loads(json.dumps(card, default=float)))
+        card["card_sha256"] = card_sha256(json.loads(json.dumps(card, default=float)))
         (tmp / CARD).write_text(json.dumps(card, indent=2, default=float))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{path} is a file, not a checkpoint folder; choose another path.")
+    return atomic_write(path, write, overwrite=overwrite)
 
 
 def load_checkpoint(cls, path):
@@ -92,23 +90,23 @@ def load_checkpoint(cls, path):
         card = json.loads((path / CARD).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidInputError(f"Checkpoint {path}: {CARD} is not valid JSON ({error}).") from None
-    if card.get("format") != FORMAT:
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise InvalidInputError(f"Checkpoint {path}: {CARD} is not a histocell-sd model card.")
     if card.get("format_version") != FORMAT_VERSION:
         raise InvalidInputError(
             f"Checkpoint {path} has format version {card.get('format_version')}; this histocell-sd "
             f"({_package_version()}) reads version {FORMAT_VERSION}. It was written by histocell-sd {card.get('package_version')}."
         )
-    required = (*_STRUCTURE, "weights_sha256", "structure_sha256")
+    required = (*_STRUCTURE, "weights_sha256", "card_sha256")
     missing = [k for k in required if k not in card]
     if missing:
         raise InvalidInputError(f"Checkpoint {path}: model card lacks {missing}.")
     if _sha256(path / WEIGHTS) != card["weights_sha256"]:
         raise InvalidInputError(f"Checkpoint {path}: {WEIGHTS} does not match the card's checksum (corrupt or replaced).")
-    if _structure_sha256(card) != card["structure_sha256"]:
+    if card_sha256(card) != card["card_sha256"]:
         raise InvalidInputError(
-            f"Checkpoint {path}: the model card's cell types, states or preprocessing were edited after saving; "
-            "they no longer match the weights."
+            f"Checkpoint {path}: the model card was edited after saving (cell types, states, preprocessing, training "
+            "summary or metadata); it no longer matches the weights it was saved with."
         )
     pre = card["preprocessing"]
     try:
@@ -118,19 +116,23 @@ def load_checkpoint(cls, path):
     model.config["feature_names"] = list(pre["feature_names"])
     try:
         state = load_file(path / WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InvalidInputError(f"Checkpoint {path}: {WEIGHTS} is not a readable safetensors file ({error}).") from None
+    try:
         model.net.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError) as error:
+    except RuntimeError as error:
         raise InvalidInputError(f"Checkpoint {path}: weights do not fit the model card ({error}).") from None
     model.net.eval()
     model.feature_mean_ = np.asarray(card["feature_mean"], np.float32)
     model.feature_std_ = np.asarray(card["feature_std"], np.float32)
     model.training_summary_ = card.get("training_summary") or {}
     model.history_ = pd.DataFrame(card["history"]) if card.get("history") else None
+    model.model_card_ = card
     return model
 
 
 def _model_from_card(cls, card: dict, pre: dict):
-    return cls(
+    model = cls(
         card["cell_types"],
         states=card["states"],
         compartments=card["compartments"],
@@ -144,4 +146,8 @@ def _model_from_card(cls, card: dict, pre: dict):
         use_morphology=bool(pre["feature_names"]),
         max_nuclei_per_spot=pre["max_nuclei_per_spot"],
         tile_um=pre["tile_um"],
+        encoder="scratch",  # the architecture comes from the card, the weights from the checkpoint
     )
+    model.config["encoder"] = dict(pre["encoder"])
+    model.net = model._build()
+    return model

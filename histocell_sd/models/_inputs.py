@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .._constants import HISTOCELL_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from .._errors import InvalidInputError
 from ..io import get_image, get_mpp, resolve_key
+from ..pp import nucleus_crops
 
 BAND_UM = 1024.0
 
@@ -83,7 +84,16 @@ def sample_inputs(
     features = _features(table, feature_names)
     xy_px = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
     image = get_image(sdata, image_key)
-    height, width = image.sizes["y"], image.sizes["x"]
+    height = image.sizes["y"]
+    bad = ~np.isfinite(xy_px).all(1)
+    if bad.any():
+        raise InvalidInputError(f"{bad.sum()} nuclei of {table_key!r} have NaN or infinite centroids in obsm['spatial'], e.g. {list(table.obs_names[bad][:3])}.")
+    outside = (xy_px[:, 0] < 0) | (xy_px[:, 1] < 0) | (xy_px[:, 0] >= image.sizes["x"]) | (xy_px[:, 1] >= height)
+    if outside.any():
+        raise InvalidInputError(
+            f"{outside.sum()} nuclei of {table_key!r} have centroids outside the {image.sizes['x']}×{height} px image, e.g. "
+            f"{list(table.obs_names[outside][:3])}; the nuclei belong to another image or were shifted."
+        )
     scale = mpp / canonical_mpp
     if scale > 4 or scale < 1 / 16:
         raise InvalidInputError(
@@ -103,7 +113,7 @@ def sample_inputs(
         if len(inside):
             canonical = _rescale_band(band, scale)
             local = (xy_px[inside] - [0, r0]) * scale
-            crops[inside] = _crop(canonical, local, crop_px)
+            crops[inside] = nucleus_crops(canonical, local, crop_px)
     context = np.concatenate(context_bands, axis=0) if context_bands else np.zeros((1, 1, 3), np.uint8)
     xy_um = xy_px * mpp
     neighbors, distances = neighbor_graph(xy_um, n_neighbors, radius_um)
@@ -127,18 +137,11 @@ def _features(table, feature_names: list[str] | None) -> np.ndarray:
     if missing:
         raise InvalidInputError(f"Nuclei table lacks the morphology features {missing}; recompute them with hc.pp.store_nuclei.")
     x = table[:, feature_names].X
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    return np.nan_to_num(x.astype(np.float32))
-
-
-def _crop(image: np.ndarray, xy: np.ndarray, size: int) -> np.ndarray:
-    """(n, 3, size, size) crops centred on ``xy`` (x, y px), zero-padded at the borders."""
-    half = size // 2
-    padded = np.pad(image, ((half, half + 1), (half, half + 1), (0, 0)))
-    # a crop centred on x starts at x - half, i.e. at x in the padded image
-    x0 = np.clip(np.round(xy[:, 0]).astype(int), 0, padded.shape[1] - size)
-    y0 = np.clip(np.round(xy[:, 1]).astype(int), 0, padded.shape[0] - size)
-    offs = np.arange(size)
-    rows = y0[:, None, None] + offs[None, :, None]
-    cols = x0[:, None, None] + offs[None, None, :]
-    return padded[rows, cols].transpose(0, 3, 1, 2)
+    x = (x.toarray() if hasattr(x, "toarray") else np.asarray(x)).astype(np.float32)
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        raise InvalidInputError(
+            f"{bad.sum()} nuclei have NaN or infinite morphology features (e.g. {list(table.obs_names[bad][:3])}); "
+            "recompute them with hc.pp.store_nuclei or use a model with use_morphology=False."
+        )
+    return x

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,10 +18,13 @@ from tqdm.auto import tqdm
 
 from .._constants import HISTOCELL_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
 from .._errors import InvalidInputError
+from .._utils import mean_per_type_pearson
 from ..io import check_proportions, get_mpp, resolve_key
 from ._inputs import SampleInputs, sample_inputs
 from ._losses import bag_mean, spot_posteriors, symmetric_kl
-from ._modules import ContextEncoder, HistoCellNet, stain_jitter, to_optical_density
+from .._stain import stain_jitter, to_optical_density
+from ._encoder import resolve_encoder
+from ._modules import ContextEncoder, HistoCellNet
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,12 @@ class HistoCell:
         Feed the morphology features of the nuclei table to the model.
     max_nuclei_per_spot
         Nuclei of a spot used for its loss in one step; more are sampled at random each epoch.
+    encoder
+        The nucleus crop encoder fit starts from: ``"pretrained"`` (default; shipped in the package,
+        trained on open data by ``scripts/train_encoder.py``, see its card with
+        :func:`~histocell_sd.models.encoder_card`), ``"scratch"`` (same architecture, random
+        weights) or the path of an encoder folder (``weights.safetensors`` + ``card.json``).
+        Weak supervision fine-tunes it.
     """
 
     def __init__(
@@ -88,20 +98,37 @@ class HistoCell:
         use_morphology: bool = True,
         max_nuclei_per_spot: int = 48,
         tile_um: float = 400.0,
+        encoder: str = "pretrained",
     ):
-        self.cell_types = [str(t) for t in cell_types]
-        if len(self.cell_types) < 2 or len(set(self.cell_types)) != len(self.cell_types):
+        self.cell_types = _names(cell_types, "cell_types")
+        if len(self.cell_types) < 2:
             raise InvalidInputError(f"cell_types must be at least two distinct names, got {self.cell_types}.")
-        states = {str(t): [str(s) for s in v] for t, v in (states or {}).items()}
+        if states is not None and not isinstance(states, Mapping):
+            raise InvalidInputError(f"states must be a mapping {{cell_type: [state, ...]}}, got {type(states).__name__}.")
+        states = {str(t): _names(v, f"states[{t!r}]") for t, v in (states or {}).items()}
         unknown = set(states) - set(self.cell_types)
         if unknown:
             raise InvalidInputError(f"states given for unknown cell types {sorted(unknown)}.")
         self.states = {t: states.get(t) or [t] for t in self.cell_types}
+        names = [s for t in self.cell_types for s in self.states[t]]
+        clash = sorted({n for n in names if names.count(n) > 1} | {s for t, v in states.items() for s in v if s in self.cell_types and s != t})
+        if clash:
+            raise InvalidInputError(f"State names must be unique and differ from the other cell types; {clash} repeat.")
+        if compartments is not None and not isinstance(compartments, Mapping):
+            raise InvalidInputError(f"compartments must be a mapping {{compartment: [cell_type, ...]}}, got {type(compartments).__name__}.")
         compartments = compartments or {t: [t] for t in self.cell_types}
-        self.compartments = {str(c): [str(t) for t in v] for c, v in compartments.items()}
+        self.compartments = {str(c): _names(v, f"compartments[{c!r}]") for c, v in compartments.items()}
         bad = {t for v in self.compartments.values() for t in v} - set(self.cell_types)
         if bad:
             raise InvalidInputError(f"compartments refer to unknown cell types {sorted(bad)}.")
+        if MIXED in self.compartments:
+            raise InvalidInputError(f"{MIXED!r} is the label of spots without a dominant compartment; name the compartment otherwise.")
+        _check_positive(crop_px=(crop_px, 8), n_neighbors=(n_neighbors, 1), dim=(dim, 4), max_nuclei_per_spot=(max_nuclei_per_spot, 1))
+        _check_positive(canonical_mpp=(canonical_mpp, 0), context_mpp=(context_mpp, 0), radius_um=(radius_um, 0), tile_um=(tile_um, 0))
+        if int(dim) % 4:
+            raise InvalidInputError(f"dim must be a multiple of 4 (the attention heads), got {dim}.")
+        if not 0 < float(compartment_threshold) <= 1:
+            raise InvalidInputError(f"compartment_threshold is a share of the spot and must lie in (0, 1], got {compartment_threshold}.")
         self.compartment_labels = [*self.compartments, MIXED]
         self.config = {
             "compartment_threshold": float(compartment_threshold),
@@ -115,10 +142,12 @@ class HistoCell:
             "max_nuclei_per_spot": int(max_nuclei_per_spot),
             "tile_um": float(tile_um),
         }
+        self.config["encoder"], self._encoder_state = resolve_encoder(encoder, crop_px=self.config["crop_px"], canonical_mpp=self.config["canonical_mpp"])
         self.feature_mean_ = np.zeros(len(self.config["feature_names"]), np.float32)
         self.feature_std_ = np.ones(len(self.config["feature_names"]), np.float32)
         self.history_: pd.DataFrame | None = None
         self.training_summary_: dict = {}
+        self.model_card_: dict | None = None  # the card of a loaded checkpoint
         self.net = self._build()
 
     # ------------------------------------------------------------------ structure
@@ -129,14 +158,19 @@ class HistoCell:
 
     def _build(self) -> HistoCellNet:
         multi = [len(self.states[t]) for t in self.cell_types if len(self.states[t]) > 1]
-        return HistoCellNet(
+        net = HistoCellNet(
             n_types=len(self.cell_types),
             states_per_type=multi,
             n_compartments=len(self.compartment_labels),
             n_features=len(self.config["feature_names"]),
             dim=self.config["dim"],
             radius_um=self.config["radius_um"],
+            encoder_width=self.config["encoder"]["width"],
+            encoder_dim=self.config["encoder"]["out_dim"],
         )
+        if self._encoder_state is not None:
+            net.nucleus.load_state_dict(self._encoder_state)
+        return net
 
     def _inputs(self, sdata: SpatialData, *, image_key=None, table_key=HISTOCELL_KEY, progress=True) -> SampleInputs:
         c = self.config
@@ -206,6 +240,7 @@ class HistoCell:
         state_epochs: int | None = None,
         self_training_epochs: int | None = None,
         lr: float = 2e-3,
+        encoder_lr_factor: float | None = None,
         compartment_weight: float = 0.3,
         pseudo_label_weight: float = 0.5,
         val_fraction: float = 0.15,
@@ -236,6 +271,10 @@ class HistoCell:
             Visium capture area of ~3,500 spots trains in under 10 min on 2 CPU cores).
         lr, compartment_weight, pseudo_label_weight
             AdamW learning rate; weights of the spot compartment loss and of the self-training loss.
+        encoder_lr_factor
+            The nucleus encoder learns at ``lr × encoder_lr_factor``; 0 freezes it. Default: 0.1 for a
+            pretrained encoder (it is fine-tuned gently: a few hundred spots would otherwise wash out
+            what it learnt), 1 from scratch.
         val_fraction, patience
             Spots held out for early stopping, and epochs without improvement before stopping.
         seed
@@ -243,16 +282,41 @@ class HistoCell:
         progress
             Show progress bars.
         nucleus_labels_key
-            For benchmarking only: train the same architecture with the per-nucleus cell types in
-            ``obs[nucleus_labels_key]`` of the nuclei table (cross-entropy) instead of proportions.
+            Train from annotated nuclei instead of spot proportions: the cell types in
+            ``obs[nucleus_labels_key]`` of the nuclei table (missing or unknown = unlabelled), with
+            cross-entropy on every labelled nucleus (batched by 55 µm squares; no spots needed). This
+            is the supervised twin of the benchmarks; the spot and state stages are skipped.
 
         Returns
         -------
         ``self``, with ``history_`` (one row per epoch) and ``training_summary_``.
         """
-        samples = [sdata] if isinstance(sdata, SpatialData) else list(sdata)
-        if not samples:
-            raise InvalidInputError("fit needs at least one sample.")
+        samples = [sdata] if isinstance(sdata, SpatialData) else list(sdata) if isinstance(sdata, (list, tuple)) else None
+        if not samples or not all(isinstance(s, SpatialData) for s in samples):
+            raise InvalidInputError(f"fit needs a SpatialData or a non-empty list of them, got {type(sdata).__name__}.")
+        if encoder_lr_factor is None:
+            encoder_lr_factor = 1.0 if self.config["encoder"]["source"] == "scratch" else PRETRAINED_ENCODER_LR_FACTOR
+        if not np.isfinite(encoder_lr_factor) or encoder_lr_factor < 0:
+            raise InvalidInputError(f"encoder_lr_factor must be ≥ 0, got {encoder_lr_factor}.")
+        if not (np.isfinite(lr) and lr > 0):
+            raise InvalidInputError(f"lr must be a positive number, got {lr}.")
+        if not 0 <= val_fraction < 1:
+            raise InvalidInputError(f"val_fraction is the share of spots held out and must lie in [0, 1), got {val_fraction}.")
+        if all(e == 0 for e in (epochs, self_training_epochs, state_epochs)):
+            raise InvalidInputError("epochs, self_training_epochs and state_epochs are all 0: there is nothing to train.")
+        before = (self.net, self.feature_mean_, self.feature_std_, self.history_, self.training_summary_)
+        try:
+            return self._fit(samples, proportions_key, state_proportions_key, epochs, state_epochs, self_training_epochs, lr,
+                             encoder_lr_factor, compartment_weight, pseudo_label_weight, val_fraction, patience, seed, progress,
+                             table_key, nuclei_table_key, image_key, nucleus_labels_key)
+        except BaseException:
+            # a failed fit leaves the model as it was (a trained model stays trained, an untrained one untrained)
+            self.net, self.feature_mean_, self.feature_std_, self.history_, self.training_summary_ = before
+            raise
+
+    def _fit(self, samples, proportions_key, state_proportions_key, epochs, state_epochs, self_training_epochs, lr, encoder_lr_factor,
+             compartment_weight, pseudo_label_weight, val_fraction, patience, seed, progress, table_key, nuclei_table_key, image_key,
+             nucleus_labels_key) -> HistoCell:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -263,20 +327,30 @@ class HistoCell:
         ]
         self._set_feature_scaling([p.inputs for p in prepared])
         use_states = len(self.state_names) > len(self.cell_types) and all(p.state_targets is not None for p in prepared)
+        if len(self.state_names) > len(self.cell_types) and not use_states:
+            warnings.warn(
+                f"The model has cell states but obsm[{state_proportions_key!r}] is missing from "
+                f"{sum(p.state_targets is None for p in prepared)} of {len(prepared)} samples: the state heads are not trained "
+                "and tl.predict will not write cell states.", UserWarning, stacklevel=3)
         tiles = [(i, spots) for i, p in enumerate(prepared) for spots in _spot_tiles(p.spot_xy_um, self.config["tile_um"])]
         train, val = _split(tiles, val_fraction, rng)
+        if not train:
+            raise InvalidInputError(f"val_fraction={val_fraction} holds out every one of the {sum(len(s) for _, s in tiles)} spots; lower it.")
         epochs, self_training_epochs, state_epochs = _stage_epochs(
             sum(len(s) for _, s in train), epochs, self_training_epochs, state_epochs
         )
         history: list[dict] = []
         weights = (compartment_weight, pseudo_label_weight)
         first = "supervised" if nucleus_labels_key else "types"
-        self._train_stage(first, prepared, train, val, epochs, lr, weights, patience, rng, generator, history, progress)
+        self._train_stage(first, prepared, train, val, epochs, lr, encoder_lr_factor, weights, patience, rng, generator, history, progress)
         if self_training_epochs > 0 and not nucleus_labels_key:
-            self._train_stage("self-training", prepared, train, val, self_training_epochs, lr / 2, weights, patience, rng, generator, history, progress)
-        if use_states and state_epochs > 0:
-            self._train_stage("states", prepared, train, val, state_epochs, lr / 2, weights, patience, rng, generator, history, progress)
+            self._train_stage("self-training", prepared, train, val, self_training_epochs, lr / 2, encoder_lr_factor, weights, patience, rng, generator, history, progress)
+        use_states = use_states and state_epochs > 0
+        if use_states:
+            self._train_stage("states", prepared, train, val, state_epochs, lr / 2, encoder_lr_factor, weights, patience, rng, generator, history, progress)
         self.net.eval()
+        if not history:
+            raise InvalidInputError("No training stage ran: give epochs > 0 (or state_epochs > 0 with state proportions).")
         self.history_ = pd.DataFrame(history)
         last_stage = self.history_[self.history_["stage"] == self.history_["stage"].iloc[-1]]
         last = last_stage.loc[last_stage["val_loss"].idxmin()] if len(val) else last_stage.iloc[-1]
@@ -291,11 +365,13 @@ class HistoCell:
             "proportions_key": proportions_key,
             "states_trained": bool(use_states),
             "val_loss": float(last["val_loss"]),
-            "val_spot_pearson": float(last["val_spot_pearson"]),
+            "val_spot_pearson": float(last["val_spot_pearson"]),  # mean over types of the Pearson r across held-out spots
         }
         return self
 
     def _prepare(self, sdata, proportions_key, state_key, table_key, nuclei_table_key, image_key, labels_key, progress) -> _Sample:
+        if labels_key is not None:
+            return self._prepare_labelled(sdata, nuclei_table_key, image_key, labels_key, progress)
         mpp = get_mpp(sdata)
         table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
         table = sdata.tables[table_key]
@@ -322,6 +398,13 @@ class HistoCell:
         if state_key and state_key in table.obsm and len(self.state_names) > len(self.cell_types):
             states = check_proportions(table.obsm[state_key], cell_types=self.state_names, name=f"obsm[{state_key!r}]")
             states = states.reindex(columns=self.state_names, fill_value=0.0).loc[proportions.index]
+            per_type = np.stack([states[self.states[t]].to_numpy().sum(1) for t in self.cell_types], 1)
+            gap = np.abs(per_type - proportions.to_numpy()).sum(1)
+            if np.median(gap) > 0.1:
+                raise InvalidInputError(
+                    f"obsm[{state_key!r}] disagrees with obsm[{proportions_key!r}]: the states of a type should add up to that "
+                    f"type's proportion, but they differ by {np.median(gap):.2f} (median over spots)."
+                )
             state_targets = states.to_numpy(np.float32)[keep]
         spots = sdata.shapes[_annotated_region(table, table_key)]
         xy = np.c_[spots.geometry.x, spots.geometry.y][spots.index.get_indexer(proportions.index)] * mpp
@@ -332,13 +415,30 @@ class HistoCell:
             state_targets=state_targets,
             compartments=self._compartment_of(proportions.to_numpy()[keep]),
             spot_xy_um=xy[keep],
-            nucleus_labels=self._nucleus_labels(sdata, nuclei_table_key, labels_key),
         )
+
+    def _prepare_labelled(self, sdata, nuclei_table_key, image_key, labels_key, progress) -> _Sample:
+        """Every labelled nucleus, in bags of the nuclei of ``_LABELLED_BAG_UM`` squares (no spots needed)."""
+        inputs = self._inputs(sdata, image_key=image_key, table_key=nuclei_table_key, progress=progress)
+        labels = self._nucleus_labels(sdata, nuclei_table_key, labels_key)
+        known = np.flatnonzero(labels >= 0)
+        if len(known) == 0:
+            raise InvalidInputError(f"No nucleus has a label among the model's cell types in obs[{labels_key!r}].")
+        xy_um = inputs.context_xy[known].astype(np.float64) * self.config["context_mpp"]
+        cell = np.floor(xy_um / _LABELLED_BAG_UM).astype(np.int64)
+        _, bag = np.unique(cell, axis=0, return_inverse=True)
+        bag = bag.ravel()
+        members = [known[bag == b] for b in range(bag.max() + 1)]
+        onehot = np.eye(len(self.cell_types), dtype=np.float32)[labels[known]]
+        targets = np.stack([onehot[bag == b].mean(0) for b in range(len(members))])
+        centres = np.stack([xy_um[bag == b].mean(0) for b in range(len(members))])
+        return _Sample(inputs=inputs, spot_nuclei=members, targets=targets, state_targets=None,
+                       compartments=self._compartment_of(targets), spot_xy_um=centres, nucleus_labels=labels)
 
     def _nucleus_labels(self, sdata, nuclei_table_key, labels_key) -> np.ndarray | None:
         if labels_key is None:
             return None
-        obs = sdata.tables[nuclei_table_key].obs
+        obs = sdata.tables[resolve_key(sdata, "tables", nuclei_table_key, HISTOCELL_KEY)].obs
         if labels_key not in obs:
             raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obs[{labels_key!r}].")
         return pd.Categorical(obs[labels_key].astype(str), categories=self.cell_types).codes.astype(np.int64)
@@ -395,8 +495,13 @@ class HistoCell:
         compartment = F.cross_entropy(self.net.compartment_head(spot_repr), torch.from_numpy(sample.compartments[spots]))
         return total + compartment_weight * compartment, loss
 
-    def _train_stage(self, stage, prepared, train, val, epochs, lr, weights, patience, rng, generator, history, progress):
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=1e-4)
+    def _train_stage(self, stage, prepared, train, val, epochs, lr, encoder_lr_factor, weights, patience, rng, generator, history, progress):
+        encoder = list(self.net.nucleus.parameters())
+        others = [p for name, p in self.net.named_parameters() if not name.startswith("nucleus.")]
+        groups = [{"params": others}] + ([{"params": encoder, "lr": lr * encoder_lr_factor}] if encoder_lr_factor > 0 else [])
+        for p in encoder:
+            p.requires_grad_(encoder_lr_factor > 0)
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
         best, best_state, waited = np.inf, copy.deepcopy(self.net.state_dict()), 0
         bar = tqdm(range(epochs), desc=f"training ({stage})", disable=not progress)
@@ -406,12 +511,14 @@ class HistoCell:
             for t in rng.permutation(len(train)):
                 sample_idx, spots = train[t]
                 total, _ = self._loss(prepared[sample_idx], spots, stage, *weights, rng, generator)
+                if not torch.isfinite(total.detach()):
+                    raise InvalidInputError(f"Training diverged: the loss became {total.item()} in the {stage!r} stage (epoch {epoch}); lower lr (now {lr}).")
                 optimizer.zero_grad()
                 total.backward()
                 optimizer.step()
                 losses.append(total.item())
             scheduler.step()
-            val_loss, pearson = self._validate(prepared, val, stage == "states")
+            val_loss, pearson = self._validate(prepared, val, stage)
             history.append({"stage": stage, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_spot_pearson": pearson})
             bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{val_loss:.3f}", r=f"{pearson:.2f}")
             if val_loss < best - 1e-4 or not val:
@@ -423,7 +530,7 @@ class HistoCell:
         self.net.load_state_dict(best_state)
 
     @torch.no_grad()
-    def _validate(self, prepared, val, with_states) -> tuple[float, float]:
+    def _validate(self, prepared, val, stage: str) -> tuple[float, float]:
         if not val:
             return float("nan"), float("nan")
         self.net.eval()
@@ -433,7 +540,10 @@ class HistoCell:
             query, bag, keys = self._batch(sample, spots, None)
             out = self._outputs(sample.inputs, query, keys, self._embed(sample.inputs, keys))
             p_type = bag_mean(torch.softmax(out["type"], 1), bag, len(spots))
-            if with_states:
+            if stage == "supervised":
+                labels = torch.from_numpy(sample.nucleus_labels[query])
+                losses.append(float(F.cross_entropy(out["type"], labels)) * len(spots))
+            elif stage == "states":
                 p = bag_mean(self._state_proba(out["type"], out["states"]), bag, len(spots))
                 losses.append(float(symmetric_kl(p, torch.from_numpy(sample.state_targets[spots]))) * len(spots))
             else:
@@ -441,8 +551,7 @@ class HistoCell:
             predicted.append(p_type.numpy())
             target.append(sample.targets[spots])
         n = sum(len(s) for _, s in val)
-        pearson = float(np.corrcoef(np.concatenate(predicted).ravel(), np.concatenate(target).ravel())[0, 1])
-        return float(sum(losses) / n), pearson
+        return float(sum(losses) / n), mean_per_type_pearson(np.concatenate(predicted), np.concatenate(target))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -513,11 +622,14 @@ class HistoCell:
         }
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path, *, overwrite: bool = False):
-        """Write safetensors weights and a JSON model card to the folder ``path`` (atomically)."""
+    def save(self, path, *, overwrite: bool = False, metadata: dict | None = None):
+        """Write safetensors weights and a JSON model card to the folder ``path`` (atomically).
+
+        ``metadata``: JSON-serialisable notes kept in the card (data, licences, metrics, intended use).
+        """
         from ._checkpoint import save_checkpoint
 
-        return save_checkpoint(self, path, overwrite=overwrite)
+        return save_checkpoint(self, path, overwrite=overwrite, metadata=metadata)
 
     @classmethod
     def load(cls, path) -> HistoCell:
@@ -529,6 +641,29 @@ class HistoCell:
     def __repr__(self) -> str:
         trained = "trained" if self.training_summary_ else "untrained"
         return f"HistoCell({trained}; {len(self.cell_types)} cell types, {len(self.state_names)} states, compartments {self.compartment_labels})"
+
+
+def _names(values, what: str) -> list[str]:
+    """Distinct names from a list-like (a lone string is refused: it is not a list of names)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, pd.Index, np.ndarray)):
+        raise InvalidInputError(f"{what} must be a list of names, got {values!r}.")
+    names = [str(v) for v in values]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"{what} repeats names: {sorted({n for n in names if names.count(n) > 1})}.")
+    return names
+
+
+def _check_positive(**values) -> None:
+    """Each ``name=(value, least)``: a finite number above ``least`` (at least ``least`` when it is ≥ 1)."""
+    for name, (value, least) in values.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{name} must be a number, got {value!r}.") from None
+        ok = np.isfinite(number) and (number >= least if least >= 1 else number > least)
+        if not ok or isinstance(value, bool):
+            bound = f"at least {least}" if least >= 1 else f"above {least}"
+            raise InvalidInputError(f"{name} must be {bound}, got {value!r}.")
 
 
 def _annotated_region(table, table_key: str) -> str:
@@ -558,6 +693,8 @@ def _split(tiles, val_fraction: float, rng: np.random.Generator):
 
 
 _DEFAULT_EPOCHS = (40, 10, 15)  # types, self-training, states
+PRETRAINED_ENCODER_LR_FACTOR = 0.1
+_LABELLED_BAG_UM = 55.0  # training from nucleus labels: nuclei are batched by squares of this side
 _FULL_EPOCH_SPOTS = 1000
 
 

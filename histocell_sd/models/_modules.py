@@ -8,25 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Optical densities of hematoxylin, eosin and DAB (rows) in RGB, as skimage's rgb2hed uses.
-_HED_FROM_RGB = torch.linalg.inv(
-    torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
-)
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
-
-
-def to_optical_density(rgb_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (…, 3, h, w) → optical density, the input scale of the encoders."""
-    return -torch.log((rgb_uint8.float() + 1.0) / 256.0)
-
-
-def stain_jitter(od: torch.Tensor, generator: torch.Generator, strength: float = 0.15) -> torch.Tensor:
-    """Scale and shift the hematoxylin and eosin concentrations of each image (HED augmentation)."""
-    n = od.shape[0]
-    hed = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB)
-    scale = 1 + strength * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
-    shift = 0.05 * strength * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
-    return torch.einsum("ndhw,dc->nchw", hed * scale + shift, _RGB_FROM_HED)
 
 
 def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -35,21 +16,24 @@ def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequent
 
 
 class NucleusEncoder(nn.Module):
-    """A small strided CNN over the nucleus crop (optical density), pooled to a vector."""
+    """A CNN over the nucleus crop (optical density): three stages of a full-resolution and a strided
+    convolution, then mean and max pooling projected to ``out_dim``.
 
-    def __init__(self, width: int = 8, out_dim: int = 64):
+    The architecture of the pretrained encoder (``histocell_sd/weights/encoder``) for ``width`` 16.
+    """
+
+    def __init__(self, width: int = 16, out_dim: int = 64):
         super().__init__()
+        w = width
         self.net = nn.Sequential(
-            _conv(3, width, 2),
-            _conv(width, width),
-            _conv(width, 2 * width, 2),
-            _conv(2 * width, 4 * width, 2),
-            _conv(4 * width, 4 * width),
-        )
-        self.proj = nn.Linear(8 * width, out_dim)
+            _conv(3, w), _conv(w, w, 2),
+            _conv(w, 2 * w), _conv(2 * w, 2 * w, 2),
+            _conv(2 * w, 4 * w), _conv(4 * w, 4 * w, 2),
+        )  # fmt: skip
+        self.proj = nn.Linear(8 * w, out_dim)
 
     def forward(self, od: torch.Tensor) -> torch.Tensor:
-        x = self.net(od)
+        x = self.net(od.contiguous(memory_format=torch.channels_last))
         return self.proj(torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1))
 
 
@@ -128,12 +112,14 @@ class HistoCellNet(nn.Module):
         dim: int = 64,
         radius_um: float = 30.0,
         dropout: float = 0.1,
+        encoder_width: int = 16,
+        encoder_dim: int = 64,
     ):
         super().__init__()
-        self.nucleus = NucleusEncoder(out_dim=dim)
+        self.nucleus = NucleusEncoder(width=encoder_width, out_dim=encoder_dim)
         self.context = ContextEncoder(out_dim=32)
         self.morphology = nn.Sequential(nn.Linear(n_features, 32), nn.ReLU()) if n_features else None
-        fused = dim + 32 + (32 if n_features else 0)
+        fused = encoder_dim + 32 + (32 if n_features else 0)
         self.fuse = nn.Sequential(nn.Linear(fused, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), nn.LayerNorm(dim))
         self.graph = NeighbourAttention(dim, radius_um=radius_um)
         self.type_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * dim, n_types))

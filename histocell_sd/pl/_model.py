@@ -117,7 +117,14 @@ def cell_types(
         _, ax = plt.subplots(figsize=(7, 6))
     categories = view.tables[table_key].obs[color]
     groups = list(categories.cat.categories) if hasattr(categories, "cat") else None
-    colours = list(palette) if palette is not None else (sns.color_palette("tab10", len(groups)).as_hex() if groups else None)
+    stored = sdata.tables[table_key].uns.get(f"{color}_colors")
+    if palette is not None:
+        colours = list(palette)
+    elif groups and stored is not None and len(stored) == len(sdata.tables[table_key].obs[color].cat.categories):
+        full = dict(zip(sdata.tables[table_key].obs[color].cat.categories, stored))  # the colours tl.predict stored
+        colours = [full[g] for g in groups]
+    else:
+        colours = sns.color_palette("tab10", len(groups)).as_hex() if groups else None
     (
         view.pl.render_images(image_key)
         .pl.render_shapes(nuclei_key, color=color, table_name=table_key, fill_alpha=0.7, groups=groups, palette=colours)

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 from skimage.color import rgb2hed
 from skimage.measure import find_contours
 from spatialdata import SpatialData
-from spatialdata.models import Labels2DModel, ShapesModel, TableModel
+from spatialdata.models import Labels2DModel, ShapesModel, TableModel, get_table_keys
 from spatialdata.transformations import Identity, Translation
 
 from .._constants import (
@@ -75,6 +75,7 @@ def store_nuclei(
     table_key: str = HISTOCELL_KEY,
     labels_key: str | None = None,
     method: str = "external",
+    overwrite: bool = False,
 ) -> None:
     """Store an instance label raster as nucleus polygons and their feature table.
 
@@ -99,6 +100,9 @@ def store_nuclei(
         When given, the raster is also stored as a Labels2D element of that name.
     method
         Recorded in ``table.uns["histocell"]["method"]``.
+    overwrite
+        Replace elements under these names that an earlier segmentation did not write (refused otherwise;
+        nuclei this package stored there before are always replaced).
 
     Notes
     -----
@@ -112,24 +116,52 @@ def store_nuclei(
     """
     mpp = get_mpp(sdata)
     image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+    ours = claim_nuclei_keys(sdata, key_added, table_key, labels_key, overwrite=overwrite)
     labels, origin = _check_labels(labels, origin, get_image(sdata, image_key).shape[1:])
+    spots = _spots(sdata, spots_key)
     ids = np.unique(labels)
     ids = ids[ids > 0]
     if len(ids) == 0:
-        _remove(sdata, key_added, table_key, labels_key)
+        _remove(sdata, *ours)  # an earlier segmentation's nuclei would no longer describe this image
         return
     stats = _pixel_stats(labels, get_image(sdata, image_key), origin, ids)
     polygons = _polygons(labels, ids, origin)
     features = _features(stats, polygons, mpp)
     centroids = stats["centroid"][:, ::-1] + np.asarray(origin[::-1], dtype=float) + 0.5
     names = pd.Index([f"nucleus_{i}" for i in ids], name=NUCLEUS_ID_KEY)
+    spot_ids = None if spots is None else _spot_ids(spots, centroids)
+    table = _table(features, centroids, names, spot_ids, key_added, mpp, method)
+    table.uns["histocell"]["labels_key"] = labels_key
+    _remove(sdata, *ours)
     sdata.shapes[key_added] = _shapes_element(polygons, names)
-    spot_ids = _spot_ids(sdata, spots_key, centroids)
-    sdata.tables[table_key] = _table(features, centroids, names, spot_ids, key_added, mpp, method)
+    sdata.tables[table_key] = table
     if labels_key is not None:
         sdata.labels[labels_key] = Labels2DModel.parse(
             labels, dims=("y", "x"), transformations={COORDINATE_SYSTEM: Translation([origin[1], origin[0]], axes=("x", "y"))}
         )
+
+
+def claim_nuclei_keys(sdata: SpatialData, key_added: str, table_key: str, labels_key: str | None, *, overwrite: bool = False) -> set[str]:
+    """Check that nuclei may be written under these names; return the elements an earlier segmentation wrote there.
+
+    Refuses names that coincide, and names of elements that segmentation did not write (the spots, the spots
+    table, an image...) unless ``overwrite``.
+    """
+    keys = [k for k in (key_added, table_key, labels_key) if k is not None]
+    if len(set(keys)) != len(keys):
+        raise InvalidInputError(f"key_added, table_key and labels_key must differ, got {keys}.")
+    ours: set[str] = set()
+    table = sdata.tables.get(table_key)
+    meta = table.uns.get("histocell", {}) if table is not None else {}
+    if table is not None and "features" in meta and "spatialdata_attrs" in table.uns and get_table_keys(table)[0] == key_added:
+        ours = {table_key} | ({key_added} if key_added in sdata.shapes else set()) | ({meta["labels_key"]} if meta.get("labels_key") in sdata.labels else set())
+    clash = [k for k in keys if k in sdata and k not in ours]
+    if clash and not overwrite:
+        raise InvalidInputError(
+            f"{clash} already exist in the SpatialData and were not written by a segmentation; pick other names "
+            "(key_added=, table_key=, labels_key=) or pass overwrite=True to replace them."
+        )
+    return ours | set(clash)
 
 
 def _remove(sdata: SpatialData, *keys: str | None) -> None:
@@ -287,13 +319,18 @@ def _shapes_element(polygons: np.ndarray, names: pd.Index) -> gpd.GeoDataFrame:
     return ShapesModel.parse(gdf, transformations={COORDINATE_SYSTEM: Identity()})
 
 
-def _spot_ids(sdata: SpatialData, spots_key: str | None, centroids: np.ndarray) -> pd.Series | None:
-    """Barcode of the spot circle holding each centroid (NaN outside all); None without spots."""
+def _spots(sdata: SpatialData, spots_key: str | None):
+    """The spot circles that give ``obs["spot_id"]``; None without spots."""
     if spots_key is None and SPOTS_KEY not in sdata.shapes:
         return None
     spots = sdata.shapes[resolve_key(sdata, "shapes", spots_key, SPOTS_KEY)]
     if "radius" not in spots.columns:
         raise InvalidInputError("The spots element has no 'radius' column; spot circles are needed for spot_id.")
+    return spots
+
+
+def _spot_ids(spots, centroids: np.ndarray) -> pd.Series:
+    """Barcode of the spot circle holding each centroid (NaN outside all)."""
     centers = np.column_stack([spots.geometry.x, spots.geometry.y])
     out = pd.Series(np.full(len(centroids), np.nan, dtype=object))
     if len(centroids) and len(centers):
@@ -308,8 +345,9 @@ def _table(features, centroids, names, spot_ids, region, mpp, method) -> ad.AnnD
     obs = pd.DataFrame(index=names.astype(str).rename(None))
     obs[REGION_KEY] = pd.Categorical([region] * len(obs), categories=[region])
     obs[NUCLEUS_ID_KEY] = obs.index.to_numpy()
-    if spot_ids is not None:
-        obs[SPOT_ID_KEY] = spot_ids.to_numpy()
+    if spot_ids is not None:  # categorical: a missing spot stays missing through zarr and h5ad (an object column would become "nan")
+        present = sorted(spot_ids.dropna().unique())
+        obs[SPOT_ID_KEY] = pd.Categorical(spot_ids.to_numpy(), categories=present)
     adata = ad.AnnData(
         X=features.to_numpy(dtype=np.float32),
         obs=obs,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 from scipy import ndimage as ndi
 from joblib import Parallel, delayed
 from spatialdata import SpatialData
@@ -14,12 +17,13 @@ from tqdm.auto import tqdm
 from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY
 from .._errors import InvalidInputError
 from ..io._elements import get_image, get_mpp, resolve_key
-from ._nuclei import store_nuclei
-from ._segment_array import _MIN_HEMATOXYLIN, _hematoxylin, hematoxylin_level, segment_array
+from ._nuclei import claim_nuclei_keys, store_nuclei
+from ._segment_array import _MIN_HEMATOXYLIN, _hematoxylin, hematoxylin_level, is_padding, segment_array
+from ._segmenter import check_scale, load_segmenter, segment_learnt
 
 __all__ = ["segment_nuclei"]
 
-METHODS = ("default",)
+METHODS = ("default", "classical")
 _WEIGHTS_METHODS = ("stardist", "cellpose")
 # Coarsest pyramid level used for the tissue check: a nucleus is still a few pixels there.
 _MAX_CHECK_DOWNSCALE = 8
@@ -39,6 +43,7 @@ def segment_nuclei(
     n_jobs: int = 1,
     progress: bool = True,
     labels_key: str | None = None,
+    overwrite: bool = False,
     **method_kwargs,
 ) -> None:
     """Segment the nuclei of the H&E image tile by tile and store them.
@@ -57,8 +62,9 @@ def segment_nuclei(
     image_key
         The image to segment; found automatically when there is one (or one called ``"he"``).
     method
-        ``"default"``: the classical, resolution-aware segmenter
-        (:func:`~histocell_sd.pp.segment_array`). Or any callable ``f(rgb, mpp, **method_kwargs)``
+        ``"default"``: the learnt segmenter shipped in the package (:func:`~histocell_sd.pp.segment_learnt`;
+        ``network=`` takes another segmenter folder). ``"classical"``: the classical, resolution-aware
+        segmenter (:func:`~histocell_sd.pp.segment_array`). Or any callable ``f(rgb, mpp, **method_kwargs)``
         returning an integer instance raster of the tile's height and width: the tiling, seam
         handling and features stay the same. This is how StarDist, Cellpose or any model runs
         with weights from a local path (nothing is ever downloaded), e.g.::
@@ -78,8 +84,12 @@ def segment_nuclei(
         Show a progress bar over tiles.
     labels_key
         When given, the stitched instance raster is also stored as a Labels2D element.
+    overwrite
+        Replace elements under ``key_added`` / ``table_key`` / ``labels_key`` that a segmentation did not
+        write (refused otherwise, before any work; an earlier segmentation's nuclei are always replaced).
     **method_kwargs
-        Passed to :func:`~histocell_sd.pp.segment_array` (e.g. ``min_area_um2``) or to the callable.
+        Passed to :func:`~histocell_sd.pp.segment_learnt` (``network``, post-processing such as
+        ``centre_threshold``), :func:`~histocell_sd.pp.segment_array` (e.g. ``min_area_um2``) or the callable.
 
     Notes
     -----
@@ -87,27 +97,45 @@ def segment_nuclei(
     found a warning is issued and nothing is written (see :func:`store_nuclei`).
     """
     _check_method(method, method_kwargs)
+    claim_nuclei_keys(sdata, key_added, table_key, labels_key, overwrite=overwrite)
     mpp = get_mpp(sdata)
     image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
     image = _check_image(get_image(sdata, image_key), image_key)
     height, width = image.shape[1:]
     tile_size_px, overlap_px = _check_tiling(tile_size_px, overlap_um, mpp)
+    if method == "classical":
+        check_scale(mpp, float(method_kwargs.get("canonical_mpp", 0.5)))
+    elif method == "default":
+        check_scale(mpp, float(load_segmenter(method_kwargs.get("network"))[1]["preprocessing"]["mpp"]))
     tiles = _tiles(height, width, tile_size_px, overlap_px)
     tissue = _tissue_check(sdata.images[image_key], (height, width))
     tiles = [t for t in tiles if tissue(t)]
-    if method == "default" and len(tiles) > 1 and "threshold" not in method_kwargs:
+    if method == "classical" and tiles and "threshold" not in method_kwargs:  # one level for the slide, whatever the tiling
         method_kwargs = method_kwargs | {"threshold": _slide_threshold(sdata.images[image_key], (height, width), mpp, method_kwargs)}
     labels = np.zeros((height, width), dtype=np.int32)
     n_found = 0
-    segmenter = segment_array if method == "default" else method
+    segmenter = {"default": segment_learnt, "classical": segment_array}.get(method, method)
     jobs = (delayed(_segment_tile)(image, t, mpp, segmenter, method_kwargs) for t in tiles)
-    results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator_unordered")(jobs)
-    for window, tile_labels in tqdm(results, total=len(tiles), desc="segmenting nuclei", disable=not progress):
-        n_found = _paste(labels, window, tile_labels, n_found)
+    with _torch_threads(n_jobs):
+        results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs)
+        for window, tile_labels in tqdm(results, total=len(tiles), desc="segmenting nuclei", disable=not progress):
+            n_found = _paste(labels, window, tile_labels, n_found)
     if n_found == 0:
         warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written.", stacklevel=2)
-    store_nuclei(sdata, labels, image_key=image_key, key_added=key_added, table_key=table_key,
-                 labels_key=labels_key, method=f"segment_nuclei:{getattr(method, '__name__', method)}")
+    store_nuclei(sdata, labels, image_key=image_key, key_added=key_added, table_key=table_key, labels_key=labels_key,
+                 method=f"segment_nuclei:{getattr(method, '__name__', method)}", overwrite=overwrite)
+
+
+@contextmanager
+def _torch_threads(n_jobs: int):
+    """Share the torch threads among ``n_jobs`` parallel tiles (oversubscribed threads thrash)."""
+    before = torch.get_num_threads()
+    jobs = (os.cpu_count() or 1) if n_jobs < 0 else max(int(n_jobs), 1)
+    torch.set_num_threads(max(1, before // jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_method(method: str, method_kwargs: dict) -> None:
@@ -118,7 +146,7 @@ def _check_method(method: str, method_kwargs: dict) -> None:
         raise InvalidInputError(
             f"method={method!r} is not bundled, and histocell-sd never downloads weights: load the {method} model "
             "from local weights yourself and pass a function (rgb, mpp) -> labels as method= (see the docstring), "
-            "or import its results with histocell_sd.io.read_nuclei, or use method='default'."
+            "or import its results with histocell_sd.io.read_nuclei, or use method='default' or 'classical'."
         )
     raise InvalidInputError(f"Unknown segmentation method {method!r}; choose from {list(METHODS)} or pass a function (rgb, mpp) -> labels.")
 
@@ -183,9 +211,11 @@ def _tissue_check(element, shape: tuple[int, int]):
 def _slide_threshold(element, shape: tuple[int, int], mpp: float, kwargs: dict) -> float:
     """One hematoxylin level for all tiles: Otsu on a pyramid level of pixels ≤ 1 µm, smoothed as each tile is."""
     level, factor = _coarse_level(element, shape, max(1.0, _LEVEL_MPP / mpp))
-    h = _hematoxylin(np.asarray(level).transpose(1, 2, 0).astype(np.float32) / 255.0)
+    rgb = np.asarray(level).transpose(1, 2, 0).astype(np.float32) / 255.0
+    padding = is_padding(rgb)
+    h = np.where(padding, 0.0, _hematoxylin(rgb))
     hs = ndi.gaussian_filter(h, kwargs.get("smooth_um", 1.0) / (mpp * factor))
-    return hematoxylin_level(hs[hs > _MIN_HEMATOXYLIN / 2])
+    return hematoxylin_level(hs[(hs > _MIN_HEMATOXYLIN / 2) & ~padding])
 
 
 def _coarse_level(element, shape: tuple[int, int], max_factor: float = _MAX_CHECK_DOWNSCALE):

@@ -21,6 +21,8 @@ __all__ = ["segment_array"]
 # Hematoxylin optical densities (rgb2hed units) below this are never nucleus, whatever
 # the per-image threshold says; keeps white, fat and pale stroma tiles empty.
 _MIN_HEMATOXYLIN = 0.03
+# Pixels whose brightest channel is below this (on a 0-1 scale) are padding, not stain.
+_PADDING_MAX = 0.1
 # Distance to the background (µm) that weighs as much as one unit of blob contrast in seeds.
 _DISTANCE_SCALE_UM = 2.0
 
@@ -50,20 +52,27 @@ def _hematoxylin(img: np.ndarray) -> np.ndarray:
     return np.maximum(od @ hed_from_rgb[:, 0].astype(np.float32), 0.0)
 
 
+def is_padding(img: np.ndarray) -> np.ndarray:
+    """Near-black pixels (every channel < 0.1): scanner padding or masked areas, never tissue."""
+    return img.max(axis=-1) < _PADDING_MAX
+
+
 def hematoxylin_level(hs: np.ndarray) -> float:
     """Otsu level of smoothed hematoxylin densities, floored at the least nucleus density."""
     return max(float(threshold_otsu(hs)), _MIN_HEMATOXYLIN) if hs.size and np.ptp(hs) > 0 else _MIN_HEMATOXYLIN
 
 
-def _foreground(h: np.ndarray, smooth_px: float, local_px: float, local_offset: float, level: float | None):
-    """Nucleus mask: above ``level`` (default: the Otsu level of the image) and above the local mean.
+def _foreground(h: np.ndarray, padding: np.ndarray, smooth_px: float, local_px: float, local_offset: float, level: float | None):
+    """Nucleus mask: above ``level`` (default: the Otsu level of the image's stained pixels) and above the local mean.
 
-    Returns the mask and the global threshold used.
+    Padding (near-black) pixels take no part in the level and are never nucleus. Returns the mask and the level used.
     """
+    if padding.any():  # black padding would read as dense hematoxylin: take its neighbours' values instead
+        h = np.where(padding, 0.0, h)
     hs = ndi.gaussian_filter(h, smooth_px)
-    level = hematoxylin_level(hs) if level is None else max(float(level), _MIN_HEMATOXYLIN)
+    level = hematoxylin_level(hs[~padding]) if level is None else max(float(level), _MIN_HEMATOXYLIN)
     local = ndi.gaussian_filter(hs, local_px)
-    mask = (hs > level) & (hs > local + local_offset)
+    mask = (hs > level) & (hs > local + local_offset) & ~ndi.binary_dilation(padding, iterations=2)
     return ndi.binary_fill_holes(mask), level
 
 
@@ -190,8 +199,9 @@ def segment_array(
     pixel_um2 = canonical_mpp**2
     if min(shape) * mpp < 2.0 * np.sqrt(min_area_um2 / np.pi):  # narrower than the smallest nucleus
         return np.zeros(shape, dtype=np.int32)
-    h = _hematoxylin(_to_canonical(img, mpp, canonical_mpp))
-    mask, level = _foreground(h, smooth_um / canonical_mpp, local_window_um / canonical_mpp, local_offset, threshold)
+    img = _to_canonical(img, mpp, canonical_mpp)
+    h = _hematoxylin(img)
+    mask, level = _foreground(h, is_padding(img), smooth_um / canonical_mpp, local_window_um / canonical_mpp, local_offset, threshold)
     if not mask.any():
         return np.zeros(shape, dtype=np.int32)
     score = _seed_score(h, mask, level, blob_sigma_um / canonical_mpp, _DISTANCE_SCALE_UM / canonical_mpp)

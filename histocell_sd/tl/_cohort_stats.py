@@ -14,6 +14,9 @@ from .._errors import InvalidInputError
 
 __all__ = ["benjamini_hochberg", "response_association", "survival"]
 
+MAX_LOG_HR = 10.0
+"""Largest credible |log hazard ratio| per SD of an indicator; a larger fit means separation."""
+
 
 def benjamini_hochberg(p: Sequence[float] | np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values (FDR); NaN stays NaN."""
@@ -117,6 +120,17 @@ def _cox_univariate(x: np.ndarray, duration: np.ndarray, event: np.ndarray, n_it
     return beta, se
 
 
+def _separated(x: np.ndarray, duration: np.ndarray, event: np.ndarray) -> np.ndarray:
+    """Columns whose Cox likelihood has no finite maximum: at every event the sample's value is the
+    largest (or at every event the smallest) of its risk set, i.e. the covariate orders the event times."""
+    order = np.argsort(-duration, kind="stable")
+    x, duration, event = x[order], duration[order], event[order].astype(bool)
+    last = np.searchsorted(-duration, -duration, side="right") - 1
+    top = (x >= np.maximum.accumulate(x, axis=0)[last])[event].all(axis=0)
+    bottom = (x <= np.minimum.accumulate(x, axis=0)[last])[event].all(axis=0)
+    return top ^ bottom
+
+
 def survival(
     indicators: ad.AnnData | pd.DataFrame,
     duration_key: str = "duration",
@@ -138,6 +152,13 @@ def survival(
     Benjamini–Hochberg adjusts the p-values over the indicators tested. The multivariate model is
     ``lifelines.CoxPHFitter(penalizer, l1_ratio)`` on all tested indicators without NaN, scored by
     the concordance index of ``cv_folds``-fold cross-validation.
+
+    When an indicator orders the event times perfectly (every event has the highest, or every event
+    the lowest, value of its risk set: complete or quasi-complete separation, common with few
+    samples or events), the partial likelihood has no maximum and the hazard ratio would be
+    infinite. Such indicators (and those with a fitted |log HR| above ``MAX_LOG_HR`` per SD, or
+    fewer than two events among their samples) are reported with NaN ``hazard_ratio``, CI, ``p``
+    and ``fdr`` and a :class:`UserWarning`, rather than a meaningless huge hazard ratio.
 
     Parameters
     ----------
@@ -164,6 +185,7 @@ def survival(
     DataFrame indexed by indicator, ranked by p: ``hazard_ratio``, ``ci_lower``, ``ci_upper``
     (95 %), ``coef`` (log HR per SD), ``se``, ``z``, ``p``, ``fdr``, ``n``, ``n_events``.
     ``attrs["dropped"]`` maps each untested indicator to the reason (constant, all NaN);
+    ``attrs["not_estimable"]`` lists the indicators with NaN estimates (separation, see above);
     ``attrs["multivariate"]`` holds ``coef`` (dict indicator → penalised log HR per SD),
     ``c_index_cv`` (mean), ``c_index_folds``, ``penalizer``, ``l1_ratio``, ``n_samples``,
     ``indicators`` and ``excluded`` (indicators with NaN), or ``error`` when it could not be fit.
@@ -188,12 +210,24 @@ def survival(
     x = _standardise(values.to_numpy())
     nan_patterns = pd.DataFrame(np.isnan(x)).T.apply(lambda r: r.to_numpy().tobytes(), axis=1)
     coef, se, n, n_events = (np.full(x.shape[1], np.nan) for _ in range(4))
+    unstable = np.zeros(x.shape[1], dtype=bool)
     for _, cols in nan_patterns.groupby(nan_patterns).groups.items():
         cols = np.asarray(list(cols))
         keep = ~np.isnan(x[:, cols[0]])
         xs = _standardise(x[keep][:, cols])
         b, s = _cox_univariate(xs, duration[keep], event[keep])
         coef[cols], se[cols], n[cols], n_events[cols] = b, s, keep.sum(), event[keep].sum()
+        unstable[cols] = _separated(xs, duration[keep], event[keep]) | (np.abs(b) > MAX_LOG_HR) | (event[keep].sum() < 2)
+    if unstable.any():
+        names = list(values.columns[unstable])
+        warnings.warn(
+            f"The Cox fit has no finite estimate for {len(names)} indicators (e.g. {names[:3]}): each orders the event "
+            "times perfectly (separation) or too few events remain, so the hazard ratio would be infinite; their "
+            "hazard ratio, CI and p are NaN (listed in attrs['not_estimable']).",
+            UserWarning,
+            stacklevel=2,
+        )
+        coef[unstable] = se[unstable] = np.nan
     z = coef / se
     p = 2 * stats.norm.sf(np.abs(z))
     res = pd.DataFrame(
@@ -213,6 +247,7 @@ def survival(
     )
     res = res.sort_values(["p", "fdr"], kind="stable")
     res.attrs["dropped"] = dropped
+    res.attrs["not_estimable"] = list(values.columns[unstable])
     if multivariate:
         res.attrs["multivariate"] = _multivariate_cox(values, duration, event, penalizer, l1_ratio, cv_folds, seed)
     return res

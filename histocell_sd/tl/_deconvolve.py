@@ -95,6 +95,7 @@ def deconvolve(
         raise InvalidInputError(f"method must be one of {_METHODS}, got {method!r}.")
     if n_markers < 1 or epochs < 1:
         raise InvalidInputError(f"n_markers and epochs must be positive, got {n_markers} and {epochs}.")
+    check_reference(reference)
     table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
     table = sdata.tables[table_key]
     labels = {"cell types": _labels(reference, cell_type_key)}
@@ -144,14 +145,23 @@ def shared_data(table: ad.AnnData, table_key: str, reference: ad.AnnData, min_sh
     return ref, sp
 
 
+def check_reference(reference) -> None:
+    """Refuse a single-cell reference that is not an AnnData (e.g. a genes × cells DataFrame)."""
+    if not isinstance(reference, ad.AnnData):
+        hint = (" Wrap a cells × genes count table as anndata.AnnData(df, obs=cell_annotations)."
+                if isinstance(reference, pd.DataFrame) else "")
+        raise InvalidInputError(
+            f"reference must be an AnnData (cells × genes, raw counts, cell types in obs), got {type(reference).__name__}.{hint}"
+        )
+
+
 def reference_counts(reference: ad.AnnData) -> sparse.csr_matrix:
     """The reference's raw counts (cells × ``reference.var_names``) as a float32 CSR matrix.
 
     Looks at ``layers["counts"]``, then ``X``, then ``reference.raw`` (its genes must include the
     reference's); raises :class:`InvalidInputError` when none holds non-negative integers.
     """
-    if not isinstance(reference, ad.AnnData):
-        raise InvalidInputError(f"reference must be an AnnData, got {type(reference).__name__}.")
+    check_reference(reference)
     if reference.n_obs == 0 or reference.n_vars == 0:
         raise InvalidInputError(f"reference is empty ({reference.n_obs} cells × {reference.n_vars} genes).")
     candidates = []

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import HISTOCELL_KEY, SPATIAL_KEY
 from .._errors import InvalidInputError
+from .._utils import mean_per_type_pearson
 from ..io import get_mpp
 from ..pp import detection_scores, match_points
 
@@ -64,7 +64,11 @@ def classification_scores(y_true, y_pred, labels: Sequence[str] | None = None) -
 
 
 def spot_pearson(sdata: SpatialData, predicted_key: str = "histocell_proportions", true_key: str = "true_proportions", table_key: str = "table") -> float:
-    """Pearson r between predicted and true spot proportions (all types pooled; spots with nuclei)."""
+    """Spot agreement: the mean over cell types of the Pearson r across spots with nuclei.
+
+    Pooling all (spot, type) pairs into one r would be inflated by the differences between the type
+    means; types constant across spots are skipped.
+    """
     table = sdata.tables[table_key]
     for key in (predicted_key, true_key):
         if key not in table.obsm:
@@ -72,4 +76,4 @@ def spot_pearson(sdata: SpatialData, predicted_key: str = "histocell_proportions
     predicted = table.obsm[predicted_key]
     true = table.obsm[true_key][predicted.columns]
     keep = predicted.notna().all(axis=1).to_numpy()
-    return float(np.corrcoef(predicted.to_numpy()[keep].ravel(), true.to_numpy()[keep].ravel())[0, 1])
+    return mean_per_type_pearson(predicted.to_numpy()[keep], true.to_numpy()[keep])

@@ -38,6 +38,9 @@ INDICATORS = {
 }
 """Indicator name patterns written by :func:`spatial_indicators`, with their definition."""
 
+DEFAULT_INFILTRATION = ("lymphocyte", "tumor")
+"""``(immune, tumour)`` cell types of the infiltration indicator unless given."""
+
 _FAMILIES = {
     "frac_": "fraction",
     "density_": "density",
@@ -58,7 +61,7 @@ def spatial_indicators(
     niche_key: str | None = "niche",
     cooc_radius_um: float | Sequence[float] = 30.0,
     graph_radius_um: float | None = 30.0,
-    infiltration: tuple[str, str] = ("lymphocyte", "tumor"),
+    infiltration: tuple[str, str] | None = None,
     infiltration_radius_um: float = 30.0,
     n_perms: int = 100,
     area_method: str = "grid",
@@ -94,7 +97,8 @@ def spatial_indicators(
     graph_radius_um
         Delaunay edges longer than this (µm) are dropped before the enrichment test (None keeps all).
     infiltration
-        ``(immune type, tumour type)`` of the infiltration indicator.
+        ``(immune type, tumour type)`` of the infiltration indicator; both must be cell types of the
+        samples. Default ``("lymphocyte", "tumor")``, NaN when the samples lack one of them.
     infiltration_radius_um
         Neighbourhood radius of the infiltration indicator, µm.
     n_perms
@@ -130,8 +134,12 @@ def spatial_indicators(
         table = get_table(data, table_key)
         require_obs(table, cluster_key, "column of cell types")
         tables[name] = (table, table_mpp(data, mpp))
-    types = _categories(t.obs[cluster_key] for t, _ in tables.values())
-    states = _categories(t.obs[state_key] for t, _ in tables.values() if state_key and state_key in t.obs) if state_key else []
+    # a model's full list first (tl.predict keeps only the types that occur in obs): absent types count as 0
+    types = _categories([*(pd.Series(pd.Categorical([], categories=_model_labels(t, cluster_key))) for t, _ in tables.values()),
+                         *(t.obs[cluster_key] for t, _ in tables.values())])
+    infiltration = _check_infiltration(infiltration, types, cluster_key)
+    states = _categories([*(pd.Series(pd.Categorical([], categories=_model_labels(t, state_key))) for t, _ in tables.values()),
+                          *(t.obs[state_key] for t, _ in tables.values() if state_key in t.obs)]) if state_key else []
     rows, meta = {}, {}
     for name, (table, scale) in tqdm(tables.items(), desc="spatial indicators", disable=not progress or len(tables) < 2):
         rows[name], meta[name] = _one_sample(
@@ -177,6 +185,24 @@ def _as_samples(samples) -> dict:
     if not named:
         raise InvalidInputError("samples is empty.")
     return named
+
+
+def _check_infiltration(infiltration, types: list[str], cluster_key: str) -> tuple[str, str]:
+    """The (immune, tumour) pair; an explicit one must name known cell types."""
+    if infiltration is None:
+        return DEFAULT_INFILTRATION
+    if isinstance(infiltration, str) or len(infiltration) != 2:
+        raise InvalidInputError(f"infiltration must be a pair (immune type, tumour type), got {infiltration!r}.")
+    unknown = [str(t) for t in infiltration if str(t) not in types]
+    if unknown:
+        raise InvalidInputError(f"infiltration names unknown cell types {unknown}; the cell types in obs[{cluster_key!r}] are {types}.")
+    return str(infiltration[0]), str(infiltration[1])
+
+
+def _model_labels(table, key: str) -> list[str]:
+    """The labels a model could predict for ``obs[key]`` (``uns["histocell"]``), or none."""
+    meta = table.uns.get("histocell", {})
+    return list({"cell_type": meta.get("cell_types", []), "cell_state": meta.get("states", [])}.get(key, []))
 
 
 def _categories(columns) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
@@ -20,6 +22,7 @@ from .._constants import (
     SPOT_ID_KEY,
     TABLE_KEY,
 )
+from .._constants import PALETTE
 from .._errors import InvalidInputError
 from ..io import resolve_key
 from ..models import HistoCell
@@ -67,35 +70,70 @@ def predict(
         raise InvalidInputError("The model is untrained: call model.fit(...) or HistoCell.load(path) first.")
     if key_added not in sdata.tables:
         raise InvalidInputError(f"No nuclei table {key_added!r}; segment nuclei first (hc.pp.segment_nuclei).")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)) or mc_samples < 0:
+        raise InvalidInputError(f"mc_samples must be a whole number ≥ 0, got {mc_samples!r}.")
+    table = sdata.tables[key_added]
+    spots_table_key = _spots_table(sdata, table, spots_table_key, key_added)  # validated before anything is written
     inputs = model._inputs(sdata, image_key=image_key, table_key=key_added, progress=progress)
     out = model.predict_inputs(inputs, mc_samples=mc_samples, progress=progress)
-    table = sdata.tables[key_added]
+    for key in [k for k in table.obs if k in _OBS_WRITTEN]:
+        del table.obs[key]  # an earlier model's outputs (e.g. MC dropout, states) never linger
+    for key in [k for k in table.obsm if k in _OBSM_WRITTEN]:
+        del table.obsm[key]
+    for key in [k for k in table.uns if k.removesuffix("_colors") in _OBS_WRITTEN and k.endswith("_colors")]:
+        del table.uns[key]
     type_proba = pd.DataFrame(out["type"], index=table.obs_names, columns=model.cell_types)
     table.obsm[CELL_TYPE_PROBA_KEY] = type_proba
-    table.obs[CELL_TYPE_KEY] = pd.Categorical(np.asarray(model.cell_types)[out["type"].argmax(1)], categories=model.cell_types)
+    _categorical(table, CELL_TYPE_KEY, model.cell_types, out["type"].argmax(1))
     table.obs[ENTROPY_KEY] = -(out["type"] * np.log(np.clip(out["type"], 1e-12, None))).sum(1)
-    table.obsm[CELL_STATE_PROBA_KEY] = pd.DataFrame(out["state"], index=table.obs_names, columns=model.state_names)
-    table.obs[CELL_STATE_KEY] = pd.Categorical(np.asarray(model.state_names)[out["state"].argmax(1)], categories=model.state_names)
+    if model.training_summary_.get("states_trained", True) or len(model.state_names) == len(model.cell_types):
+        table.obsm[CELL_STATE_PROBA_KEY] = pd.DataFrame(out["state"], index=table.obs_names, columns=model.state_names)
+        _categorical(table, CELL_STATE_KEY, model.state_names, out["state"].argmax(1))
+    else:
+        warnings.warn("The model's state heads were not trained (no state proportions at fit): no cell states written.", UserWarning, stacklevel=2)
     table.obsm[f"{COMPARTMENT_KEY}_proba"] = pd.DataFrame(out["compartment"], index=table.obs_names, columns=model.compartment_labels)
-    table.obs[COMPARTMENT_KEY] = pd.Categorical(
-        np.asarray(model.compartment_labels)[out["compartment"].argmax(1)], categories=model.compartment_labels
-    )
+    _categorical(table, COMPARTMENT_KEY, model.compartment_labels, out["compartment"].argmax(1))
     table.obsm[EMBEDDING_KEY] = out["embedding"]
     if "type_std" in out:
         table.obs["cell_type_mc_std"] = out["type_std"]
-    table.uns["histocell"] = {"cell_types": model.cell_types, "states": model.state_names, "compartments": model.compartment_labels}
-    _aggregate_to_spots(sdata, table, type_proba, spots_table_key, key_added)
+    # merged, never replaced: segmentation's mpp, method and feature definitions stay
+    table.uns["histocell"] = dict(table.uns.get("histocell", {})) | {
+        "cell_types": model.cell_types, "states": model.state_names, "compartments": model.compartment_labels,
+        "encoder": model.config["encoder"]["source"],
+    }
+    if spots_table_key is not None:
+        _aggregate_to_spots(sdata.tables[spots_table_key], table, type_proba)
 
 
-def _aggregate_to_spots(sdata, nuclei_table, type_proba: pd.DataFrame, spots_table_key, nuclei_key) -> None:
+def _categorical(table, key: str, labels: list[str], codes: np.ndarray) -> None:
+    """``obs[key]`` with only the labels that occur (in the model's order; squidpy fails on empty
+    categories) and ``uns[f"{key}_colors"]``, each label keeping its colour from the model's full list."""
+    labels = np.asarray(labels, dtype=object)
+    present = np.flatnonzero(np.bincount(codes, minlength=len(labels)) > 0)
+    table.obs[key] = pd.Categorical(labels[codes], categories=list(labels[present]))
+    table.uns[f"{key}_colors"] = [PALETTE[i % len(PALETTE)] for i in present]
+
+
+_OBS_WRITTEN = {CELL_TYPE_KEY, ENTROPY_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, "cell_type_mc_std"}
+_OBSM_WRITTEN = {CELL_TYPE_PROBA_KEY, CELL_STATE_PROBA_KEY, f"{COMPARTMENT_KEY}_proba", EMBEDDING_KEY}
+
+
+def _spots_table(sdata, nuclei_table, spots_table_key, nuclei_key) -> str | None:
+    """The spots table that receives the spot means, checked before anything is written (None: none to write)."""
     if SPOT_ID_KEY not in nuclei_table.obs or nuclei_table.obs[SPOT_ID_KEY].isna().all():
-        return
+        if spots_table_key is not None:
+            raise InvalidInputError(f"spots_table_key={spots_table_key!r} was given but no nucleus of {nuclei_key!r} lies in a spot.")
+        return None
     if spots_table_key is None and (TABLE_KEY not in sdata.tables or nuclei_key == TABLE_KEY):
-        return
+        return None
     spots_table_key = resolve_key(sdata, "tables", spots_table_key, TABLE_KEY)
     spots_table = sdata.tables[spots_table_key]
     if "spatialdata_attrs" not in spots_table.uns or get_table_keys(spots_table)[0] == get_table_keys(nuclei_table)[0]:
         raise InvalidInputError(f"Table {spots_table_key!r} does not annotate spots.")
+    return spots_table_key
+
+
+def _aggregate_to_spots(spots_table, nuclei_table, type_proba: pd.DataFrame) -> None:
     means = type_proba.groupby(nuclei_table.obs[SPOT_ID_KEY].to_numpy()).mean()
     spots_table.obsm[PREDICTED_PROPORTIONS_KEY] = means.reindex(spots_table.obs_names)  # NaN for spots without nuclei
     spots_table.obs["n_nuclei"] = nuclei_table.obs[SPOT_ID_KEY].value_counts().reindex(spots_table.obs_names).fillna(0).astype(int).to_numpy()

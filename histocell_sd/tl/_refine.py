@@ -50,7 +50,7 @@ from .._constants import (
 )
 from .._errors import InvalidInputError
 from ..io import check_proportions, resolve_key
-from ._deconvolve import _labels, _log_normalise, _markers, _shared_genes, reference_counts, shared_data
+from ._deconvolve import _labels, _log_normalise, _markers, _shared_genes, check_reference, reference_counts, shared_data
 from ._poisson import composition_em, type_signatures
 
 __all__ = ["largest_remainder", "refine_deconvolution"]
@@ -142,7 +142,8 @@ def refine_deconvolution(
         Cell types predicted by the image model but absent from the reference or proportions:
         ``"raise"`` (default) refuses; ``"image"`` takes their share from the nuclei alone.
     expression_key
-        Name of the imputed expression table (annotating the nuclei); None skips it.
+        Name of the imputed expression table (annotating the nuclei); None skips it. An existing
+        element of that name is refused unless it is an imputed table of an earlier call.
     match
         ``"correlation"``: each nucleus gets one of the ``top_k`` reference cells of its type best
         correlated with its spot's expression (at random among them, seeded); ``"random"``: any
@@ -182,6 +183,10 @@ def refine_deconvolution(
     nuclei_table_key = resolve_key(sdata, "tables", nuclei_table_key, HISTOCELL_KEY)
     if table_key == nuclei_table_key:
         raise InvalidInputError(f"table_key and nuclei_table_key are both {table_key!r}.")
+    if reference is not None:
+        check_reference(reference)
+        if expression_key is not None:
+            _check_expression_key(sdata, expression_key)
     spots, nuclei = sdata.tables[table_key], sdata.tables[nuclei_table_key]
     proba = _nucleus_proba(nuclei, nuclei_table_key, proba_key)
     spot_of = _spot_index(nuclei, nuclei_table_key, spots.obs_names)
@@ -238,6 +243,23 @@ def refine_deconvolution(
     spots.uns["refinement"] = settings
     if imputed is not None:
         sdata.tables[expression_key] = imputed
+
+
+def _check_expression_key(sdata: SpatialData, key: str) -> None:
+    """Refuse an ``expression_key`` naming an element other than an earlier imputed expression table.
+
+    Imputed tables are recognised by their ``uns["imputation"]`` settings; they may be replaced.
+    """
+    for kind, what in (("tables", "table"), ("shapes", "shapes"), ("images", "image"), ("labels", "labels"), ("points", "points")):
+        elements = getattr(sdata, kind)
+        if key not in elements:
+            continue
+        if kind == "tables" and isinstance(elements[key].uns.get("imputation"), dict):
+            return
+        raise InvalidInputError(
+            f"expression_key {key!r} names an existing {what} element that refine_deconvolution did not write; "
+            "it would be overwritten. Pass another expression_key (or None to skip the imputed expression)."
+        )
 
 
 def largest_remainder(fractions: np.ndarray, total: int) -> np.ndarray:

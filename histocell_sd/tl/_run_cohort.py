@@ -13,6 +13,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .._errors import InvalidInputError
+from .._utils import atomic_write
 
 __all__ = ["run_cohort", "sample_name"]
 
@@ -203,9 +204,7 @@ def process_slide(
         indicators = spatial_indicators({name: sdata}, **({"progress": False} | indicator_kwargs))
         if save_predictions:
             io.write_zarr(sdata, Path(out_dir) / f"{name}.zarr", overwrite=True)
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        indicators.write_h5ad(tmp)
-        os.replace(tmp, target)
+        atomic_write(target, indicators.write_h5ad, overwrite=True)
     except Exception as error:  # noqa: BLE001 - any failure of one slide is reported, not raised
         return "error", f"{type(error).__name__}: {error}"
     return "ok", str(path)

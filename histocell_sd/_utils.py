@@ -1,0 +1,102 @@
+"""Generic helpers shared across the package."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mean_per_type_pearson(predicted: np.ndarray, target: np.ndarray) -> float:
+    """Mean over types of the Pearson r across spots (types constant in either array are skipped; NaN if all are).
+
+    Unlike r pooled over all (spot, type) pairs, it is not inflated by differences between the type means.
+    """
+    rs = []
+    for a, b in zip(np.asarray(predicted, float).T, np.asarray(target, float).T):
+        if len(a) > 1 and a.std() > 0 and b.std() > 0:
+            rs.append(float(np.corrcoef(a, b)[0, 1]))
+    return float(np.mean(rs)) if rs else float("nan")
+
+
+def atomic_write(path, write, *, overwrite: bool = False):
+    """Create ``path`` (a file or a folder) by ``write(tmp)`` into a temporary sibling, then swap it in.
+
+    An existing ``path`` is refused unless ``overwrite``; it is moved aside before the swap and put back if
+    anything fails, so a failure (even a kill) never leaves ``path`` half-written or missing: a kill in the
+    instant between the two renames leaves the old version under ``.<name>.old-<pid>-*``, which the next
+    write for that path restores (and :func:`stale_backup` reports). Temporary siblings left by killed
+    processes are removed by the next write. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    import os
+    import uuid
+    from pathlib import Path
+
+    from ._errors import InvalidInputError
+
+    path = Path(path)
+    _recover(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise InvalidInputError(f"{path} already exists; pass overwrite=True to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, old = path.with_name(f".{path.name}.tmp-{tag}"), path.with_name(f".{path.name}.old-{tag}")
+    try:
+        write(tmp)
+        if path.exists() or path.is_symlink():
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        if (old.exists() or old.is_symlink()) and not path.exists():
+            os.rename(old, path)
+        raise
+    _remove(old)
+    return path
+
+
+def stale_backup(path):
+    """The complete earlier version of ``path`` left by a write killed between its two renames, or None."""
+    from pathlib import Path
+
+    path = Path(path)
+    candidates = [p for p in path.parent.glob(f".{path.name}.old-*") if not _alive(p)]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def _recover(path) -> None:
+    """Put back a version that a killed write moved aside, and delete dead writers' temporary copies."""
+    import os
+
+    backup = stale_backup(path)
+    if backup is not None and not (path.exists() or path.is_symlink()):
+        os.rename(backup, path)
+    for debris in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        if not _alive(debris):
+            _remove(debris)
+
+
+def _alive(debris) -> bool:
+    """Is the process that made this temporary sibling (``...-<pid>-<hex>``) still running?"""
+    import os
+
+    try:
+        pid = int(debris.name.rsplit("-", 2)[-2])
+    except (ValueError, IndexError):
+        return False  # not ours or an older naming: treat as debris
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)

@@ -1,0 +1,91 @@
+"""Visium-like pseudo-spots over annotated cells: the weak labels of the real-data benchmarks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+
+from .._constants import SPOTS_KEY, TABLE_KEY, VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM
+from .._errors import InvalidInputError
+from ..io import get_image, get_mpp
+from ..io._arrays import spots_element, spots_table
+from ._synthetic import TRUTH_TABLE_KEY
+
+
+def hex_grid(width_px: float, height_px: float, pitch_px: float, margin_px: float = 0.0) -> np.ndarray:
+    """(x, y) centres of a hexagonal lattice of pitch ``pitch_px`` at least ``margin_px`` inside the image."""
+    dy = pitch_px * np.sqrt(3) / 2
+    rows = np.arange(margin_px, height_px - margin_px + 1e-9, dy)
+    xy = [(x, y) for r, y in enumerate(rows) for x in np.arange(margin_px + (r % 2) * pitch_px / 2, width_px - margin_px + 1e-9, pitch_px)]
+    return np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+
+
+def pseudo_spots(
+    sdata: SpatialData,
+    *,
+    diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+    pitch_um: float = VISIUM_PITCH_UM,
+    cell_types=None,
+    truth_key: str = TRUTH_TABLE_KEY,
+    label_key: str = "cell_type",
+    min_cells: int = 1,
+    overwrite: bool = False,
+) -> None:
+    """Add Visium-like spots whose proportions are the shares of the annotated cells inside them.
+
+    Spots lie on a hexagonal lattice (``pitch_um``) wholly inside the image; a spot is kept when it
+    holds at least ``min_cells`` annotated cells (centres within ``diameter_um / 2``).
+
+    Parameters
+    ----------
+    sdata
+        A sample with annotated cells in ``tables[truth_key]`` (``obs[label_key]``, ``obsm["spatial"]`` px).
+    diameter_um, pitch_um
+        Spot diameter and lattice pitch (Visium: 55 and 100 µm; legacy ST: 100 and 200 µm).
+    cell_types
+        Columns of the proportions, in order (default: the categories of ``obs[label_key]``).
+    truth_key, label_key
+        The annotated cells and their label column.
+    min_cells
+        Fewest annotated cells a spot must hold.
+    overwrite
+        Replace existing ``"spots"`` / ``"table"`` elements (refused otherwise).
+
+    Notes
+    -----
+    Writes the shapes ``"spots"`` and the spots table ``"table"`` with ``obsm["proportions"]`` and
+    ``obs["n_cells"]``. When no spot qualifies an :class:`~histocell_sd.InvalidInputError` is raised
+    and nothing is written.
+    """
+    mpp = get_mpp(sdata)
+    if truth_key not in sdata.tables or label_key not in sdata.tables[truth_key].obs:
+        raise InvalidInputError(f"No annotated cells: tables[{truth_key!r}].obs[{label_key!r}] is missing.")
+    if not overwrite and (SPOTS_KEY in sdata.shapes or TABLE_KEY in sdata.tables):
+        raise InvalidInputError(f"The sample already has {SPOTS_KEY!r} or {TABLE_KEY!r}; pass overwrite=True to replace them.")
+    if not (np.isfinite(diameter_um) and np.isfinite(pitch_um) and 0 < diameter_um and 0 < pitch_um):
+        raise InvalidInputError(f"diameter_um and pitch_um must be positive, got {diameter_um} and {pitch_um}.")
+    truth = sdata.tables[truth_key]
+    labels = truth.obs[label_key]
+    if cell_types is None:
+        cell_types = list(labels.cat.categories) if isinstance(labels.dtype, pd.CategoricalDtype) else sorted(labels.dropna().unique())
+    cell_types = [str(t) for t in cell_types]
+    image = get_image(sdata)
+    radius_px = diameter_um / 2 / mpp
+    centres = hex_grid(image.sizes["x"], image.sizes["y"], pitch_um / mpp, margin_px=radius_px)
+    xy = np.asarray(truth.obsm["spatial"], dtype=np.float64)
+    known = labels.notna().to_numpy() & labels.astype(str).isin(cell_types).to_numpy()
+    onehot = (labels.astype(str).to_numpy()[known, None] == np.asarray(cell_types)[None, :]).astype(np.float64)
+    inside = np.hypot(xy[known, None, 0] - centres[None, :, 0], xy[known, None, 1] - centres[None, :, 1]) <= radius_px
+    counts = inside.T.astype(np.float64) @ onehot  # (spots, types)
+    n_cells = counts.sum(1)
+    keep = n_cells >= max(int(min_cells), 1)
+    if not keep.any():
+        raise InvalidInputError(f"No {diameter_um} µm pseudo-spot holds {min_cells} annotated cell(s) in this sample.")
+    sample = str(sdata.attrs.get("sample_id", "sample"))
+    ids = pd.Index([f"{sample}_spot{i}" for i in np.flatnonzero(keep)])
+    proportions = pd.DataFrame(counts[keep] / n_cells[keep, None], index=ids, columns=cell_types)
+    table = spots_table(ids, proportions=proportions)
+    table.obs["n_cells"] = n_cells[keep].astype(int)
+    sdata.shapes[SPOTS_KEY] = spots_element(centres[keep], radius_px, ids)
+    sdata.tables[TABLE_KEY] = table

@@ -1,0 +1,57 @@
+"""The ready-to-use checkpoint shipped in the package (models.pretrained)."""
+
+import numpy as np
+import pytest
+
+import histocell_sd as hc
+from histocell_sd import InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hc.models.pretrained("tumor_stromal_lymphocyte")
+
+
+def test_card_says_what_it_is(model):
+    assert model.cell_types == list(hc.datasets.BRCA_M2C_CLASSES)
+    meta = model.model_card_["metadata"]
+    assert {"intended_use", "training", "licences", "metrics"} <= set(meta)
+    assert "BSD" in meta["licences"]["data"] and meta["training"]["script"] == "scripts/train_pretrained.py"
+    assert not model.net.training
+
+
+def test_reproduces_its_card_metrics_on_the_embedded_patches(model):
+    true, pred = [], []
+    for sdata in hc.datasets.brca_m2c("test").values():
+        hc.pp.segment_nuclei(sdata, progress=False)
+        hc.tl.transfer_truth(sdata, columns=["cell_type"])
+        hc.tl.predict(sdata, model, progress=False)
+        obs = sdata.tables["histocell"].obs
+        keep = obs["true_cell_type"].notna().to_numpy()
+        true.append(obs["true_cell_type"].astype(str).to_numpy()[keep])
+        pred.append(obs["cell_type"].astype(str).to_numpy()[keep])
+    scores = hc.tl.classification_scores(np.concatenate(true), np.concatenate(pred), labels=model.cell_types)
+    card = model.model_card_["metadata"]["metrics"]["brca_m2c_embedded_test_patches"]
+    assert scores["n"] == card["n"]
+    assert scores["weighted_f1"] == pytest.approx(card["weighted_f1"], abs=0.005)
+    assert scores["macro_f1"] == pytest.approx(card["macro_f1"], abs=0.005)
+
+
+def test_any_resolution(model):
+    """A 40x version of a patch (0.25 µm/px) is typed like the 20x original."""
+    from skimage.transform import rescale
+
+    rgb, mpp, _ = hc.datasets.read_brca_m2c_patch(hc.datasets.brca_m2c_names("test")[0])
+    big = np.clip(np.round(rescale(rgb, 2, order=1, channel_axis=-1, preserve_range=True)), 0, 255).astype(np.uint8)
+    shares = []
+    for image, m in ((rgb, mpp), (big, mpp / 2)):
+        sdata = hc.io.from_arrays(image, m)
+        hc.pp.segment_nuclei(sdata, progress=False)
+        hc.tl.predict(sdata, model, progress=False)
+        shares.append(sdata.tables["histocell"].obs["cell_type"].value_counts(normalize=True).reindex(model.cell_types).to_numpy())
+    np.testing.assert_allclose(shares[0], shares[1], atol=0.1)
+
+
+def test_unknown_name():
+    with pytest.raises(InvalidInputError, match="Unknown pretrained model"):
+        hc.models.pretrained("everything")
