@@ -127,7 +127,7 @@ def match_truth(sdata, mpp: float) -> tuple[pd.DataFrame, dict]:
     truth = sdata.tables[TRUTH_TABLE_KEY]
     pred_xy = np.asarray(nuclei.obsm["spatial"], dtype=float)
     true_xy = np.asarray(truth.obsm["spatial"], dtype=float)
-    pi, ti = pp.match_points(pred_xy, true_xy, MATCH_UM / mpp)
+    pi, ti = pp.match_points(pred_xy, true_xy, max_dist=MATCH_UM / mpp)
     columns = [c for c in ("cell_type", "cell_state", "compartment") if c in truth.obs]
     out = pd.DataFrame(np.nan, index=nuclei.obs_names, columns=columns, dtype=object)
     for c in columns:

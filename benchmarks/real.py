@@ -247,7 +247,7 @@ def section_detection(args) -> dict:
             ids = np.unique(labels)
             ids = ids[ids > 0]
             xy = np.asarray(ndi.center_of_mass(np.ones_like(labels), labels, ids))[:, ::-1] + 0.5 if len(ids) else np.zeros((0, 2))
-            d = pp.detection_scores(xy, points, MATCH_UM / mpp)
+            d = pp.detection_scores(xy, points, max_dist=MATCH_UM / mpp)
             total += [d["n_matched"], d["n_pred"], d["n_true"]]
         m, p, t = total
         return {"precision": round(m / max(p, 1), 4), "recall": round(m / max(t, 1), 4), "f1": round(2 * m / max(p + t, 1), 4),

@@ -61,7 +61,7 @@ def squidpy_watershed(image: np.ndarray) -> np.ndarray:
 
 def scores(xy: np.ndarray, truth: np.ndarray, mpp: float) -> dict:
     """Detection scores rounded for the report."""
-    det = detection_scores(xy, truth, MATCH_UM / mpp)
+    det = detection_scores(xy, truth, max_dist=MATCH_UM / mpp)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in det.items()}
 
 

@@ -76,7 +76,7 @@ def score_split(root: Path, names: list[str], method) -> dict:
     for name in names:
         rgb, points, inst = load_tile(root, name)
         labels = method(rgb, NUCLS_MPP)
-        det = detection_scores(centroids(labels), points, MATCH_UM / NUCLS_MPP)
+        det = detection_scores(centroids(labels), points, max_dist=MATCH_UM / NUCLS_MPP)
         tiles[name] = {k: round(det[k], 4) for k in ("precision", "recall", "f1")} | {
             "n_pred": det["n_pred"],
             "n_true": det["n_true"],

@@ -67,7 +67,7 @@ def crops_from(rgb: np.ndarray, mpp: float, xy: np.ndarray | None, labels=None) 
     """Crops (n, 3, BIG, BIG) at the canonical µm/px around ``xy`` (default: classical segmentation)."""
     rgb, scale = _canonical(rgb, mpp)
     xy = _segmented_xy(rgb) if xy is None else np.asarray(xy, float) * scale
-    return {"crops": nucleus_crops(rgb, xy, BIG), "labels": None if labels is None else np.asarray(labels)}
+    return {"crops": nucleus_crops(rgb, xy, size=BIG), "labels": None if labels is None else np.asarray(labels)}
 
 
 def load_sets(brca_path: str, exclude: str) -> tuple[dict, dict]:

@@ -220,7 +220,7 @@ def _detection(net, items, params) -> np.ndarray:
     total = np.zeros(3)
     for item in items:
         labels = instances(predict_maps(net, item["rgb"]), CANONICAL_MPP, params)
-        d = hc.pp.detection_scores(_centroids(labels) + 0.5, item["points"], MATCH_UM / CANONICAL_MPP)
+        d = hc.pp.detection_scores(_centroids(labels) + 0.5, item["points"], max_dist=MATCH_UM / CANONICAL_MPP)
         total += [d["n_matched"], d["n_pred"], d["n_true"]]
     return total
 
@@ -240,7 +240,7 @@ def tune(net, tuning_sets: dict) -> tuple[dict, dict]:
             total = np.zeros(3)
             for m, pts in maps:
                 labels = instances(m, CANONICAL_MPP, params)
-                d = hc.pp.detection_scores(_centroids(labels) + 0.5, pts, MATCH_UM / CANONICAL_MPP)
+                d = hc.pp.detection_scores(_centroids(labels) + 0.5, pts, max_dist=MATCH_UM / CANONICAL_MPP)
                 total += [d["n_matched"], d["n_pred"], d["n_true"]]
             f1s[key] = round(2 * total[0] / max(total[1] + total[2], 1), 4)
         mean = float(np.mean(list(f1s.values())))

@@ -44,7 +44,7 @@ def proportions():
 
 @pytest.fixture
 def sdata(image, centers, counts, proportions):
-    return from_arrays(image, MPP, centers, counts=counts, proportions=proportions, sample_id="s1")
+    return from_arrays(image, MPP, spot_centers=centers, counts=counts, proportions=proportions, sample_id="s1")
 
 
 def _pixels(sdata) -> np.ndarray:
@@ -59,29 +59,29 @@ def _pixels(sdata) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(2, SIZE, SIZE, 3), (SIZE,)])
 def test_image_wrong_dims(shape, centers):
     with pytest.raises(InvalidInputError, match="dimensions"):
-        from_arrays(np.zeros(shape, dtype=np.uint8), MPP, centers)
+        from_arrays(np.zeros(shape, dtype=np.uint8), MPP, spot_centers=centers)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16])
 def test_image_wrong_dtype(dtype, centers):
     with pytest.raises(InvalidInputError, match="uint8"):
-        from_arrays(np.zeros((SIZE, SIZE, 3), dtype=dtype), MPP, centers)
+        from_arrays(np.zeros((SIZE, SIZE, 3), dtype=dtype), MPP, spot_centers=centers)
 
 
 def test_image_grayscale(centers):
     with pytest.raises(InvalidInputError, match="grayscale"):
-        from_arrays(np.zeros((SIZE, SIZE), dtype=np.uint8), MPP, centers)
+        from_arrays(np.zeros((SIZE, SIZE), dtype=np.uint8), MPP, spot_centers=centers)
 
 
 def test_image_channel_first(image, centers):
     with pytest.raises(InvalidInputError, match="channel-first"):
-        from_arrays(image.transpose(2, 0, 1), MPP, centers)
+        from_arrays(image.transpose(2, 0, 1), MPP, spot_centers=centers)
 
 
 def test_image_rgba_converted_with_warning(image, centers):
     rgba = np.dstack([image, np.full((SIZE, SIZE), 255, dtype=np.uint8)])
     with pytest.warns(UserWarning, match="RGBA"):
-        sdata = from_arrays(rgba, MPP, centers)
+        sdata = from_arrays(rgba, MPP, spot_centers=centers)
     np.testing.assert_array_equal(_pixels(sdata), image)
     validate(sdata)
 
@@ -91,13 +91,13 @@ def test_image_rgba_converted_with_warning(image, centers):
 
 def test_mpp_missing(image, centers):
     with pytest.raises(InvalidInputError, match="mpp"):
-        from_arrays(image, None, centers)
+        from_arrays(image, None, spot_centers=centers)
 
 
 @pytest.mark.parametrize("mpp", [0, -1, float("nan")])
 def test_mpp_not_positive(image, centers, mpp):
     with pytest.raises(InvalidInputError, match="positive"):
-        from_arrays(image, mpp, centers)
+        from_arrays(image, mpp, spot_centers=centers)
 
 
 # --------------------------------------------------------------------------- spots, counts
@@ -106,28 +106,28 @@ def test_mpp_not_positive(image, centers, mpp):
 def test_spot_centers_outside_image(image, centers):
     centers.loc["ACGT-1", "x"] = SIZE + 3.0
     with pytest.raises(InvalidInputError, match="outside"):
-        from_arrays(image, MPP, centers)
+        from_arrays(image, MPP, spot_centers=centers)
 
 
 def test_spot_centers_duplicate_barcodes(image, centers):
     centers.index = BARCODES[:-1] + [BARCODES[0]]
     with pytest.raises(InvalidInputError, match="duplicated"):
-        from_arrays(image, MPP, centers)
+        from_arrays(image, MPP, spot_centers=centers)
 
 
 def test_counts_index_does_not_match_spots(image, centers, counts):
     counts.index = BARCODES[:-1] + ["TTTT-1"]
     with pytest.raises(InvalidInputError, match="unknown spots"):
-        from_arrays(image, MPP, centers, counts=counts)
+        from_arrays(image, MPP, spot_centers=centers, counts=counts)
 
 
 def test_counts_missing_spots(image, centers, counts):
     with pytest.raises(InvalidInputError, match="no row"):
-        from_arrays(image, MPP, centers, counts=counts.iloc[:-1])
+        from_arrays(image, MPP, spot_centers=centers, counts=counts.iloc[:-1])
 
 
 def test_counts_rows_follow_spots_order(image, centers, counts):
-    sdata = from_arrays(image, MPP, centers, counts=counts.iloc[::-1])
+    sdata = from_arrays(image, MPP, spot_centers=centers, counts=counts.iloc[::-1])
     table = sdata.tables["table"]
     assert list(table.obs_names) == BARCODES
     np.testing.assert_array_equal(table.X.toarray(), counts.to_numpy())
@@ -139,7 +139,7 @@ def test_counts_rows_follow_spots_order(image, centers, counts):
 def test_proportions_index_does_not_match_spots(image, centers, proportions):
     proportions.index = ["x" + b for b in BARCODES]
     with pytest.raises(InvalidInputError, match="unknown spots"):
-        from_arrays(image, MPP, centers, proportions=proportions)
+        from_arrays(image, MPP, spot_centers=centers, proportions=proportions)
 
 
 def test_proportions_nan(proportions):
@@ -163,7 +163,7 @@ def test_proportions_all_zero_row(proportions):
 def test_proportions_renormalised_with_warning(image, centers, proportions):
     scaled = proportions * 7.0
     with pytest.warns(UserWarning, match="renormalised"):
-        sdata = from_arrays(image, MPP, centers, proportions=scaled)
+        sdata = from_arrays(image, MPP, spot_centers=centers, proportions=scaled)
     stored = sdata.tables["table"].obsm["proportions"]
     np.testing.assert_allclose(stored.sum(axis=1), 1.0)
     np.testing.assert_allclose(stored.to_numpy(), proportions.to_numpy())
@@ -186,7 +186,7 @@ def test_proportions_duplicate_barcodes(image, centers, proportions):
     with pytest.raises(InvalidInputError, match="duplicate"):
         check_proportions(proportions)
     with pytest.raises(InvalidInputError, match="duplicate"):
-        from_arrays(image, MPP, centers, proportions=proportions)
+        from_arrays(image, MPP, spot_centers=centers, proportions=proportions)
 
 
 # --------------------------------------------------------------------------- write_zarr / read_zarr
@@ -361,48 +361,48 @@ def test_read_proportions_unknown_barcode(sdata, proportions, tmp_path):
 @pytest.mark.parametrize("mpp", [1e6, 1e-4, 100.0])
 def test_mpp_outside_plausible_range(image, centers, mpp):
     with pytest.raises(InvalidInputError, match="plausible range"):
-        from_arrays(image, mpp, centers)
+        from_arrays(image, mpp, spot_centers=centers)
 
 
 @pytest.mark.parametrize("mpp", [True, np.bool_(True), "0.5"])
 def test_mpp_bool_or_string_refused(image, centers, mpp):
     with pytest.raises(InvalidInputError, match="must be a positive number"):
-        from_arrays(image, mpp, centers)
+        from_arrays(image, mpp, spot_centers=centers)
 
 
 def test_spot_diameter_string_refused(image, centers):
     with pytest.raises(InvalidInputError, match="spot_diameter_um must be a number"):
-        from_arrays(image, MPP, centers, spot_diameter_um="55")
+        from_arrays(image, MPP, spot_centers=centers, spot_diameter_um="55")
 
 
 def test_counts_negative_refused(image, centers, counts):
     with pytest.raises(InvalidInputError, match="negative"):
-        from_arrays(image, MPP, centers, counts=counts.astype(float) - 0.5)
+        from_arrays(image, MPP, spot_centers=centers, counts=counts.astype(float) - 0.5)
 
 
 def test_counts_string_column_named(image, centers, counts):
     with pytest.raises(InvalidInputError, match=r"non-numeric columns \['Gene2'\]"):
-        from_arrays(image, MPP, centers, counts=counts.assign(Gene2=list("abcde")))
+        from_arrays(image, MPP, spot_centers=centers, counts=counts.assign(Gene2=list("abcde")))
 
 
 def test_counts_duplicate_genes_named(image, centers, counts):
     counts.columns = ["Gene0", "Gene1", "Gene1", "Gene3", "Gene4", "Gene4"]
     with pytest.raises(InvalidInputError, match=r"duplicated gene names.*\['Gene1', 'Gene4'\]"):
-        from_arrays(image, MPP, centers, counts=counts)
+        from_arrays(image, MPP, spot_centers=centers, counts=counts)
 
 
 def test_counts_nan_refused(image, centers, counts):
     counts = counts.astype(float)
     counts.iloc[2, 3] = np.nan
     with pytest.raises(InvalidInputError, match="NaN"):
-        from_arrays(image, MPP, centers, counts=counts)
+        from_arrays(image, MPP, spot_centers=centers, counts=counts)
 
 
 def test_spot_centers_non_numeric_strings(image, centers):
     centers["x"] = centers["x"].astype(object)
     centers.iloc[1, 0] = "left"
     with pytest.raises(InvalidInputError, match="spot_centers column 'x'.*'left'"):
-        from_arrays(image, MPP, centers)
+        from_arrays(image, MPP, spot_centers=centers)
 
 
 def test_read_proportions_spot_without_values(sdata, proportions, tmp_path):

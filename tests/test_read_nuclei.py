@@ -301,7 +301,7 @@ def test_hovernet_types_without_map_and_with_type_info_json():
 def test_read_geojson_end_to_end(tmp_path):
     sdata = _sdata()
     read_nuclei(_write_json(tmp_path, "cells.geojson", _geojson()), sdata, format="geojson",
-                key_added="qupath", table_key="qupath_table")
+                key_added="qupath", nuclei_table_key="qupath_table")
     table = _check_table(sdata, "qupath_table", "qupath")
     assert table.obs["imported_type"].tolist() == [TYPE_MAP[t] for t in TYPES]
 

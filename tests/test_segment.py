@@ -37,13 +37,13 @@ def test_seams_keep_each_nucleus_once(slide):
     segment_nuclei(tiled, method="classical", tile_size_px=300, overlap_um=32.0, n_jobs=2, threshold=0.06, progress=False)
     a, b = one.tables["histocell"].obsm["spatial"], tiled.tables["histocell"].obsm["spatial"]
     assert not cKDTree(b).query_pairs(1.0 / mpp)  # no duplicates
-    matched = len(match_points(b, a, 1.0 / mpp)[0])
+    matched = len(match_points(b, a, max_dist=1.0 / mpp)[0])
     assert matched >= 0.97 * len(a) and abs(len(a) - len(b)) <= 0.02 * len(a)
 
 
 def test_detection_f1_on_synthetic(slide):
     sdata, truth = slide
-    scores = detection_scores(sdata.tables["histocell"].obsm["spatial"], truth, MATCH_UM / sdata.attrs["mpp"])
+    scores = detection_scores(sdata.tables["histocell"].obsm["spatial"], truth, max_dist=MATCH_UM / sdata.attrs["mpp"])
     assert scores["f1"] >= 0.80
 
 
@@ -52,7 +52,7 @@ def test_detection_f1_on_nucls_test_tiles():
     for sdata in hc.datasets.nucls("test").values():
         segment_nuclei(sdata, progress=False)
         scores = detection_scores(
-            sdata.tables["histocell"].obsm["spatial"], sdata.tables["truth_nuclei"].obsm["spatial"], MATCH_UM / 0.25
+            sdata.tables["histocell"].obsm["spatial"], sdata.tables["truth_nuclei"].obsm["spatial"], max_dist=MATCH_UM / 0.25
         )
         matched, n_pred, n_true = matched + scores["n_matched"], n_pred + scores["n_pred"], n_true + scores["n_true"]
     assert 2 * matched / (n_pred + n_true) >= 0.80
@@ -208,7 +208,7 @@ def test_key_collisions_are_refused_and_change_nothing():
     with pytest.raises(InvalidInputError, match="were not written by a segmentation"):
         segment_nuclei(sdata, method="classical", key_added="spots", progress=False)
     with pytest.raises(InvalidInputError, match="were not written by a segmentation"):
-        segment_nuclei(sdata, method="classical", table_key="table", progress=False)
+        segment_nuclei(sdata, method="classical", nuclei_table_key="table", progress=False)
     with pytest.raises(InvalidInputError, match="must differ"):
         segment_nuclei(sdata, method="classical", labels_key="histocell", progress=False)
     assert sdata.shapes["spots"].equals(spots_before) and "radius" in sdata.shapes["spots"]

@@ -27,7 +27,7 @@ def test_f1_on_nucls_test_tiles():
         rgb, points = _tile(f"test_{i}")
         labels = segment_array(rgb, NUCLS_MPP)
         assert labels.shape == rgb.shape[:2] and labels.dtype == np.int32
-        scores = detection_scores(_centroids(labels), points, 3.0 / NUCLS_MPP)
+        scores = detection_scores(_centroids(labels), points, max_dist=3.0 / NUCLS_MPP)
         matched += scores["n_matched"]
         n_pred += scores["n_pred"]
         n_true += scores["n_true"]
@@ -73,7 +73,7 @@ def test_match_points_is_one_to_one():
     pred_idx, true_idx = match_points(pred, true, max_dist=2.0)
     # greedy nearest-neighbour would pair pred 0 with true 0 and leave pred 1 unmatched
     assert sorted(zip(pred_idx.tolist(), true_idx.tolist())) == [(0, 1), (1, 0)]
-    empty = match_points(np.zeros((0, 2)), true, 2.0)
+    empty = match_points(np.zeros((0, 2)), true, max_dist=2.0)
     assert len(empty[0]) == len(empty[1]) == 0
 
 
@@ -85,8 +85,8 @@ def test_detection_scores():
     assert scores["precision"] == pytest.approx(2 / 3)
     assert scores["recall"] == pytest.approx(0.5)
     assert scores["f1"] == pytest.approx(4 / 7)
-    assert detection_scores([], [], 1.0)["f1"] == 1.0
-    assert detection_scores([], [[0, 0]], 1.0)["f1"] == 0.0
+    assert detection_scores([], [], max_dist=1.0)["f1"] == 1.0
+    assert detection_scores([], [[0, 0]], max_dist=1.0)["f1"] == 0.0
 
 
 def test_aggregated_jaccard_index():

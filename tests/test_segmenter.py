@@ -24,7 +24,7 @@ def _centroids(labels):
 def _f1(method, patches):
     total = np.zeros(3)
     for rgb, mpp, points in patches:
-        d = detection_scores(_centroids(method(rgb, mpp)), points[["x", "y"]].to_numpy(), MATCH_UM / mpp)
+        d = detection_scores(_centroids(method(rgb, mpp)), points[["x", "y"]].to_numpy(), max_dist=MATCH_UM / mpp)
         total += [d["n_matched"], d["n_pred"], d["n_true"]]
     return 2 * total[0] / (total[1] + total[2])
 

@@ -31,6 +31,7 @@ from ._proportions import align_to_spots, check_proportions
 def from_arrays(
     image,
     mpp: float,
+    *,
     spot_centers=None,
     spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
     counts: ad.AnnData | pd.DataFrame | None = None,

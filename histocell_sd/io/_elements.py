@@ -6,16 +6,33 @@ import math
 
 from spatialdata import SpatialData
 
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 
 _KINDS = {"images": "image", "labels": "labels", "shapes": "shapes", "tables": "table", "points": "points"}
 
 
-def resolve_key(sdata: SpatialData, kind: str, key: str | None, default: str | None = None) -> str:
+def resolve_key(sdata: SpatialData, kind: str, *, key: str | None = None, default: str | None = None) -> str:
     """Return the name of the ``kind`` element to use.
 
     ``key`` when given (it must exist); else ``default`` when present; else the only element of
     that kind. Anything else raises an :class:`InvalidInputError` listing the candidates.
+
+    Parameters
+    ----------
+    sdata
+        The sample (read only).
+    kind
+        ``"images"``, ``"labels"``, ``"shapes"``, ``"tables"`` or ``"points"``.
+    key
+        The element name asked for, or None to pick one.
+    default
+        The name used when ``key`` is None and an element of that name exists.
+
+    Returns
+    -------
+    str
+        The name of an existing element of ``kind``.
     """
     elements = getattr(sdata, kind)
     what = _KINDS[kind]
@@ -35,7 +52,18 @@ def resolve_key(sdata: SpatialData, kind: str, key: str | None, default: str | N
 
 
 def get_mpp(sdata: SpatialData) -> float:
-    """Microns per pixel of the sample's ``global`` coordinate system (``sdata.attrs["mpp"]``)."""
+    """Microns per pixel of the sample's ``global`` coordinate system (``sdata.attrs["mpp"]``).
+
+    Parameters
+    ----------
+    sdata
+        The sample; reads ``sdata.attrs["mpp"]``.
+
+    Returns
+    -------
+    float
+        The µm per pixel, checked (a number in the open range 0.01–100).
+    """
     mpp = sdata.attrs.get("mpp")
     if mpp is None:
         raise InvalidInputError(
@@ -68,9 +96,22 @@ def check_mpp(mpp) -> float:
     return value
 
 
-def get_image(sdata: SpatialData, image_key: str | None = None):
-    """The full-resolution level of the H&E as a lazy (c, y, x) ``xarray.DataArray``."""
+@inject_docs
+def get_image(sdata: SpatialData, *, image_key: str | None = None):
+    """The full-resolution level of the H&E as a lazy (c, y, x) ``xarray.DataArray``.
+
+    Parameters
+    ----------
+    sdata
+        The sample.
+    {image_key}
+
+    Returns
+    -------
+    xarray.DataArray
+        The ``scale0`` level of a multiscale image (the image itself when single-scale), not loaded.
+    """
     from .._constants import IMAGE_KEY
 
-    image = sdata.images[resolve_key(sdata, "images", image_key, IMAGE_KEY)]
+    image = sdata.images[resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)]
     return image["scale0"].image if hasattr(image, "children") and "scale0" in image.children else image

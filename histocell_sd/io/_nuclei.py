@@ -28,6 +28,7 @@ from skimage.draw import polygon_perimeter
 from spatialdata import SpatialData
 
 from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, NUCLEUS_ID_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import get_image, resolve_key
 
@@ -49,14 +50,15 @@ class _Parsed:
     source: str = ""
 
 
+@inject_docs
 def read_nuclei(
     path,
     sdata: SpatialData,
-    format: str = "hovernet",
     *,
+    format: str = "hovernet",
     image_key: str | None = None,
     key_added: str = NUCLEI_KEY,
-    table_key: str = HISTOCELL_KEY,
+    nuclei_table_key: str = HISTOCELL_KEY,
     scale: float = 1.0,
     offset=(0, 0),
     type_map: dict | None = None,
@@ -74,12 +76,10 @@ def read_nuclei(
         The sample; needs the H&E and ``sdata.attrs["mpp"]``.
     format
         ``"hovernet"``, ``"geojson"`` or ``"labels"``.
-    image_key
-        The H&E image; found automatically when there is one.
-    key_added
-        Name of the nuclei shapes written.
-    table_key
-        Name of the nucleus table written.
+    {image_key}
+    {key_added}
+        the nucleus polygons (``sdata.shapes``), indexed ``"nucleus_<id>"``.
+    {nuclei_table_key:written}
     scale, offset
         Map the file's coordinates to full-resolution pixels: ``global = file * scale + offset``
         with ``offset = (x, y)`` in full-resolution px (the top-left of an exported crop). Use
@@ -89,14 +89,22 @@ def read_nuclei(
         Renames per-nucleus classes, e.g. ``{1: "neoplastic", 2: "inflammatory"}``. HoVer-Net's
         ``type_info.json`` (``{"1": ["neopla", [r, g, b]], ...}``) works as is.
     spots_key
-        Spots used for the nucleus → spot assignment; found automatically.
+        Name of the spot circles (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
+        ``"spots"`` when present, else none.
+
+    Returns
+    -------
+    None
+        Writes ``sdata.shapes[key_added]`` and ``sdata.tables[nuclei_table_key]`` as
+        :func:`~histocell_sd.pp.store_nuclei` does, and the imported classes in
+        ``obs["imported_type"]`` of that table.
 
     Notes
     -----
     Polygons are rasterised in file order and a later polygon never overwrites pixels of an
     earlier one; a nucleus left with no pixel is dropped with a warning. Classes in the file
     (HoVer-Net ``"type"``, GeoJSON ``properties.classification.name``) are stored as the
-    categorical ``sdata.tables[table_key].obs["imported_type"]``, matched to the table rows by
+    categorical ``sdata.tables[nuclei_table_key].obs["imported_type"]``, matched to the table rows by
     raster id (a dropped nucleus takes its class with it). GeoJSON holes are filled and a
     MultiPolygon keeps its largest part; in a QuPath export mixing annotations with detections or
     cells, the annotations (e.g. tissue outlines) are skipped, and cells contribute their
@@ -105,8 +113,8 @@ def read_nuclei(
     if format not in _FORMATS:
         raise InvalidInputError(f"format must be one of {_FORMATS}, got {format!r}.")
     scale, offset = _check_transform(scale, offset)
-    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
-    level = get_image(sdata, image_key)
+    image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
+    level = get_image(sdata, image_key=image_key)
     shape = (int(level.sizes["y"]), int(level.sizes["x"]))
 
     labels, origin, parsed = _to_raster(path, format, shape, scale, offset)
@@ -115,10 +123,10 @@ def read_nuclei(
 
     store_nuclei(
         sdata, labels, origin=origin, image_key=image_key, spots_key=spots_key, key_added=key_added,
-        table_key=table_key, method=f"imported ({format})",
+        nuclei_table_key=nuclei_table_key, method=f"imported ({format})",
     )
     if parsed is not None and any(t is not None for t in parsed.types):
-        _store_types(sdata, table_key, parsed.types, type_map)
+        _store_types(sdata, nuclei_table_key, parsed.types, type_map)
 
 
 # ----------------------------------------------------------------------------------------- parsing

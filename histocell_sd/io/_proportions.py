@@ -12,6 +12,7 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import PROPORTIONS_KEY, TABLE_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import resolve_key
 
@@ -30,6 +31,22 @@ def check_proportions(
     Refuses non-DataFrames, duplicate spots or cell types, non-numeric, NaN, negative and all-zero
     rows, spots missing from ``spot_ids`` and columns outside ``cell_types``. Rows that do not sum
     to 1 are renormalised with a warning.
+
+    Parameters
+    ----------
+    proportions
+        Rows = spots (barcodes in the index), columns = cell types.
+    spot_ids
+        The spots the rows must match exactly (in any order); None skips the check.
+    cell_types
+        Allowed columns; None allows any.
+    name
+        What the proportions are called in error messages.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The proportions as float64, rows summing to 1, in ``spot_ids`` order when given.
     """
     if not isinstance(proportions, pd.DataFrame):
         raise InvalidInputError(f"{name} must be a pandas DataFrame (rows = spots, columns = cell types).")
@@ -145,11 +162,12 @@ def _check_columns(frame: pd.DataFrame, source: str) -> None:
         )
 
 
+@inject_docs
 def read_proportions(
     path_or_frame: str | PathLike | pd.DataFrame,
     sdata: SpatialData | None = None,
     *,
-    table_key: str | None = None,
+    spots_table_key: str | None = None,
     key_added: str = PROPORTIONS_KEY,
     index_col: int | str = 0,
     sep: str | None = None,
@@ -160,18 +178,17 @@ def read_proportions(
     Works for CSV/TSV tables from cell2location (abundances are renormalised), RCTD, CARD and the
     upstream HistoCell TSV whose index is ``x_y_barcode``. Rows are validated with
     :func:`check_proportions` and, when ``sdata`` is given, matched to its spots by barcode and stored
-    in ``sdata.tables[table_key].obsm[key_added]``.
+    in ``sdata.tables[spots_table_key].obsm[key_added]``.
 
     Parameters
     ----------
     path_or_frame
         A delimited file (separator sniffed unless ``sep``) or a DataFrame; rows = spots.
     sdata
-        SpatialData whose spots table receives the proportions.
-    table_key
-        The spots table; default ``"table"`` or the only table.
-    key_added
-        ``obsm`` key of the stored proportions.
+        SpatialData whose spots table receives the proportions; None only reads and validates.
+    {spots_table_key}
+    {key_added}
+        the ``obsm`` key of the proportions in the spots table (with ``sdata``).
     index_col, sep
         Passed to :func:`pandas.read_csv`; ``sep=None`` picks tab, comma, semicolon or pipe from the header.
     drop_columns
@@ -180,7 +197,9 @@ def read_proportions(
 
     Returns
     -------
-    The validated proportions (rows in the spots' order when ``sdata`` is given).
+    pandas.DataFrame
+        The validated proportions (rows in the spots' order when ``sdata`` is given); with ``sdata``
+        they are also written to ``sdata.tables[spots_table_key].obsm[key_added]``.
     """
     if isinstance(path_or_frame, pd.DataFrame):
         frame, source = path_or_frame.copy(), "proportions"
@@ -191,8 +210,8 @@ def read_proportions(
     frame.index = [_barcode_from_upstream(i) for i in frame.index]
     if sdata is None:
         return check_proportions(frame)
-    table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
-    table = sdata.tables[table_key]
+    spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
+    table = sdata.tables[spots_table_key]
     frame = check_proportions(frame, spot_ids=table.obs_names)
     table.obsm[key_added] = frame
     return frame

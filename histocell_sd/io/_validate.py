@@ -9,17 +9,19 @@ from spatialdata.models import get_table_keys
 from spatialdata.transformations import get_transformation
 
 from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PROPORTIONS_KEY, SPOTS_KEY, TABLE_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import get_image, get_mpp, resolve_key
 from ._proportions import SUM_TOLERANCE
 
 
+@inject_docs
 def validate(
     sdata: SpatialData,
     *,
     image_key: str | None = None,
     spots_key: str | None = None,
-    table_key: str | None = None,
+    spots_table_key: str | None = None,
     nuclei_key: str | None = None,
     nuclei_table_key: str | None = None,
     proportions_key: str = PROPORTIONS_KEY,
@@ -30,21 +32,44 @@ def validate(
     Checks ``attrs["mpp"]``; the RGB uint8 image; that every element lives in the ``global``
     coordinate system; spot circles inside the image; the spots table's annotation and proportions
     (finite, non-negative, rows summing to 1); nuclei polygons and their table when present.
+
+    Parameters
+    ----------
+    sdata
+        The sample to check (nothing is written).
+    {image_key}
+    {spots_key}
+        Spots are checked when given, when ``"spots"`` exists or with ``require_spots``.
+    {spots_table_key}
+    {nuclei_key}
+        Checked when given or when ``"nuclei"`` exists.
+    {nuclei_table_key}
+        None: ``"histocell"`` when present, else the only table.
+    {proportions_key}
+        Checked when present.
+    require_spots
+        Refuse a sample without spots.
+
+    Returns
+    -------
+    None
+        Raises :class:`~histocell_sd.InvalidInputError` at the first problem.
     """
     get_mpp(sdata)
-    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+    image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     _check_image_element(sdata, image_key)
     if spots_key is not None or SPOTS_KEY in sdata.shapes or require_spots:
-        spots_key = resolve_key(sdata, "shapes", spots_key, SPOTS_KEY)
+        spots_key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
         _check_spots(sdata, spots_key, image_key)
-        table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
-        _check_annotating_table(sdata, table_key, spots_key)
-        if proportions_key in sdata.tables[table_key].obsm:
-            _check_stored_proportions(sdata.tables[table_key].obsm[proportions_key], f"tables[{table_key!r}].obsm[{proportions_key!r}]")
+        spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
+        _check_annotating_table(sdata, spots_table_key, spots_key)
+        if proportions_key in sdata.tables[spots_table_key].obsm:
+            table = sdata.tables[spots_table_key]
+            _check_stored_proportions(table.obsm[proportions_key], f"tables[{spots_table_key!r}].obsm[{proportions_key!r}]")
     if nuclei_key is not None or NUCLEI_KEY in sdata.shapes:
-        nuclei_key = resolve_key(sdata, "shapes", nuclei_key, NUCLEI_KEY)
+        nuclei_key = resolve_key(sdata, "shapes", key=nuclei_key, default=NUCLEI_KEY)
         _check_in_global(sdata, nuclei_key)
-        nuclei_table_key = resolve_key(sdata, "tables", nuclei_table_key, HISTOCELL_KEY)
+        nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
         _check_annotating_table(sdata, nuclei_table_key, nuclei_key)
 
 
@@ -59,7 +84,7 @@ def _check_in_global(sdata: SpatialData, key: str) -> None:
 
 def _check_image_element(sdata: SpatialData, key: str) -> None:
     _check_in_global(sdata, key)
-    level = get_image(sdata, key)
+    level = get_image(sdata, image_key=key)
     if tuple(level.dims) != ("c", "y", "x"):
         raise InvalidInputError(f"Image {key!r} must be 2D with dims (c, y, x), got {tuple(level.dims)}.")
     if level.sizes["c"] != 3:

@@ -21,6 +21,20 @@ def write_zarr(sdata: SpatialData, path: str | PathLike, *, overwrite: bool = Fa
     (:func:`histocell_sd._utils.atomic_write`), so a failure or a kill never leaves a half-written or
     missing store, and debris of killed writes is cleaned by the next one. An existing ``path`` is
     refused unless ``overwrite=True``.
+
+    Parameters
+    ----------
+    sdata
+        The sample (needs ``attrs["mpp"]``); its ``path`` is set to the new store.
+    path
+        The zarr store to write.
+    overwrite
+        Replace an existing store at ``path``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
     """
     get_mpp(sdata)
 
@@ -35,7 +49,18 @@ def write_zarr(sdata: SpatialData, path: str | PathLike, *, overwrite: bool = Fa
 
 
 def read_zarr(path: str | PathLike) -> SpatialData:
-    """Read a histocell-sd zarr store, checking that it carries ``mpp``."""
+    """Read a histocell-sd zarr store, checking that it carries ``mpp``.
+
+    Parameters
+    ----------
+    path
+        The zarr store written by :func:`write_zarr` (or any SpatialData store with ``attrs["mpp"]``).
+
+    Returns
+    -------
+    SpatialData
+        The sample, backed by the store; images whose chunk files are missing are refused.
+    """
     path = Path(path)
     if not path.exists():
         backup = stale_backup(path)

@@ -77,13 +77,13 @@ def sample_inputs(
     ``context_mpp`` for the context image, so memory stays bounded on whole slides.
     """
     mpp = get_mpp(sdata)
-    table_key = resolve_key(sdata, "tables", table_key, HISTOCELL_KEY)
+    table_key = resolve_key(sdata, "tables", key=table_key, default=HISTOCELL_KEY)
     table = sdata.tables[table_key]
     if SPATIAL_KEY not in table.obsm:
         raise InvalidInputError(f"Nuclei table {table_key!r} has no obsm['spatial']; segment nuclei first (hc.pp.segment_nuclei).")
     features = _features(table, feature_names)
     xy_px = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
-    image = get_image(sdata, image_key)
+    image = get_image(sdata, image_key=image_key)
     height = image.sizes["y"]
     bad = ~np.isfinite(xy_px).all(1)
     if bad.any():
@@ -113,7 +113,7 @@ def sample_inputs(
         if len(inside):
             canonical = _rescale_band(band, scale)
             local = (xy_px[inside] - [0, r0]) * scale
-            crops[inside] = nucleus_crops(canonical, local, crop_px)
+            crops[inside] = nucleus_crops(canonical, local, size=crop_px)
     context = np.concatenate(context_bands, axis=0) if context_bands else np.zeros((1, 1, 3), np.uint8)
     xy_um = xy_px * mpp
     neighbors, distances = neighbor_graph(xy_um, n_neighbors, radius_um)

@@ -373,7 +373,7 @@ class HistoCell:
         if labels_key is not None:
             return self._prepare_labelled(sdata, nuclei_table_key, image_key, labels_key, progress)
         mpp = get_mpp(sdata)
-        table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
+        table_key = resolve_key(sdata, "tables", key=table_key, default=TABLE_KEY)
         table = sdata.tables[table_key]
         if proportions_key not in table.obsm:
             raise InvalidInputError(f"Spots table {table_key!r} has no obsm[{proportions_key!r}] (spot proportions to learn from).")
@@ -438,7 +438,7 @@ class HistoCell:
     def _nucleus_labels(self, sdata, nuclei_table_key, labels_key) -> np.ndarray | None:
         if labels_key is None:
             return None
-        obs = sdata.tables[resolve_key(sdata, "tables", nuclei_table_key, HISTOCELL_KEY)].obs
+        obs = sdata.tables[resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)].obs
         if labels_key not in obs:
             raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obs[{labels_key!r}].")
         return pd.Categorical(obs[labels_key].astype(str), categories=self.cell_types).codes.astype(np.int64)

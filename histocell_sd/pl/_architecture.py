@@ -51,7 +51,7 @@ def niches(
         _, ax = plt.subplots(figsize=figsize)
     images = {}
     if sdata.images:
-        image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+        image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
         images[image_key] = sdata.images[image_key]
     view = SpatialData(images=images, shapes={regions_key: regions})
     if images:

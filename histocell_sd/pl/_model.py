@@ -66,7 +66,7 @@ def predicted_vs_true(
     axes=None,
 ):
     """One scatter per cell type: predicted vs true spot proportions with Pearson r."""
-    table = sdata.tables[resolve_key(sdata, "tables", table_key, "table")]
+    table = sdata.tables[resolve_key(sdata, "tables", key=table_key, default="table")]
     for key in (predicted_key, true_key):
         if key not in table.obsm:
             raise InvalidInputError(f"The spots table has no obsm[{key!r}].")
@@ -102,7 +102,7 @@ def cell_types(
 
     ``extent`` = (x_min, x_max, y_min, y_max) in pixels crops the view (recommended on whole slides).
     """
-    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
+    image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     if table_key not in sdata.tables or color not in sdata.tables[table_key].obs:
         raise InvalidInputError(f"No obs[{color!r}] in table {table_key!r}; run hc.tl.predict first.")
     view = SpatialData(

@@ -42,9 +42,9 @@ def spot_proportions(
     -------
     The axes drawn on.
     """
-    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
-    spots_key = resolve_key(sdata, "shapes", spots_key, SPOTS_KEY)
-    table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
+    image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
+    spots_key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
+    table_key = resolve_key(sdata, "tables", key=table_key, default=TABLE_KEY)
     table = sdata.tables[table_key]
     if proportions_key not in table.obsm:
         raise InvalidInputError(f"Table {table_key!r} has no obsm[{proportions_key!r}]; it has {list(table.obsm)}.")

@@ -5,8 +5,23 @@ from __future__ import annotations
 import numpy as np
 
 
-def nucleus_crops(image: np.ndarray, xy: np.ndarray, size: int) -> np.ndarray:
-    """(n, 3, size, size) uint8 crops of an (h, w, 3) image centred on ``xy`` (x, y px), zero-padded at the borders."""
+def nucleus_crops(image: np.ndarray, xy: np.ndarray, *, size: int) -> np.ndarray:
+    """Square crops of an image centred on nuclei, zero-padded at the borders.
+
+    Parameters
+    ----------
+    image
+        (h, w, 3) array (e.g. the H&E as uint8).
+    xy
+        (n, 2) crop centres, x and y in pixels of ``image``.
+    size
+        Side of the crops in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 3, size, size) crops, of ``image``'s dtype.
+    """
     half = size // 2
     padded = np.pad(image, ((half, half + 1), (half, half + 1), (0, 0)))
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)

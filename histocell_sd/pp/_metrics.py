@@ -16,7 +16,7 @@ def _as_points(xy) -> np.ndarray:
     return np.asarray(xy, dtype=float).reshape(-1, 2)
 
 
-def match_points(pred_xy, true_xy, max_dist: float) -> tuple[np.ndarray, np.ndarray]:
+def match_points(pred_xy, true_xy, *, max_dist: float) -> tuple[np.ndarray, np.ndarray]:
     """Match predicted to true points one-to-one within a distance.
 
     Among all pairs closer than ``max_dist``, the matching maximises the number of
@@ -64,7 +64,7 @@ def _assign(row, col, data, max_dist: float) -> tuple[np.ndarray, np.ndarray]:
     return rows[r[keep]].astype(int), cols[c[keep]].astype(int)
 
 
-def detection_scores(pred_xy, true_xy, max_dist: float) -> dict[str, float]:
+def detection_scores(pred_xy, true_xy, *, max_dist: float) -> dict[str, float]:
     """Precision, recall and F1 of detected points after one-to-one matching.
 
     Parameters
@@ -81,7 +81,7 @@ def detection_scores(pred_xy, true_xy, max_dist: float) -> dict[str, float]:
         Scores are 1.0 when both sets are empty and 0.0 when only one is.
     """
     n_pred, n_true = len(_as_points(pred_xy)), len(_as_points(true_xy))
-    n_matched = len(match_points(pred_xy, true_xy, max_dist)[0])
+    n_matched = len(match_points(pred_xy, true_xy, max_dist=max_dist)[0])
     precision = n_matched / n_pred if n_pred else float(n_true == 0)
     recall = n_matched / n_true if n_true else float(n_pred == 0)
     denom = n_pred + n_true

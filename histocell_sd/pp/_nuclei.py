@@ -34,6 +34,7 @@ from .._constants import (
     SPOT_ID_KEY,
     SPOTS_KEY,
 )
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io._elements import get_image, get_mpp, resolve_key
 
@@ -64,6 +65,7 @@ _SIMPLIFY_PX = 1.0
 _MIN_VARIANCE = 1e-8  # below this the hematoxylin is flat (rounding noise) and skewness is 0
 
 
+@inject_docs
 def store_nuclei(
     sdata: SpatialData,
     labels,
@@ -72,7 +74,7 @@ def store_nuclei(
     image_key: str | None = None,
     spots_key: str | None = None,
     key_added: str = NUCLEI_KEY,
-    table_key: str = HISTOCELL_KEY,
+    nuclei_table_key: str = HISTOCELL_KEY,
     labels_key: str | None = None,
     method: str = "external",
     overwrite: bool = False,
@@ -88,26 +90,29 @@ def store_nuclei(
         pixels of the full-resolution image. It may cover only a window of the image.
     origin
         ``(y0, x0)``: image pixel of ``labels[0, 0]``.
-    image_key
-        The H&E image; found automatically when there is one (or one called ``"he"``).
+    {image_key}
     spots_key
-        Spot circles used for ``obs["spot_id"]``; by default ``"spots"`` when present, else none.
-    key_added
-        Name of the polygon shapes element written.
-    table_key
-        Name of the table written; it annotates ``key_added``.
-    labels_key
-        When given, the raster is also stored as a Labels2D element of that name.
+        Name of the spot circles (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
+        ``"spots"`` when present, else none.
+    {key_added}
+        the nucleus polygons (``sdata.shapes``).
+    {nuclei_table_key:written}
+    {labels_key}
     method
         Recorded in ``table.uns["histocell"]["method"]``.
     overwrite
         Replace elements under these names that an earlier segmentation did not write (refused otherwise;
         nuclei this package stored there before are always replaced).
 
+    Returns
+    -------
+    None
+        Writes the elements described in the Notes into ``sdata``.
+
     Notes
     -----
     Writes ``sdata.shapes[key_added]`` (polygons indexed ``"nucleus_<id>"``, ``<id>`` the label
-    value, in ``global`` pixels, simplified to ~1 px) and ``sdata.tables[table_key]`` with
+    value, in ``global`` pixels, simplified to ~1 px) and ``sdata.tables[nuclei_table_key]`` with
     ``obs`` ``region``, ``nucleus_id`` and ``spot_id`` (when spots exist; NaN outside every
     spot), ``obsm["spatial"]`` (centroids, px), the features of :data:`FEATURES` in ``X`` and
     ``uns["histocell"]`` (mpp, method, feature definitions). With no nucleus in ``labels``
@@ -115,16 +120,16 @@ def store_nuclei(
     these keys by an earlier run are removed; callers warn.
     """
     mpp = get_mpp(sdata)
-    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
-    ours = claim_nuclei_keys(sdata, key_added, table_key, labels_key, overwrite=overwrite)
-    labels, origin = _check_labels(labels, origin, get_image(sdata, image_key).shape[1:])
+    image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
+    ours = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
+    labels, origin = _check_labels(labels, origin, get_image(sdata, image_key=image_key).shape[1:])
     spots = _spots(sdata, spots_key)
     ids = np.unique(labels)
     ids = ids[ids > 0]
     if len(ids) == 0:
         _remove(sdata, *ours)  # an earlier segmentation's nuclei would no longer describe this image
         return
-    stats = _pixel_stats(labels, get_image(sdata, image_key), origin, ids)
+    stats = _pixel_stats(labels, get_image(sdata, image_key=image_key), origin, ids)
     polygons = _polygons(labels, ids, origin)
     features = _features(stats, polygons, mpp)
     centroids = stats["centroid"][:, ::-1] + np.asarray(origin[::-1], dtype=float) + 0.5
@@ -134,32 +139,32 @@ def store_nuclei(
     table.uns["histocell"]["labels_key"] = labels_key
     _remove(sdata, *ours)
     sdata.shapes[key_added] = _shapes_element(polygons, names)
-    sdata.tables[table_key] = table
+    sdata.tables[nuclei_table_key] = table
     if labels_key is not None:
         sdata.labels[labels_key] = Labels2DModel.parse(
             labels, dims=("y", "x"), transformations={COORDINATE_SYSTEM: Translation([origin[1], origin[0]], axes=("x", "y"))}
         )
 
 
-def claim_nuclei_keys(sdata: SpatialData, key_added: str, table_key: str, labels_key: str | None, *, overwrite: bool = False) -> set[str]:
+def claim_nuclei_keys(sdata: SpatialData, key_added: str, nuclei_table_key: str, labels_key: str | None, *, overwrite: bool = False) -> set[str]:
     """Check that nuclei may be written under these names; return the elements an earlier segmentation wrote there.
 
     Refuses names that coincide, and names of elements that segmentation did not write (the spots, the spots
     table, an image...) unless ``overwrite``.
     """
-    keys = [k for k in (key_added, table_key, labels_key) if k is not None]
+    keys = [k for k in (key_added, nuclei_table_key, labels_key) if k is not None]
     if len(set(keys)) != len(keys):
-        raise InvalidInputError(f"key_added, table_key and labels_key must differ, got {keys}.")
+        raise InvalidInputError(f"key_added, nuclei_table_key and labels_key must differ, got {keys}.")
     ours: set[str] = set()
-    table = sdata.tables.get(table_key)
+    table = sdata.tables.get(nuclei_table_key)
     meta = table.uns.get("histocell", {}) if table is not None else {}
     if table is not None and "features" in meta and "spatialdata_attrs" in table.uns and get_table_keys(table)[0] == key_added:
-        ours = {table_key} | ({key_added} if key_added in sdata.shapes else set()) | ({meta["labels_key"]} if meta.get("labels_key") in sdata.labels else set())
+        ours = {nuclei_table_key} | ({key_added} if key_added in sdata.shapes else set()) | ({meta["labels_key"]} if meta.get("labels_key") in sdata.labels else set())
     clash = [k for k in keys if k in sdata and k not in ours]
     if clash and not overwrite:
         raise InvalidInputError(
             f"{clash} already exist in the SpatialData and were not written by a segmentation; pick other names "
-            "(key_added=, table_key=, labels_key=) or pass overwrite=True to replace them."
+            "(key_added=, nuclei_table_key=, labels_key=) or pass overwrite=True to replace them."
         )
     return ours | set(clash)
 
@@ -323,7 +328,7 @@ def _spots(sdata: SpatialData, spots_key: str | None):
     """The spot circles that give ``obs["spot_id"]``; None without spots."""
     if spots_key is None and SPOTS_KEY not in sdata.shapes:
         return None
-    spots = sdata.shapes[resolve_key(sdata, "shapes", spots_key, SPOTS_KEY)]
+    spots = sdata.shapes[resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)]
     if "radius" not in spots.columns:
         raise InvalidInputError("The spots element has no 'radius' column; spot circles are needed for spot_id.")
     return spots

@@ -15,6 +15,7 @@ from spatialdata import SpatialData
 from tqdm.auto import tqdm
 
 from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io._elements import get_image, get_mpp, resolve_key
 from ._nuclei import claim_nuclei_keys, store_nuclei
@@ -31,13 +32,14 @@ _MAX_CHECK_DOWNSCALE = 8
 _LEVEL_MPP = 1.0
 
 
+@inject_docs
 def segment_nuclei(
     sdata: SpatialData,
+    *,
     image_key: str | None = None,
     method: str | Callable[[np.ndarray, float], np.ndarray] = "default",
     key_added: str = NUCLEI_KEY,
-    table_key: str = HISTOCELL_KEY,
-    *,
+    nuclei_table_key: str = HISTOCELL_KEY,
     tile_size_px: int = 2048,
     overlap_um: float = 32.0,
     n_jobs: int = 1,
@@ -59,8 +61,7 @@ def segment_nuclei(
     ----------
     sdata
         The sample, with ``sdata.attrs["mpp"]`` and an RGB ``uint8`` H&E image.
-    image_key
-        The image to segment; found automatically when there is one (or one called ``"he"``).
+    {image_key}
     method
         ``"default"``: the learnt segmenter shipped in the package (:func:`~histocell_sd.pp.segment_learnt`;
         ``network=`` takes another segmenter folder). ``"classical"``: the classical, resolution-aware
@@ -72,24 +73,30 @@ def segment_nuclei(
             from cellpose import models
             net = models.CellposeModel(pretrained_model="/path/to/weights", gpu=False)
             hc.pp.segment_nuclei(sdata, method=lambda rgb, mpp: net.eval(rgb, diameter=8 / mpp)[0])
-    key_added, table_key
-        Names of the nucleus polygons and of their feature table (see :func:`store_nuclei`).
+    {key_added}
+        the nucleus polygons (``sdata.shapes``; see :func:`store_nuclei`).
+    {nuclei_table_key:written}
     tile_size_px
         Tile side in pixels of the full-resolution image (not of the canonical resolution).
     overlap_um
         Overlap of neighbouring tiles in µm; keep it above the largest nucleus diameter.
     n_jobs
         Tiles segmented in parallel (joblib threads; ``-1`` = all cores).
-    progress
-        Show a progress bar over tiles.
-    labels_key
-        When given, the stitched instance raster is also stored as a Labels2D element.
+    {progress}
+    {labels_key}
+        Here the stitched instance raster of the slide.
     overwrite
-        Replace elements under ``key_added`` / ``table_key`` / ``labels_key`` that a segmentation did not
+        Replace elements under ``key_added`` / ``nuclei_table_key`` / ``labels_key`` that a segmentation did not
         write (refused otherwise, before any work; an earlier segmentation's nuclei are always replaced).
     **method_kwargs
         Passed to :func:`~histocell_sd.pp.segment_learnt` (``network``, post-processing such as
         ``centre_threshold``), :func:`~histocell_sd.pp.segment_array` (e.g. ``min_area_um2``) or the callable.
+
+    Returns
+    -------
+    None
+        Writes ``sdata.shapes[key_added]``, ``sdata.tables[nuclei_table_key]`` (and
+        ``sdata.labels[labels_key]``) as :func:`store_nuclei` does.
 
     Notes
     -----
@@ -97,16 +104,16 @@ def segment_nuclei(
     found a warning is issued and nothing is written (see :func:`store_nuclei`).
     """
     _check_method(method, method_kwargs)
-    claim_nuclei_keys(sdata, key_added, table_key, labels_key, overwrite=overwrite)
+    claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     mpp = get_mpp(sdata)
-    image_key = resolve_key(sdata, "images", image_key, IMAGE_KEY)
-    image = _check_image(get_image(sdata, image_key), image_key)
+    image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
+    image = _check_image(get_image(sdata, image_key=image_key), image_key)
     height, width = image.shape[1:]
     tile_size_px, overlap_px = _check_tiling(tile_size_px, overlap_um, mpp)
     if method == "classical":
         check_scale(mpp, float(method_kwargs.get("canonical_mpp", 0.5)))
     elif method == "default":
-        check_scale(mpp, float(load_segmenter(method_kwargs.get("network"))[1]["preprocessing"]["mpp"]))
+        check_scale(mpp, float(load_segmenter(network=method_kwargs.get("network"))[1]["preprocessing"]["mpp"]))
     tiles = _tiles(height, width, tile_size_px, overlap_px)
     tissue = _tissue_check(sdata.images[image_key], (height, width))
     tiles = [t for t in tiles if tissue(t)]
@@ -122,7 +129,7 @@ def segment_nuclei(
             n_found = _paste(labels, window, tile_labels, n_found)
     if n_found == 0:
         warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written.", stacklevel=2)
-    store_nuclei(sdata, labels, image_key=image_key, key_added=key_added, table_key=table_key, labels_key=labels_key,
+    store_nuclei(sdata, labels, image_key=image_key, key_added=key_added, nuclei_table_key=nuclei_table_key, labels_key=labels_key,
                  method=f"segment_nuclei:{getattr(method, '__name__', method)}", overwrite=overwrite)
 
 

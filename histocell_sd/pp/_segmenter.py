@@ -84,8 +84,20 @@ def _cached(path: str, mtime: float) -> tuple[SegmenterNet, dict]:
     return net.eval(), card
 
 
-def load_segmenter(network=None) -> tuple[SegmenterNet, dict]:
-    """The segmenter network (eval mode) and its card: the shipped one, or the folder ``network``."""
+def load_segmenter(*, network=None) -> tuple[SegmenterNet, dict]:
+    """The segmenter network (eval mode) and its card: the shipped one, or the folder ``network``.
+
+    Parameters
+    ----------
+    network
+        Folder of a segmenter (``weights.safetensors`` + ``card.json``, as written by
+        ``scripts/train_segmenter.py``); None: the one shipped in the package.
+
+    Returns
+    -------
+    tuple
+        ``(network, card)``: the torch module in eval mode and its card (a dict).
+    """
     path = shipped_dir(DEFAULT_SEGMENTER) if network is None else Path(network)
     if not path.is_dir():
         raise InvalidInputError(f"No segmenter network folder at {path}.")
@@ -142,7 +154,7 @@ def segment_learnt(rgb, mpp: float, *, network=None, **overrides) -> np.ndarray:
     numpy.ndarray
         int32 labels of shape (H, W); 0 is background.
     """
-    net, card = load_segmenter(network)
+    net, card = load_segmenter(network=network)
     params = dict(card["postprocessing"])
     unknown = set(overrides) - set(params)
     if unknown:

@@ -96,7 +96,7 @@ def deconvolve(
     if n_markers < 1 or epochs < 1:
         raise InvalidInputError(f"n_markers and epochs must be positive, got {n_markers} and {epochs}.")
     check_reference(reference)
-    table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
+    table_key = resolve_key(sdata, "tables", key=table_key, default=TABLE_KEY)
     table = sdata.tables[table_key]
     labels = {"cell types": _labels(reference, cell_type_key)}
     if state_key is not None:

@@ -36,13 +36,13 @@ def transfer_truth(
     if missing:
         raise InvalidInputError(f"Truth table {truth_key!r} lacks the columns {missing}.")
     max_px = max_distance_um / get_mpp(sdata)
-    pred_idx, true_idx = match_points(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_px)
+    pred_idx, true_idx = match_points(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_dist=max_px)
     for column in columns:
         values = pd.Series(pd.NA, index=table.obs_names, dtype=object)
         values.iloc[pred_idx] = truth.obs[column].astype(str).to_numpy()[true_idx]
         categories = truth.obs[column].cat.categories if hasattr(truth.obs[column], "cat") else None
         table.obs[prefix + column] = pd.Categorical(values, categories=categories)
-    return detection_scores(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_px)
+    return detection_scores(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_dist=max_px)
 
 
 def classification_scores(y_true, y_pred, labels: Sequence[str] | None = None) -> dict[str, float]:

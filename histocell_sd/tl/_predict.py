@@ -126,7 +126,7 @@ def _spots_table(sdata, nuclei_table, spots_table_key, nuclei_key) -> str | None
         return None
     if spots_table_key is None and (TABLE_KEY not in sdata.tables or nuclei_key == TABLE_KEY):
         return None
-    spots_table_key = resolve_key(sdata, "tables", spots_table_key, TABLE_KEY)
+    spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
     spots_table = sdata.tables[spots_table_key]
     if "spatialdata_attrs" not in spots_table.uns or get_table_keys(spots_table)[0] == get_table_keys(nuclei_table)[0]:
         raise InvalidInputError(f"Table {spots_table_key!r} does not annotate spots.")

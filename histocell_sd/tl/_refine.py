@@ -179,8 +179,8 @@ def refine_deconvolution(
         raise InvalidInputError(f"match must be one of {_MATCHES}, got {match!r}.")
     if image_prior not in ("mean", None):
         raise InvalidInputError(f"image_prior must be 'mean' or None, got {image_prior!r}.")
-    table_key = resolve_key(sdata, "tables", table_key, TABLE_KEY)
-    nuclei_table_key = resolve_key(sdata, "tables", nuclei_table_key, HISTOCELL_KEY)
+    table_key = resolve_key(sdata, "tables", key=table_key, default=TABLE_KEY)
+    nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
     if table_key == nuclei_table_key:
         raise InvalidInputError(f"table_key and nuclei_table_key are both {table_key!r}.")
     if reference is not None:

@@ -357,10 +357,10 @@ def _crops(named, tables, pooled, top, n_crops, crop_px, image_key, seed):
         if not isinstance(data, SpatialData) or not data.images:
             continue
         try:
-            key = resolve_key(data, "images", image_key, "he")
+            key = resolve_key(data, "images", key=image_key, default="he")
         except InvalidInputError:
             continue
-        image = get_image(data, key)
+        image = get_image(data, image_key=key)
         table = tables[row["sample"]]
         x, y = np.asarray(table.obsm[SPATIAL_KEY])[row["row"]]
         xi, yi = int(round(x)), int(round(y))
