@@ -17,6 +17,27 @@ def mean_per_type_pearson(predicted: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(rs)) if rs else float("nan")
 
 
+def copy_for_writing(sdata):
+    """A new SpatialData for ``copy=True``: every table deep-copied, the other elements shared.
+
+    A function that writes into tables (and adds or replaces whole elements) can then work on the
+    result and leave ``sdata`` unchanged, without duplicating images, labels, points or shapes,
+    which it never modifies in place. ``attrs`` are deep-copied; the copy is not backed by a store.
+    """
+    import copy
+
+    from spatialdata import SpatialData
+
+    return SpatialData(
+        images=dict(sdata.images),
+        labels=dict(sdata.labels),
+        points=dict(sdata.points),
+        shapes=dict(sdata.shapes),
+        tables={key: table.copy() for key, table in sdata.tables.items()},
+        attrs=copy.deepcopy(dict(sdata.attrs)),
+    )
+
+
 def atomic_write(path, write, *, overwrite: bool = False):
     """Create ``path`` (a file or a folder) by ``write(tmp)`` into a temporary sibling, then swap it in.
 

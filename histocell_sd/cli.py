@@ -84,8 +84,8 @@ def demo(out: Path, seed: int, preset: str, epochs: int, deconvolution: str, pro
     store = io.write_zarr(test, out / "demo.zarr", overwrite=True)
     test_reference.write_h5ad(out / "reference.h5ad")
     fig, axes = plt.subplots(1, 2, figsize=(14, 6))
-    pl.spot_proportions(test, "tumor", proportions_key="true_proportions", ax=axes[0])
-    pl.spot_proportions(test, "tumor", proportions_key="histocell_proportions", ax=axes[1])
+    pl.spot_proportions(test, cell_type="tumor", proportions_key="true_proportions", ax=axes[0])
+    pl.spot_proportions(test, cell_type="tumor", proportions_key="histocell_proportions", ax=axes[1])
     fig.savefig(out / "overview.png", dpi=100, bbox_inches="tight")
     fig, ax = plt.subplots(figsize=(8, 7))
     height, width = io.get_image(test).shape[1:]

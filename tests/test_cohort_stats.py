@@ -27,7 +27,7 @@ def cohort():
 
 def test_survival_recovers_planted_indicator(cohort):
     ind, _, truth = cohort
-    res = tl.survival(ind, "duration", "event")
+    res = tl.survival(ind, duration_key="duration", event_key="event")
     planted = truth["prognostic_indicator"]
     rank = list(res.index).index(planted)
     print(f"planted prognostic indicator: rank {rank + 1}/{len(res)}, FDR {res.loc[planted, 'fdr']:.2g}, "
@@ -67,8 +67,8 @@ def test_constant_and_nan_indicators_dropped(cohort):
 
 def test_response_association_recovers_truth(cohort):
     ind, clinical, truth = cohort
-    cont = tl.response_association(ind, "response")
-    binary = tl.response_association(ind.to_df(), "responder", clinical=clinical)
+    cont = tl.response_association(ind, response_key="response")
+    binary = tl.response_association(ind.to_df(), response_key="responder", clinical=clinical)
     target = truth["response_indicator"]
     print(f"response: continuous rank {list(cont.index).index(target) + 1} rho {cont.loc[target, 'spearman_rho']:.2f} "
           f"FDR {cont.loc[target, 'fdr']:.2g}; binary rank {list(binary.index).index(target) + 1} AUC {binary.loc[target, 'auc']:.2f} "
@@ -81,11 +81,11 @@ def test_response_association_recovers_truth(cohort):
 def test_response_errors(cohort):
     ind, clinical, _ = cohort
     with pytest.raises(hc.InvalidInputError, match="not found"):
-        tl.response_association(ind, "nope")
+        tl.response_association(ind, response_key="nope")
     with pytest.raises(hc.InvalidInputError, match="fewer than 2 classes"):
-        tl.response_association(ind.to_df(), "one", clinical=clinical.assign(one=True))
+        tl.response_association(ind.to_df(), response_key="one", clinical=clinical.assign(one=True))
     with pytest.raises(hc.InvalidInputError, match="missing values"):
-        tl.response_association(ind.to_df(), "response", clinical=clinical.assign(response=np.r_[np.nan, clinical["response"].iloc[1:]]))
+        tl.response_association(ind.to_df(), response_key="response", clinical=clinical.assign(response=np.r_[np.nan, clinical["response"].iloc[1:]]))
     with pytest.raises(hc.InvalidInputError, match="no row"):
         tl.survival(ind.to_df(), clinical=clinical.iloc[1:])
     with pytest.raises(hc.InvalidInputError, match="two events"):
@@ -94,7 +94,7 @@ def test_response_errors(cohort):
 
 def test_kaplan_meier_plot(cohort):
     ind, _, truth = cohort
-    ax = pl.kaplan_meier(ind, truth["prognostic_indicator"], "duration", "event")
+    ax = pl.kaplan_meier(ind, indicator=truth["prognostic_indicator"], duration_key="duration", event_key="event")
     assert ax.logrank_p < 0.05 and "log-rank p" in ax.get_title()
     assert len(ax.get_lines()) >= 2
 
@@ -106,8 +106,8 @@ def _null_hits(seed: int, n_samples: int) -> dict[str, bool]:
         warnings.simplefilter("ignore")
         return {
             "survival": bool((tl.survival(ind, clinical=clinical, multivariate=False)["fdr"] < 0.05).any()),
-            "response": bool((tl.response_association(ind, "response", clinical=clinical)["fdr"] < 0.05).any()),
-            "responder": bool((tl.response_association(ind, "responder", clinical=clinical)["fdr"] < 0.05).any()),
+            "response": bool((tl.response_association(ind, response_key="response", clinical=clinical)["fdr"] < 0.05).any()),
+            "responder": bool((tl.response_association(ind, response_key="responder", clinical=clinical)["fdr"] < 0.05).any()),
         }
 
 

@@ -52,6 +52,21 @@ def test_poisson_deconvolution(tiny_predicted):
     pd.testing.assert_frame_equal(props, table.obsm["again"])
 
 
+def test_copy_leaves_the_input_unchanged(tiny_predicted):
+    sdata, reference = tiny_predicted
+    before = set(sdata.tables["table"].obsm)
+    deconvolved = tl.deconvolve(sdata, reference, method="poisson", key_added="poisson", progress=False, copy=True)
+    assert set(sdata.tables["table"].obsm) == before and "deconvolution" not in sdata.tables["table"].uns
+    assert "poisson" in deconvolved.tables["table"].obsm
+    with pytest.warns(UserWarning, match="hold no nuclei") if _has_empty_spots(sdata) else _nothing():
+        refined = tl.refine_deconvolution(deconvolved, reference, progress=False, copy=True)
+    assert "refined_proportions" not in deconvolved.tables["table"].obsm and "histocell_expression" not in deconvolved.tables
+    assert "refined_cell_type" not in deconvolved.tables["histocell"].obs
+    assert "refined_proportions" in refined.tables["table"].obsm and "histocell_expression" in refined.tables
+    assert tl.deconvolve(sdata, reference, method="poisson", key_added="poisson", progress=False) is None
+    pd.testing.assert_frame_equal(sdata.tables["table"].obsm["poisson"], deconvolved.tables["table"].obsm["poisson"])
+
+
 def test_deconvolve_is_deterministic(tiny_predicted):
     sdata, reference = tiny_predicted
     tl.deconvolve(sdata, reference, epochs=EPOCHS, progress=False, seed=1)

@@ -68,7 +68,7 @@ def test_squidpy_runs_on_the_nuclei_table(slide):
 
 
 def test_squidpy_runs_via_the_spatialdata(slide):
-    tl.cell_graph(slide, table_key="histocell", method="delaunay", radius_um=30.0)
+    tl.cell_graph(slide, nuclei_table_key="histocell", method="delaunay", radius_um=30.0)
     sq.gr.nhood_enrichment(slide, cluster_key="cell_type", table_key="histocell", n_perms=20, seed=0, show_progress_bar=False, n_jobs=1)
     sq.gr.interaction_matrix(slide, cluster_key="cell_type", table_key="histocell")
     sq.gr.centrality_scores(slide, cluster_key="cell_type", table_key="histocell", n_jobs=1)
@@ -77,11 +77,19 @@ def test_squidpy_runs_via_the_spatialdata(slide):
     assert table.uns["spatial_neighbors"]["histocell"]["radius_um"] == 30.0
 
 
+def test_cell_graph_copy_and_knn(slide):
+    table = slide.tables["histocell"]
+    graph = tl.cell_graph(slide, method="knn", n_neighbors=4, key_added="knn4", copy=True)
+    assert "knn4_connectivities" not in table.obsp and "knn4_connectivities" in graph.obsp
+    assert (np.asarray(graph.obsp["knn4_connectivities"].sum(axis=1)).ravel() == 4).all()
+    assert graph.uns["knn4_neighbors"]["histocell"]["n_neighbors"] == 4
+
+
 def test_cell_graph_rejects_bad_input(slide):
     with pytest.raises(InvalidInputError, match="Unknown graph method"):
         tl.cell_graph(slide, method="voronoi")
     with pytest.raises(InvalidInputError, match="No table"):
-        tl.cell_graph(slide, table_key="nope")
+        tl.cell_graph(slide, nuclei_table_key="nope")
     with pytest.raises(InvalidInputError, match="radius_um"):
         tl.cell_graph(slide, radius_um=-1)
     table = slide.tables["histocell"].copy()
@@ -104,6 +112,15 @@ def test_niches_recover_compartments(tiny_slide, noise):
     regions = sdata.shapes["niche_regions"]
     assert set(regions["niche"].astype(str)) == set(obs["niche"].cat.categories)
     assert regions.geometry.is_valid.all()
+
+
+def test_tissue_architecture_copy_leaves_the_input_unchanged(tiny_slide):
+    sdata = predicted_slide(tiny_slide[0])
+    result = tl.tissue_architecture(sdata, n_niches=3, copy=True)
+    assert "niche" not in sdata.tables["histocell"].obs and "niche_regions" not in sdata.shapes
+    assert tl.tissue_architecture(sdata, n_niches=3) is None
+    pd.testing.assert_series_equal(result.tables["histocell"].obs["niche"], sdata.tables["histocell"].obs["niche"])
+    assert result.shapes["niche_regions"].equals(sdata.shapes["niche_regions"])
 
 
 def test_niches_plot(tiny_slide):

@@ -263,6 +263,16 @@ def test_predicting_twice_is_identical_and_eval_mode(slide, model):
     assert _in_eval_mode(model.net)
 
 
+def test_predict_copy_leaves_the_input_unchanged(slide, model, predicted):
+    sdata = _copy(slide[0])
+    result = hc.tl.predict(sdata, model, copy=True, progress=False)
+    assert "cell_type" not in sdata.tables["histocell"].obs and "histocell_proportions" not in sdata.tables["table"].obsm
+    assert result is not sdata and result.images["he"] is sdata.images["he"]  # images shared, not duplicated
+    pd.testing.assert_frame_equal(_proba(result), _proba(predicted), check_exact=True)  # the same as in place
+    assert "histocell_proportions" in result.tables["table"].obsm
+    assert hc.tl.predict(sdata, model, progress=False) is None
+
+
 # ---------------------------------------------------------------------------- 4. checkpoints
 def test_save_load_round_trip(slide, model, predicted, checkpoint, monkeypatch):
     def no_pickle(*args, **kwargs):

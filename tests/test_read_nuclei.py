@@ -266,8 +266,8 @@ def test_label_mask_errors(tmp_path):
 # ---------------------------------------------------------------------------------- end to end
 
 
-def _check_table(sdata, table_key="histocell", key_added="nuclei", n=len(DISKS)):
-    table = sdata.tables[table_key]
+def _check_table(sdata, nuclei_table_key="histocell", key_added="nuclei", n=len(DISKS)):
+    table = sdata.tables[nuclei_table_key]
     assert table.n_obs == n and len(sdata.shapes[key_added]) == n
     # store_nuclei puts pixel (r, c) at [c, c + 1) × [r, r + 1): a disk centred on pixel (x, y) has centroid (x + .5, y + .5)
     expected = np.array([[x + 0.5, y + 0.5] for x, y, _ in DISKS])

@@ -25,7 +25,7 @@ def slides(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hc.pp.segment_nuclei(train, progress=False)
-        model = HistoCell(hc.datasets.CELL_TYPES, hc.datasets.CELL_STATES, dim=16).fit(train, epochs=1, state_epochs=0, progress=False)
+        model = HistoCell(hc.datasets.CELL_TYPES, states=hc.datasets.CELL_STATES, dim=16).fit(train, epochs=1, state_epochs=0, progress=False)
     bad = root / "broken.zarr"
     bad.mkdir()
     (bad / "zarr.json").write_text("not json")

@@ -24,7 +24,7 @@ def cohort():
 @pytest.fixture(scope="module")
 def screen(cohort):
     samples, clinical, _ = cohort
-    return tl.screen_phenotype(samples, "phenotype", clinical, n_cells_per_sample=150, progress=False)
+    return tl.screen_phenotype(samples, phenotype_key="phenotype", clinical=clinical, n_cells_per_sample=150, progress=False)
 
 
 def test_planted_population_is_top_hit(cohort, screen):
@@ -58,18 +58,18 @@ def test_deterministic_and_no_image_fallback(cohort, screen):
     tables = {k: s.tables["histocell"].copy() for k, s in list(samples.items())}
     for t in tables.values():
         t.uns["mpp"] = 0.5
-    again = tl.screen_phenotype(tables, "phenotype", clinical, n_cells_per_sample=150, progress=False)
+    again = tl.screen_phenotype(tables, phenotype_key="phenotype", clinical=clinical, n_cells_per_sample=150, progress=False)
     pd.testing.assert_frame_equal(again.table, screen.table, rtol=1e-4)
     assert again.crops is None  # nuclei tables carry no image
     for t in tables.values():
         del t.obsm["histocell_embedding"]
-    proba = tl.screen_phenotype(tables, "phenotype", clinical, n_cells_per_sample=100, mil=False, key_added=None, progress=False)
+    proba = tl.screen_phenotype(tables, phenotype_key="phenotype", clinical=clinical, n_cells_per_sample=100, mil=False, key_added=None, progress=False)
     assert proba.table["mil_attention"].isna().all() and proba.attention is None
 
 
 def test_continuous_phenotype(cohort):
     samples, clinical, truth = cohort
-    res = tl.screen_phenotype(samples, "response", clinical, n_cells_per_sample=100, mil=False, n_crops=0, progress=False)
+    res = tl.screen_phenotype(samples, phenotype_key="response", clinical=clinical, n_cells_per_sample=100, mil=False, n_crops=0, progress=False)
     assert res.table.attrs["effect"] == "spearman_rho"
     assert res.table.iloc[0]["dominant_cell_state"] in ("fibroblast_myCAF", "fibroblast_iCAF")
 
@@ -79,7 +79,7 @@ def test_null_screen():
     hits = []
     for seed in range(200, 220 if THOROUGH else 205):
         samples, clinical, _ = synthetic_cohort(n_samples=24, seed=seed, n_nuclei=400, effect=False)
-        res = tl.screen_phenotype(samples, "phenotype", clinical, n_cells_per_sample=80, mil=False, n_crops=0, progress=False)
+        res = tl.screen_phenotype(samples, phenotype_key="phenotype", clinical=clinical, n_cells_per_sample=80, mil=False, n_crops=0, progress=False)
         hits.append(bool((res.table["fdr"] < 0.05).any()))
     print(f"screen false-positive rate over {len(hits)} null cohorts: {np.mean(hits):.2f}")
     assert np.mean(hits) <= 0.10
@@ -88,8 +88,8 @@ def test_null_screen():
 def test_errors(cohort):
     samples, clinical, _ = cohort
     with pytest.raises(hc.InvalidInputError, match="not in clinical"):
-        tl.screen_phenotype(samples, "nope", clinical)
+        tl.screen_phenotype(samples, phenotype_key="nope", clinical=clinical)
     with pytest.raises(hc.InvalidInputError, match="at least 4"):
-        tl.screen_phenotype(dict(list(samples.items())[:2]), "phenotype", clinical)
+        tl.screen_phenotype(dict(list(samples.items())[:2]), phenotype_key="phenotype", clinical=clinical)
     with pytest.raises(hc.InvalidInputError, match="fewer than 2 classes"):
-        tl.screen_phenotype(samples, "one", clinical.assign(one=1))
+        tl.screen_phenotype(samples, phenotype_key="one", clinical=clinical.assign(one=1))

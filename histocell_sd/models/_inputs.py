@@ -68,7 +68,7 @@ def sample_inputs(
     radius_um: float,
     feature_names: list[str] | None,
     image_key: str | None = None,
-    table_key: str = HISTOCELL_KEY,
+    nuclei_table_key: str = HISTOCELL_KEY,
     progress: bool = True,
 ) -> SampleInputs:
     """Crops, context, morphology and neighbours of every nucleus of ``sdata``'s nuclei table.
@@ -77,21 +77,21 @@ def sample_inputs(
     ``context_mpp`` for the context image, so memory stays bounded on whole slides.
     """
     mpp = get_mpp(sdata)
-    table_key = resolve_key(sdata, "tables", key=table_key, default=HISTOCELL_KEY)
-    table = sdata.tables[table_key]
+    nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
+    table = sdata.tables[nuclei_table_key]
     if SPATIAL_KEY not in table.obsm:
-        raise InvalidInputError(f"Nuclei table {table_key!r} has no obsm['spatial']; segment nuclei first (hc.pp.segment_nuclei).")
+        raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obsm['spatial']; segment nuclei first (hc.pp.segment_nuclei).")
     features = _features(table, feature_names)
     xy_px = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
     image = get_image(sdata, image_key=image_key)
     height = image.sizes["y"]
     bad = ~np.isfinite(xy_px).all(1)
     if bad.any():
-        raise InvalidInputError(f"{bad.sum()} nuclei of {table_key!r} have NaN or infinite centroids in obsm['spatial'], e.g. {list(table.obs_names[bad][:3])}.")
+        raise InvalidInputError(f"{bad.sum()} nuclei of {nuclei_table_key!r} have NaN or infinite centroids in obsm['spatial'], e.g. {list(table.obs_names[bad][:3])}.")
     outside = (xy_px[:, 0] < 0) | (xy_px[:, 1] < 0) | (xy_px[:, 0] >= image.sizes["x"]) | (xy_px[:, 1] >= height)
     if outside.any():
         raise InvalidInputError(
-            f"{outside.sum()} nuclei of {table_key!r} have centroids outside the {image.sizes['x']}×{height} px image, e.g. "
+            f"{outside.sum()} nuclei of {nuclei_table_key!r} have centroids outside the {image.sizes['x']}×{height} px image, e.g. "
             f"{list(table.obs_names[outside][:3])}; the nuclei belong to another image or were shifted."
         )
     scale = mpp / canonical_mpp

@@ -17,6 +17,7 @@ from spatialdata.models import get_table_keys
 from tqdm.auto import tqdm
 
 from .._constants import HISTOCELL_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import mean_per_type_pearson
 from ..io import check_proportions, get_mpp, resolve_key
@@ -50,6 +51,7 @@ class _Sample:
     nucleus_labels: np.ndarray | None = None  # (nuclei,) type index, -1 = unknown (supervised twin)
 
 
+@inject_docs
 class HistoCell:
     """Weakly supervised cell types, states and tissue compartments for every nucleus of an H&E.
 
@@ -68,12 +70,16 @@ class HistoCell:
     compartments
         ``{compartment: [cell_type, ...]}``: a spot's compartment is the group holding at least
         ``compartment_threshold`` of its proportions, else ``"mixed"``. Default: one per cell type.
+    compartment_threshold
+        Share of a spot's proportions that makes a compartment its own (see ``compartments``).
     crop_px, canonical_mpp, context_mpp, n_neighbors, radius_um, dim
         Preprocessing and architecture; stored in the model card.
     use_morphology
         Feed the morphology features of the nuclei table to the model.
     max_nuclei_per_spot
         Nuclei of a spot used for its loss in one step; more are sampled at random each epoch.
+    tile_um
+        Side of the square tiles of spots that make one training batch, µm.
     encoder
         The nucleus crop encoder fit starts from: ``"pretrained"`` (default; shipped in the package,
         trained on open data by ``scripts/train_encoder.py``, see its card with
@@ -85,9 +91,9 @@ class HistoCell:
     def __init__(
         self,
         cell_types: Sequence[str],
+        *,
         states: Mapping[str, Sequence[str]] | None = None,
         compartments: Mapping[str, Sequence[str]] | None = None,
-        *,
         compartment_threshold: float = 0.5,
         crop_px: int = 32,
         canonical_mpp: float = 0.5,
@@ -172,7 +178,7 @@ class HistoCell:
             net.nucleus.load_state_dict(self._encoder_state)
         return net
 
-    def _inputs(self, sdata: SpatialData, *, image_key=None, table_key=HISTOCELL_KEY, progress=True) -> SampleInputs:
+    def _inputs(self, sdata: SpatialData, *, image_key=None, nuclei_table_key=HISTOCELL_KEY, progress=True) -> SampleInputs:
         c = self.config
         return sample_inputs(
             sdata,
@@ -183,7 +189,7 @@ class HistoCell:
             radius_um=c["radius_um"],
             feature_names=c["feature_names"] or None,
             image_key=image_key,
-            table_key=table_key,
+            nuclei_table_key=nuclei_table_key,
             progress=progress,
         )
 
@@ -230,11 +236,12 @@ class HistoCell:
         return torch.cat(columns, dim=1)
 
     # ------------------------------------------------------------------ training
+    @inject_docs
     def fit(
         self,
         sdata: SpatialData | Sequence[SpatialData],
-        proportions_key: str = PROPORTIONS_KEY,
         *,
+        proportions_key: str = PROPORTIONS_KEY,
         state_proportions_key: str | None = STATE_PROPORTIONS_KEY,
         epochs: int | None = None,
         state_epochs: int | None = None,
@@ -247,7 +254,7 @@ class HistoCell:
         patience: int = 8,
         seed: int = 0,
         progress: bool = True,
-        table_key: str | None = None,
+        spots_table_key: str | None = None,
         nuclei_table_key: str = HISTOCELL_KEY,
         image_key: str | None = None,
         nucleus_labels_key: str | None = None,
@@ -258,7 +265,7 @@ class HistoCell:
         ----------
         sdata
             One sample or several, each with segmented nuclei (``nuclei_table_key``) and spot
-            proportions in ``tables[table_key].obsm[proportions_key]`` (columns = cell types).
+            proportions in ``tables[spots_table_key].obsm[proportions_key]`` (columns = cell types).
         proportions_key, state_proportions_key
             Spot cell-type proportions; state proportions (columns = :attr:`state_names`) for the
             second stage, used when present.
@@ -279,8 +286,12 @@ class HistoCell:
             Spots held out for early stopping, and epochs without improvement before stopping.
         seed
             Seeds the split, sampling, augmentation and initialisation: same seed, same model.
-        progress
-            Show progress bars.
+        {progress}
+        {spots_table_key}
+            Read: ``obsm[proportions_key]`` (and ``obsm[state_proportions_key]``) of each sample.
+        {nuclei_table_key}
+            Read: the nuclei the model learns from.
+        {image_key}
         nucleus_labels_key
             Train from annotated nuclei instead of spot proportions: the cell types in
             ``obs[nucleus_labels_key]`` of the nuclei table (missing or unknown = unlabelled), with
@@ -289,7 +300,9 @@ class HistoCell:
 
         Returns
         -------
-        ``self``, with ``history_`` (one row per epoch) and ``training_summary_``.
+        HistoCell
+            ``self``, with ``history_`` (one row per epoch) and ``training_summary_``; ``sdata`` is not
+            modified.
         """
         samples = [sdata] if isinstance(sdata, SpatialData) else list(sdata) if isinstance(sdata, (list, tuple)) else None
         if not samples or not all(isinstance(s, SpatialData) for s in samples):
@@ -308,21 +321,21 @@ class HistoCell:
         try:
             return self._fit(samples, proportions_key, state_proportions_key, epochs, state_epochs, self_training_epochs, lr,
                              encoder_lr_factor, compartment_weight, pseudo_label_weight, val_fraction, patience, seed, progress,
-                             table_key, nuclei_table_key, image_key, nucleus_labels_key)
+                             spots_table_key, nuclei_table_key, image_key, nucleus_labels_key)
         except BaseException:
             # a failed fit leaves the model as it was (a trained model stays trained, an untrained one untrained)
             self.net, self.feature_mean_, self.feature_std_, self.history_, self.training_summary_ = before
             raise
 
     def _fit(self, samples, proportions_key, state_proportions_key, epochs, state_epochs, self_training_epochs, lr, encoder_lr_factor,
-             compartment_weight, pseudo_label_weight, val_fraction, patience, seed, progress, table_key, nuclei_table_key, image_key,
+             compartment_weight, pseudo_label_weight, val_fraction, patience, seed, progress, spots_table_key, nuclei_table_key, image_key,
              nucleus_labels_key) -> HistoCell:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         generator = torch.Generator().manual_seed(seed)
         self.net = self._build()
         prepared = [
-            self._prepare(s, proportions_key, state_proportions_key, table_key, nuclei_table_key, image_key, nucleus_labels_key, progress)
+            self._prepare(s, proportions_key, state_proportions_key, spots_table_key, nuclei_table_key, image_key, nucleus_labels_key, progress)
             for s in samples
         ]
         self._set_feature_scaling([p.inputs for p in prepared])
@@ -369,14 +382,14 @@ class HistoCell:
         }
         return self
 
-    def _prepare(self, sdata, proportions_key, state_key, table_key, nuclei_table_key, image_key, labels_key, progress) -> _Sample:
+    def _prepare(self, sdata, proportions_key, state_key, spots_table_key, nuclei_table_key, image_key, labels_key, progress) -> _Sample:
         if labels_key is not None:
             return self._prepare_labelled(sdata, nuclei_table_key, image_key, labels_key, progress)
         mpp = get_mpp(sdata)
-        table_key = resolve_key(sdata, "tables", key=table_key, default=TABLE_KEY)
-        table = sdata.tables[table_key]
+        spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
+        table = sdata.tables[spots_table_key]
         if proportions_key not in table.obsm:
-            raise InvalidInputError(f"Spots table {table_key!r} has no obsm[{proportions_key!r}] (spot proportions to learn from).")
+            raise InvalidInputError(f"Spots table {spots_table_key!r} has no obsm[{proportions_key!r}] (spot proportions to learn from).")
         proportions = check_proportions(table.obsm[proportions_key], cell_types=self.cell_types, name=f"obsm[{proportions_key!r}]")
         missing = [t for t in self.cell_types if t not in proportions.columns]
         if missing:
@@ -384,7 +397,7 @@ class HistoCell:
         if len(proportions) == 0:
             raise InvalidInputError(f"obsm[{proportions_key!r}] holds zero spots.")
         proportions = proportions[self.cell_types]
-        inputs = self._inputs(sdata, image_key=image_key, table_key=nuclei_table_key, progress=progress)
+        inputs = self._inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
         spot_rows = pd.Series(np.arange(len(proportions)), index=proportions.index)
         nucleus_spot = inputs.spot_ids.map(spot_rows)
         groups = pd.Series(np.arange(len(nucleus_spot))).groupby(nucleus_spot.to_numpy()).apply(np.asarray)
@@ -406,7 +419,7 @@ class HistoCell:
                     f"type's proportion, but they differ by {np.median(gap):.2f} (median over spots)."
                 )
             state_targets = states.to_numpy(np.float32)[keep]
-        spots = sdata.shapes[_annotated_region(table, table_key)]
+        spots = sdata.shapes[_annotated_region(table, spots_table_key)]
         xy = np.c_[spots.geometry.x, spots.geometry.y][spots.index.get_indexer(proportions.index)] * mpp
         return _Sample(
             inputs=inputs,
@@ -419,7 +432,7 @@ class HistoCell:
 
     def _prepare_labelled(self, sdata, nuclei_table_key, image_key, labels_key, progress) -> _Sample:
         """Every labelled nucleus, in bags of the nuclei of ``_LABELLED_BAG_UM`` squares (no spots needed)."""
-        inputs = self._inputs(sdata, image_key=image_key, table_key=nuclei_table_key, progress=progress)
+        inputs = self._inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
         labels = self._nucleus_labels(sdata, nuclei_table_key, labels_key)
         known = np.flatnonzero(labels >= 0)
         if len(known) == 0:
@@ -558,8 +571,22 @@ class HistoCell:
     def predict_inputs(self, inputs: SampleInputs, *, mc_samples: int = 0, progress: bool = True) -> dict[str, np.ndarray]:
         """Probabilities of every nucleus of ``inputs`` (eval mode; ``mc_samples`` > 0 adds MC dropout).
 
-        Returns a dict with ``type`` (n × types), ``state`` (n × states), ``compartment``
-        (n × compartments), ``embedding`` (n × dim) and, with MC dropout, ``type_std``.
+        :func:`histocell_sd.tl.predict` calls this and writes the result into the SpatialData.
+
+        Parameters
+        ----------
+        inputs
+            The model inputs of one sample (``model._inputs(sdata)``).
+        mc_samples
+            Monte-Carlo dropout passes (``type_std``); 0 = off.
+        progress
+            Show progress bars.
+
+        Returns
+        -------
+        dict
+            ``type`` (n × types), ``state`` (n × states), ``compartment`` (n × compartments),
+            ``embedding`` (n × dim) and, with MC dropout, ``type_std``.
         """
         self.net.eval()
         n = len(inputs.obs_names)
@@ -625,7 +652,19 @@ class HistoCell:
     def save(self, path, *, overwrite: bool = False, metadata: dict | None = None):
         """Write safetensors weights and a JSON model card to the folder ``path`` (atomically).
 
-        ``metadata``: JSON-serialisable notes kept in the card (data, licences, metrics, intended use).
+        Parameters
+        ----------
+        path
+            The model folder to write.
+        overwrite
+            Replace an existing folder at ``path``.
+        metadata
+            JSON-serialisable notes kept in the card (data, licences, metrics, intended use).
+
+        Returns
+        -------
+        pathlib.Path
+            The folder written.
         """
         from ._checkpoint import save_checkpoint
 
@@ -633,7 +672,18 @@ class HistoCell:
 
     @classmethod
     def load(cls, path) -> HistoCell:
-        """Load a model saved with :meth:`save`, validating its card; no pickle is executed."""
+        """Load a model saved with :meth:`save`, validating its card; no pickle is executed.
+
+        Parameters
+        ----------
+        path
+            A folder written by :meth:`save`.
+
+        Returns
+        -------
+        HistoCell
+            The trained model.
+        """
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, path)

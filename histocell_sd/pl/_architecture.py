@@ -7,14 +7,16 @@ import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
 from spatialdata import SpatialData
 
 from .._constants import IMAGE_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
 
 
+@inject_docs
 def niches(
     sdata: SpatialData,
-    key: str = "niche",
     *,
+    niche_key: str = "niche",
     image_key: str | None = None,
     fill_alpha: float = 0.45,
     palette: list[str] | None = None,
@@ -27,11 +29,13 @@ def niches(
     Parameters
     ----------
     sdata
-        Sample holding the shapes element ``f"{key}_regions"`` (and an H&E image, drawn when present).
-    key
-        The ``key_added`` used by ``tl.tissue_architecture``.
-    image_key
-        The H&E image (default ``"he"`` or the only one; none drawn when there is no image).
+        Sample holding the shapes element ``f"{niche_key}_regions"`` (and an H&E image, drawn when
+        present); read only.
+    niche_key
+        The ``key_added`` used by :func:`~histocell_sd.tl.tissue_architecture`: the regions
+        ``f"{niche_key}_regions"`` and their niche column ``niche_key`` are drawn.
+    {image_key}
+        None draws no image when the sample has none.
     fill_alpha
         Opacity of the region fill.
     palette
@@ -41,11 +45,12 @@ def niches(
 
     Returns
     -------
-    The axes drawn on.
+    matplotlib.axes.Axes
+        The axes drawn on.
     """
-    regions_key = f"{key}_regions"
+    regions_key = f"{niche_key}_regions"
     if regions_key not in sdata.shapes:
-        raise InvalidInputError(f"No shapes element {regions_key!r}: run tl.tissue_architecture(sdata, key_added={key!r}) first.")
+        raise InvalidInputError(f"No shapes element {regions_key!r}: run tl.tissue_architecture(sdata, key_added={niche_key!r}) first.")
     regions = sdata.shapes[regions_key]
     if ax is None:
         _, ax = plt.subplots(figsize=figsize)
@@ -59,7 +64,7 @@ def niches(
     if palette is not None and len(palette) < len(regions):
         raise InvalidInputError(f"palette has {len(palette)} colours for {len(regions)} niches.")
     view = view.pl.render_shapes(
-        regions_key, color=key, fill_alpha=fill_alpha, outline_alpha=1.0, palette=palette[: len(regions)] if palette else None
+        regions_key, color=niche_key, fill_alpha=fill_alpha, outline_alpha=1.0, palette=palette[: len(regions)] if palette else None
     )
-    view.pl.show(ax=ax, coordinate_systems="global", title=title or f"{key} regions")
+    view.pl.show(ax=ax, coordinate_systems="global", title=title or f"{niche_key} regions")
     return ax

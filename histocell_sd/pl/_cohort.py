@@ -14,11 +14,11 @@ __all__ = ["kaplan_meier", "screen_crops"]
 
 def kaplan_meier(
     indicators: ad.AnnData | pd.DataFrame,
+    *,
     indicator: str,
     duration_key: str = "duration",
     event_key: str = "event",
     clinical: pd.DataFrame | None = None,
-    *,
     ax: plt.Axes | None = None,
     figsize: tuple[float, float] = (4.5, 3.5),
 ):
@@ -70,8 +70,23 @@ def kaplan_meier(
     return ax
 
 
-def screen_crops(result, n: int = 8, *, ax=None, figsize: tuple[float, float] | None = None):
-    """Show the example crops of the top population of a :func:`~histocell_sd.tl.screen_phenotype` result."""
+def screen_crops(result, *, n: int = 8, ax=None, figsize: tuple[float, float] | None = None):
+    """Show the example crops of the top population of a :func:`~histocell_sd.tl.screen_phenotype` result.
+
+    Parameters
+    ----------
+    result
+        A :class:`~histocell_sd.tl.PhenotypeScreen` with crops.
+    n
+        Number of crops shown (side by side).
+    ax, figsize
+        Axes to draw on (a new figure of ``figsize`` otherwise).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The axes drawn on.
+    """
     if result.crops is None:
         raise InvalidInputError("The screen has no crops (the samples have no image).")
     crops = result.crops[:n]

@@ -11,7 +11,9 @@ from spatialdata.models import ShapesModel
 from spatialdata.transformations import Identity
 
 from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, HISTOCELL_KEY, SPATIAL_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import copy_for_writing
 from ._graph import get_table, radius_adjacency, require_obs, table_mpp
 
 __all__ = ["tissue_architecture"]
@@ -19,13 +21,14 @@ __all__ = ["tissue_architecture"]
 _DOMINANT = 0.5  # a niche is "<type>-rich" when that type makes at least half its neighbourhoods
 
 
+@inject_docs
 def tissue_architecture(
     sdata: SpatialData,
-    table_key: str = HISTOCELL_KEY,
+    *,
+    nuclei_table_key: str = HISTOCELL_KEY,
     cluster_key: str = CELL_TYPE_KEY,
     radius_um: float = 30.0,
     n_niches: int | None = None,
-    *,
     smooth: int = 1,
     key_added: str = "niche",
     method: str = "kmeans",
@@ -33,7 +36,8 @@ def tissue_architecture(
     simplify_um: float = 5.0,
     max_niches: int = 8,
     seed: int = 0,
-) -> None:
+    copy: bool = False,
+) -> SpatialData | None:
     """Annotate tissue niches from each nucleus's neighbourhood composition.
 
     Each nucleus gets the fraction of each cell type among the nuclei within ``radius_um``
@@ -45,11 +49,10 @@ def tissue_architecture(
     Parameters
     ----------
     sdata
-        The sample with the nuclei table ``table_key`` (prediction layout) and ``attrs["mpp"]``.
-    table_key
-        The nuclei table.
-    cluster_key
-        ``obs`` column of the cell types.
+        The sample with the nuclei table ``nuclei_table_key`` (prediction layout) and ``attrs["mpp"]``.
+    {nuclei_table_key}
+        Read (``obsm["spatial"]``, ``obs[cluster_key]``) and written (see ``key_added``).
+    {cluster_key}
     radius_um
         Neighbourhood radius, µm.
     smooth
@@ -57,11 +60,11 @@ def tissue_architecture(
     n_niches
         Number of niches (KMeans). None picks 2–``max_niches`` by the silhouette score on a
         subsample. Ignored by ``method="leiden"``.
-    key_added
-        ``obs[key_added]`` (categorical niche per nucleus), ``obsm[f"{key_added}_composition"]``
-        (DataFrame, neighbourhood fractions), ``uns[key_added]`` (parameters and the mean
-        composition per niche) and the shapes element ``f"{key_added}_regions"`` (one
-        (multi)polygon per niche, in ``global`` pixels, column ``key_added``).
+    {key_added}
+        writes ``obs[key_added]`` (categorical niche per nucleus), ``obsm[f"{key_added}_composition"]``
+        (DataFrame, neighbourhood fractions) and ``uns[key_added]`` (parameters and the mean
+        composition per niche) of the nuclei table, and the shapes element ``f"{key_added}_regions"``
+        (one (multi)polygon per niche, in ``global`` pixels, column ``key_added``).
     method
         ``"kmeans"`` or ``"leiden"`` (on a kNN graph of the compositions).
     region_buffer_um
@@ -71,8 +74,15 @@ def tissue_architecture(
         Tolerance of the polygon simplification, µm.
     max_niches
         Upper bound of the automatic choice.
-    seed
-        Random seed of the clustering.
+    {seed}
+        Here of the clustering.
+    {copy}
+
+    Returns
+    -------
+    SpatialData or None
+        None: the niches are written into ``sdata`` (see ``key_added``). With ``copy=True``, a
+        SpatialData holding them (tables copied, other elements shared with ``sdata``).
     """
     if not isinstance(sdata, SpatialData):
         raise InvalidInputError(f"tissue_architecture needs a SpatialData (to store region polygons), got {type(sdata).__name__}.")
@@ -80,7 +90,9 @@ def tissue_architecture(
         raise InvalidInputError(f"Unknown niche method {method!r}; choose 'kmeans' or 'leiden'.")
     if not np.isfinite(radius_um) or radius_um <= 0:
         raise InvalidInputError(f"radius_um must be a positive number of µm, got {radius_um!r}.")
-    table = get_table(sdata, table_key)
+    if copy:
+        sdata = copy_for_writing(sdata)
+    table = get_table(sdata, nuclei_table_key)
     require_obs(table, cluster_key, "column of cell types")
     mpp = table_mpp(sdata)
     labels = table.obs[cluster_key]
@@ -107,6 +119,7 @@ def tissue_architecture(
     }
     buffer_px = (radius_um / 3 if region_buffer_um is None else region_buffer_um) / mpp
     sdata.shapes[f"{key_added}_regions"] = _regions(xy_px, table.obs[key_added], buffer_px, simplify_um / mpp, key_added)
+    return sdata if copy else None
 
 
 def neighbourhood_composition(xy_um: np.ndarray, codes: np.ndarray, n_types: int, radius_um: float, smooth: int = 0) -> np.ndarray:

@@ -19,7 +19,18 @@ MAX_LOG_HR = 10.0
 
 
 def benjamini_hochberg(p: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (FDR); NaN stays NaN."""
+    """Benjamini–Hochberg adjusted p-values (FDR); NaN stays NaN.
+
+    Parameters
+    ----------
+    p
+        p-values (any shape).
+
+    Returns
+    -------
+    numpy.ndarray
+        The adjusted p-values, same shape, NaN where ``p`` is not finite.
+    """
     p = np.asarray(p, dtype=float)
     out = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
@@ -133,10 +144,10 @@ def _separated(x: np.ndarray, duration: np.ndarray, event: np.ndarray) -> np.nda
 
 def survival(
     indicators: ad.AnnData | pd.DataFrame,
+    *,
     duration_key: str = "duration",
     event_key: str = "event",
     clinical: pd.DataFrame | None = None,
-    *,
     indicators_subset: Sequence[str] | None = None,
     multivariate: bool = True,
     penalizer: float = 0.1,
@@ -343,9 +354,9 @@ def _associate(values: pd.DataFrame, y: pd.Series, key: str) -> pd.DataFrame:
 
 def response_association(
     indicators: ad.AnnData | pd.DataFrame,
+    *,
     response_key: str,
     clinical: pd.DataFrame | None = None,
-    *,
     indicators_subset: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Associate every indicator with a treatment response (binary or continuous), with FDR.

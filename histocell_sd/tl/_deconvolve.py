@@ -14,7 +14,9 @@ from spatialdata import SpatialData
 from tqdm.auto import tqdm
 
 from .._constants import CELL_TYPE_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import copy_for_writing
 from ..io import check_proportions, resolve_key
 from ._poisson import composition_em, type_signatures
 
@@ -25,21 +27,24 @@ MIN_SHARED_GENES = 20
 _INTEGER_TOLERANCE = 1e-6
 
 
+@inject_docs
 def deconvolve(
     sdata: SpatialData,
     reference: ad.AnnData,
+    *,
     cell_type_key: str = CELL_TYPE_KEY,
     state_key: str | None = None,
     method: str = "tangram",
     key_added: str = PROPORTIONS_KEY,
-    table_key: str | None = None,
+    spots_table_key: str | None = None,
     n_markers: int = 100,
     epochs: int = 500,
     learning_rate: float = 0.1,
     min_shared_genes: int = MIN_SHARED_GENES,
     seed: int = 0,
     progress: bool = True,
-) -> None:
+    copy: bool = False,
+) -> SpatialData | None:
     """Deconvolve the Visium spots into cell-type proportions (cell fractions per spot).
 
     Marker genes are the top ``n_markers`` per cell type of :func:`scanpy.tl.rank_genes_groups`
@@ -70,40 +75,43 @@ def deconvolve(
         estimated the same way and stored in ``obsm["state_proportions"]``.
     method
         ``"tangram"`` or ``"poisson"``.
-    key_added
-        ``obsm`` key of the spot proportions (DataFrame, columns = cell types).
-    table_key
-        The spots table; default ``"table"`` or the only table.
+    {key_added}
+        the ``obsm`` key of the spot proportions in the spots table (DataFrame, columns = cell types).
+    {spots_table_key}
+        Read (raw counts in ``X``) and written.
     n_markers
         Marker genes per cell type (union over types, shared with the spots).
     epochs, learning_rate
         Tangram optimiser settings (ignored by ``"poisson"``).
     min_shared_genes
         Fewest genes the reference and the spots must share.
-    seed
-        Seeds Tangram's initialisation and optimiser: same seed, same result (``"poisson"`` is
-        deterministic).
-    progress
-        Show a progress bar over the steps.
+    {seed}
+        Here Tangram's initialisation and optimiser (``"poisson"`` is deterministic).
+    {progress}
+    {copy}
 
     Returns
     -------
-    None; writes ``sdata.tables[table_key].obsm[key_added]`` (and ``obsm["state_proportions"]``)
-    and records the settings and marker genes in ``uns["deconvolution"]``.
+    SpatialData or None
+        None: writes ``sdata.tables[spots_table_key].obsm[key_added]`` (and ``obsm["state_proportions"]``)
+        and records the settings and marker genes in ``uns["deconvolution"]``. With ``copy=True``, a
+        SpatialData holding them (tables copied, other elements shared with ``sdata``).
     """
     if method not in _METHODS:
         raise InvalidInputError(f"method must be one of {_METHODS}, got {method!r}.")
     if n_markers < 1 or epochs < 1:
         raise InvalidInputError(f"n_markers and epochs must be positive, got {n_markers} and {epochs}.")
     check_reference(reference)
-    table_key = resolve_key(sdata, "tables", key=table_key, default=TABLE_KEY)
-    table = sdata.tables[table_key]
+    spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
+    if copy:
+        sdata = copy_for_writing(sdata)
+    table = sdata.tables[spots_table_key]
     labels = {"cell types": _labels(reference, cell_type_key)}
     if state_key is not None:
         labels["states"] = _labels(reference, state_key)
 
     steps = tqdm(total=1 + len(labels), desc="deconvolve", disable=not progress)
-    ref, sp = shared_data(table, table_key, reference, min_shared_genes)
+    ref, sp = shared_data(table, spots_table_key, reference, min_shared_genes)
     log_ref = _log_normalise(ref)
     steps.update()
     results, markers_used = {}, {}
@@ -132,6 +140,7 @@ def deconvolve(
         "epochs": int(epochs),
         "seed": int(seed),
     }
+    return sdata if copy else None
 
 
 def shared_data(table: ad.AnnData, table_key: str, reference: ad.AnnData, min_shared_genes: int = MIN_SHARED_GENES) -> tuple[ad.AnnData, ad.AnnData]:

@@ -8,33 +8,56 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import HISTOCELL_KEY, SPATIAL_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import mean_per_type_pearson
 from ..io import get_mpp
 from ..pp import detection_scores, match_points
 
 
+@inject_docs
 def transfer_truth(
     sdata: SpatialData,
-    truth_key: str = "truth_nuclei",
-    columns: Sequence[str] = ("cell_type", "cell_state", "compartment"),
     *,
-    table_key: str = HISTOCELL_KEY,
+    truth_table_key: str = "truth_nuclei",
+    columns: Sequence[str] = ("cell_type", "cell_state", "compartment"),
+    nuclei_table_key: str = HISTOCELL_KEY,
     max_distance_um: float = 3.0,
     prefix: str = "true_",
 ) -> dict[str, float]:
     """Match nuclei one-to-one to truth nuclei within ``max_distance_um`` and copy their labels.
 
-    Writes ``obs[prefix + column]`` of the nuclei table (missing where a nucleus has no match) and
-    returns the detection scores (precision, recall, F1 of the matching).
+    Parameters
+    ----------
+    sdata
+        A sample with segmented nuclei and annotated truth nuclei (e.g. a
+        :func:`~histocell_sd.datasets.synthetic_visium` slide).
+    truth_table_key
+        Name of the table of truth nuclei in ``sdata.tables`` (read: ``obsm["spatial"]`` and the
+        ``columns``).
+    columns
+        ``obs`` columns of the truth table copied to the nuclei.
+    {nuclei_table_key}
+        Read (``obsm["spatial"]``) and written: ``obs[prefix + column]`` for each of ``columns``
+        (missing where a nucleus has no match).
+    max_distance_um
+        Largest centroid distance of a match, µm.
+    prefix
+        Prefix of the columns written.
+
+    Returns
+    -------
+    dict
+        The detection scores of the matching (``precision``, ``recall``, ``f1``, counts), from
+        :func:`~histocell_sd.pp.detection_scores`.
     """
-    for key in (truth_key, table_key):
+    for key in (truth_table_key, nuclei_table_key):
         if key not in sdata.tables:
             raise InvalidInputError(f"No table {key!r} in the SpatialData.")
-    truth, table = sdata.tables[truth_key], sdata.tables[table_key]
+    truth, table = sdata.tables[truth_table_key], sdata.tables[nuclei_table_key]
     missing = [c for c in columns if c not in truth.obs]
     if missing:
-        raise InvalidInputError(f"Truth table {truth_key!r} lacks the columns {missing}.")
+        raise InvalidInputError(f"Truth table {truth_table_key!r} lacks the columns {missing}.")
     max_px = max_distance_um / get_mpp(sdata)
     pred_idx, true_idx = match_points(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_dist=max_px)
     for column in columns:
@@ -45,8 +68,23 @@ def transfer_truth(
     return detection_scores(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_dist=max_px)
 
 
-def classification_scores(y_true, y_pred, labels: Sequence[str] | None = None) -> dict[str, float]:
-    """Accuracy, macro-F1 and weighted-F1 over the nuclei whose truth is known."""
+def classification_scores(y_true, y_pred, *, labels: Sequence[str] | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1 and weighted-F1 over the nuclei whose truth is known.
+
+    Parameters
+    ----------
+    y_true
+        True labels, missing (NaN / None) where unknown; e.g. ``obs["true_cell_type"]``.
+    y_pred
+        Predicted labels, same length; e.g. ``obs["cell_type"]``.
+    labels
+        The classes averaged over by the F1 scores; default: those occurring in ``y_true``.
+
+    Returns
+    -------
+    dict
+        ``n`` (nuclei with a known label), ``accuracy``, ``macro_f1``, ``weighted_f1``.
+    """
     from sklearn.metrics import accuracy_score, f1_score
 
     y_true, y_pred = pd.Series(y_true, dtype=object), pd.Series(y_pred, dtype=object)
@@ -63,16 +101,39 @@ def classification_scores(y_true, y_pred, labels: Sequence[str] | None = None) -
     }
 
 
-def spot_pearson(sdata: SpatialData, predicted_key: str = "histocell_proportions", true_key: str = "true_proportions", table_key: str = "table") -> float:
+def spot_pearson(
+    sdata: SpatialData,
+    *,
+    predicted_key: str = "histocell_proportions",
+    true_key: str = "true_proportions",
+    spots_table_key: str = "table",
+) -> float:
     """Spot agreement: the mean over cell types of the Pearson r across spots with nuclei.
 
     Pooling all (spot, type) pairs into one r would be inflated by the differences between the type
     means; types constant across spots are skipped.
+
+    Parameters
+    ----------
+    sdata
+        The sample (read only).
+    predicted_key
+        ``obsm`` key of the predicted spot proportions in the spots table (NaN rows = spots without
+        nuclei, skipped), e.g. written by :func:`~histocell_sd.tl.predict`.
+    true_key
+        ``obsm`` key of the true spot proportions.
+    spots_table_key
+        Name of the spots table in ``sdata.tables`` (read).
+
+    Returns
+    -------
+    float
+        The mean per-type Pearson r (NaN when every type is constant).
     """
-    table = sdata.tables[table_key]
+    table = sdata.tables[spots_table_key]
     for key in (predicted_key, true_key):
         if key not in table.obsm:
-            raise InvalidInputError(f"Spots table {table_key!r} has no obsm[{key!r}].")
+            raise InvalidInputError(f"Spots table {spots_table_key!r} has no obsm[{key!r}].")
     predicted = table.obsm[predicted_key]
     true = table.obsm[true_key][predicted.columns]
     keep = predicted.notna().all(axis=1).to_numpy()

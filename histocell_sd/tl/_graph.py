@@ -9,6 +9,7 @@ from scipy.spatial import Delaunay
 from spatialdata import SpatialData
 
 from .._constants import CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io._elements import check_mpp, get_mpp
 
@@ -17,17 +18,17 @@ __all__ = ["cell_graph"]
 METHODS = ("delaunay", "radius", "knn")
 
 
-def get_table(data: SpatialData | ad.AnnData, table_key: str = HISTOCELL_KEY) -> ad.AnnData:
-    """The nuclei table: ``data`` itself when an AnnData, else ``data.tables[table_key]``."""
+def get_table(data: SpatialData | ad.AnnData, nuclei_table_key: str = HISTOCELL_KEY) -> ad.AnnData:
+    """The nuclei table: ``data`` itself when an AnnData, else ``data.tables[nuclei_table_key]``."""
     if isinstance(data, ad.AnnData):
         table = data
     elif isinstance(data, SpatialData):
-        if table_key not in data.tables:
+        if nuclei_table_key not in data.tables:
             raise InvalidInputError(
-                f"No table {table_key!r} in the SpatialData (it has {sorted(data.tables)}); "
-                "run segmentation and tl.predict first or pass table_key."
+                f"No table {nuclei_table_key!r} in the SpatialData (it has {sorted(data.tables)}); "
+                "run segmentation and tl.predict first or pass nuclei_table_key."
             )
-        table = data.tables[table_key]
+        table = data.tables[nuclei_table_key]
     else:
         raise InvalidInputError(f"Expected a SpatialData or an AnnData, got {type(data).__name__}.")
     if SPATIAL_KEY not in table.obsm:
@@ -57,13 +58,14 @@ def require_obs(table: ad.AnnData, key: str, what: str = "column") -> None:
         raise InvalidInputError(f"The nuclei table has no obs[{key!r}] {what}{hint}; it has {list(table.obs.columns)}.")
 
 
+@inject_docs
 def cell_graph(
     data: SpatialData | ad.AnnData,
-    table_key: str = HISTOCELL_KEY,
+    *,
+    nuclei_table_key: str = HISTOCELL_KEY,
     method: str = "delaunay",
     radius_um: float | None = 30.0,
-    n_neighs: int = 6,
-    *,
+    n_neighbors: int = 6,
     mpp: float | None = None,
     key_added: str = "spatial",
     copy: bool = False,
@@ -76,37 +78,37 @@ def cell_graph(
     Parameters
     ----------
     data
-        A SpatialData holding the nuclei table ``table_key``, or the nuclei table (AnnData) itself.
-    table_key
-        The nuclei table in a SpatialData (ignored for an AnnData).
+        A SpatialData holding the nuclei table ``nuclei_table_key``, or the nuclei table (AnnData) itself.
+    {nuclei_table_key}
+        Read (``obsm["spatial"]``) and written (the graph); ignored for an AnnData.
     method
         ``"delaunay"`` (:func:`squidpy.gr.spatial_neighbors_delaunay`; edges longer than
         ``radius_um`` are pruned unless ``radius_um`` is None), ``"radius"`` (all pairs within
-        ``radius_um``, :func:`squidpy.gr.spatial_neighbors_radius`) or ``"knn"`` (``n_neighs``
+        ``radius_um``, :func:`squidpy.gr.spatial_neighbors_radius`) or ``"knn"`` (``n_neighbors``
         nearest nuclei, :func:`squidpy.gr.spatial_neighbors_knn`; ``radius_um`` ignored).
     radius_um
         Neighbourhood radius in µm (converted to pixels with the sample's mpp).
-    n_neighs
-        Number of neighbours of ``method="knn"``.
-    mpp
-        µm per pixel; by default ``sdata.attrs["mpp"]`` or, for an AnnData,
-        ``uns["mpp"]`` / ``uns["histocell"]["mpp"]``.
-    key_added
-        squidpy's key: writes ``obsp[f"{key_added}_connectivities"]``,
+    {n_neighbors}
+        Used by ``method="knn"`` (squidpy's ``n_neighs``).
+    {mpp}
+    {key_added}
+        squidpy's key prefix: writes ``obsp[f"{key_added}_connectivities"]``,
         ``obsp[f"{key_added}_distances"]`` (pixels, as squidpy) and ``uns[f"{key_added}_neighbors"]``
-        (squidpy's parameters plus ``method``, ``radius_um`` and ``mpp``).
-    copy
-        Return a graph-carrying copy of the table instead of writing in place.
+        (squidpy's parameters plus ``method``, ``radius_um``, ``n_neighbors`` and ``mpp``).
+    {copy}
+        The copy is of the nuclei table (an AnnData), also for a SpatialData.
 
     Returns
     -------
-    None, or the table copy when ``copy=True``.
+    AnnData or None
+        None: the graph is written into the nuclei table. With ``copy=True``, a copy of the nuclei
+        table carrying the graph.
     """
     import squidpy as sq
 
     if method not in METHODS:
         raise InvalidInputError(f"Unknown graph method {method!r}; choose from {list(METHODS)}.")
-    table = get_table(data, table_key)
+    table = get_table(data, nuclei_table_key)
     if copy:
         table = table.copy()
     scale = table_mpp(data, mpp)
@@ -114,8 +116,8 @@ def cell_graph(
         raise InvalidInputError(f"radius_um must be a positive number of µm, got {radius_um!r}.")
     if method == "radius" and radius_um is None:
         raise InvalidInputError("method='radius' needs radius_um (µm).")
-    if method == "knn" and (int(n_neighs) < 1 or int(n_neighs) >= table.n_obs):
-        raise InvalidInputError(f"n_neighs must be between 1 and the number of nuclei - 1, got {n_neighs!r}.")
+    if method == "knn" and (int(n_neighbors) < 1 or int(n_neighbors) >= table.n_obs):
+        raise InvalidInputError(f"n_neighbors must be between 1 and the number of nuclei - 1, got {n_neighbors!r}.")
     if table.n_obs < (4 if method == "delaunay" else 2):
         raise InvalidInputError(f"Too few nuclei ({table.n_obs}) for a {method} graph.")
     radius_px = None if radius_um is None else float(radius_um) / scale
@@ -124,9 +126,9 @@ def cell_graph(
     elif method == "radius":
         sq.gr.spatial_neighbors_radius(table, spatial_key=SPATIAL_KEY, radius=radius_px, key_added=key_added)
     else:
-        sq.gr.spatial_neighbors_knn(table, spatial_key=SPATIAL_KEY, n_neighs=int(n_neighs), key_added=key_added)
+        sq.gr.spatial_neighbors_knn(table, spatial_key=SPATIAL_KEY, n_neighs=int(n_neighbors), key_added=key_added)
     params = table.uns.setdefault(f"{key_added}_neighbors", {})
-    params["histocell"] = {"method": method, "radius_um": radius_um, "n_neighs": int(n_neighs), "mpp": scale}
+    params["histocell"] = {"method": method, "radius_um": radius_um, "n_neighbors": int(n_neighbors), "mpp": scale}
     return table if copy else None
 
 

@@ -12,6 +12,7 @@ from spatialdata import SpatialData
 from tqdm.auto import tqdm
 
 from .._constants import CELL_STATE_KEY, CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._graph import delaunay_edges, get_table, require_obs, table_mpp
 
@@ -52,10 +53,11 @@ _FAMILIES = {
 }
 
 
+@inject_docs
 def spatial_indicators(
     samples: SpatialData | ad.AnnData | Sequence | Mapping,
-    table_key: str = HISTOCELL_KEY,
     *,
+    nuclei_table_key: str = HISTOCELL_KEY,
     cluster_key: str = CELL_TYPE_KEY,
     state_key: str | None = CELL_STATE_KEY,
     niche_key: str | None = "niche",
@@ -84,10 +86,9 @@ def spatial_indicators(
         One SpatialData, a list of them (named by ``attrs["sample_id"]`` when unique, else
         ``sample_<i>``) or a dict name → SpatialData. Nuclei tables (AnnData) are accepted in place
         of a SpatialData (their mpp from ``mpp`` or ``uns``).
-    table_key
-        The nuclei table (prediction layout) in each SpatialData.
-    cluster_key
-        ``obs`` column of the cell types.
+    {nuclei_table_key}
+        Read (prediction layout) in each SpatialData; nothing is written into the samples.
+    {cluster_key}
     state_key
         ``obs`` column of the cell states (skipped when None or absent).
     niche_key
@@ -111,16 +112,17 @@ def spatial_indicators(
         Square size of ``area_method="grid"``.
     mpp
         µm per pixel for AnnData inputs without one in ``uns``.
-    seed
-        Seed of the permutations (the same for every sample, so a sample's values do not depend
+    {seed}
+        Here of the permutations (the same for every sample, so a sample's values do not depend
         on the others).
-    progress
-        Show a progress bar over samples.
+    {progress}
 
     Returns
     -------
-    AnnData samples × indicators: ``X`` (float64), ``obs`` ``n_nuclei`` and ``tissue_area_mm2``,
-    ``var`` ``family`` and ``description``, ``uns["spatial_indicators"]`` the parameters.
+    AnnData
+        Samples × indicators (new; the samples are not modified): ``X`` (float64), ``obs``
+        ``n_nuclei`` and ``tissue_area_mm2``, ``var`` ``family`` and ``description``,
+        ``uns["spatial_indicators"]`` the parameters.
     """
     named = _as_samples(samples)
     if area_method not in ("grid", "hull"):
@@ -131,7 +133,7 @@ def spatial_indicators(
             raise InvalidInputError(f"{what} must be a positive number of µm, got {r!r}.")
     tables = {}
     for name, data in named.items():
-        table = get_table(data, table_key)
+        table = get_table(data, nuclei_table_key)
         require_obs(table, cluster_key, "column of cell types")
         tables[name] = (table, table_mpp(data, mpp))
     # a model's full list first (tl.predict keeps only the types that occur in obs): absent types count as 0
@@ -159,7 +161,7 @@ def spatial_indicators(
         var=var,
         uns={
             "spatial_indicators": {
-                "table_key": table_key, "cluster_key": cluster_key, "state_key": state_key, "niche_key": niche_key,
+                "nuclei_table_key": nuclei_table_key, "cluster_key": cluster_key, "state_key": state_key, "niche_key": niche_key,
                 "cooc_radius_um": radii, "graph_radius_um": graph_radius_um, "infiltration": list(infiltration),
                 "infiltration_radius_um": float(infiltration_radius_um), "n_perms": int(n_perms),
                 "area_method": area_method, "grid_um": float(grid_um), "seed": seed,

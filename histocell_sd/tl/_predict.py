@@ -23,21 +23,25 @@ from .._constants import (
     TABLE_KEY,
 )
 from .._constants import PALETTE
+from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import copy_for_writing
 from ..io import resolve_key
 from ..models import HistoCell
 
 
+@inject_docs
 def predict(
     sdata: SpatialData,
     model: HistoCell,
-    key_added: str = HISTOCELL_KEY,
     *,
+    nuclei_table_key: str = HISTOCELL_KEY,
     image_key: str | None = None,
     spots_table_key: str | None = None,
     mc_samples: int = 0,
     progress: bool = True,
-) -> None:
+    copy: bool = False,
+) -> SpatialData | None:
     """Predict cell type, state and compartment of every nucleus and store them in place.
 
     Works on any H&E with segmented nuclei, with or without spots. The model runs in eval mode,
@@ -46,35 +50,45 @@ def predict(
     Parameters
     ----------
     sdata
-        Sample with a nuclei table ``key_added`` (from :func:`histocell_sd.pp.segment_nuclei` or
+        Sample with a nuclei table ``nuclei_table_key`` (from :func:`histocell_sd.pp.segment_nuclei` or
         :func:`histocell_sd.io.read_nuclei`).
     model
         A trained :class:`~histocell_sd.models.HistoCell`.
-    key_added
-        The nuclei table that receives ``obs["cell_type"]``, ``obsm["cell_type_proba"]``,
-        ``obs["cell_type_entropy"]``, ``obs["cell_state"]``, ``obsm["cell_state_proba"]``,
-        ``obs["compartment"]``, ``obsm["compartment_proba"]`` and ``obsm["histocell_embedding"]``.
-    image_key
-        The H&E (default ``"he"`` or the only image).
+    {nuclei_table_key}
+        Read (morphology features, centroids, ``obs["spot_id"]``) and written: it receives
+        ``obs["cell_type"]``, ``obsm["cell_type_proba"]``, ``obs["cell_type_entropy"]``,
+        ``obs["cell_state"]``, ``obsm["cell_state_proba"]``, ``obs["compartment"]``,
+        ``obsm["compartment_proba"]`` and ``obsm["histocell_embedding"]`` (an earlier model's
+        outputs are removed first).
+    {image_key}
     spots_table_key
-        Spots table that receives the mean predicted proportions of its nuclei in
-        ``obsm["histocell_proportions"]`` (default ``"table"`` when it exists; skipped without spots).
+        Name of the spots table (``sdata.tables``) that receives the mean predicted proportions of its
+        nuclei in ``obsm["histocell_proportions"]`` and their count in ``obs["n_nuclei"]``: by default
+        ``"table"`` when it exists; skipped when no nucleus lies in a spot.
     mc_samples
         Monte-Carlo dropout passes for an uncertainty estimate (``obs["cell_type_mc_std"]``); 0 = off.
-    progress
-        Show progress bars.
+    {progress}
+    {copy}
+
+    Returns
+    -------
+    SpatialData or None
+        None: the predictions are written into ``sdata`` as described above. With ``copy=True``, a
+        SpatialData holding them (tables copied, other elements shared with ``sdata``).
     """
     if not isinstance(model, HistoCell):
         raise InvalidInputError(f"model must be a HistoCell, got {type(model).__name__}.")
     if not model.training_summary_:
         raise InvalidInputError("The model is untrained: call model.fit(...) or HistoCell.load(path) first.")
-    if key_added not in sdata.tables:
-        raise InvalidInputError(f"No nuclei table {key_added!r}; segment nuclei first (hc.pp.segment_nuclei).")
+    if nuclei_table_key not in sdata.tables:
+        raise InvalidInputError(f"No nuclei table {nuclei_table_key!r}; segment nuclei first (hc.pp.segment_nuclei).")
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)) or mc_samples < 0:
         raise InvalidInputError(f"mc_samples must be a whole number ≥ 0, got {mc_samples!r}.")
-    table = sdata.tables[key_added]
-    spots_table_key = _spots_table(sdata, table, spots_table_key, key_added)  # validated before anything is written
-    inputs = model._inputs(sdata, image_key=image_key, table_key=key_added, progress=progress)
+    spots_table_key = _spots_table(sdata, sdata.tables[nuclei_table_key], spots_table_key, nuclei_table_key)  # validated before anything is written
+    if copy:
+        sdata = copy_for_writing(sdata)
+    table = sdata.tables[nuclei_table_key]
+    inputs = model._inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
     out = model.predict_inputs(inputs, mc_samples=mc_samples, progress=progress)
     for key in [k for k in table.obs if k in _OBS_WRITTEN]:
         del table.obs[key]  # an earlier model's outputs (e.g. MC dropout, states) never linger
@@ -103,6 +117,7 @@ def predict(
     }
     if spots_table_key is not None:
         _aggregate_to_spots(sdata.tables[spots_table_key], table, type_proba)
+    return sdata if copy else None
 
 
 def _categorical(table, key: str, labels: list[str], codes: np.ndarray) -> None:

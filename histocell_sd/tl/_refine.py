@@ -48,7 +48,9 @@ from .._constants import (
     SPOT_ID_KEY,
     TABLE_KEY,
 )
+from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import copy_for_writing
 from ..io import check_proportions, resolve_key
 from ._deconvolve import _labels, _log_normalise, _markers, _shared_genes, check_reference, reference_counts, shared_data
 from ._poisson import composition_em, type_signatures
@@ -64,14 +66,15 @@ _MISSING = ("raise", "image")
 _EXPRESSION = ("auto", "counts", "proportions")
 
 
+@inject_docs
 def refine_deconvolution(
     sdata: SpatialData,
     reference: ad.AnnData | None = None,
+    *,
     proportions_key: str = PROPORTIONS_KEY,
-    table_key: str | None = None,
+    spots_table_key: str | None = None,
     nuclei_table_key: str = HISTOCELL_KEY,
     key_added: str = "refined_proportions",
-    *,
     proba_key: str = CELL_TYPE_PROBA_KEY,
     cell_type_key: str = CELL_TYPE_KEY,
     expression: str = "auto",
@@ -88,7 +91,8 @@ def refine_deconvolution(
     top_k: int = 10,
     seed: int = 0,
     progress: bool = True,
-) -> None:
+    copy: bool = False,
+) -> SpatialData | None:
     """Refine spot proportions with HistoCell's nucleus probabilities and assign a type to every nucleus.
 
     See the module docstring for the model.
@@ -103,14 +107,14 @@ def refine_deconvolution(
         Single-cell reference with raw counts. It supplies the type signatures of
         ``expression="counts"`` and, when ``expression_key`` is not None, a reference cell of its
         refined type for each nucleus: a single-nucleus imputed expression table.
-    proportions_key
-        Expression-based spot proportions in the spots table's ``obsm`` (``expression="proportions"``).
-    table_key
-        The spots table; default ``"table"`` or the only spots table.
-    nuclei_table_key
-        The nucleus table.
-    key_added
-        ``obsm`` key of the refined spot proportions.
+    {proportions_key}
+        Here the expression-based proportions of ``expression="proportions"``.
+    {spots_table_key}
+        Read (counts, ``obsm[proportions_key]``) and written (see Returns).
+    {nuclei_table_key}
+        Read (``obsm[proba_key]``, ``obs["spot_id"]``) and written (see Returns).
+    {key_added}
+        the ``obsm`` key of the refined spot proportions in the spots table.
     proba_key
         ``obsm`` key of the nucleus probabilities (DataFrame, columns = cell types).
     cell_type_key
@@ -142,7 +146,7 @@ def refine_deconvolution(
         Cell types predicted by the image model but absent from the reference or proportions:
         ``"raise"`` (default) refuses; ``"image"`` takes their share from the nuclei alone.
     expression_key
-        Name of the imputed expression table (annotating the nuclei); None skips it. An existing
+        Name of the imputed expression table this function writes (annotating the nuclei); None skips it. An existing
         element of that name is refused unless it is an imputed table of an earlier call.
     match
         ``"correlation"``: each nucleus gets one of the ``top_k`` reference cells of its type best
@@ -150,19 +154,21 @@ def refine_deconvolution(
         cell of its type. Nuclei outside spots always get a random cell of their type.
     top_k
         Candidates per type and spot for ``match="correlation"``.
-    seed
-        Seed of the reference-cell draws.
-    progress
-        Progress bar over the spots during the assignment.
+    {seed}
+        Here of the reference-cell draws.
+    {progress}
+    {copy}
 
     Returns
     -------
-    None. Writes ``obsm[key_added]`` in the spots table; ``obs["refined_cell_type"]``
-    (categorical) and ``obsm["refined_cell_type_proba"]`` (the posterior ``q``) in the nucleus
-    table (nuclei outside every spot keep their image prediction); with a reference,
-    ``sdata.tables[expression_key]`` (nuclei × reference genes, ``X`` = the matched cell's raw
-    counts, ``obs["matched_cell"]``). Spots without nuclei get the expression view alone (a
-    warning counts them).
+    SpatialData or None
+        None, or with ``copy=True`` a SpatialData holding the results (tables copied, other
+        elements shared with ``sdata``). Writes ``obsm[key_added]`` in the spots table; ``obs["refined_cell_type"]``
+        (categorical) and ``obsm["refined_cell_type_proba"]`` (the posterior ``q``) in the nucleus
+        table (nuclei outside every spot keep their image prediction); with a reference,
+        ``sdata.tables[expression_key]`` (nuclei × reference genes, ``X`` = the matched cell's raw
+        counts, ``obs["matched_cell"]``). Spots without nuclei get the expression view alone (a
+        warning counts them).
     """
     if expression not in _EXPRESSION:
         raise InvalidInputError(f"expression must be one of {_EXPRESSION}, got {expression!r}.")
@@ -179,15 +185,17 @@ def refine_deconvolution(
         raise InvalidInputError(f"match must be one of {_MATCHES}, got {match!r}.")
     if image_prior not in ("mean", None):
         raise InvalidInputError(f"image_prior must be 'mean' or None, got {image_prior!r}.")
-    table_key = resolve_key(sdata, "tables", key=table_key, default=TABLE_KEY)
+    spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
     nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
-    if table_key == nuclei_table_key:
-        raise InvalidInputError(f"table_key and nuclei_table_key are both {table_key!r}.")
+    if spots_table_key == nuclei_table_key:
+        raise InvalidInputError(f"spots_table_key and nuclei_table_key are both {spots_table_key!r}.")
     if reference is not None:
         check_reference(reference)
         if expression_key is not None:
             _check_expression_key(sdata, expression_key)
-    spots, nuclei = sdata.tables[table_key], sdata.tables[nuclei_table_key]
+    if copy:
+        sdata = copy_for_writing(sdata)
+    spots, nuclei = sdata.tables[spots_table_key], sdata.tables[nuclei_table_key]
     proba = _nucleus_proba(nuclei, nuclei_table_key, proba_key)
     spot_of = _spot_index(nuclei, nuclei_table_key, spots.obs_names)
     inside = spot_of >= 0
@@ -196,13 +204,13 @@ def refine_deconvolution(
         types = list(proba.columns)
         P = proba.to_numpy(dtype=np.float64)
         likelihood = P / np.maximum(_image_prior(P, image_prior), _EPS)
-        Y, mu, rho = _count_model(spots, table_key, reference, cell_type_key, types, n_markers, missing_types, proba_key)
+        Y, mu, rho = _count_model(spots, spots_table_key, reference, cell_type_key, types, n_markers, missing_types, proba_key)
         pi, Q, n_iter = composition_em(Y, mu, rho, umi_weight, likelihood, spot_of, max_iter, tol)
         source = "the expression likelihood alone"
     else:
         if proportions_key not in spots.obsm:
             raise InvalidInputError(
-                f"Spots table {table_key!r} has no obsm[{proportions_key!r}]; run tl.deconvolve or io.read_proportions "
+                f"Spots table {spots_table_key!r} has no obsm[{proportions_key!r}]; run tl.deconvolve or io.read_proportions "
                 f"first, or pass a reference (it has {list(spots.obsm)})."
             )
         given = check_proportions(spots.obsm[proportions_key], spot_ids=spots.obs_names, name=f"obsm[{proportions_key!r}]")
@@ -243,6 +251,7 @@ def refine_deconvolution(
     spots.uns["refinement"] = settings
     if imputed is not None:
         sdata.tables[expression_key] = imputed
+    return sdata if copy else None
 
 
 def _check_expression_key(sdata: SpatialData, key: str) -> None:

@@ -13,6 +13,7 @@ from spatialdata import SpatialData
 from tqdm.auto import tqdm
 
 from .._constants import CELL_STATE_KEY, CELL_TYPE_KEY, CELL_TYPE_PROBA_KEY, EMBEDDING_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._cohort_stats import _associate, _response_kind
 from ._graph import get_table
@@ -20,7 +21,7 @@ from ._graph import get_table
 __all__ = ["PhenotypeScreen", "screen_phenotype"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PhenotypeScreen:
     """Result of :func:`screen_phenotype`.
 
@@ -60,12 +61,13 @@ class PhenotypeScreen:
         return f"PhenotypeScreen({len(self.table)} populations, top {self.top!r}, {self.abundance.n_obs} samples, {crops})"
 
 
+@inject_docs
 def screen_phenotype(
     samples: Mapping[str, SpatialData | ad.AnnData] | Sequence[SpatialData],
+    *,
     phenotype_key: str,
     clinical: pd.DataFrame | None = None,
-    *,
-    table_key: str = HISTOCELL_KEY,
+    nuclei_table_key: str = HISTOCELL_KEY,
     use_rep: str = EMBEDDING_KEY,
     resolution: float = 0.5,
     n_neighbors: int = 15,
@@ -106,17 +108,17 @@ def screen_phenotype(
         Clinical column of the phenotype (binary or continuous).
     clinical
         Clinical DataFrame indexed by sample id.
-    table_key
-        The nuclei table in each sample.
+    {nuclei_table_key}
+        Read in each sample (and written, see ``key_added``).
     use_rep
         ``obsm`` key of the representation; falls back to ``obsm["cell_type_proba"]``.
     resolution, n_neighbors
         Clustering resolution and kNN graph size.
     n_cells_per_sample
         Nuclei per sample pooled for the clustering and as the MIL bag.
-    key_added
-        When set, every nucleus's population is written to ``obs[key_added]`` of its table (in
-        place), so :func:`~histocell_sd.tl.spatial_indicators` with ``cluster_key=key_added``
+    {key_added}
+        when set, every nucleus's population is written to ``obs[key_added]`` of its nuclei table
+        (in place; None writes nothing), so :func:`~histocell_sd.tl.spatial_indicators` with ``cluster_key=key_added``
         gives per-population spatial indicators.
     mil, mil_seeds, mil_epochs, mil_bag_size
         Train the attention-MIL model, its seeds (attention averaged), epochs and nuclei per bag
@@ -125,17 +127,17 @@ def screen_phenotype(
         ``"p"`` (association test; ties by attention) or ``"mil_attention"``.
     n_crops, crop_px, image_key
         Example image crops of the top population (skipped when the samples have no image).
-    seed
-        Seed of the subsampling and clustering.
-    progress
-        Show progress bars.
+    {seed}
+        Here of the subsampling and clustering.
+    {progress}
 
     Returns
     -------
-    :class:`PhenotypeScreen` whose ``table`` is indexed by ``population`` with
-    ``dominant_cell_type``, ``dominant_cell_state``, ``purity`` (share of the dominant state),
-    ``n_nuclei`` (pooled), ``mean_abundance``, ``effect`` (AUC or Spearman rho), ``direction``,
-    ``p``, ``fdr`` and ``mil_attention``; ``table.attrs`` ``kind`` and ``effect``.
+    PhenotypeScreen
+        A :class:`PhenotypeScreen` whose ``table`` is indexed by ``population`` with
+        ``dominant_cell_type``, ``dominant_cell_state``, ``purity`` (share of the dominant state),
+        ``n_nuclei`` (pooled), ``mean_abundance``, ``effect`` (AUC or Spearman rho), ``direction``,
+        ``p``, ``fdr`` and ``mil_attention``; ``table.attrs`` ``kind`` and ``effect``.
     """
     named = _named(samples)
     if rank_by not in ("p", "mil_attention"):
@@ -147,7 +149,7 @@ def screen_phenotype(
     rng = np.random.default_rng(seed)
     tables, reps, pooled = {}, {}, []
     for name, data in named.items():
-        table = get_table(data, table_key)
+        table = get_table(data, nuclei_table_key)
         rep = _representation(table, use_rep, name)
         tables[name], reps[name] = table, rep
         take = rng.choice(table.n_obs, size=min(n_cells_per_sample, table.n_obs), replace=False)
