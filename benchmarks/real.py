@@ -109,11 +109,11 @@ def upsample(sdata, factor: float):
 
 def brca_samples(args, split: str, *, spots: dict | None, network: Path, factor: float = 1.0) -> list:
     """BRCA-M2C patches of ``split``, optionally with pseudo-spots, segmented, truth transferred to nuclei."""
-    names = hc.datasets.brca_m2c_names(split, args.brca_m2c)
+    names = hc.datasets.brca_m2c_names(split, path=args.brca_m2c)
     if args.quick:
         names = names[: 6 if split != "test" else 3]
     out = []
-    for sdata in hc.datasets.brca_m2c(split, args.brca_m2c, names=names).values():
+    for sdata in hc.datasets.brca_m2c(split, path=args.brca_m2c, names=names).values():
         if factor != 1.0:
             sdata = upsample(sdata, factor)
         if spots is not None:
@@ -253,8 +253,8 @@ def section_detection(args) -> dict:
         return {"precision": round(m / max(p, 1), 4), "recall": round(m / max(t, 1), 4), "f1": round(2 * m / max(p + t, 1), 4),
                 "n_pred": int(p), "n_true": int(t), "n_matched": int(m)}
 
-    names = hc.datasets.brca_m2c_names("test", args.brca_m2c)[: 4 if args.quick else None]
-    brca = [(rgb, mpp, pts[["x", "y"]].to_numpy()) for rgb, mpp, pts in (hc.datasets.read_brca_m2c_patch(n, args.brca_m2c) for n in names)]
+    names = hc.datasets.brca_m2c_names("test", path=args.brca_m2c)[: 4 if args.quick else None]
+    brca = [(rgb, mpp, pts[["x", "y"]].to_numpy()) for rgb, mpp, pts in (hc.datasets.read_brca_m2c_patch(n, path=args.brca_m2c) for n in names)]
     nucls = [(rgb, hc.datasets.NUCLS_MPP, pts[["x", "y"]].to_numpy()) for rgb, _, pts in (hc.datasets.read_nucls_tile(n) for n in hc.datasets.nucls_tile_names("test"))]
     synthetic = []
     for seed in args.synthetic_seeds:

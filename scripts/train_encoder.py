@@ -74,8 +74,8 @@ def load_sets(brca_path: str, exclude: str) -> tuple[dict, dict]:
     """Labelled sets ``{name: (crops, labels, classes)}`` and unlabelled crops ``{name: crops}``."""
     labelled, unlabelled = {}, {}
     parts = []
-    for name in hc.datasets.brca_m2c_names("train", brca_path) + hc.datasets.brca_m2c_names("val", brca_path):
-        rgb, mpp, pts = hc.datasets.read_brca_m2c_patch(name, brca_path)
+    for name in hc.datasets.brca_m2c_names("train", path=brca_path) + hc.datasets.brca_m2c_names("val", path=brca_path):
+        rgb, mpp, pts = hc.datasets.read_brca_m2c_patch(name, path=brca_path)
         unlabelled.setdefault("brca_m2c", []).append(crops_from(rgb, mpp, None)["crops"])
         if exclude != "brca_m2c":
             parts.append(crops_from(rgb, mpp, pts[["x", "y"]].to_numpy(), pts["cell_type"].cat.codes.to_numpy()))

@@ -69,12 +69,12 @@ def main() -> None:
     warnings.simplefilter("ignore")
     logging.getLogger("histocell_sd").setLevel(logging.ERROR)
     started = time.perf_counter()
-    train = prepared([*hc.datasets.brca_m2c("train", args.brca_m2c).values(), *hc.datasets.brca_m2c("val", args.brca_m2c).values()], spots=True)
+    train = prepared([*hc.datasets.brca_m2c("train", path=args.brca_m2c).values(), *hc.datasets.brca_m2c("val", path=args.brca_m2c).values()], spots=True)
     model = hc.HistoCell(TYPES, compartments=COMPARTMENTS)
     model.fit(train, seed=args.seed, progress=False)
     fit_s = time.perf_counter() - started
     metrics = {
-        "brca_m2c_test_split": score(model, prepared(hc.datasets.brca_m2c("test", args.brca_m2c).values(), spots=False)),
+        "brca_m2c_test_split": score(model, prepared(hc.datasets.brca_m2c("test", path=args.brca_m2c).values(), spots=False)),
         "brca_m2c_embedded_test_patches": score(model, prepared(hc.datasets.brca_m2c("test").values(), spots=False)),
         "nucls_test_tiles": score(model, prepared(hc.datasets.nucls("test").values(), spots=False), NUCLS_TO_TYPES),
         "protocol": "segmented nuclei (shipped segmenter) matched one-to-one within 3 µm to annotated cells; weighted/macro F1",

@@ -126,8 +126,8 @@ def make_item(rgb: np.ndarray, points_xy: np.ndarray | None, labels: np.ndarray 
 
 def brca_items(path: str, split: str) -> list[dict]:
     items = []
-    for name in hc.datasets.brca_m2c_names(split, path):
-        rgb, mpp, points = hc.datasets.read_brca_m2c_patch(name, path)
+    for name in hc.datasets.brca_m2c_names(split, path=path):
+        rgb, mpp, points = hc.datasets.read_brca_m2c_patch(name, path=path)
         rgb, scale = _to_canonical(rgb, mpp)
         items.append(make_item(rgb, points[["x", "y"]].to_numpy(float) * scale, None, name))
     return items

@@ -201,4 +201,4 @@ def test_pseudo_spots_refuse_when_none_qualifies():
         hc.datasets.pseudo_spots(sdata, min_cells=10_000)
     assert "spots" not in sdata.shapes and "table" not in sdata.tables
     with pytest.raises(hc.InvalidInputError, match="No annotated cells"):
-        hc.datasets.pseudo_spots(sdata, truth_key="missing")
+        hc.datasets.pseudo_spots(sdata, truth_table_key="missing")

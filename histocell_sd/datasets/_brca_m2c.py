@@ -40,11 +40,23 @@ def _root(path) -> Path:
     return root
 
 
-def brca_m2c_names(split: str = "test", path=None) -> list[str]:
+def brca_m2c_names(split: str = "test", *, path=None) -> list[str]:
     """Patch names of ``split`` (``"train"``, ``"val"``, ``"test"`` or ``"all"``).
 
     Without ``path`` these are the embedded patches of that split; with ``path`` (a full BRCA-M2C
     folder) the authors' split files are read.
+
+    Parameters
+    ----------
+    split
+        ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
+    path
+        A full BRCA-M2C folder (images/, labels/, ``brca_ds_*.txt``); None: the embedded patches.
+
+    Returns
+    -------
+    list of str
+        The patch names.
     """
     if split != "all" and split not in _SPLITS:
         raise InvalidInputError(f"split must be one of {[*_SPLITS, 'all']}, got {split!r}.")
@@ -61,8 +73,22 @@ def brca_m2c_names(split: str = "test", path=None) -> list[str]:
     return names
 
 
-def read_brca_m2c_patch(name: str, path=None) -> tuple[np.ndarray, float, pd.DataFrame]:
-    """RGB image (uint8), its µm/px and the annotated cells (``x``, ``y`` px; ``cell_type``) of one patch."""
+def read_brca_m2c_patch(name: str, *, path=None) -> tuple[np.ndarray, float, pd.DataFrame]:
+    """RGB image (uint8), its µm/px and the annotated cells (``x``, ``y`` px; ``cell_type``) of one patch.
+
+    Parameters
+    ----------
+    name
+        A patch name (:func:`brca_m2c_names`).
+    path
+        A full BRCA-M2C folder; None: the embedded patches.
+
+    Returns
+    -------
+    tuple
+        ``(image, mpp, cells)``: an (h, w, 3) uint8 array, its µm per pixel and a DataFrame of the
+        annotated cells (``x``, ``y`` in px, categorical ``cell_type``).
+    """
     root = _root(path)
     image_file = root / "images" / f"{name}.png"
     if not image_file.is_file():
@@ -76,7 +102,7 @@ def read_brca_m2c_patch(name: str, path=None) -> tuple[np.ndarray, float, pd.Dat
     return image, mpp, points
 
 
-def brca_m2c(split: str = "test", path=None, names=None) -> dict[str, SpatialData]:
+def brca_m2c(split: str = "test", *, path=None, names=None) -> dict[str, SpatialData]:
     """BRCA-M2C patches as SpatialData (one per patch, image ``"he"`` at its µm/px, about 0.5).
 
     Each holds, for scoring and for building pseudo-spots (:func:`pseudo_spots`), the annotated
@@ -92,11 +118,16 @@ def brca_m2c(split: str = "test", path=None, names=None) -> dict[str, SpatialDat
         patches (four of the test split, two of the train split).
     names
         Patch names to read instead of a whole split.
+
+    Returns
+    -------
+    dict
+        Patch name → SpatialData.
     """
-    names = brca_m2c_names(split, path) if names is None else list(names)
+    names = brca_m2c_names(split, path=path) if names is None else list(names)
     out = {}
     for name in names:
-        image, mpp, points = read_brca_m2c_patch(name, path)
+        image, mpp, points = read_brca_m2c_patch(name, path=path)
         sdata = from_arrays(image, mpp, sample_id=name)
         sdata.tables[TRUTH_TABLE_KEY] = truth_table(points, prefix=name)
         out[name] = sdata

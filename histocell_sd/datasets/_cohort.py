@@ -35,6 +35,7 @@ from .._constants import (
     SPOT_ID_KEY,
     TABLE_KEY,
 )
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._synthetic import TRUTH_TABLE_KEY
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
@@ -57,11 +58,11 @@ _CLINICAL_COLUMNS = ("duration", "event", "response", "responder", "phenotype")
 
 
 def synthetic_cohort(
+    *,
     n_samples: int = 40,
     seed: int = 0,
     effect: bool = True,
     n_nuclei: int = 3000,
-    *,
     mpp: float = 0.5,
     image: bool = False,
     hazard_ratio: float = 2.7,
@@ -113,16 +114,17 @@ def synthetic_cohort(
 
     Returns
     -------
-    ``(samples, clinical, truth)``: ``samples`` maps ``"sample_00"``… to a SpatialData with
-    polygons ``"nuclei"`` (circles), the table ``"histocell"`` in the prediction layout
-    (``obs`` ``cell_type``, ``cell_state``, ``compartment``, ``spot_id`` (NaN: no spots);
-    ``obsm`` ``cell_type_proba``, ``histocell_embedding`` (16-D, states separate),
-    ``spatial``), ``attrs["mpp"]`` and optionally the image ``"he"``. ``clinical`` is indexed by
-    sample with ``duration``, ``event`` (bool), ``response`` (float), ``responder`` (bool) and
-    ``phenotype`` (0/1). ``truth`` holds ``prognostic_indicator``, ``phenotype_population``
-    (``{"cell_type", "cell_state"}``), ``phenotype_indicator``, ``response_indicator``,
-    ``null_indicators``, ``effect``, ``hazard`` (per-sample Series) and ``latent`` (DataFrame of
-    the per-sample latent variables and realised driver values).
+    tuple
+        ``(samples, clinical, truth)``: ``samples`` maps ``"sample_00"``… to a SpatialData with
+        polygons ``"nuclei"`` (circles), the table ``"histocell"`` in the prediction layout
+        (``obs`` ``cell_type``, ``cell_state``, ``compartment``, ``spot_id`` (NaN: no spots);
+        ``obsm`` ``cell_type_proba``, ``histocell_embedding`` (16-D, states separate),
+        ``spatial``), ``attrs["mpp"]`` and optionally the image ``"he"``. ``clinical`` is indexed by
+        sample with ``duration``, ``event`` (bool), ``response`` (float), ``responder`` (bool) and
+        ``phenotype`` (0/1). ``truth`` holds ``prognostic_indicator``, ``phenotype_population``
+        (``{"cell_type", "cell_state"}``), ``phenotype_indicator``, ``response_indicator``,
+        ``null_indicators``, ``effect``, ``hazard`` (per-sample Series) and ``latent`` (DataFrame of
+        the per-sample latent variables and realised driver values).
     """
     if int(n_samples) < 2:
         raise InvalidInputError(f"n_samples must be at least 2, got {n_samples!r}.")
@@ -323,19 +325,20 @@ def _render(rng, xy_px, radius_px, cell_type, size: int):
     return Image2DModel.parse(img, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={COORDINATE_SYSTEM: Identity()})
 
 
+@inject_docs
 def truth_as_predictions(
     sdata: SpatialData,
     *,
     type_noise: float = 0.0,
     seed: int = 0,
     proba: pd.DataFrame | None = None,
-    table_key: str = HISTOCELL_KEY,
+    nuclei_table_key: str = HISTOCELL_KEY,
     key_added: str = NUCLEI_KEY,
 ) -> None:
     """Write "perfect" (or noisy) predictions of a :func:`synthetic_visium` slide from its truth.
 
     Stand-in for ``tl.predict`` when testing downstream analysis: nucleus circles
-    ``key_added`` at the true centroids and the table ``table_key`` in the prediction layout
+    ``key_added`` at the true centroids and the table ``nuclei_table_key`` in the prediction layout
     with the true ``cell_type``, ``cell_state``, ``compartment`` and ``spot_id``; like ``tl.predict``,
     the spots table gets the mean nucleus probability per spot in ``obsm["histocell_proportions"]``
     (NaN for spots without nuclei).
@@ -351,8 +354,15 @@ def truth_as_predictions(
     proba
         Nucleus type probabilities to write instead (rows = the truth nuclei in order, columns =
         cell types, e.g. :func:`confused_probabilities`); ``cell_type`` becomes their argmax.
-    table_key, key_added
-        Names of the table and the nucleus shapes written.
+    {nuclei_table_key:written}
+    {key_added}
+        the nucleus circles (``sdata.shapes``).
+
+    Returns
+    -------
+    None
+        Writes ``sdata.shapes[key_added]``, ``sdata.tables[nuclei_table_key]`` and, when the spots
+        table ``"table"`` exists, its ``obsm["histocell_proportions"]``.
     """
     if TRUTH_TABLE_KEY not in sdata.tables:
         raise InvalidInputError(f"The SpatialData has no {TRUTH_TABLE_KEY!r} table: truth_as_predictions needs a synthetic_visium slide.")
@@ -378,7 +388,7 @@ def truth_as_predictions(
         table.obsm[CELL_TYPE_PROBA_KEY] = proba
         table.obs[CELL_TYPE_KEY] = pd.Categorical(np.asarray(CELL_TYPES)[proba.to_numpy().argmax(axis=1)], categories=list(CELL_TYPES))
         table.uns["histocell"]["method"] = "given probabilities"
-    sdata.tables[table_key] = table
+    sdata.tables[nuclei_table_key] = table
     if TABLE_KEY in sdata.tables:
         spots = sdata.tables[TABLE_KEY]
         probabilities = table.obsm[CELL_TYPE_PROBA_KEY]
@@ -387,12 +397,31 @@ def truth_as_predictions(
         spots.obsm[PREDICTED_PROPORTIONS_KEY] = means.reindex(spots.obs_names)
 
 
-def confused_probabilities(sdata: SpatialData, seed: int = 0, signal: float = 2.4, confusion: float = 1.2, noise: float = 1.1) -> pd.DataFrame:
+@inject_docs
+def confused_probabilities(
+    sdata: SpatialData, *, seed: int = 0, signal: float = 2.4, confusion: float = 1.2, noise: float = 1.1
+) -> pd.DataFrame:
     """Stand-in nucleus probabilities of a :func:`synthetic_visium` slide: right on average, confused like a real model.
 
     The softmax of Gaussian logits (sd ``noise``) raised by ``signal`` for each truth nucleus's type
     and by ``confusion`` for its look-alike (fibroblast/endothelial, lymphocyte/macrophage,
     tumour→macrophage); the defaults give ≈ 70 % top-1 accuracy. Rows follow the truth nuclei.
+
+    Parameters
+    ----------
+    sdata
+        A slide from :func:`synthetic_visium` (reads the ``"truth_nuclei"`` table; nothing is written).
+    {seed}
+    signal, confusion
+        Logit added to each nucleus's true type and to its look-alike.
+    noise
+        Standard deviation of the Gaussian logits.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Truth nuclei × cell types (``CELL_TYPES``), rows summing to 1; pass it to
+        :func:`truth_as_predictions` as ``proba``.
     """
     if TRUTH_TABLE_KEY not in sdata.tables:
         raise InvalidInputError(f"The SpatialData has no {TRUTH_TABLE_KEY!r} table: confused_probabilities needs a synthetic_visium slide.")

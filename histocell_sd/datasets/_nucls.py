@@ -22,7 +22,18 @@ _SPLITS = {"train": 10, "test": 5}
 
 
 def nucls_tile_names(split: str = "test") -> list[str]:
-    """Names of the embedded NuCLS tiles of ``split`` (``"train"``, ``"test"`` or ``"all"``)."""
+    """Names of the embedded NuCLS tiles of ``split`` (``"train"``, ``"test"`` or ``"all"``).
+
+    Parameters
+    ----------
+    split
+        ``"train"`` (10 tiles), ``"test"`` (5) or ``"all"``.
+
+    Returns
+    -------
+    list of str
+        The tile names.
+    """
     if split == "all":
         return nucls_tile_names("train") + nucls_tile_names("test")
     if split not in _SPLITS:
@@ -31,7 +42,19 @@ def nucls_tile_names(split: str = "test") -> list[str]:
 
 
 def read_nucls_tile(name: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """RGB image (256×256×3 uint8), instance labels and annotated points (x, y px; ``cell_type``) of one tile."""
+    """RGB image (256×256×3 uint8), instance labels and annotated points (x, y px; ``cell_type``) of one tile.
+
+    Parameters
+    ----------
+    name
+        A tile name (:func:`nucls_tile_names`).
+
+    Returns
+    -------
+    tuple
+        ``(image, labels, points)``: the (256, 256, 3) uint8 image, the int32 instance mask and a
+        DataFrame of the annotated nuclei (``x``, ``y`` in px, categorical ``cell_type``).
+    """
     root = files(__package__) / "data" / "nucls"
     image = imread(root / "images" / f"{name}.png")[..., :3]
     with np.load(root / "masks" / f"{name}.npz") as masks:
@@ -46,7 +69,18 @@ def nucls(split: str = "test") -> dict[str, SpatialData]:
 
     Each holds the image ``"he"`` and, for scoring only, the annotated instance mask
     ``"truth_labels"`` and the annotated nuclei ``"truth_nuclei"`` (``obs["cell_type"]`` from
-    ``NUCLS_CLASSES``, ``obs["label_id"]`` the mask under the point or 0, ``obsm["spatial"]`` in px). Cite Amgad et al., GigaScience 2022, 11:giac037.
+    ``NUCLS_CLASSES``, ``obs["label_id"]`` the mask under the point or 0, ``obsm["spatial"]`` in px).
+    Cite Amgad et al., GigaScience 2022, 11:giac037.
+
+    Parameters
+    ----------
+    split
+        ``"train"``, ``"test"`` or ``"all"``.
+
+    Returns
+    -------
+    dict
+        Tile name → SpatialData.
     """
     out = {}
     for name in nucls_tile_names(split):

@@ -13,8 +13,23 @@ from ..io._arrays import spots_element, spots_table
 from ._synthetic import TRUTH_TABLE_KEY
 
 
-def hex_grid(width_px: float, height_px: float, pitch_px: float, margin_px: float = 0.0) -> np.ndarray:
-    """(x, y) centres of a hexagonal lattice of pitch ``pitch_px`` at least ``margin_px`` inside the image."""
+def hex_grid(width_px: float, height_px: float, *, pitch_px: float, margin_px: float = 0.0) -> np.ndarray:
+    """(x, y) centres of a hexagonal lattice of pitch ``pitch_px`` at least ``margin_px`` inside the image.
+
+    Parameters
+    ----------
+    width_px, height_px
+        Size of the image, pixels.
+    pitch_px
+        Distance between neighbouring centres, pixels.
+    margin_px
+        Least distance of a centre from the image border, pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 2) float64 centres, row by row (odd rows shifted by half a pitch).
+    """
     dy = pitch_px * np.sqrt(3) / 2
     rows = np.arange(margin_px, height_px - margin_px + 1e-9, dy)
     xy = [(x, y) for r, y in enumerate(rows) for x in np.arange(margin_px + (r % 2) * pitch_px / 2, width_px - margin_px + 1e-9, pitch_px)]
@@ -27,8 +42,8 @@ def pseudo_spots(
     diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
     pitch_um: float = VISIUM_PITCH_UM,
     cell_types=None,
-    truth_key: str = TRUTH_TABLE_KEY,
-    label_key: str = "cell_type",
+    truth_table_key: str = TRUTH_TABLE_KEY,
+    cell_type_key: str = "cell_type",
     min_cells: int = 1,
     overwrite: bool = False,
 ) -> None:
@@ -40,17 +55,24 @@ def pseudo_spots(
     Parameters
     ----------
     sdata
-        A sample with annotated cells in ``tables[truth_key]`` (``obs[label_key]``, ``obsm["spatial"]`` px).
+        A sample with annotated cells in ``tables[truth_table_key]`` (``obs[cell_type_key]``, ``obsm["spatial"]`` px).
     diameter_um, pitch_um
         Spot diameter and lattice pitch (Visium: 55 and 100 µm; legacy ST: 100 and 200 µm).
     cell_types
-        Columns of the proportions, in order (default: the categories of ``obs[label_key]``).
-    truth_key, label_key
-        The annotated cells and their label column.
+        Columns of the proportions, in order (default: the categories of ``obs[cell_type_key]``).
+    truth_table_key
+        Name of the table of annotated cells in ``sdata.tables`` (read).
+    cell_type_key
+        ``obs`` column of that table with the cell types (read).
     min_cells
         Fewest annotated cells a spot must hold.
     overwrite
         Replace existing ``"spots"`` / ``"table"`` elements (refused otherwise).
+
+    Returns
+    -------
+    None
+        Writes the elements described in the Notes into ``sdata``.
 
     Notes
     -----
@@ -59,20 +81,20 @@ def pseudo_spots(
     and nothing is written.
     """
     mpp = get_mpp(sdata)
-    if truth_key not in sdata.tables or label_key not in sdata.tables[truth_key].obs:
-        raise InvalidInputError(f"No annotated cells: tables[{truth_key!r}].obs[{label_key!r}] is missing.")
+    if truth_table_key not in sdata.tables or cell_type_key not in sdata.tables[truth_table_key].obs:
+        raise InvalidInputError(f"No annotated cells: tables[{truth_table_key!r}].obs[{cell_type_key!r}] is missing.")
     if not overwrite and (SPOTS_KEY in sdata.shapes or TABLE_KEY in sdata.tables):
         raise InvalidInputError(f"The sample already has {SPOTS_KEY!r} or {TABLE_KEY!r}; pass overwrite=True to replace them.")
     if not (np.isfinite(diameter_um) and np.isfinite(pitch_um) and 0 < diameter_um and 0 < pitch_um):
         raise InvalidInputError(f"diameter_um and pitch_um must be positive, got {diameter_um} and {pitch_um}.")
-    truth = sdata.tables[truth_key]
-    labels = truth.obs[label_key]
+    truth = sdata.tables[truth_table_key]
+    labels = truth.obs[cell_type_key]
     if cell_types is None:
         cell_types = list(labels.cat.categories) if isinstance(labels.dtype, pd.CategoricalDtype) else sorted(labels.dropna().unique())
     cell_types = [str(t) for t in cell_types]
     image = get_image(sdata)
     radius_px = diameter_um / 2 / mpp
-    centres = hex_grid(image.sizes["x"], image.sizes["y"], pitch_um / mpp, margin_px=radius_px)
+    centres = hex_grid(image.sizes["x"], image.sizes["y"], pitch_px=pitch_um / mpp, margin_px=radius_px)
     xy = np.asarray(truth.obsm["spatial"], dtype=np.float64)
     known = labels.notna().to_numpy() & labels.astype(str).isin(cell_types).to_numpy()
     onehot = (labels.astype(str).to_numpy()[known, None] == np.asarray(cell_types)[None, :]).astype(np.float64)

@@ -37,9 +37,9 @@ MIXED_THRESHOLD = 0.6
 
 
 def synthetic_visium(
+    *,
     seed: int = 0,
     preset: str = "default",
-    *,
     mpp: float | None = None,
     width_um: float | None = None,
     height_um: float | None = None,
@@ -76,13 +76,14 @@ def synthetic_visium(
 
     Returns
     -------
-    ``(sdata, reference)``. ``sdata`` follows the data model (image ``"he"``, circles ``"spots"``,
-    table ``"table"`` with counts) and keeps the ground truth for scoring only: labels
-    ``"truth_labels"``, the table ``"truth_nuclei"`` annotating them (``obs`` ``cell_type``,
-    ``cell_state``, ``compartment``, ``spot_id``; ``obsm["spatial"]`` centroids in px), and in
-    ``"table"`` ``obsm["true_proportions"]``, ``obsm["true_state_proportions"]`` and
-    ``obs["true_compartment"]``. ``reference`` holds raw counts with ``obs["cell_type"]`` and
-    ``obs["cell_state"]``.
+    tuple
+        ``(sdata, reference)``. ``sdata`` follows the data model (image ``"he"``, circles ``"spots"``,
+        table ``"table"`` with counts) and keeps the ground truth for scoring only: labels
+        ``"truth_labels"``, the table ``"truth_nuclei"`` annotating them (``obs`` ``cell_type``,
+        ``cell_state``, ``compartment``, ``spot_id``; ``obsm["spatial"]`` centroids in px), and in
+        ``"table"`` ``obsm["true_proportions"]``, ``obsm["true_state_proportions"]`` and
+        ``obs["true_compartment"]``. ``reference`` holds raw counts with ``obs["cell_type"]`` and
+        ``obs["cell_state"]``.
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
