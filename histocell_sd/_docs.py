@@ -75,7 +75,7 @@ PARAMS: dict[str, str] = {
 """Description of each shared parameter, keyed by its name (``name:variant`` for a variant)."""
 
 _PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)\{(?P<key>\w+(?::\w+)?)\}[ \t]*$")
-_WIDTH = 100
+_WIDTH = 108
 
 
 def format_docstring(doc: str | None) -> str | None:

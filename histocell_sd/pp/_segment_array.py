@@ -188,6 +188,9 @@ def segment_array(
         Least height (seed-score units) a watershed basin's peak must rise above its highest
         saddle to a stronger touching basin, else the two merge; 0 keeps every seed. Tuned on the NuCLS train tiles and
         synthetic slides of seeds 5 and 7.
+    threshold
+        Hematoxylin density above which a pixel can be nucleus; None: the Otsu level of the image's
+        stained pixels (:func:`~histocell_sd.pp.segment_nuclei` passes one level for the whole slide).
 
     Returns
     -------
