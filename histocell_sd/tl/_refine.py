@@ -146,8 +146,9 @@ def refine_deconvolution(
         Cell types predicted by the image model but absent from the reference or proportions:
         ``"raise"`` (default) refuses; ``"image"`` takes their share from the nuclei alone.
     expression_key
-        Name of the imputed expression table this function writes (annotating the nuclei); None skips it. An existing
-        element of that name is refused unless it is an imputed table of an earlier call.
+        Name of the imputed expression table this function writes (annotating the nuclei); None
+        skips it. An existing element of that name is refused unless it is an imputed table of an
+        earlier call.
     match
         ``"correlation"``: each nucleus gets one of the ``top_k`` reference cells of its type best
         correlated with its spot's expression (at random among them, seeded); ``"random"``: any
@@ -163,9 +164,9 @@ def refine_deconvolution(
     -------
     SpatialData or None
         None, or with ``copy=True`` a SpatialData holding the results (tables copied, other
-        elements shared with ``sdata``). Writes ``obsm[key_added]`` in the spots table; ``obs["refined_cell_type"]``
-        (categorical) and ``obsm["refined_cell_type_proba"]`` (the posterior ``q``) in the nucleus
-        table (nuclei outside every spot keep their image prediction); with a reference,
+        elements shared with ``sdata``). Writes ``obsm[key_added]`` in the spots table;
+        ``obs["refined_cell_type"]`` (categorical) and ``obsm["refined_cell_type_proba"]`` (the
+        posterior ``q``) in the nucleus table (nuclei outside every spot keep their image prediction); with a reference,
         ``sdata.tables[expression_key]`` (nuclei × reference genes, ``X`` = the matched cell's raw
         counts, ``obs["matched_cell"]``). Spots without nuclei get the expression view alone (a
         warning counts them).
