@@ -181,7 +181,7 @@ def weak_comparison(args, train: list, test: list, types: list[str], encoder: Pa
 
     def run(name, model, **kwargs):
         start = time.perf_counter()
-        model.fit(train, progress=False, **fit_kwargs(args), **kwargs)
+        model.fit(train, progress=False, **{**fit_kwargs(args), **kwargs})
         fit_s = time.perf_counter() - start
         pred, predict_s = predict_all(test, model)
         preds[name] = pred
