@@ -13,9 +13,13 @@ density around each nucleus. Objectives (``--mode``):
 that benchmarks/real.py uses to score that dataset); its training images (BRCA-M2C train+val, NuCLS train)
 still serve, unlabelled, for SSL, as a user's own training slides would. Test images are never used.
 
+The card's ``metrics`` are linear probes on frozen embeddings of annotated cells (BRCA-M2C train → test
+split, the embedded BRCA-M2C patches 2 train → 4 test, NuCLS train → test tiles); ``--add-metrics FOLDER``
+computes them for an existing encoder without training.
+
 Usage::
 
-    python scripts/train_encoder.py --brca-m2c PATH [--mode both] [--exclude none] [--steps 3000] --out DIR
+    python scripts/train_encoder.py --brca-m2c PATH [--mode both] [--exclude none] [--steps 6000] --out DIR
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import histocell_sd as hc
-from histocell_sd._shipped import write_network
+from histocell_sd._shipped import load_weights, write_network
 from histocell_sd._stain import stain_jitter, to_optical_density
 from histocell_sd.models import NucleusEncoder
 from histocell_sd.pp import nucleus_crops
@@ -101,6 +105,53 @@ def load_sets(brca_path: str, exclude: str) -> tuple[dict, dict]:
     return labelled, {k: np.concatenate(v) for k, v in unlabelled.items()}
 
 
+# ------------------------------------------------------------------------------------------ metrics
+def _dot_crops(patches) -> tuple[np.ndarray, np.ndarray]:
+    """CROP-px crops at the canonical µm/px around the annotated cells of ``(rgb, mpp, points)`` patches."""
+    crops, labels = [], []
+    for rgb, mpp, pts in patches:
+        rgb, scale = _canonical(rgb, mpp)
+        crops.append(nucleus_crops(rgb, pts[["x", "y"]].to_numpy(float) * scale, size=CROP))
+        labels.append(pts["cell_type"].astype(str).to_numpy())
+    return np.concatenate(crops), np.concatenate(labels)
+
+
+def embed(encoder: NucleusEncoder, crops: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([encoder(to_optical_density(torch.from_numpy(crops[i : i + 2048]))) for i in range(0, len(crops), 2048)]).numpy()
+
+
+def linear_probe(encoder: NucleusEncoder, train, test) -> dict:
+    """Weighted/macro F1 of a logistic regression on frozen embeddings, fit on ``train`` dots, scored on ``test``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    (a, ya), (b, yb) = _dot_crops(train), _dot_crops(test)
+    encoder.eval()
+    ea, eb = embed(encoder, a), embed(encoder, b)
+    scaler = StandardScaler().fit(ea)
+    pred = LogisticRegression(max_iter=3000).fit(scaler.transform(ea), ya).predict(scaler.transform(eb))
+    return {"train_cells": int(len(ya)), "test_cells": int(len(yb)),
+            "weighted_f1": round(float(f1_score(yb, pred, average="weighted")), 4), "macro_f1": round(float(f1_score(yb, pred, average="macro")), 4)}
+
+
+def probe_metrics(encoder: NucleusEncoder, brca_path: str | None) -> dict:
+    """Linear probes on held-out cells: BRCA-M2C train → test split, the embedded patches, NuCLS train → test."""
+    def brca(split, path):
+        return (hc.datasets.read_brca_m2c_patch(n, path=path) for n in hc.datasets.brca_m2c_names(split, path=path))
+
+    def nucls(split):
+        return ((rgb, hc.datasets.NUCLS_MPP, pts) for rgb, _, pts in (hc.datasets.read_nucls_tile(n) for n in hc.datasets.nucls_tile_names(split)))
+
+    out = {"protocol": f"logistic regression on frozen embeddings of {CROP}-px crops at {CANONICAL_MPP} µm/px centred on the annotated cells"}
+    if brca_path:
+        out["linear_probe_brca_m2c_test_split"] = linear_probe(encoder, brca("train", brca_path), brca("test", brca_path))
+    out["linear_probe_brca_m2c_embedded"] = linear_probe(encoder, brca("train", None), brca("test", None))
+    out["linear_probe_nucls"] = linear_probe(encoder, nucls("train"), nucls("test"))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ augmentation
 def augment(crops: np.ndarray, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
     """Random rotation (any angle), flip, shift ±2 px, scale 0.9-1.1, stain/density jitter, blur, noise → (n, 3, CROP, CROP) OD."""
@@ -155,7 +206,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--add-metrics", type=Path, metavar="FOLDER",
+                        help="train nothing: copy the encoder at FOLDER to --out with the probe metrics in its card")
     args = parser.parse_args()
+    if args.add_metrics:
+        add_metrics(args.add_metrics, args.brca_m2c, args.out)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
@@ -215,8 +271,20 @@ def main() -> None:
         },
         "licences": {"weights": "MIT (histocell-sd)", "training data": ["BSD-3-Clause (BRCA-M2C)", "CC0-1.0 (NuCLS)", "synthetic (MIT)"]},
     }
+    card["metrics"] = probe_metrics(encoder, args.brca_m2c)
     write_network(args.out, encoder.state_dict(), card)
     print(json.dumps(card, indent=1))
+
+
+def add_metrics(folder: Path, brca_path: str, out: Path) -> None:
+    """Copy the encoder at ``folder`` to ``out`` with the probe metrics in its card (the weights unchanged)."""
+    state, card = load_weights(folder, "encoder")
+    encoder = NucleusEncoder(**card["architecture"])
+    encoder.load_state_dict(state)
+    card = {k: v for k, v in card.items() if k not in ("format", "format_version", "weights_sha256")}
+    card["metrics"] = probe_metrics(encoder, brca_path)
+    write_network(out, state, card)
+    print(json.dumps(card["metrics"], indent=1))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 import histocell_sd as hc
 from histocell_sd import InvalidInputError
 from histocell_sd._shipped import load_weights, shipped_dir
+from histocell_sd._stain import to_optical_density
 from histocell_sd.datasets import CELL_TYPES
 
 
@@ -30,6 +31,37 @@ def test_encoder_card_documents_data_and_licences():
     assert card["preprocessing"]["crop_px"] == 32 and card["preprocessing"]["canonical_mpp"] == 0.5
     assert card["training"]["mode"] == "both" and card["training"]["excluded_datasets"] is None
     assert (shipped_dir("encoder") / "weights.safetensors").stat().st_size < 2**20
+
+
+def test_encoder_card_probe_reproduces_on_embedded_patches():
+    """The card's linear probe on the embedded BRCA-M2C patches (2 train, 4 test) comes out the same here."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    state, card = load_weights(shipped_dir("encoder"), "encoder")
+    encoder = hc.models.NucleusEncoder(**card["architecture"])
+    encoder.load_state_dict(state)
+    encoder.eval()
+
+    def cells(split):
+        crops, labels = [], []
+        for name in hc.datasets.brca_m2c_names(split):
+            rgb, mpp, pts = hc.datasets.read_brca_m2c_patch(name)
+            assert mpp == pytest.approx(0.5, rel=0.02)
+            crops.append(hc.pp.nucleus_crops(rgb, pts[["x", "y"]].to_numpy(float), size=32))
+            labels.append(pts["cell_type"].astype(str).to_numpy())
+        with torch.no_grad():
+            embedding = encoder(to_optical_density(torch.from_numpy(np.concatenate(crops)))).numpy()
+        return embedding, np.concatenate(labels)
+
+    (a, ya), (b, yb) = cells("train"), cells("test")
+    scaler = StandardScaler().fit(a)
+    pred = LogisticRegression(max_iter=3000).fit(scaler.transform(a), ya).predict(scaler.transform(b))
+    expected = card["metrics"]["linear_probe_brca_m2c_embedded"]
+    assert len(yb) == expected["test_cells"]
+    assert f1_score(yb, pred, average="weighted") == pytest.approx(expected["weighted_f1"], abs=0.01)
+    assert f1_score(yb, pred, average="macro") == pytest.approx(expected["macro_f1"], abs=0.01)
 
 
 def test_encoder_bad_inputs(tmp_path):

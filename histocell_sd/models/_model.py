@@ -690,7 +690,9 @@ class HistoCell:
 
     def __repr__(self) -> str:
         trained = "trained" if self.training_summary_ else "untrained"
-        return f"HistoCell({trained}; {len(self.cell_types)} cell types, {len(self.state_names)} states, compartments {self.compartment_labels})"
+        with_states = [t for t in self.cell_types if self.states[t] != [t]]  # a type without states is its own single state
+        states = f"states for {len(with_states)} of them" if with_states else "no states"
+        return f"HistoCell({trained}; {len(self.cell_types)} cell types, {states}, compartments {self.compartment_labels})"
 
 
 def _names(values, what: str) -> list[str]:

@@ -74,7 +74,7 @@ class SegmenterNet(nn.Module):
 
 
 @lru_cache(maxsize=4)
-def _cached(path: str, mtime: float) -> tuple[SegmenterNet, dict]:
+def _cached(path: str, stamp: tuple) -> tuple[SegmenterNet, dict]:
     state, card = load_weights(path, "segmenter")
     net = SegmenterNet(**card["architecture"])
     try:
@@ -101,8 +101,9 @@ def load_segmenter(*, network=None) -> tuple[SegmenterNet, dict]:
     path = shipped_dir(DEFAULT_SEGMENTER) if network is None else Path(network)
     if not path.is_dir():
         raise InvalidInputError(f"No segmenter network folder at {path}.")
-    card_file = path / "card.json"
-    return _cached(str(path.resolve()), card_file.stat().st_mtime if card_file.exists() else 0.0)
+    # re-read whenever either file changes (size or modification time), so a replaced file is never served from cache
+    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in (path / "card.json", path / "weights.safetensors"))
+    return _cached(str(path.resolve()), stamp)
 
 
 def predict_maps(net: SegmenterNet, rgb_uint8: np.ndarray) -> np.ndarray:
