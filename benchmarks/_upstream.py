@@ -146,7 +146,7 @@ def fit_upstream(samples: list[dict], types: list[str], *, epochs: int = 40, lr:
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     best, best_state, waited, history = np.inf, copy.deepcopy(net.state_dict()), 0, []
     started = time.perf_counter()
-    for epoch in range(epochs):
+    for _ in range(epochs):
         net.train()
         order = rng.permutation(len(train))
         for i in range(0, len(order), batch):

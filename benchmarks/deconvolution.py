@@ -45,6 +45,7 @@ from histocell_sd._constants import (
 from histocell_sd.datasets import confused_probabilities, synthetic_visium, truth_as_predictions
 from histocell_sd.models import HistoCell
 
+
 @functools.cache
 def trained_model():
     """HistoCell trained on the spot proportions of synthetic slide seed 0 (nuclei from its truth raster)."""

@@ -79,7 +79,7 @@ def main() -> None:
               "match_distance_um": MATCH_UM}
     result["full_image"] = {}
     for method in ("default", "classical"):
-        xy, sec, mb = measure(lambda: ours(image, mpp, 2, method))
+        xy, sec, mb = measure(lambda method=method: ours(image, mpp, 2, method))
         result["full_image"][f"segment_nuclei_{method}_n_jobs2"] = {"seconds": sec, "peak_rss_growth_mb": mb, **scores(xy, truth, mpp)}
     y0, x0 = [max(0, (s - CROP_PX) // 2) for s in image.shape[:2]]
     crop = np.ascontiguousarray(image[y0 : y0 + CROP_PX, x0 : x0 + CROP_PX])

@@ -151,7 +151,7 @@ def test_the_rules_catch_violations():
 def test_key_names_have_one_meaning():
     """A key parameter means the same kind of element in every function that takes it."""
     defaults = {}
-    for name, _, sig in PUBLIC:
+    for _, _, sig in PUBLIC:
         for p in sig.parameters.values():
             if p.name in ("nuclei_table_key", "spots_table_key", "image_key", "spots_key", "nuclei_key"):
                 defaults.setdefault(p.name, set()).add(p.default)

@@ -19,8 +19,8 @@ import torch
 import histocell_sd as hc
 from histocell_sd import InvalidInputError
 from histocell_sd.models import HistoCell
-from histocell_sd.models._losses import bag_mean, spot_posteriors, symmetric_kl
 from histocell_sd.models._checkpoint import card_sha256
+from histocell_sd.models._losses import bag_mean, spot_posteriors, symmetric_kl
 from histocell_sd.models._modules import NeighbourAttention
 
 FAST = {"epochs": 6, "self_training_epochs": 0, "state_epochs": 2, "progress": False}

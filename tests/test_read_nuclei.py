@@ -266,7 +266,8 @@ def test_label_mask_errors(tmp_path):
 # ---------------------------------------------------------------------------------- end to end
 
 
-def _check_table(sdata, nuclei_table_key="histocell", key_added="nuclei", n=len(DISKS)):
+def _check_table(sdata, nuclei_table_key="histocell", key_added="nuclei", n=None):
+    n = len(DISKS) if n is None else n
     table = sdata.tables[nuclei_table_key]
     assert table.n_obs == n and len(sdata.shapes[key_added]) == n
     # store_nuclei puts pixel (r, c) at [c, c + 1) × [r, r + 1): a disk centred on pixel (x, y) has centroid (x + .5, y + .5)

@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 from .._constants import HISTOCELL_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._stain import stain_jitter, to_optical_density
 from .._utils import mean_per_type_pearson
 from ..io import check_proportions, get_mpp, resolve_key
+from ._encoder import resolve_encoder
 from ._inputs import SampleInputs, sample_inputs
 from ._losses import bag_mean, spot_posteriors, symmetric_kl
-from .._stain import stain_jitter, to_optical_density
-from ._encoder import resolve_encoder
 from ._modules import ContextEncoder, HistoCellNet
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     # No batch norm: it is slow on CPU and the nets are shallow enough to train without it.
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation), nn.ReLU(inplace=True))

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 from joblib import Parallel, delayed
+from scipy import ndimage as ndi
 from spatialdata import SpatialData
 from tqdm.auto import tqdm
 

@@ -104,7 +104,7 @@ def composition_em(
     gamma = np.ones(Y.shape[1])
     pooled = Y.sum(axis=0)
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
         if platform_effects:
             mu, rho = _scaled(base_mu, base_rho, gamma)
         w = pi * rho

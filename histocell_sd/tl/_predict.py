@@ -18,11 +18,11 @@ from .._constants import (
     EMBEDDING_KEY,
     ENTROPY_KEY,
     HISTOCELL_KEY,
+    PALETTE,
     PREDICTED_PROPORTIONS_KEY,
     SPOT_ID_KEY,
     TABLE_KEY,
 )
-from .._constants import PALETTE
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import copy_for_writing

@@ -395,7 +395,7 @@ def _em(E, likelihood, spot_of, members, n_nuclei, strength, max_iter, tol, reca
     pi = E.copy()
     Q = np.zeros_like(likelihood)
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
         q = likelihood[inside] * pi[spot_of[inside]]
         q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
         Q[inside] = q
