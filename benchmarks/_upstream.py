@@ -1,9 +1,12 @@
 """The upstream HistoCell design, re-written in plain torch for the real-data benchmark.
 
-As in the released HistoCell code (recolyce/HistoCell, model/arch.py, data.py): one ResNet18 shared by
-every nucleus crop (the nucleus bounding box resized to 30 × 30 px) and the tile around the spot
+As in the released HistoCell code (recolyce/HistoCell, model/arch.py, data.py): a ResNet18 over every
+nucleus crop (the nucleus bounding box resized to 30 × 30 px) and one over the tile around the spot
 (256 px resized to 128 px), a bounding-box size embedding, an LSTM over [tile, nucleus] and a softmax
-head whose mean over a spot's nuclei is matched to the spot proportions. No ImageNet weights here
+head whose mean over a spot's nuclei is matched to the spot proportions. Upstream shares one ResNet
+between crops and tiles; with batch norm in eval mode that normalises the crops with running statistics
+dominated by the tiles (the last inputs of each training step), which collapsed the predictions to one
+class on BRCA-M2C (weighted F1 0.09), so here crops and tiles have a ResNet each. No ImageNet weights here
 (nothing is downloaded): the ResNet starts from scratch, as our encoder does with ``encoder="scratch"``.
 The upstream graph layer returns its input unchanged (``concat=False``), so it is left out; dropout is
 off at inference (upstream keeps it on, one of the faults this project does not copy). Training uses
@@ -66,6 +69,7 @@ class UpstreamNet(nn.Module):
     def __init__(self, n_types: int):
         super().__init__()
         self.resnet = ResNet18()
+        self.tile_resnet = ResNet18()
         self.size_embed = nn.Sequential(nn.Linear(2, 16), nn.ReLU())
         self.merge = nn.Linear(512 + 16, 512)
         self.lstm = nn.LSTM(512, 512, batch_first=True)
@@ -76,7 +80,7 @@ class UpstreamNet(nn.Module):
         """Type logits of each nucleus; ``tile`` (t, 3, 128, 128), ``crops`` (n, 3, 30, 30), ``tile_of`` (n,)."""
         cells = self.merge(torch.cat([self.resnet(crops), self.size_embed(sizes)], 1))
         cells = self.dropout(cells)
-        tiles = self.resnet(tile)[tile_of]
+        tiles = self.tile_resnet(tile)[tile_of]
         out, _ = self.lstm(torch.stack([tiles, cells], 1))
         return self.head(self.dropout(out[:, 1]))
 

@@ -35,10 +35,13 @@ with ``--exclude`` into ``--lodo-dir`` (reused when present; the JSON records th
 
 Usage::
 
-    python benchmarks/real.py [--brca-m2c PATH] [--sections ...] [--quick] [--dev] [--out FILE]
+    python benchmarks/real.py [--brca-m2c PATH] [--sections ...] [--models ...] [--update] [--quick] [--dev] [--out FILE]
 
 ``--dev`` trains on the train split and scores the val split (for development; never report it).
 ``--quick`` uses a few patches and few epochs (smoke test of the script).
+``--models`` runs only some models of the weak sections; with ``--update`` the results are merged into an
+existing ``--out`` (what is re-run replaces its old entry; ``runs`` lists every invocation, and each section
+says which run measured it, ``models_run`` which run measured each model).
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MATCH_UM = 3.0
 TYPES = list(hc.datasets.BRCA_M2C_CLASSES)
 ST_DIAMETER_UM, ST_PITCH_UM = 100.0, 110.0
+MODELS = ("weak", "weak_scratch_encoder", "supervised_twin", "upstream_design", "baselines")
+WEAK_SECTIONS = ("weak20x", "weak40x")
 NUCLS_SPOT_UM = 20.0
 
 
@@ -190,42 +195,58 @@ def weak_comparison(args, train: list, test: list, types: list[str], encoder: Pa
         print(f"  {name}: weighted F1 {scores[name]['weighted_f1']}, macro {scores[name]['macro_f1']} ({fit_s:.0f} s)", file=sys.stderr, flush=True)
         return model
 
-    weak = run("weak", hc.HistoCell(types, encoder=encoder))
-    run("weak_scratch_encoder", hc.HistoCell(types, encoder="scratch"))
-    run("supervised_twin", hc.HistoCell(types, encoder=encoder), nucleus_labels_key="true_cell_type", self_training_epochs=0)
+    models = args.models
+    if "weak" in models:
+        result["_weak_model"] = run("weak", hc.HistoCell(types, encoder=encoder))
+    if "weak_scratch_encoder" in models:
+        run("weak_scratch_encoder", hc.HistoCell(types, encoder="scratch"))
+    if "supervised_twin" in models:
+        run("supervised_twin", hc.HistoCell(types, encoder=encoder), nucleus_labels_key="true_cell_type", self_training_epochs=0)
 
-    start = time.perf_counter()
-    up, up_info = fit_upstream([training_sample(s) for s in train], types, epochs=3 if args.quick else 40)
-    proba = [predict_upstream(up, s, types)[0] for s in test]
-    pred = np.asarray(types, dtype=object)[np.concatenate(proba).argmax(1)]
-    scores["upstream_design"] = classification(y, pred[known], types)
-    training["upstream_design"] = up_info | {"total_s": round(time.perf_counter() - start, 1)}
-    print(f"  upstream: weighted F1 {scores['upstream_design']['weighted_f1']}, macro {scores['upstream_design']['macro_f1']}", file=sys.stderr, flush=True)
+    if "upstream_design" in models:
+        start = time.perf_counter()
+        up, up_info = fit_upstream([training_sample(s) for s in train], types, epochs=3 if args.quick else 40)
+        proba = [predict_upstream(up, s, types)[0] for s in test]
+        pred = np.asarray(types, dtype=object)[np.concatenate(proba).argmax(1)]
+        scores["upstream_design"] = classification(y, pred[known], types)
+        training["upstream_design"] = up_info | {"total_s": round(time.perf_counter() - start, 1)}
+        result["_upstream"] = up
+        print(f"  upstream: weighted F1 {scores['upstream_design']['weighted_f1']}, macro {scores['upstream_design']['macro_f1']}", file=sys.stderr, flush=True)
 
-    props = [s.tables["table"].obsm["proportions"][types] for s in train]
-    priors = prior_baselines(props, int(known.sum()), types)
-    result["training_mean_proportions"] = priors.pop("_mean_training_proportions")
-    for name, p in priors.items():
-        scores[f"prior_{name}"] = classification(y, p, types)
-    morph = morphology_baselines([(s.tables["histocell"], s.tables["table"].obsm["proportions"][types]) for s in train],
-                                 ad.concat([s.tables["histocell"] for s in test]), types)
-    for name, p in morph.items():
-        scores[f"morphology_{name}"] = classification(y, np.asarray(p)[known], types)
+    if "baselines" in models:
+        props = [s.tables["table"].obsm["proportions"][types] for s in train]
+        priors = prior_baselines(props, int(known.sum()), types)
+        result["training_mean_proportions"] = priors.pop("_mean_training_proportions")
+        for name, p in priors.items():
+            scores[f"prior_{name}"] = classification(y, p, types)
+        morph = morphology_baselines([(s.tables["histocell"], s.tables["table"].obsm["proportions"][types]) for s in train],
+                                     ad.concat([s.tables["histocell"] for s in test]), types)
+        for name, p in morph.items():
+            scores[f"morphology_{name}"] = classification(y, np.asarray(p)[known], types)
     result["scores"] = scores
     result["training"] = training
-    best_morph = max(v["weighted_f1"] for k, v in scores.items() if k.startswith("morphology_"))
-    result["summary"] = {
-        "weak_weighted_f1": scores["weak"]["weighted_f1"],
-        "weak_macro_f1": scores["weak"]["macro_f1"],
-        "supervised_twin_weighted_f1": scores["supervised_twin"]["weighted_f1"],
-        "weak_over_supervised_weighted_f1": round(scores["weak"]["weighted_f1"] / max(scores["supervised_twin"]["weighted_f1"], 1e-9), 4),
-        "upstream_weighted_f1": scores["upstream_design"]["weighted_f1"],
-        "scratch_weighted_f1": scores["weak_scratch_encoder"]["weighted_f1"],
-        "best_morphology_weighted_f1": best_morph,
-    }
-    result["_weak_model"] = weak
-    result["_upstream"] = up
     return result
+
+
+def weak_summary(scores: dict) -> dict:
+    """The headline figures of a weak-supervision comparison (those of the models that were run)."""
+    def f1(name, kind="weighted_f1"):
+        return scores[name][kind] if name in scores else None
+
+    morph = [v["weighted_f1"] for k, v in scores.items() if k.startswith("morphology_")]
+    weak, twin = f1("weak"), f1("supervised_twin")
+    return {"weak_weighted_f1": weak, "weak_macro_f1": f1("weak", "macro_f1"), "supervised_twin_weighted_f1": twin,
+            "weak_over_supervised_weighted_f1": round(weak / max(twin, 1e-9), 4) if weak is not None and twin is not None else None,
+            "upstream_weighted_f1": f1("upstream_design"), "scratch_weighted_f1": f1("weak_scratch_encoder"),
+            "best_morphology_weighted_f1": max(morph) if morph else None}
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` updated by ``new``, recursively for dictionaries (what was not re-run is kept)."""
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -431,6 +452,10 @@ def main() -> None:
     parser.add_argument("--dirichlet", type=float, default=10.0, help="concentration of the Dirichlet noise (st_like)")
     parser.add_argument("--dev", action="store_true", help="train on train, score val (development only)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="models of the weak sections (default: all): " + ", ".join(MODELS))
+    parser.add_argument("--update", action="store_true",
+                        help="merge into an existing --out: the sections and models run now replace theirs, the rest is kept")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -439,10 +464,18 @@ def main() -> None:
     unknown = set(sections) - {"detection", "weak20x", "weak40x", "st_like", "nucls", "speed"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if set(args.models) - set(MODELS):
+        parser.error(f"unknown models {sorted(set(args.models) - set(MODELS))}")
+    if "speed" in sections and not {"weak", "upstream_design"} <= set(args.models):
+        parser.error("the speed section needs the models weak and upstream_design")
     torch.manual_seed(0)
-    out = {"argv": sys.argv[1:], "dev_split": args.dev, "quick": args.quick, "cpu_count": os.cpu_count(),
+    run = {"argv": sys.argv[1:], "dev_split": args.dev, "quick": args.quick, "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()}
+    previous = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
+    runs = previous.get("runs", [])
+    out = {}
     started = time.perf_counter()
     weak = None
     for name in sections:
@@ -464,8 +497,16 @@ def main() -> None:
                 parser.error("the speed section needs weak20x in the same run")
             out[name] = section_speed(args, weak)
         out[name]["section_s"] = round(time.perf_counter() - t0, 1)
-    out["total_s"] = round(time.perf_counter() - started, 1)
-    out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        out[name]["run"] = len(runs)  # index into "runs": which invocation measured this
+        if name in WEAK_SECTIONS:
+            out[name]["models_run"] = {m: len(runs) for m in args.models}
+    run["total_s"] = round(time.perf_counter() - started, 1)
+    run["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    out = merge(previous, out)
+    for name in WEAK_SECTIONS:
+        if name in out:
+            out[name]["summary"] = weak_summary(out[name]["scores"])
+    out["runs"] = [*runs, run]
     text = json.dumps(out, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
