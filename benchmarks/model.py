@@ -246,7 +246,7 @@ def section_synthetic(args) -> dict:
     scores = {}
 
     # (a) weak
-    weak = TimedHistoCell(types, CELL_STATES, compartments=COMPARTMENTS)
+    weak = TimedHistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
     weak.fit(train, seed=0, progress=False, **fit_kwargs)
     pred, predict_s = predictions(test, weak)
     scores["weak"] = classification(true_type, pred["cell_type"].to_numpy()[matched], types)
@@ -280,7 +280,7 @@ def section_synthetic(args) -> dict:
         scores[f"morphology_{name}"] = classification(true_type, np.asarray(p)[matched], types)
 
     # (d) supervised twin
-    sup = TimedHistoCell(types, CELL_STATES, compartments=COMPARTMENTS)
+    sup = TimedHistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
     sup_kwargs = fit_kwargs | {"state_epochs": 0}  # only the type head is scored
     sup.fit(train, seed=0, progress=False, nucleus_labels_key="true_type", **sup_kwargs)
     pred_sup, _ = predictions(test, sup)
@@ -339,7 +339,7 @@ def section_speed(args, estimate_epoch_s_per_spot: float | None, trained=None) -
     if args.speed_train == "fit" or trained is None:
         fit_kwargs = {"epochs": 2, "self_training_epochs": 1, "state_epochs": 1} if args.quick else cli_epochs(args)
         result["fit_kwargs"] = fit_kwargs or "defaults"
-        model = TimedHistoCell(types, CELL_STATES, compartments=COMPARTMENTS)
+        model = TimedHistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
         model.fit(sdata, seed=0, progress=False, **fit_kwargs)
         t = model.timing_summary()
         result["training"] = t | {"summary": model.training_summary_}
