@@ -217,8 +217,10 @@ def predictions(sdata, model, **kwargs) -> tuple[pd.DataFrame, float]:
     start = time.perf_counter()
     tl.predict(sdata, model, progress=False, **kwargs)
     seconds = time.perf_counter() - start
-    obs = sdata.tables[HISTOCELL_KEY].obs
-    return obs[["cell_type", "cell_state", "compartment"]].astype(str).copy(), seconds
+    obs = sdata.tables[HISTOCELL_KEY].obs.copy()
+    if "cell_state" not in obs:  # a model whose state heads were not trained writes no states
+        obs["cell_state"] = np.nan
+    return obs[["cell_type", "cell_state", "compartment"]].astype(str), seconds
 
 
 # ---------------------------------------------------------------------------------------- sections
