@@ -258,7 +258,7 @@ def main() -> None:
         "training": {
             "script": "scripts/train_encoder.py",
             "commit": _commit(),
-            "argv": sys.argv[1:],
+            "argv": [a if a != args.brca_m2c else "BRCA_M2C_PATH" for a in sys.argv[1:]],  # no local paths in a card that ships
             "mode": args.mode,
             "labelled": {k: {"nuclei": int(len(v[0])), "classes": v[2]} for k, v in labelled.items()},
             "unlabelled_crops": {k: int(len(v)) for k, v in unlabelled.items()},

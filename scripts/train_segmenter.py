@@ -320,7 +320,7 @@ def main() -> None:
         "training": {
             "script": "scripts/train_segmenter.py",
             "commit": _commit(),
-            "argv": sys.argv[1:],
+            "argv": [a if a != args.brca_m2c else "BRCA_M2C_PATH" for a in sys.argv[1:]],  # no local paths in a card that ships
             "datasets": {
                 "brca_m2c": "BRCA-M2C train split, class dots -> centre maps (BSD 3-Clause; Abousamra et al., ICCV 2021)" if "brca_m2c" in used else None,
                 "nucls": "NuCLS train tiles (10) embedded in histocell_sd, instance masks (CC0 1.0; Amgad et al., GigaScience 2022)" if "nucls" in used else None,
