@@ -15,7 +15,7 @@ from scipy import sparse
 from spatialdata.transformations import get_transformation
 
 from histocell_sd import InvalidInputError
-from histocell_sd.io import read_visium, validate
+from histocell_sd.io import SpotsTableModel, read_visium, validate
 
 N_SPOTS = 20
 SPOT_DIAMETER_FULLRES = 18.0
@@ -89,6 +89,9 @@ def test_read_visium(tmp_path, positions_file):
     assert set(sdata.images) == {"he", "sampleA_hires_image", "sampleA_lowres_image"}
     assert set(sdata.shapes) == {"spots"}
     assert set(sdata.tables) == {"table"}
+    SpotsTableModel.validate(sdata.tables["table"])
+    circles = sdata.shapes["spots"].loc[sdata.tables["table"].obs_names]
+    np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], np.column_stack([circles.geometry.x, circles.geometry.y]))
     assert sdata.attrs["mpp"] == pytest.approx(55 / SPOT_DIAMETER_FULLRES)
     assert sdata.attrs["sample_id"] == "sampleA"
 

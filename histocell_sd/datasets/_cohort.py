@@ -14,7 +14,7 @@ import pandas as pd
 import shapely
 from scipy.spatial import cKDTree
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.models import Image2DModel, ShapesModel
 from spatialdata.transformations import Identity
 from tqdm.auto import tqdm
 
@@ -30,13 +30,13 @@ from .._constants import (
     NUCLEI_KEY,
     NUCLEUS_ID_KEY,
     PREDICTED_PROPORTIONS_KEY,
-    REGION_KEY,
     SPATIAL_KEY,
     SPOT_ID_KEY,
     TABLE_KEY,
 )
 from .._docs import inject_docs
 from .._errors import InvalidInputError
+from ..io._schema import NucleiTableModel, set_categorical
 from ._synthetic import TRUTH_TABLE_KEY
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
 
@@ -259,7 +259,7 @@ def _sample_sdata(rng, cells: pd.DataFrame, side_um: float, mpp: float, states, 
     radius_px = NUCLEUS_RADIUS_UM / mpp * rng.uniform(0.8, 1.2, len(cells))
     shapes = {NUCLEI_KEY: _circles(xy_px, radius_px)}
     table = _prediction_table(
-        rng, xy_px, cells["cell_type"], cells["cell_state"], cells["compartment"], states, centres, region=NUCLEI_KEY
+        rng, xy_px, cells["cell_type"], cells["cell_state"], cells["compartment"], states, centres, region=NUCLEI_KEY, mpp=mpp, method="truth"
     )
     images = {}
     if image:
@@ -276,8 +276,12 @@ def _circles(xy_px: np.ndarray, radius_px: np.ndarray) -> gpd.GeoDataFrame:
     return ShapesModel.parse(gpd.GeoDataFrame(geometry=gpd.GeoSeries(polys, index=names)), transformations={COORDINATE_SYSTEM: Identity()})
 
 
-def _prediction_table(rng, xy_px, cell_type, cell_state, compartment, states, centres, region: str, type_noise: float = 0.0) -> ad.AnnData:
-    """A nuclei table in the prediction layout from known labels (``type_noise``: share randomised)."""
+def _prediction_table(
+    rng, xy_px, cell_type, cell_state, compartment, states, centres, region: str, *, mpp: float, method: str, type_noise: float = 0.0,
+    spot_ids=None, proba: pd.DataFrame | None = None,
+) -> ad.AnnData:
+    """A nuclei table in the prediction layout from known labels (``type_noise``: share randomised; ``proba``:
+    type probabilities to store instead, ``cell_type`` becoming their argmax)."""
     n = len(xy_px)
     cell_type = np.asarray(cell_type, dtype=object).copy()
     cell_state = np.asarray(cell_state, dtype=object).copy()
@@ -288,26 +292,27 @@ def _prediction_table(rng, xy_px, cell_type, cell_state, compartment, states, ce
             if cell_state[i] not in CELL_STATES[cell_type[i]]:
                 cell_state[i] = CELL_STATES[cell_type[i]][rng.integers(len(CELL_STATES[cell_type[i]]))]
     onehot = (cell_type[:, None] == np.asarray(CELL_TYPES, dtype=object)[None, :]).astype(float)
-    proba = 0.7 * onehot + 0.3 * rng.dirichlet(np.ones(len(CELL_TYPES)), n)
+    noise = rng.dirichlet(np.ones(len(CELL_TYPES)), n)
     s_idx = pd.Categorical(cell_state, categories=states).codes
     emb = centres[s_idx] + rng.normal(0, 0.6, (n, centres.shape[1]))
     obs_names = [f"nucleus_{i}" for i in range(1, n + 1)]
-    obs = pd.DataFrame(index=obs_names)
-    obs[REGION_KEY] = pd.Categorical([region] * n, categories=[region])
-    obs[NUCLEUS_ID_KEY] = obs_names
-    obs[SPOT_ID_KEY] = pd.Series(np.full(n, np.nan, dtype=object), index=obs_names)
-    obs[CELL_TYPE_KEY] = pd.Categorical(cell_type, categories=list(CELL_TYPES))
-    obs[CELL_STATE_KEY] = pd.Categorical(cell_state, categories=states)
-    obs[COMPARTMENT_KEY] = pd.Categorical(np.asarray(compartment, dtype=object), categories=list(COMPARTMENTS))
+    if proba is None:
+        proba = pd.DataFrame(0.7 * onehot + 0.3 * noise, index=obs_names, columns=list(CELL_TYPES))
+    else:
+        proba = proba.set_axis(obs_names)
+        cell_type = np.asarray(CELL_TYPES, dtype=object)[proba.to_numpy().argmax(axis=1)]
     adata = ad.AnnData(
-        obs=obs,
-        obsm={
-            SPATIAL_KEY: np.asarray(xy_px, dtype=np.float64),
-            CELL_TYPE_PROBA_KEY: pd.DataFrame(proba, index=obs_names, columns=list(CELL_TYPES)),
-            EMBEDDING_KEY: emb.astype(np.float32),
-        },
+        obs=pd.DataFrame(index=obs_names),
+        obsm={SPATIAL_KEY: np.asarray(xy_px, dtype=np.float64), CELL_TYPE_PROBA_KEY: proba, EMBEDDING_KEY: emb.astype(np.float32)},
     )
-    return TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
+    for key, labels, values in (
+        (CELL_TYPE_KEY, list(CELL_TYPES), cell_type), (CELL_STATE_KEY, list(states), cell_state), (COMPARTMENT_KEY, list(COMPARTMENTS), compartment),
+    ):
+        set_categorical(adata, key, labels, pd.Categorical(np.asarray(values, dtype=object), categories=labels).codes)
+    return NucleiTableModel.parse(
+        adata, region=region, mpp=mpp, method=method, spot_ids=spot_ids,
+        cell_types=list(CELL_TYPES), states=list(states), compartments=list(COMPARTMENTS),
+    )
 
 
 def _render(rng, xy_px, radius_px, cell_type, size: int):
@@ -369,25 +374,20 @@ def truth_as_predictions(
     if not 0 <= type_noise <= 1:
         raise InvalidInputError(f"type_noise must be in [0, 1], got {type_noise!r}.")
     truth = sdata.tables[TRUTH_TABLE_KEY]
+    xy = np.asarray(truth.obsm["spatial"], dtype=np.float64)
+    if proba is not None and (proba.shape[0] != len(xy) or list(proba.columns) != list(CELL_TYPES)):
+        raise InvalidInputError(f"proba must have one row per truth nucleus ({len(xy)}) and the columns {list(CELL_TYPES)}.")
     mpp = float(sdata.attrs["mpp"])
     rng = np.random.default_rng(seed)
     states = [s for t in CELL_TYPES for s in CELL_STATES[t]]
     centres = np.random.default_rng(12345).normal(0, 1.6, size=(len(states), EMBEDDING_DIM))
-    xy = np.asarray(truth.obsm["spatial"], dtype=np.float64)
     radius = truth.obs["minor_um"].to_numpy(dtype=float) / 2 / mpp if "minor_um" in truth.obs else np.full(len(xy), NUCLEUS_RADIUS_UM / mpp)
-    sdata.shapes[key_added] = _circles(xy, np.maximum(radius, 1.0))
+    method = "given probabilities" if proba is not None else "truth" if type_noise == 0 else f"truth+{type_noise:g} type noise"
     table = _prediction_table(
-        rng, xy, truth.obs["cell_type"], truth.obs["cell_state"], truth.obs["compartment"], states, centres, region=key_added, type_noise=type_noise
+        rng, xy, truth.obs["cell_type"], truth.obs["cell_state"], truth.obs["compartment"], states, centres, region=key_added,
+        mpp=mpp, method=method, type_noise=type_noise, spot_ids=truth.obs["spot_id"].to_numpy(), proba=proba,
     )
-    table.obs[SPOT_ID_KEY] = truth.obs["spot_id"].to_numpy()
-    table.uns["histocell"] = {"mpp": mpp, "method": "truth" if type_noise == 0 else f"truth+{type_noise:g} type noise"}
-    if proba is not None:
-        if proba.shape[0] != len(xy) or list(proba.columns) != list(CELL_TYPES):
-            raise InvalidInputError(f"proba must have one row per truth nucleus ({len(xy)}) and the columns {list(CELL_TYPES)}.")
-        proba = proba.set_axis(table.obs_names)
-        table.obsm[CELL_TYPE_PROBA_KEY] = proba
-        table.obs[CELL_TYPE_KEY] = pd.Categorical(np.asarray(CELL_TYPES)[proba.to_numpy().argmax(axis=1)], categories=list(CELL_TYPES))
-        table.uns["histocell"]["method"] = "given probabilities"
+    sdata.shapes[key_added] = _circles(xy, np.maximum(radius, 1.0))
     sdata.tables[nuclei_table_key] = table
     if TABLE_KEY in sdata.tables:
         spots = sdata.tables[TABLE_KEY]

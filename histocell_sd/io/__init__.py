@@ -4,11 +4,15 @@ from ._arrays import from_arrays
 from ._elements import get_image, get_mpp, resolve_key
 from ._nuclei import read_nuclei
 from ._proportions import check_proportions, read_proportions
+from ._schema import ExpressionTableModel, NucleiTableModel, SpotsTableModel
 from ._validate import validate
 from ._visium import read_visium
 from ._zarr import read_zarr, write_zarr
 
 __all__ = [
+    "ExpressionTableModel",
+    "NucleiTableModel",
+    "SpotsTableModel",
     "check_proportions",
     "from_arrays",
     "get_image",

@@ -10,14 +10,13 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.models import Image2DModel, ShapesModel
 from spatialdata.transformations import Identity
 
 from .._constants import (
     COORDINATE_SYSTEM,
     IMAGE_KEY,
     PROPORTIONS_KEY,
-    REGION_KEY,
     SPOT_ID_KEY,
     SPOTS_KEY,
     TABLE_KEY,
@@ -26,6 +25,7 @@ from .._constants import (
 from .._errors import InvalidInputError
 from ._elements import check_mpp
 from ._proportions import align_to_spots, check_proportions
+from ._schema import SpotsTableModel
 
 
 def from_arrays(
@@ -76,7 +76,7 @@ def from_arrays(
         xy, spot_ids = _check_spot_centers(spot_centers, counts, proportions, (height, width))
         radius = spot_diameter_um / 2 / mpp
         elements["shapes"] = {SPOTS_KEY: spots_element(xy, radius, spot_ids)}
-        elements["tables"] = {TABLE_KEY: spots_table(spot_ids, counts, proportions)}
+        elements["tables"] = {TABLE_KEY: spots_table(spot_ids, counts, proportions, centers=xy)}
     return SpatialData(**elements, attrs={"mpp": mpp, "sample_id": str(sample_id)})
 
 
@@ -110,8 +110,9 @@ def spots_element(xy: np.ndarray, radius: float, spot_ids):
     )
 
 
-def spots_table(spot_ids, counts=None, proportions=None, region: str = SPOTS_KEY) -> ad.AnnData:
-    """The spots table: counts in ``X`` (when given), ``obsm["proportions"]``, annotating ``region``."""
+def spots_table(spot_ids, counts=None, proportions=None, region: str = SPOTS_KEY, *, centers=None) -> ad.AnnData:
+    """The spots table (:class:`SpotsTableModel`): counts in ``X`` (when given), ``obsm["proportions"]``,
+    spot centres (x, y px) in ``obsm["spatial"]``, annotating ``region``."""
     spot_ids = pd.Index(spot_ids).astype(str)
     if counts is None:
         adata = ad.AnnData(sparse.csr_matrix((len(spot_ids), 0), dtype=np.float32), obs=pd.DataFrame(index=spot_ids))
@@ -119,9 +120,7 @@ def spots_table(spot_ids, counts=None, proportions=None, region: str = SPOTS_KEY
         adata = _counts_anndata(counts, spot_ids)
     if proportions is not None:
         adata.obsm[PROPORTIONS_KEY] = check_proportions(proportions, spot_ids=spot_ids)
-    adata.obs[REGION_KEY] = pd.Categorical([region] * adata.n_obs)
-    adata.obs[SPOT_ID_KEY] = adata.obs_names.to_numpy()
-    return TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=SPOT_ID_KEY)
+    return SpotsTableModel.parse(adata, region=region, centers=centers)
 
 
 def _counts_anndata(counts, spot_ids: pd.Index) -> ad.AnnData:

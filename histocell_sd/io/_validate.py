@@ -13,6 +13,7 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import get_image, get_mpp, resolve_key
 from ._proportions import SUM_TOLERANCE
+from ._schema import NucleiTableModel, SpotsTableModel
 
 
 @inject_docs
@@ -31,7 +32,8 @@ def validate(
 
     Checks ``attrs["mpp"]``; the RGB uint8 image; that every element lives in the ``global``
     coordinate system; spot circles inside the image; the spots table's annotation and proportions
-    (finite, non-negative, rows summing to 1); nuclei polygons and their table when present.
+    (finite, non-negative, rows summing to 1); nuclei polygons and their table when present; each table
+    against its layout (:class:`SpotsTableModel`, :class:`NucleiTableModel`).
 
     Parameters
     ----------
@@ -63,6 +65,7 @@ def validate(
         _check_spots(sdata, spots_key, image_key)
         spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
         _check_annotating_table(sdata, spots_table_key, spots_key)
+        SpotsTableModel.validate(sdata.tables[spots_table_key], name=f"tables[{spots_table_key!r}]")
         if proportions_key in sdata.tables[spots_table_key].obsm:
             table = sdata.tables[spots_table_key]
             _check_stored_proportions(table.obsm[proportions_key], f"tables[{spots_table_key!r}].obsm[{proportions_key!r}]")
@@ -71,6 +74,7 @@ def validate(
         _check_in_global(sdata, nuclei_key)
         nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
         _check_annotating_table(sdata, nuclei_table_key, nuclei_key)
+        NucleiTableModel.validate(sdata.tables[nuclei_table_key], name=f"tables[{nuclei_table_key!r}]")
 
 
 def _check_in_global(sdata: SpatialData, key: str) -> None:

@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.models import Image2DModel, ShapesModel
 from spatialdata.transformations import get_transformation
 
 from .._constants import (
     COORDINATE_SYSTEM,
     IMAGE_KEY,
-    REGION_KEY,
     SPOT_ID_KEY,
     SPOTS_KEY,
     TABLE_KEY,
     VISIUM_SPOT_DIAMETER_UM,
 )
 from .._errors import InvalidInputError
+from ._schema import SpotsTableModel
 from ._validate import validate
 
 _POSITIONS_FILES = ("tissue_positions_list.csv", "tissue_positions.csv")  # the reader's order
@@ -220,7 +220,5 @@ def _spots_and_table(table, circles, positions_path: Path):
     adata = table.copy()
     adata.uns.pop("spatialdata_attrs", None)
     adata.obs_names = barcodes
-    adata.obs[SPOT_ID_KEY] = barcodes.to_numpy()
-    adata.obs[REGION_KEY] = pd.Categorical([SPOTS_KEY] * adata.n_obs)
-    adata = TableModel.parse(adata, region=SPOTS_KEY, region_key=REGION_KEY, instance_key=SPOT_ID_KEY)
+    adata = SpotsTableModel.parse(adata, region=SPOTS_KEY)
     return adata, circles

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 from skimage.color import rgb2hed
 from skimage.measure import find_contours
 from spatialdata import SpatialData
-from spatialdata.models import Labels2DModel, ShapesModel, TableModel, get_table_keys
+from spatialdata.models import Labels2DModel, ShapesModel, get_table_keys
 from spatialdata.transformations import Identity, Translation
 
 from .._constants import (
@@ -30,13 +30,12 @@ from .._constants import (
     IMAGE_KEY,
     NUCLEI_KEY,
     NUCLEUS_ID_KEY,
-    REGION_KEY,
-    SPOT_ID_KEY,
     SPOTS_KEY,
 )
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io._elements import get_image, get_mpp, resolve_key
+from ..io._schema import NucleiTableModel, merge_metadata
 
 __all__ = ["FEATURES", "store_nuclei"]
 
@@ -136,7 +135,7 @@ def store_nuclei(
     names = pd.Index([f"nucleus_{i}" for i in ids], name=NUCLEUS_ID_KEY)
     spot_ids = None if spots is None else _spot_ids(spots, centroids)
     table = _table(features, centroids, names, spot_ids, key_added, mpp, method)
-    table.uns["histocell"]["labels_key"] = labels_key
+    merge_metadata(table, labels_key=labels_key)
     _remove(sdata, *ours)
     sdata.shapes[key_added] = _shapes_element(polygons, names)
     sdata.tables[nuclei_table_key] = table
@@ -346,18 +345,11 @@ def _spot_ids(spots, centroids: np.ndarray) -> pd.Series:
 
 
 def _table(features, centroids, names, spot_ids, region, mpp, method) -> ad.AnnData:
-    """The nucleus table annotating ``region``."""
-    obs = pd.DataFrame(index=names.astype(str).rename(None))
-    obs[REGION_KEY] = pd.Categorical([region] * len(obs), categories=[region])
-    obs[NUCLEUS_ID_KEY] = obs.index.to_numpy()
-    if spot_ids is not None:  # categorical: a missing spot stays missing through zarr and h5ad (an object column would become "nan")
-        present = sorted(spot_ids.dropna().unique())
-        obs[SPOT_ID_KEY] = pd.Categorical(spot_ids.to_numpy(), categories=present)
+    """The nucleus table annotating ``region`` (:class:`~histocell_sd.io.NucleiTableModel`)."""
     adata = ad.AnnData(
         X=features.to_numpy(dtype=np.float32),
-        obs=obs,
+        obs=pd.DataFrame(index=names.astype(str).rename(None)),
         var=pd.DataFrame(index=list(FEATURES)),
         obsm={"spatial": np.asarray(centroids, dtype=np.float64).reshape(-1, 2)},
-        uns={"histocell": {"mpp": float(mpp), "method": str(method), "features": dict(FEATURES)}},
     )
-    return TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
+    return NucleiTableModel.parse(adata, region=region, mpp=mpp, method=method, spot_ids=spot_ids, features=dict(FEATURES))

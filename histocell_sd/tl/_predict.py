@@ -18,7 +18,6 @@ from .._constants import (
     EMBEDDING_KEY,
     ENTROPY_KEY,
     HISTOCELL_KEY,
-    PALETTE,
     PREDICTED_PROPORTIONS_KEY,
     SPOT_ID_KEY,
     TABLE_KEY,
@@ -27,6 +26,7 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import copy_for_writing
 from ..io import resolve_key
+from ..io._schema import NucleiTableModel, merge_metadata, set_categorical
 from ..models import HistoCell
 
 
@@ -98,35 +98,27 @@ def predict(
         del table.uns[key]
     type_proba = pd.DataFrame(out["type"], index=table.obs_names, columns=model.cell_types)
     table.obsm[CELL_TYPE_PROBA_KEY] = type_proba
-    _categorical(table, CELL_TYPE_KEY, model.cell_types, out["type"].argmax(1))
+    set_categorical(table, CELL_TYPE_KEY, model.cell_types, out["type"].argmax(1))
     table.obs[ENTROPY_KEY] = -(out["type"] * np.log(np.clip(out["type"], 1e-12, None))).sum(1)
     if model.training_summary_.get("states_trained", True) or len(model.state_names) == len(model.cell_types):
         table.obsm[CELL_STATE_PROBA_KEY] = pd.DataFrame(out["state"], index=table.obs_names, columns=model.state_names)
-        _categorical(table, CELL_STATE_KEY, model.state_names, out["state"].argmax(1))
+        set_categorical(table, CELL_STATE_KEY, model.state_names, out["state"].argmax(1))
     else:
         warnings.warn("The model's state heads were not trained (no state proportions at fit): no cell states written.", UserWarning, stacklevel=2)
     table.obsm[f"{COMPARTMENT_KEY}_proba"] = pd.DataFrame(out["compartment"], index=table.obs_names, columns=model.compartment_labels)
-    _categorical(table, COMPARTMENT_KEY, model.compartment_labels, out["compartment"].argmax(1))
+    set_categorical(table, COMPARTMENT_KEY, model.compartment_labels, out["compartment"].argmax(1))
     table.obsm[EMBEDDING_KEY] = out["embedding"]
     if "type_std" in out:
         table.obs["cell_type_mc_std"] = out["type_std"]
     # merged, never replaced: segmentation's mpp, method and feature definitions stay
-    table.uns["histocell"] = dict(table.uns.get("histocell", {})) | {
-        "cell_types": model.cell_types, "states": model.state_names, "compartments": model.compartment_labels,
-        "encoder": model.config["encoder"]["source"],
-    }
+    merge_metadata(
+        table, cell_types=list(model.cell_types), states=list(model.state_names), compartments=list(model.compartment_labels),
+        encoder=model.config["encoder"]["source"],
+    )
+    NucleiTableModel.validate(table, name=f"tables[{nuclei_table_key!r}]")
     if spots_table_key is not None:
         _aggregate_to_spots(sdata.tables[spots_table_key], table, type_proba)
     return sdata if copy else None
-
-
-def _categorical(table, key: str, labels: list[str], codes: np.ndarray) -> None:
-    """``obs[key]`` with only the labels that occur (in the model's order; squidpy fails on empty
-    categories) and ``uns[f"{key}_colors"]``, each label keeping its colour from the model's full list."""
-    labels = np.asarray(labels, dtype=object)
-    present = np.flatnonzero(np.bincount(codes, minlength=len(labels)) > 0)
-    table.obs[key] = pd.Categorical(labels[codes], categories=list(labels[present]))
-    table.uns[f"{key}_colors"] = [PALETTE[i % len(PALETTE)] for i in present]
 
 
 _OBS_WRITTEN = {CELL_TYPE_KEY, ENTROPY_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, "cell_type_mc_std"}

@@ -34,7 +34,6 @@ import pandas as pd
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 from spatialdata import SpatialData
-from spatialdata.models import TableModel
 from tqdm.auto import tqdm
 
 from .._constants import (
@@ -43,7 +42,6 @@ from .._constants import (
     HISTOCELL_KEY,
     NUCLEUS_ID_KEY,
     PROPORTIONS_KEY,
-    REGION_KEY,
     SPATIAL_KEY,
     SPOT_ID_KEY,
     TABLE_KEY,
@@ -52,12 +50,12 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import copy_for_writing
 from ..io import check_proportions, resolve_key
+from ..io._schema import REFINED_TYPE_KEY, ExpressionTableModel, set_categorical
 from ._deconvolve import _labels, _log_normalise, _markers, _shared_genes, check_reference, reference_counts, shared_data
 from ._poisson import composition_em, type_signatures
 
 __all__ = ["largest_remainder", "refine_deconvolution"]
 
-REFINED_TYPE_KEY = "refined_cell_type"
 REFINED_PROBA_KEY = "refined_cell_type_proba"
 EXPRESSION_KEY = "histocell_expression"
 _EPS = 1e-9
@@ -236,7 +234,7 @@ def refine_deconvolution(
         imputed = _imputed_expression(nuclei, reference, cell_type_key, types, assigned, spot_of, spots, match, top_k, seed)
 
     spots.obsm[key_added] = pd.DataFrame(pi, index=spots.obs_names, columns=types)
-    nuclei.obs[REFINED_TYPE_KEY] = pd.Categorical.from_codes(assigned, categories=types)
+    set_categorical(nuclei, REFINED_TYPE_KEY, types, assigned, all_labels=nuclei.uns.get(HISTOCELL_KEY, {}).get("cell_types"))
     nuclei.obsm[REFINED_PROBA_KEY] = pd.DataFrame(posterior, index=nuclei.obs_names, columns=types)
     settings = {
         "expression": expression,
@@ -470,16 +468,14 @@ def _imputed_expression(nuclei, reference, cell_type_key, types, assigned, spot_
             matched[chunk] = cells[pick]
     region = nuclei.uns.get("spatialdata_attrs", {}).get("region", "nuclei")
     obs = pd.DataFrame(index=nuclei.obs_names.copy())
-    obs[REGION_KEY] = pd.Categorical([region] * len(obs), categories=[region])
     obs[NUCLEUS_ID_KEY] = nuclei.obs[NUCLEUS_ID_KEY].to_numpy() if NUCLEUS_ID_KEY in nuclei.obs else obs.index.to_numpy()
     obs[SPOT_ID_KEY] = nuclei.obs[SPOT_ID_KEY].to_numpy()
-    obs[CELL_TYPE_KEY] = pd.Categorical.from_codes(assigned, categories=types)
     obs["matched_cell"] = reference.obs_names.to_numpy()[matched]
     adata = ad.AnnData(counts[matched], obs=obs, var=pd.DataFrame(index=reference.var_names.copy()))
+    set_categorical(adata, REFINED_TYPE_KEY, types, assigned, all_labels=nuclei.uns.get(HISTOCELL_KEY, {}).get("cell_types"))
     if SPATIAL_KEY in nuclei.obsm:
         adata.obsm[SPATIAL_KEY] = np.asarray(nuclei.obsm[SPATIAL_KEY])
-    adata.uns["imputation"] = {"match": match, "top_k": int(top_k), "seed": int(seed)}
-    return TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
+    return ExpressionTableModel.parse(adata, region=region, imputation={"match": match, "top_k": int(top_k), "seed": int(seed)})
 
 
 def _spot_reference_correlation(spots: ad.AnnData, reference: ad.AnnData, counts: sparse.csr_matrix):

@@ -1,0 +1,393 @@
+"""The tables histocell-sd writes, as spatialdata-style models: ``parse`` builds one, ``validate`` checks one.
+
+Every producer (reading Visium or arrays, segmentation, reading nuclei, prediction, refinement and the
+stand-ins in :mod:`histocell_sd.datasets`) builds its table through these models, so the layouts they
+document (:class:`SpotsTableModel`, :class:`NucleiTableModel`, :class:`ExpressionTableModel`, the metadata of
+:data:`METADATA`) are the ones a user can rely on.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from matplotlib.colors import is_color_like
+from spatialdata.models import TableModel, get_table_keys
+
+from .._constants import (
+    CELL_STATE_KEY,
+    CELL_STATE_PROBA_KEY,
+    CELL_TYPE_KEY,
+    CELL_TYPE_PROBA_KEY,
+    COMPARTMENT_KEY,
+    HISTOCELL_KEY,
+    NUCLEUS_ID_KEY,
+    PALETTE,
+    PREDICTED_PROPORTIONS_KEY,
+    PROPORTIONS_KEY,
+    REGION_KEY,
+    SPATIAL_KEY,
+    SPOT_ID_KEY,
+    SPOTS_KEY,
+)
+from .._errors import InvalidInputError
+
+__all__ = ["METADATA", "ExpressionTableModel", "NucleiTableModel", "SpotsTableModel", "merge_metadata", "set_categorical", "spot_id_column"]
+
+REFINED_TYPE_KEY = "refined_cell_type"
+IMPUTATION_KEY = "imputation"
+_SUM_TOLERANCE = 1e-3
+
+METADATA = {
+    "mpp": "µm per pixel of the image the nuclei were measured on (required)",
+    "method": "how the nuclei were made: 'learnt', 'classical', 'imported (geojson)', 'truth', ...",
+    "features": "definition of each morphology feature in X, in the order of var_names",
+    "labels_key": "the label raster written beside the polygons, or None",
+    "cell_types": "every cell type the model predicts, also those absent from obs['cell_type']",
+    "states": "every cell state the model predicts",
+    "compartments": "every tissue compartment the model predicts",
+    "encoder": "the nucleus encoder the predictions came from",
+}
+"""Keys of a nuclei table's ``uns["histocell"]``; producers merge into it and never replace it."""
+
+# obs column -> (obsm probabilities, uns["histocell"] key with the full label list)
+_PREDICTIONS = {
+    CELL_TYPE_KEY: (CELL_TYPE_PROBA_KEY, "cell_types"),
+    CELL_STATE_KEY: (CELL_STATE_PROBA_KEY, "states"),
+    COMPARTMENT_KEY: (f"{COMPARTMENT_KEY}_proba", "compartments"),
+    REFINED_TYPE_KEY: (f"{REFINED_TYPE_KEY}_proba", "cell_types"),
+}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def merge_metadata(table: ad.AnnData, **values) -> None:
+    """Merge ``values`` into ``table.uns["histocell"]`` (what is not named stays)."""
+    table.uns[HISTOCELL_KEY] = {**dict(table.uns.get(HISTOCELL_KEY, {})), **values}
+
+
+def set_categorical(table: ad.AnnData, key: str, labels, codes, *, all_labels=None) -> None:
+    """Write ``obs[key]`` = ``labels[codes]`` holding only the labels present, and ``uns[f"{key}_colors"]``.
+
+    Categories keep the order of ``labels``; each label keeps its colour from its place in ``all_labels``
+    (default ``labels``: e.g. every type the model predicts), so a type has the same colour in every table
+    and plot whether or not the others occur (squidpy fails on empty categories).
+    """
+    labels = np.asarray([str(label) for label in labels], dtype=object)
+    palette_order = [str(label) for label in (labels if all_labels is None else all_labels)]
+    codes = np.asarray(codes, dtype=np.int64)
+    present = np.flatnonzero(np.bincount(codes, minlength=len(labels)) > 0)
+    slots = [palette_order.index(label) if label in palette_order else len(palette_order) + i for i, label in enumerate(labels[present])]
+    table.obs[key] = pd.Categorical(labels[codes], categories=list(labels[present]))
+    table.uns[f"{key}_colors"] = [PALETTE[slot % len(PALETTE)] for slot in slots]
+
+
+def spot_id_column(spot_ids) -> pd.Categorical:
+    """``obs["spot_id"]`` from barcodes (None/NaN outside every spot): categorical, so a missing spot stays
+    missing through zarr and h5ad (an object column comes back as the string ``"nan"``)."""
+    values = pd.Series(np.asarray(spot_ids, dtype=object))
+    missing = values.isna().to_numpy()
+    values = values.astype(object).where(missing, values.astype(str))
+    return pd.Categorical(values.to_numpy(), categories=sorted(values.dropna().unique()))
+
+
+def _annotation(table: ad.AnnData, name: str, instance_key: str) -> str:
+    """The element ``table`` annotates, after checking it annotates one by ``instance_key``."""
+    if "spatialdata_attrs" not in table.uns:
+        raise InvalidInputError(f"{name} does not annotate any element (no uns['spatialdata_attrs']).")
+    region, region_key, found = get_table_keys(table)
+    if found != instance_key or region_key != REGION_KEY:
+        raise InvalidInputError(f"{name} must annotate by obs[{REGION_KEY!r}] and obs[{instance_key!r}], not {region_key!r} and {found!r}.")
+    for key in (region_key, instance_key):
+        if key not in table.obs:
+            raise InvalidInputError(f"{name} has no obs[{key!r}].")
+    if table.obs_names.has_duplicates:
+        raise InvalidInputError(f"{name} has duplicate row names, e.g. {table.obs_names[table.obs_names.duplicated()][:3].tolist()}.")
+    return region if isinstance(region, str) else list(region)[0]
+
+
+def _check_xy(table: ad.AnnData, name: str, required: bool) -> None:
+    if SPATIAL_KEY not in table.obsm:
+        if required:
+            raise InvalidInputError(f"{name} has no obsm[{SPATIAL_KEY!r}] (x, y in pixels).")
+        return
+    xy = np.asarray(table.obsm[SPATIAL_KEY])
+    if xy.ndim != 2 or xy.shape[1] < 2 or not np.issubdtype(xy.dtype, np.number) or not np.isfinite(xy[:, :2]).all():
+        raise InvalidInputError(f"{name}.obsm[{SPATIAL_KEY!r}] must hold finite (x, y) pixel coordinates, got shape {xy.shape}.")
+
+
+def _check_rows(frame, table: ad.AnnData, name: str, *, missing_rows: bool = False) -> None:
+    """A DataFrame of probabilities/proportions: rows = table rows, finite, ≥ 0, rows summing to 1 (or all NaN)."""
+    if not isinstance(frame, pd.DataFrame):
+        raise InvalidInputError(f"{name} must be a DataFrame with labels as columns.")
+    if not frame.index.equals(table.obs_names):
+        raise InvalidInputError(f"{name} rows do not follow the table's rows.")
+    values = frame.to_numpy(dtype=np.float64)
+    empty = np.isnan(values).all(axis=1) if missing_rows else np.zeros(len(values), dtype=bool)
+    values = values[~empty]
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise InvalidInputError(f"{name} holds NaN, infinite or negative values.")
+    sums = values.sum(axis=1)
+    if len(sums) and (np.abs(sums - 1) > _SUM_TOLERANCE).any():
+        raise InvalidInputError(f"{name} has rows that do not sum to 1 (e.g. {sums[np.abs(sums - 1) > _SUM_TOLERANCE][0]:.3g}).")
+
+
+def _check_spot_ids(table: ad.AnnData, name: str) -> None:
+    if SPOT_ID_KEY not in table.obs:
+        return
+    column = table.obs[SPOT_ID_KEY]
+    if not isinstance(column.dtype, pd.CategoricalDtype):
+        raise InvalidInputError(f"{name}.obs[{SPOT_ID_KEY!r}] must be categorical (a missing spot would not survive zarr/h5ad).")
+    if "nan" in set(column.cat.categories.astype(str)):
+        raise InvalidInputError(f"{name}.obs[{SPOT_ID_KEY!r}] has the spot 'nan': a missing value became a string.")
+
+
+def _check_categorical(table: ad.AnnData, name: str, key: str, labels: list[str] | None) -> None:
+    column = table.obs[key]
+    if not isinstance(column.dtype, pd.CategoricalDtype):
+        raise InvalidInputError(f"{name}.obs[{key!r}] must be categorical.")
+    categories = [str(c) for c in column.cat.categories]
+    unused = sorted(set(categories) - set(column.dropna().astype(str)))
+    if unused:
+        raise InvalidInputError(f"{name}.obs[{key!r}] has categories that no row holds: {unused} (squidpy fails on them).")
+    if labels is not None and set(categories) - {str(label) for label in labels}:
+        raise InvalidInputError(f"{name}.obs[{key!r}] has labels {sorted(set(categories) - set(labels))} the model does not predict.")
+    colors = table.uns.get(f"{key}_colors")
+    if colors is None or len(colors) != len(categories) or not all(is_color_like(c) for c in colors):
+        raise InvalidInputError(f"{name}.uns[{key + '_colors'!r}] must hold one colour per category of obs[{key!r}].")
+
+
+def _check_predictions(table: ad.AnnData, name: str) -> None:
+    meta = table.uns.get(HISTOCELL_KEY, {})
+    for key, (proba_key, labels_key) in _PREDICTIONS.items():
+        if key in table.obs:
+            _check_categorical(table, name, key, meta.get(labels_key))
+        if proba_key in table.obsm:
+            proba = table.obsm[proba_key]
+            _check_rows(proba, table, f"{name}.obsm[{proba_key!r}]")
+            if key in table.obs and set(table.obs[key].cat.categories) - set(map(str, proba.columns)):
+                raise InvalidInputError(f"{name}.obs[{key!r}] has labels that are not columns of obsm[{proba_key!r}].")
+
+
+# ---------------------------------------------------------------------------------------------- models
+class SpotsTableModel:
+    """The spots table: one row per spot (row name = barcode), annotating the spot circles.
+
+    ``obs["region"]`` and ``obs["spot_id"]`` (= the row name) link rows to the circles; ``obsm["spatial"]``
+    holds the spot centres (x, y, ``global`` px); ``obsm["proportions"]`` (spot cell-type proportions, rows
+    summing to 1) and ``obsm["histocell_proportions"]`` (mean nucleus predictions, NaN rows for spots without
+    nuclei) are checked when present.
+
+    Attributes
+    ----------
+    instance_key
+        The ``obs`` column naming the spot of each row.
+    """
+
+    instance_key = SPOT_ID_KEY
+
+    @classmethod
+    def parse(cls, adata: ad.AnnData, *, region: str = SPOTS_KEY, centers=None) -> ad.AnnData:
+        """Make ``adata`` a spots table (modified in place and returned, validated).
+
+        Parameters
+        ----------
+        adata
+            Rows named by spot barcode (counts in ``X``, if any).
+        region
+            Name of the spot circles element (``sdata.shapes``) the table annotates.
+        centers
+            ``(n, 2)`` spot centres (x, y in ``global`` pixels) stored in ``obsm["spatial"]``; None keeps
+            what ``adata`` holds.
+
+        Returns
+        -------
+        anndata.AnnData
+            The table, parsed by :class:`spatialdata.models.TableModel`.
+        """
+        adata.obs_names = adata.obs_names.astype(str)
+        adata.uns.pop("spatialdata_attrs", None)
+        adata.obs[REGION_KEY] = pd.Categorical([region] * adata.n_obs, categories=[region])
+        adata.obs[SPOT_ID_KEY] = adata.obs_names.to_numpy()
+        if centers is not None:
+            adata.obsm[SPATIAL_KEY] = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+        adata = TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=SPOT_ID_KEY)
+        cls.validate(adata)
+        return adata
+
+    @classmethod
+    def validate(cls, table: ad.AnnData, name: str = "The spots table") -> None:
+        """Raise :class:`~histocell_sd.InvalidInputError` naming the problem when ``table`` breaks the layout.
+
+        Parameters
+        ----------
+        table
+            The table to check (nothing is changed).
+        name
+            How the message names the table.
+
+        Returns
+        -------
+        None
+        """
+        _annotation(table, name, SPOT_ID_KEY)
+        if not (table.obs[SPOT_ID_KEY].astype(str).to_numpy() == table.obs_names.to_numpy()).all():
+            raise InvalidInputError(f"{name}: obs[{SPOT_ID_KEY!r}] must equal the row names (the barcodes).")
+        _check_xy(table, name, required=False)
+        if PROPORTIONS_KEY in table.obsm:
+            _check_rows(table.obsm[PROPORTIONS_KEY], table, f"{name}.obsm[{PROPORTIONS_KEY!r}]")
+        if PREDICTED_PROPORTIONS_KEY in table.obsm:
+            _check_rows(table.obsm[PREDICTED_PROPORTIONS_KEY], table, f"{name}.obsm[{PREDICTED_PROPORTIONS_KEY!r}]", missing_rows=True)
+
+
+class NucleiTableModel:
+    """The nuclei table: one row per nucleus, annotating the nuclei shapes; predictions join it.
+
+    ``obs["region"]`` and ``obs["nucleus_id"]`` link rows to the polygons; ``obsm["spatial"]`` holds the
+    centroids (x, y, ``global`` px); ``X`` the morphology features named in ``uns["histocell"]["features"]``;
+    ``obs["spot_id"]`` (categorical, missing outside every spot); ``uns["histocell"]`` the keys of
+    :data:`METADATA` (``mpp`` required). Predictions (``cell_type``, ``cell_state``, ``compartment``,
+    ``refined_cell_type``) are categoricals holding only the labels present, with ``uns["<key>_colors"]``,
+    beside ``obsm["<key>_proba"]`` (rows summing to 1).
+
+    Attributes
+    ----------
+    instance_key
+        The ``obs`` column naming the nucleus of each row.
+    """
+
+    instance_key = NUCLEUS_ID_KEY
+
+    @classmethod
+    def parse(cls, adata: ad.AnnData, *, region: str, mpp: float, method: str, spot_ids=None, **metadata) -> ad.AnnData:
+        """Make ``adata`` a nuclei table (modified in place and returned, validated).
+
+        Parameters
+        ----------
+        adata
+            Rows named by nucleus id, centroids (x, y px) in ``obsm["spatial"]``.
+        region
+            Name of the nuclei shapes element the table annotates.
+        mpp
+            µm per pixel of the image.
+        method
+            How the nuclei were made (``uns["histocell"]["method"]``).
+        spot_ids
+            Barcode of the spot holding each nucleus (None/NaN outside every spot) → ``obs["spot_id"]``.
+        **metadata
+            Further keys of :data:`METADATA`, merged into ``uns["histocell"]``.
+
+        Returns
+        -------
+        anndata.AnnData
+            The table, parsed by :class:`spatialdata.models.TableModel`.
+        """
+        adata.obs_names = adata.obs_names.astype(str)
+        adata.uns.pop("spatialdata_attrs", None)
+        adata.obs[REGION_KEY] = pd.Categorical([region] * adata.n_obs, categories=[region])
+        if NUCLEUS_ID_KEY not in adata.obs:
+            adata.obs[NUCLEUS_ID_KEY] = adata.obs_names.to_numpy()
+        if spot_ids is not None:
+            adata.obs[SPOT_ID_KEY] = spot_id_column(spot_ids)
+        merge_metadata(adata, mpp=float(mpp), method=str(method), **metadata)
+        adata = TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
+        cls.validate(adata)
+        return adata
+
+    @classmethod
+    def validate(cls, table: ad.AnnData, name: str = "The nuclei table") -> None:
+        """Raise :class:`~histocell_sd.InvalidInputError` naming the problem when ``table`` breaks the layout.
+
+        Parameters
+        ----------
+        table
+            The table to check (nothing is changed).
+        name
+            How the message names the table.
+
+        Returns
+        -------
+        None
+        """
+        _annotation(table, name, NUCLEUS_ID_KEY)
+        _check_xy(table, name, required=True)
+        meta = table.uns.get(HISTOCELL_KEY)
+        if not isinstance(meta, dict):
+            raise InvalidInputError(f"{name} has no uns[{HISTOCELL_KEY!r}] metadata.")
+        mpp = meta.get("mpp")
+        if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.number)) or not np.isfinite(mpp) or mpp <= 0:
+            raise InvalidInputError(f"{name}.uns[{HISTOCELL_KEY!r}]['mpp'] must be a positive number of µm per pixel, got {mpp!r}.")
+        features = meta.get("features")
+        if features is not None and set(table.var_names) != set(features):  # zarr and h5ad do not keep a dict's order
+            raise InvalidInputError(f"{name}: var_names {list(table.var_names)[:4]}... are not the features of uns[{HISTOCELL_KEY!r}].")
+        _check_spot_ids(table, name)
+        _check_predictions(table, name)
+
+
+class ExpressionTableModel:
+    """The imputed expression of the nuclei (nuclei × reference genes), annotating the nuclei shapes.
+
+    Written by :func:`~histocell_sd.tl.refine_deconvolution`: the counts of a matched reference cell per
+    nucleus, ``obs["refined_cell_type"]`` (never ``cell_type``, which would shadow the nuclei table's in
+    spatialdata-plot), ``obs["matched_cell"]``, ``obs["spot_id"]`` and ``uns["imputation"]`` (how it was
+    made; a table with it may be replaced by the next refinement).
+
+    Attributes
+    ----------
+    instance_key
+        The ``obs`` column naming the nucleus of each row.
+    """
+
+    instance_key = NUCLEUS_ID_KEY
+
+    @classmethod
+    def parse(cls, adata: ad.AnnData, *, region: str, imputation: dict) -> ad.AnnData:
+        """Make ``adata`` an expression table (modified in place and returned, validated).
+
+        Parameters
+        ----------
+        adata
+            Nuclei × genes, rows named as the nuclei table's.
+        region
+            Name of the nuclei shapes element the table annotates.
+        imputation
+            How the expression was imputed (``uns["imputation"]``).
+
+        Returns
+        -------
+        anndata.AnnData
+            The table, parsed by :class:`spatialdata.models.TableModel`.
+        """
+        adata.uns.pop("spatialdata_attrs", None)
+        adata.obs[REGION_KEY] = pd.Categorical([region] * adata.n_obs, categories=[region])
+        if NUCLEUS_ID_KEY not in adata.obs:
+            adata.obs[NUCLEUS_ID_KEY] = adata.obs_names.to_numpy()
+        if SPOT_ID_KEY in adata.obs:
+            adata.obs[SPOT_ID_KEY] = spot_id_column(adata.obs[SPOT_ID_KEY])
+        adata.uns[IMPUTATION_KEY] = dict(imputation)
+        adata = TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
+        cls.validate(adata)
+        return adata
+
+    @classmethod
+    def validate(cls, table: ad.AnnData, name: str = "The expression table") -> None:
+        """Raise :class:`~histocell_sd.InvalidInputError` naming the problem when ``table`` breaks the layout.
+
+        Parameters
+        ----------
+        table
+            The table to check (nothing is changed).
+        name
+            How the message names the table.
+
+        Returns
+        -------
+        None
+        """
+        _annotation(table, name, NUCLEUS_ID_KEY)
+        if not isinstance(table.uns.get(IMPUTATION_KEY), dict):
+            raise InvalidInputError(f"{name} has no uns[{IMPUTATION_KEY!r}] settings.")
+        if CELL_TYPE_KEY in table.obs:
+            raise InvalidInputError(f"{name} must not hold obs[{CELL_TYPE_KEY!r}] (it would shadow the nuclei table's); use {REFINED_TYPE_KEY!r}.")
+        if REFINED_TYPE_KEY in table.obs:
+            _check_categorical(table, name, REFINED_TYPE_KEY, None)
+        _check_spot_ids(table, name)
