@@ -10,7 +10,8 @@ from scipy import ndimage as ndi
 
 from histocell_sd import InvalidInputError
 from histocell_sd.io import from_arrays, read_nuclei
-from histocell_sd.io._nuclei import _parse_geojson, _parse_hovernet, _to_raster
+from histocell_sd.io._nuclei import _to_raster
+from histocell_sd.io._nuclei_parse import parse_geojson, parse_hovernet
 
 MPP = 0.5
 SIZE = 200
@@ -106,7 +107,7 @@ def _full(labels, origin):
 
 
 def test_hovernet_contours_rasterise_to_the_mask(tmp_path):
-    parsed = _parse_hovernet(_write_json(tmp_path, "h.json", _hovernet()))
+    parsed = parse_hovernet(_write_json(tmp_path, "h.json", _hovernet()))
     assert parsed.names == ["1", "2", "3", "4"] and parsed.types == TYPES
     labels, origin, _ = _to_raster(_hovernet(), "hovernet", (SIZE, SIZE), 1.0, (0.0, 0.0))
     assert (_full(labels, origin) == TRUTH).all() or _iou_per_nucleus(_full(labels, origin)).min() > 0.97
@@ -114,7 +115,7 @@ def test_hovernet_contours_rasterise_to_the_mask(tmp_path):
 
 
 def test_geojson_polygons_rasterise_to_the_mask():
-    parsed = _parse_geojson(_geojson())
+    parsed = parse_geojson(_geojson())
     assert parsed.names == [f"cell-{i}" for i in range(4)] and parsed.types == [TYPE_MAP[t] for t in TYPES]
     labels, origin, _ = _to_raster(_geojson(), "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))
     assert _iou_per_nucleus(_full(labels, origin)).min() > 0.9
@@ -126,7 +127,7 @@ def test_geojson_multipolygon_keeps_largest_and_skips_annotations():
     fc["features"][0]["geometry"] = {"type": "MultiPolygon", "coordinates": [[small], [big]]}
     fc["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_circle(100, 100, 90)]},
                            "properties": {"objectType": "annotation"}})
-    parsed = _parse_geojson(fc["features"])  # a plain list of Features works too
+    parsed = parse_geojson(fc["features"])  # a plain list of Features works too
     assert len(parsed.polygons) == 4
     assert np.allclose(parsed.polygons[0].mean(axis=0), [40.5, 50.5], atol=0.1)
 
