@@ -76,7 +76,7 @@ def nucleus_probabilities(sdata, source: str, seed: int) -> pd.DataFrame:
 
 def tangram_assignment(sdata, proportions: pd.DataFrame, seed: int) -> np.ndarray:
     """Tangram's deconvolve_cell_annotations: largest-remainder type counts dealt in arbitrary order."""
-    from histocell_sd.tl._refine import largest_remainder
+    from histocell_sd.tl._refine_em import largest_remainder
 
     nuclei = sdata.tables[HISTOCELL_KEY].obs
     rng = np.random.default_rng(seed)
@@ -112,7 +112,7 @@ def platform_shift(reference, sd: float, seed: int):
 
 def oracle_assignment(sdata) -> np.ndarray:
     """Upper bound of any in-spot assignment: the true type counts of each spot, matched on the image posteriors."""
-    from histocell_sd.tl._refine import _assign
+    from histocell_sd.tl._refine_em import assign_nuclei
 
     nuclei = sdata.tables[HISTOCELL_KEY]
     proba = nuclei.obsm[CELL_TYPE_PROBA_KEY]
@@ -127,7 +127,7 @@ def oracle_assignment(sdata) -> np.ndarray:
     q = likelihood * (counts / np.maximum(n, 1)[:, None])[np.maximum(spot_of, 0)]
     q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
     out = np.full(len(nuclei), None, dtype=object)
-    out[inside] = np.asarray(types)[_assign(q, spot_of, n.astype(int), counts / np.maximum(n, 1)[:, None], False)]
+    out[inside] = np.asarray(types)[assign_nuclei(q, spot_of, n.astype(int), counts / np.maximum(n, 1)[:, None], False)]
     return out
 
 

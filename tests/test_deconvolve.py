@@ -7,7 +7,7 @@ import pytest
 from scipy import sparse
 
 from histocell_sd import InvalidInputError, tl
-from histocell_sd.tl._refine import largest_remainder
+from histocell_sd.tl._refine_em import largest_remainder
 
 EPOCHS = 60
 

@@ -32,29 +32,26 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.optimize import linear_sum_assignment
 from spatialdata import SpatialData
-from tqdm.auto import tqdm
 
 from .._constants import (
     CELL_TYPE_KEY,
     CELL_TYPE_PROBA_KEY,
     HISTOCELL_KEY,
-    NUCLEUS_ID_KEY,
     PROPORTIONS_KEY,
-    SPATIAL_KEY,
     SPOT_ID_KEY,
     TABLE_KEY,
 )
-from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import copy_for_writing
 from ..io import check_proportions, resolve_key
-from ..io._schema import REFINED_TYPE_KEY, ExpressionTableModel, set_categorical
-from ._deconvolve import _labels, _log_normalise, _markers, _shared_genes, check_reference, reference_counts, shared_data
+from ..io._schema import REFINED_TYPE_KEY, set_categorical
+from ._deconvolve import _labels, _log_normalise, _markers, check_reference, shared_data
 from ._poisson import composition_em, type_signatures
+from ._refine_em import assign_nuclei, composition_em_proportions, expression_matrix
+from ._refine_expression import imputed_expression
 
-__all__ = ["largest_remainder", "refine_deconvolution"]
+__all__ = ["refine_deconvolution"]
 
 REFINED_PROBA_KEY = "refined_cell_type_proba"
 EXPRESSION_KEY = "histocell_expression"
@@ -64,7 +61,6 @@ _MISSING = ("raise", "image")
 _EXPRESSION = ("auto", "counts", "proportions")
 
 
-@inject_docs
 def refine_deconvolution(
     sdata: SpatialData,
     reference: ad.AnnData | None = None,
@@ -216,9 +212,9 @@ def refine_deconvolution(
         types = _common_types(given, proba, proportions_key, proba_key, missing_types)
         P = proba[types].to_numpy(dtype=np.float64)
         members = sparse.csr_matrix((np.ones(inside.sum()), (spot_of[inside], np.flatnonzero(inside))), shape=(spots.n_obs, len(P)))
-        E = _expression_matrix(given, types, members, P, n_nuclei)
+        E = expression_matrix(given, types, members, P, n_nuclei)
         likelihood = P / np.maximum(_image_prior(P, image_prior), _EPS)
-        pi, Q, n_iter = _em(E, likelihood, spot_of, members, n_nuclei, strength, max_iter, tol, recalibrate)
+        pi, Q, n_iter = composition_em_proportions(E, likelihood, spot_of, members, n_nuclei, strength, max_iter, tol, recalibrate)
         pi[n_nuclei == 0] = E[n_nuclei == 0]  # no nucleus: the expression proportions as they were
         source = f"the proportions of obsm[{proportions_key!r}]"
     empty = n_nuclei == 0
@@ -228,10 +224,10 @@ def refine_deconvolution(
     assigned = np.argmax(P, axis=1)
     posterior = P.copy()
     posterior[inside] = Q[inside]
-    assigned[inside] = _assign(posterior, spot_of, n_nuclei, pi, progress)
+    assigned[inside] = assign_nuclei(posterior, spot_of, n_nuclei, pi, progress)
     imputed = None
     if reference is not None and expression_key is not None:  # may refuse: before anything is written
-        imputed = _imputed_expression(nuclei, reference, cell_type_key, types, assigned, spot_of, spots, match, top_k, seed)
+        imputed = imputed_expression(nuclei, reference, cell_type_key, types, assigned, spot_of, spots, match, top_k, seed)
 
     spots.obsm[key_added] = pd.DataFrame(pi, index=spots.obs_names, columns=types)
     set_categorical(nuclei, REFINED_TYPE_KEY, types, assigned, all_labels=nuclei.uns.get(HISTOCELL_KEY, {}).get("cell_types"))
@@ -268,21 +264,6 @@ def _check_expression_key(sdata: SpatialData, key: str) -> None:
             f"expression_key {key!r} names an existing {what} element that refine_deconvolution did not write; "
             "it would be overwritten. Pass another expression_key (or None to skip the imputed expression)."
         )
-
-
-def largest_remainder(fractions: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts summing to ``total`` closest to ``total · fractions`` (Hamilton's method).
-
-    Ties in the remainders go to the earlier column, so the result is deterministic.
-    """
-    fractions = np.asarray(fractions, dtype=np.float64)
-    quota = fractions / fractions.sum() * total
-    counts = np.floor(quota + 1e-12).astype(np.int64)
-    left = int(total - counts.sum())
-    if left > 0:
-        order = np.lexsort((np.arange(len(quota)), -(quota - counts)))
-        counts[order[:left]] += 1
-    return counts
 
 
 def _image_prior(P: np.ndarray, image_prior: str | None) -> np.ndarray:
@@ -364,137 +345,3 @@ def _spot_index(nuclei: ad.AnnData, key: str, spot_ids: pd.Index) -> np.ndarray:
             stacklevel=3,
         )
     return pos
-
-
-def _expression_matrix(expression: pd.DataFrame, types: list[str], members, P: np.ndarray, n_nuclei: np.ndarray) -> np.ndarray:
-    """Expression proportions in ``types`` order; types missing there filled from the image."""
-    missing = [t for t in types if t not in expression.columns]
-    E = expression.reindex(columns=types, fill_value=0.0).to_numpy(dtype=np.float64)
-    if missing:
-        cols = [types.index(t) for t in missing]
-        image_mean = np.asarray(members @ P) / np.maximum(n_nuclei, 1)[:, None]
-        fill = image_mean[:, cols]
-        E *= (1 - fill.sum(axis=1))[:, None]
-        E[:, cols] = fill
-    E = np.maximum(E, _EPS)
-    return E / E.sum(axis=1, keepdims=True)
-
-
-def _em(E, likelihood, spot_of, members, n_nuclei, strength, max_iter, tol, recalibrate=True):
-    """MAP-EM of the spot compositions; returns ``π`` (spots × types), ``q`` (nuclei × types), iterations.
-
-    With ``recalibrate`` the expression proportions are also reweighted by a slide-wide factor per
-    type, ``e_s ∝ b ∘ e_s``, fitted so that the expression view's type totals match the nucleus
-    posteriors' (a deconvolution's bias, e.g. from RNA content, is shared by all spots).
-    """
-    inside = spot_of >= 0
-    base = E
-    bias = np.ones(E.shape[1])
-    pi = E.copy()
-    Q = np.zeros_like(likelihood)
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
-        q = likelihood[inside] * pi[spot_of[inside]]
-        q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
-        Q[inside] = q
-        posterior_counts = members @ Q
-        if recalibrate and n_nuclei.sum() > 0:
-            E = base * bias
-            E /= E.sum(axis=1, keepdims=True)
-            bias = bias * posterior_counts.sum(axis=0) / np.maximum((n_nuclei[:, None] * E).sum(axis=0), _EPS)
-            bias /= bias.mean()
-            E = base * bias
-            E /= E.sum(axis=1, keepdims=True)
-        new = (strength * E + posterior_counts) / np.maximum(strength + n_nuclei, _EPS)[:, None]
-        new[n_nuclei == 0] = E[n_nuclei == 0]
-        change = np.abs(new - pi).max() if len(pi) else 0.0
-        pi = new
-        if change < tol:
-            break
-    q = likelihood[inside] * pi[spot_of[inside]]
-    Q[inside] = q / np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
-    pi = np.maximum(pi, 0)
-    return pi / pi.sum(axis=1, keepdims=True), Q, n_iter
-
-
-def _assign(Q: np.ndarray, spot_of: np.ndarray, n_nuclei: np.ndarray, pi: np.ndarray, progress: bool) -> np.ndarray:
-    """Type codes of the nuclei inside spots: largest-remainder counts, optimal matching on -log q."""
-    inside = np.flatnonzero(spot_of >= 0)
-    order = inside[np.argsort(spot_of[inside], kind="stable")]
-    bounds = np.flatnonzero(np.diff(spot_of[order])) + 1
-    groups = np.split(order, bounds) if len(order) else []
-    cost = -np.log(np.maximum(Q, 1e-300))
-    out = np.empty(len(Q), dtype=np.int64)
-    for group in tqdm(groups, desc="assigning nuclei", disable=not progress):
-        s = spot_of[group[0]]
-        counts = largest_remainder(pi[s], len(group))
-        slots = np.repeat(np.arange(len(counts)), counts)
-        rows, cols = linear_sum_assignment(cost[np.ix_(group, slots)])
-        out[group[rows]] = slots[cols]
-    return out[inside]
-
-
-def _imputed_expression(nuclei, reference, cell_type_key, types, assigned, spot_of, spots, match, top_k, seed) -> ad.AnnData:
-    """Nuclei × reference genes: the raw counts of a reference cell of each nucleus' refined type."""
-    counts = reference_counts(reference)
-    if cell_type_key not in reference.obs:
-        raise InvalidInputError(f"reference.obs has no column {cell_type_key!r}; it has {list(reference.obs.columns)}.")
-    labels = reference.obs[cell_type_key].astype(str).to_numpy()
-    used = [types[c] for c in np.unique(assigned)]
-    absent = [t for t in used if t not in set(labels)]
-    if absent:
-        raise InvalidInputError(
-            f"Cell types {absent} of the nucleus predictions are absent from reference.obs[{cell_type_key!r}] "
-            f"({sorted(set(labels))}); no reference cell can be matched to those nuclei. Pass expression_key=None "
-            "to skip the imputed expression."
-        )
-    rng = np.random.default_rng(seed)
-    matched = np.empty(len(assigned), dtype=np.int64)
-    scores = _spot_reference_correlation(spots, reference, counts) if match == "correlation" else None
-    for code in np.unique(assigned):
-        cells = np.flatnonzero(labels == types[code])
-        these = np.flatnonzero(assigned == code)
-        matched[these] = cells[rng.integers(0, len(cells), len(these))]
-        if scores is None:
-            continue
-        in_spot = these[spot_of[these] >= 0]
-        k = min(top_k, len(cells))
-        for chunk in np.array_split(in_spot, max(1, len(in_spot) // 20000)):
-            if not len(chunk):
-                continue
-            corr = scores(spot_of[chunk], cells)
-            best = np.argpartition(-corr, k - 1, axis=1)[:, :k]
-            pick = best[np.arange(len(chunk)), rng.integers(0, k, len(chunk))]
-            matched[chunk] = cells[pick]
-    region = nuclei.uns.get("spatialdata_attrs", {}).get("region", "nuclei")
-    obs = pd.DataFrame(index=nuclei.obs_names.copy())
-    obs[NUCLEUS_ID_KEY] = nuclei.obs[NUCLEUS_ID_KEY].to_numpy() if NUCLEUS_ID_KEY in nuclei.obs else obs.index.to_numpy()
-    obs[SPOT_ID_KEY] = nuclei.obs[SPOT_ID_KEY].to_numpy()
-    obs["matched_cell"] = reference.obs_names.to_numpy()[matched]
-    adata = ad.AnnData(counts[matched], obs=obs, var=pd.DataFrame(index=reference.var_names.copy()))
-    set_categorical(adata, REFINED_TYPE_KEY, types, assigned, all_labels=nuclei.uns.get(HISTOCELL_KEY, {}).get("cell_types"))
-    if SPATIAL_KEY in nuclei.obsm:
-        adata.obsm[SPATIAL_KEY] = np.asarray(nuclei.obsm[SPATIAL_KEY])
-    return ExpressionTableModel.parse(adata, region=region, imputation={"match": match, "top_k": int(top_k), "seed": int(seed)})
-
-
-def _spot_reference_correlation(spots: ad.AnnData, reference: ad.AnnData, counts: sparse.csr_matrix):
-    """A function ``(spot rows, reference cells) -> correlation`` of log-normalised expression on shared genes."""
-    try:
-        shared = _shared_genes(reference.var_names, spots.var_names.astype(str), 2)
-    except InvalidInputError:
-        shared = None
-    if shared is None or spots.n_vars == 0:
-        return lambda rows, cells: np.zeros((len(rows), len(cells)))
-
-    def standardise(X):
-        X = sparse.csr_matrix(X, dtype=np.float64)
-        totals = np.asarray(X.sum(axis=1)).ravel()
-        X = sparse.diags(1e4 / np.maximum(totals, 1)) @ X
-        X = np.log1p(X.toarray())
-        X -= X.mean(axis=1, keepdims=True)
-        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), _EPS)
-
-    spot_z = standardise(sparse.csr_matrix(spots.X)[:, shared["spots"]])
-    ref_z = standardise(counts[:, shared["reference"]])
-    return lambda rows, cells: spot_z[rows] @ ref_z[cells].T
