@@ -42,6 +42,7 @@ from .._constants import (
     SPOT_ID_KEY,
     TABLE_KEY,
 )
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import copy_for_writing
 from ..io import check_proportions, resolve_key
@@ -61,6 +62,7 @@ _MISSING = ("raise", "image")
 _EXPRESSION = ("auto", "counts", "proportions")
 
 
+@inject_docs
 def refine_deconvolution(
     sdata: SpatialData,
     reference: ad.AnnData | None = None,
