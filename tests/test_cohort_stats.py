@@ -138,3 +138,58 @@ def test_survival_separation_gives_nan_and_a_warning(n_samples, events):
     assert res.loc["ordering", ["hazard_ratio", "ci_lower", "ci_upper", "p", "fdr"]].isna().all()
     assert res.loc["ordering", "n_events"] == sum(events)
     assert np.isfinite(res.loc["noise", "hazard_ratio"]) and res.index[0] == "noise"
+
+
+def _random_cohort(n=60, p=6, seed=1, tie_step=None):
+    rng = np.random.default_rng(seed)
+    x = pd.DataFrame(rng.standard_normal((n, p)), index=[f"s{i}" for i in range(n)], columns=[f"ind{k}" for k in range(p)])
+    duration = rng.exponential(np.exp(-1.5 * x["ind0"].to_numpy())) * 10 + 0.01  # ind0 raises the hazard
+    if tie_step is not None:
+        duration = np.ceil(duration / tie_step) * tie_step
+    x.iloc[rng.choice(n, 7, replace=False), 2] = np.nan  # a subset fit
+    clinical = pd.DataFrame({"duration": duration, "event": (rng.random(n) < 0.7).astype(int)}, index=x.index)
+    return x, clinical
+
+
+def _standardised(col: pd.Series) -> pd.Series:
+    col = col.dropna()
+    return (col - col.mean()) / col.std()
+
+
+def test_univariate_cox_equals_statsmodels_breslow_with_ties():
+    """Tied event times (Breslow's method): coef, SE, p, HR and CI equal statsmodels' PHReg(ties="breslow")."""
+    from statsmodels.duration.hazard_regression import PHReg
+
+    x, clinical = _random_cohort(tie_step=2.0)
+    assert clinical["duration"].nunique() < len(clinical) / 2  # many ties
+    res = tl.survival(x, clinical=clinical, multivariate=False)
+    for name in x.columns:
+        col = _standardised(x[name])
+        d = clinical.loc[col.index]
+        fit = PHReg(d["duration"].to_numpy(), col.to_numpy()[:, None], status=d["event"].to_numpy(), ties="breslow").fit()
+        row = res.loc[name]
+        assert row["n"] == len(col)
+        np.testing.assert_allclose(row["coef"], fit.params[0], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(row["se"], fit.bse[0], rtol=1e-9)
+        np.testing.assert_allclose(row["p"], fit.pvalues[0], rtol=1e-6)
+        np.testing.assert_allclose([row["ci_lower"], row["ci_upper"]], np.exp(fit.conf_int()[0]), rtol=1e-6)
+    assert res.loc["ind0", "coef"] > 0.5 and res.loc["ind0", "p"] < 1e-3  # a real effect is compared, not only nulls
+
+
+def test_univariate_cox_equals_lifelines_without_ties():
+    """Distinct times: coef, SE, p, HR and the 95 % CI equal lifelines' CoxPHFitter (its convergence tolerance)."""
+    from lifelines import CoxPHFitter
+
+    x, clinical = _random_cohort(seed=2)
+    assert clinical["duration"].is_unique
+    res = tl.survival(x, clinical=clinical, multivariate=False)
+    for name in x.columns:
+        col = _standardised(x[name]).rename("x")
+        ref = CoxPHFitter().fit(clinical.loc[col.index].join(col), "duration", "event").summary.loc["x"]
+        row = res.loc[name]
+        assert row["coef"] == pytest.approx(ref["coef"], abs=1e-4)
+        assert row["se"] == pytest.approx(ref["se(coef)"], rel=1e-3)
+        assert row["p"] == pytest.approx(ref["p"], rel=1e-2, abs=1e-8)
+        assert row["hazard_ratio"] == pytest.approx(ref["exp(coef)"], rel=1e-4)
+        assert row["ci_lower"] == pytest.approx(ref["exp(coef) lower 95%"], rel=1e-3)
+        assert row["ci_upper"] == pytest.approx(ref["exp(coef) upper 95%"], rel=1e-3)

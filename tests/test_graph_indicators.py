@@ -202,3 +202,127 @@ def test_indicators_samples_forms_and_niches(slide):
         tl.spatial_indicators([], progress=False)
     with pytest.raises(InvalidInputError, match="area_method"):
         tl.spatial_indicators(slide, area_method="alpha", progress=False)
+
+
+# ------------------------------------------------------------- replicas of library functions, pinned to the library
+def _typed(xy, codes, names):
+    obs = pd.DataFrame({"cell_type": pd.Categorical.from_codes(codes, names)}, index=[str(k) for k in range(len(xy))])
+    return ad.AnnData(obs=obs, obsm={"spatial": np.asarray(xy, dtype=float)})
+
+
+def _clustered(n=800, seed=0):
+    """Points in 300 × 300 µm, left half type 0, right half type 1, a random 20 % type 2; type 3 absent."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 300, (n, 2))
+    t = np.where(xy[:, 0] < 150, 0, 1)
+    t[rng.random(n) < 0.2] = 2
+    return xy, t, ["tumor", "lymphocyte", "fibroblast", "macrophage"]
+
+
+def _edge_set(matrix) -> set:
+    coo = matrix.tocoo()
+    return {(int(a), int(b)) for a, b in zip(coo.row, coo.col) if a < b}
+
+
+@pytest.mark.parametrize("max_len", [None, 25.0])
+def test_delaunay_edges_equal_squidpy_and_scipy(max_len):
+    from scipy.spatial import Delaunay
+
+    from histocell_sd.tl._graph import delaunay_edges
+
+    xy, t, names = _clustered()
+    i, j = delaunay_edges(xy, max_len)
+    ours = set(zip(i.tolist(), j.tolist()))
+    assert (i < j).all() and len(ours) == len(i)
+    adata = _typed(xy, t, names)
+    sq.gr.spatial_neighbors(adata, coord_type="generic", delaunay=True, radius=None if max_len is None else (0.0, max_len))
+    assert ours == _edge_set(adata.obsp["spatial_connectivities"])
+    s = Delaunay(xy).simplices  # the triangles' sides, independently of scipy's neighbour CSR
+    sides = {tuple(sorted(map(int, e))) for e in np.concatenate([s[:, [0, 1]], s[:, [1, 2]], s[:, [0, 2]]])}
+    if max_len is not None:
+        sides = {(a, b) for a, b in sides if np.linalg.norm(xy[a] - xy[b]) <= max_len}
+    assert ours == sides and len(ours) > 2 * len(xy)
+
+
+def test_radius_adjacency_equals_sklearn_radius_graph():
+    from sklearn.neighbors import radius_neighbors_graph
+
+    from histocell_sd.tl._graph import radius_adjacency
+
+    xy, *_ = _clustered()
+    for include_self in (False, True):
+        ours = radius_adjacency(xy, 15.0, include_self=include_self)
+        ref = radius_neighbors_graph(xy, 15.0, mode="connectivity", include_self=include_self)
+        assert ours.shape == ref.shape and (ours != ref).nnz == 0 and ours.nnz > len(xy)
+
+
+class _SquidpyPermutations:
+    """The label permutations squidpy 1.8's nhood_enrichment draws with ``seed`` and ``n_jobs=1``:
+    ``RandomState(seed)`` shuffling one copy of the labels in place, once per permutation."""
+
+    def __init__(self, seed):
+        self.rs, self.labels = np.random.RandomState(seed), None
+
+    def permutation(self, labels):
+        if self.labels is None:
+            self.labels = np.array(labels, copy=True)
+        self.rs.shuffle(self.labels)
+        return self.labels.copy()
+
+
+def test_nhood_z_equals_squidpy_nhood_enrichment():
+    """Given squidpy's permutations, the z-scores are squidpy's on the same (pruned Delaunay) graph, to rounding;
+    with its own generator they agree within the Monte Carlo error of n_perms permutations."""
+    from histocell_sd.tl._indicators import _nhood_z
+
+    xy, t, names = _clustered()
+    counts = np.bincount(t, minlength=len(names)).astype(float)
+    adata = _typed(xy, t, names[:3])
+    sq.gr.spatial_neighbors(adata, coord_type="generic", delaunay=True, radius=(0.0, 25.0))
+    ref, _ = sq.gr.nhood_enrichment(adata, "cell_type", n_perms=200, seed=7, n_jobs=1, copy=True, show_progress_bar=False)
+
+    def matrix(z):
+        return np.array([[z[f"nhood_z_{names[min(a, b)]}__{names[max(a, b)]}"] for b in range(3)] for a in range(3)])
+
+    ours = _nhood_z(xy, t, names, 25.0, 200, _SquidpyPermutations(7), counts)
+    np.testing.assert_allclose(matrix(ours), ref, rtol=1e-10, atol=1e-10)
+    assert all(np.isnan(v) for k, v in ours.items() if "macrophage" in k)  # an absent type has no z
+    assert ref[0, 0] > 20 and ref[0, 1] < -20  # a strongly structured input
+    # Our own generator: z = (obs - mean) / sd of 200 permutations; the mean's error is sd / sqrt(200)
+    # (0.07 in z) and the sd's relative error 1 / sqrt(2 * 200) (5 % of z): allow 4 of each.
+    free = matrix(_nhood_z(xy, t, names, 25.0, 200, np.random.default_rng(0), counts))
+    assert (np.abs(free - ref) <= 4 * (1 / np.sqrt(200) + np.abs(ref) / np.sqrt(400))).all()
+    assert (np.sign(free) == np.sign(ref))[np.abs(ref) > 2].all()
+
+
+def test_cooc_conditional_shares_equal_squidpy_co_occurrence():
+    """``cooc_<a>__<b>`` = P(b within r of a) / share of b among all nuclei; squidpy's co_occurrence divides the same
+    P(b within r of a) by the share of b among all neighbour pairs. The numerators agree exactly, and where every
+    nucleus has as many neighbours (a ring), so do the ratios."""
+    from scipy.spatial import cKDTree
+
+    from histocell_sd.tl._indicators import _cooc
+
+    def both(xy, t, names, r):
+        counts = np.bincount(t, minlength=len(names)).astype(float)
+        pairs = cKDTree(xy).query_pairs(r, output_type="ndarray")
+        got = _cooc(pairs, t, names, counts / len(t), counts, r)
+        ours = np.array([[got[f"cooc_{a}__{b}_{r:g}um"] for b in names] for a in names])
+        occ, _ = sq.gr.co_occurrence(_typed(xy, t, names), "cell_type", interval=np.array([0.0, r]), copy=True)
+        return ours, occ[..., 0].T, counts / len(t)  # squidpy's occ[b, a] is the ratio of b around a
+
+    xy, t, names = _clustered()
+    names = names[:3]
+    ours, ref, frac = both(xy, t, names, 20.0)
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    pair_share = np.array([(d[:, t == b] <= 20.0).sum() for b in range(3)]) / (d <= 20.0).sum()
+    np.testing.assert_allclose(ours * frac[None, :], ref * pair_share[None, :], rtol=1e-12)
+    assert ours[0, 0] > 1.8 and ours[0, 1] < 0.1 and np.abs(ours / ref - 1).max() > 0.05  # the normalisations differ here
+
+    angle = np.arange(60) * 2 * np.pi / 60
+    ring = 100 * np.c_[np.cos(angle), np.sin(angle)]  # each point has exactly two neighbours within 1.5 steps
+    t_ring = (np.arange(60) // 7) % 3
+    ours, ref, _ = both(ring, t_ring, names, 1.5 * 200 * np.sin(np.pi / 60))
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+    assert ours[0, 0] > 2

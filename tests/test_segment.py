@@ -247,3 +247,92 @@ def test_missing_spot_stays_missing_through_zarr(tmp_path):
     back = hc.io.read_zarr(path).tables["histocell"].obs["spot_id"]
     assert back.isna().tolist() == [False, True]
     assert "nan" not in back.astype(str).replace("nan", np.nan).dropna().tolist()
+
+
+def _ellipse_sample(mpp=0.5):
+    """Textured H&E-like image with ellipses at many angles, a diagonal line (equal variances), a
+    single pixel, a two-part nucleus and gaps in the ids; the raster crosses several row bands."""
+    from skimage.draw import ellipse
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(150, 250, size=(170, 260, 3), dtype=np.uint8)
+    labels = np.zeros(image.shape[:2], dtype=np.int32)
+    for k, angle in enumerate(np.linspace(-np.pi / 2, np.pi / 2, 13)):
+        rr, cc = ellipse(20 + 40 * (k // 6), 20 + 40 * (k % 6), 7 + k % 3, 14 - k % 4, shape=labels.shape, rotation=angle)
+        labels[rr, cc] = 2 * k + 5
+    labels[np.arange(130, 140), np.arange(20, 30)] = 100  # mu_rr == mu_cc, mu_rc > 0
+    labels[np.arange(130, 140), np.arange(70, 60, -1)] = 101  # mu_rr == mu_cc, mu_rc < 0
+    labels[150, 100] = 102
+    labels[130:140, 120:150] = 103  # a horizontal bar: orientation ±π/2
+    labels[150:160, 180:186] = labels[150:153, 200:203] = 104  # two parts
+    dark = labels > 0
+    image[dark] = (rng.integers(40, 110, size=(dark.sum(), 3))).astype(np.uint8)
+    return from_arrays(image, mpp), labels, image
+
+
+def test_features_equal_skimage_regionprops(monkeypatch):
+    """The band-streamed moments and stain statistics equal skimage's regionprops_table on the same raster."""
+    from scipy import stats
+    from skimage.color import rgb2hed
+    from skimage.measure import regionprops_table
+
+    import histocell_sd.pp._nuclei as nuclei_module
+
+    monkeypatch.setattr(nuclei_module, "_BAND_ROWS", 7)  # many bands: nuclei straddle band edges
+    sdata, labels, image = _ellipse_sample()
+    mpp = sdata.attrs["mpp"]
+    store_nuclei(sdata, labels)
+    table = sdata.tables["histocell"]
+    df = table.to_df()
+    hed = rgb2hed(image)
+    ref = regionprops_table(
+        labels, hed[..., :2],
+        properties=("label", "area", "centroid", "eccentricity", "axis_major_length", "axis_minor_length",
+                    "orientation", "intensity_mean", "intensity_std"),
+    )
+    assert list(table.obs_names) == [f"nucleus_{i}" for i in ref["label"]]
+    # float32 storage of the table: relative 1e-5
+    np.testing.assert_allclose(df["area_um2"], ref["area"] * mpp**2, rtol=1e-6)
+    np.testing.assert_allclose(table.obsm["spatial"], np.column_stack([ref["centroid-1"], ref["centroid-0"]]) + 0.5, rtol=1e-12)
+    np.testing.assert_allclose(df["eccentricity"], ref["eccentricity"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(df["major_axis_um"], ref["axis_major_length"] * mpp, rtol=1e-5)
+    np.testing.assert_allclose(df["minor_axis_um"], ref["axis_minor_length"] * mpp, rtol=1e-5, atol=1e-6)
+    # An axis has no direction: compare angles modulo π (a π/2 offset, a swapped axis, still fails).
+    delta = np.angle(np.exp(2j * (df["orientation"].to_numpy(dtype=float) - ref["orientation"]))) / 2
+    np.testing.assert_allclose(delta, 0, atol=1e-5)
+    equal_variance = np.isin(ref["label"], [100, 101])
+    np.testing.assert_allclose(df["orientation"][equal_variance], [np.pi / 4, -np.pi / 4], atol=1e-6)
+    assert ((df["orientation"] > -np.pi / 2 - 1e-6) & (df["orientation"] <= np.pi / 2 + 1e-6)).all()
+    for ours, channel in (("h", 0), ("e", 1)):
+        np.testing.assert_allclose(df[f"{ours}_mean"], ref[f"intensity_mean-{channel}"], rtol=1e-5)
+        np.testing.assert_allclose(df[f"{ours}_std"], ref[f"intensity_std-{channel}"], rtol=1e-4, atol=1e-6)
+    skew = [stats.skew(hed[..., 0][labels == i].astype(np.float32)) if (labels == i).sum() > 1 else 0.0 for i in ref["label"]]
+    np.testing.assert_allclose(df["h_skewness"], skew, rtol=1e-3, atol=1e-4)
+
+
+def test_polygons_equal_spatialdata_to_polygons(monkeypatch):
+    """The nucleus polygons are spatialdata.to_polygons' contours (largest part, +0.5 px to the pixel-area
+    convention); unsimplified they are the same rings, simplified they stay within the 1 px tolerance."""
+    import shapely
+    import spatialdata
+    from spatialdata.models import Labels2DModel
+
+    import histocell_sd.pp._nuclei as nuclei_module
+
+    _, labels, _ = _ellipse_sample()
+    ids = np.unique(labels)[1:]
+    ref = spatialdata.to_polygons(Labels2DModel.parse(labels, dims=("y", "x"))).loc[ids].geometry
+    ref = ref.translate(0.5, 0.5).to_numpy()
+    largest = np.array([max(g.geoms, key=lambda p: p.area) if g.geom_type == "MultiPolygon" else g for g in ref])
+    assert sum(g.geom_type == "MultiPolygon" for g in ref) == 3  # the two-part nucleus and the diagonal lines (4-connected contours)
+    simplified = nuclei_module._polygons(labels, ids, (0, 0))
+    assert shapely.hausdorff_distance(simplified, largest, densify=0.05).max() <= nuclei_module._SIMPLIFY_PX
+    monkeypatch.setattr(nuclei_module, "_SIMPLIFY_PX", 0.0)  # simplify(0) only drops collinear vertices
+    raw = nuclei_module._polygons(labels, ids, (0, 0))
+    assert shapely.equals(raw, largest).all()
+    # in a window at an origin, the same rings shifted by the origin
+    window = nuclei_module._polygons(labels[40:, 30:], np.unique(labels[40:, 30:])[1:], (40, 30))
+    inside = np.isin(ids, np.unique(labels[40:, 30:])) & ~np.isin(ids, np.unique(np.r_[labels[:40].ravel(), labels[:, :30].ravel()]))
+    kept = np.isin(np.unique(labels[40:, 30:])[1:], ids[inside])
+    assert inside.sum() >= 5
+    assert shapely.equals(window[kept], largest[inside]).all()

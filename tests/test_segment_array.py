@@ -105,3 +105,18 @@ def test_aggregated_jaccard_index():
     assert aggregated_jaccard_index(truth, extra) == pytest.approx(18 / 19)
     assert aggregated_jaccard_index(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
     assert aggregated_jaccard_index(truth, np.zeros_like(truth)) == 0.0
+
+
+def test_hematoxylin_equals_skimage_rgb2hed():
+    """The float32 H-only colour deconvolution of the classical segmenter is skimage's rgb2hed channel 0."""
+    from skimage.color import rgb2hed
+
+    from histocell_sd.pp._segment_array import _as_float_rgb, _hematoxylin
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(64, 80, 3), dtype=np.uint8)
+    rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [255, 0, 0]]  # the 1e-6 floor and the clip at 0
+    ref = rgb2hed(rgb)[..., 0]
+    ours = _hematoxylin(_as_float_rgb(rgb))
+    assert ours.dtype == np.float32 and (ref == 0).any()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)  # float32 against float64

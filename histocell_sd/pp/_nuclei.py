@@ -312,9 +312,14 @@ def _features(stats: dict, polygons: np.ndarray, mpp: float) -> pd.DataFrame:
 
 
 def _orientation(mu_rr, mu_rc, mu_cc) -> np.ndarray:
-    """Major-axis angle as :func:`skimage.measure.regionprops` ``orientation`` defines it."""
-    return np.where(mu_rr - mu_cc == 0, np.where(mu_rc < 0, np.pi / 4, -np.pi / 4),
-                    0.5 * np.arctan2(-2 * mu_rc, mu_cc - mu_rr))
+    """Major-axis angle as :func:`skimage.measure.regionprops` ``orientation`` defines it.
+
+    skimage's inertia tensor is ``[[mu_cc, -mu_rc], [-mu_rc, mu_rr]]`` and its orientation
+    ``0.5 * atan2(-2 * T01, T11 - T00)``, i.e. ``0.5 * atan2(2 * mu_rc, mu_rr - mu_cc)``; equal
+    variances give ``π/4`` when ``mu_rc > 0`` and ``-π/4`` otherwise.
+    """
+    return np.where(mu_rr - mu_cc == 0, np.where(mu_rc > 0, np.pi / 4, -np.pi / 4),
+                    0.5 * np.arctan2(2 * mu_rc, mu_rr - mu_cc))
 
 
 def _shapes_element(polygons: np.ndarray, names: pd.Index) -> gpd.GeoDataFrame:

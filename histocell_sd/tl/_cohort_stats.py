@@ -158,8 +158,9 @@ def survival(
     """Relate every indicator to survival: univariate Cox models with FDR, and a penalised multivariate Cox.
 
     Each indicator is standardised (mean 0, SD 1 over the samples where it is defined), so a
-    hazard ratio is per standard deviation. Univariate Cox fits (Breslow ties; identical to
-    ``lifelines.CoxPHFitter`` without ties) give the hazard ratio, its 95 % CI and the Wald p;
+    hazard ratio is per standard deviation. Univariate Cox fits (Breslow ties: identical to
+    ``statsmodels`` ``PHReg(ties="breslow")``, and to ``lifelines.CoxPHFitter``, which handles ties
+    by Efron's method, when no two times are tied) give the hazard ratio, its 95 % CI and the Wald p;
     Benjamini–Hochberg adjusts the p-values over the indicators tested. The multivariate model is
     ``lifelines.CoxPHFitter(penalizer, l1_ratio)`` on all tested indicators without NaN, scored by
     the concordance index of ``cv_folds``-fold cross-validation.

@@ -133,7 +133,12 @@ def cell_graph(
 
 
 def delaunay_edges(xy: np.ndarray, max_len: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Undirected Delaunay edges ``(i, j)`` (``i < j``) of points ``xy``, longer than ``max_len`` dropped."""
+    """Undirected Delaunay edges ``(i, j)`` (``i < j``, sorted) of points ``xy``, longer than ``max_len`` dropped.
+
+    The edges of :class:`scipy.spatial.Delaunay` (``vertex_neighbor_vertices``), i.e. the graph of
+    ``squidpy.gr.spatial_neighbors(delaunay=True)``; fewer than 3 points are all joined, collinear
+    points give no edge.
+    """
     if len(xy) < 3:
         i, j = np.triu_indices(len(xy), 1)
     else:
@@ -141,11 +146,12 @@ def delaunay_edges(xy: np.ndarray, max_len: float | None = None) -> tuple[np.nda
             tri = Delaunay(xy)
         except Exception:  # noqa: BLE001 - collinear points: no triangulation
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        s = tri.simplices
-        e = np.concatenate([s[:, [0, 1]], s[:, [1, 2]], s[:, [0, 2]]])
-        e.sort(axis=1)
-        code = np.unique(e[:, 0].astype(np.int64) * len(xy) + e[:, 1])
-        i, j = code // len(xy), code % len(xy)
+        indptr, neighbours = tri.vertex_neighbor_vertices  # scipy's CSR of the triangulation's edges
+        src = np.repeat(np.arange(len(xy), dtype=np.int64), np.diff(indptr))
+        keep = src < neighbours
+        i, j = src[keep], neighbours[keep].astype(np.int64)
+        order = np.lexsort((j, i))
+        i, j = i[order], j[order]
     if max_len is not None:
         keep = np.linalg.norm(xy[i] - xy[j], axis=1) <= max_len
         i, j = i[keep], j[keep]

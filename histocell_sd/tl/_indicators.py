@@ -28,7 +28,8 @@ INDICATORS = {
     ),
     "cooc_<a>__<b>_<r>um": (
         "co-occurrence ratio at radius r: share of <b> among the nuclei within r µm of <a> nuclei, "
-        "divided by the overall share of <b> (1 = random mixing, > 1 = attraction)"
+        "divided by the overall share of <b> (1 = random mixing, > 1 = attraction); squidpy's co_occurrence "
+        "divides the same share by <b>'s share among all neighbour pairs instead"
     ),
     "nn_dist_<a>__<b>_um": "mean distance (µm) from each <a> nucleus to its nearest other <b> nucleus",
     "niche_frac_<niche>": "fraction of nuclei in niche <niche> (obs[niche_key], e.g. from tl.tissue_architecture), when present",
