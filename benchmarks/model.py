@@ -54,35 +54,16 @@ COMPARTMENTS = {"tumor": ["tumor"], "stroma": ["fibroblast", "endothelial"], "im
 SPEED_TRAIN_BUDGET_S = 480.0  # leave head-room under the 10 min target when epochs must be reduced
 
 
-class TimedHistoCell(hc.HistoCell):
-    """HistoCell that records when preprocessing ends and each epoch ends (behaviour unchanged)."""
-
-    def fit(self, *args, **kwargs):
-        self.timing_ = {"start": time.perf_counter(), "prepared": None, "epochs": []}
-        out = super().fit(*args, **kwargs)
-        self.timing_["end"] = time.perf_counter()
-        return out
-
-    def _set_feature_scaling(self, inputs):
-        self.timing_["prepared"] = time.perf_counter()
-        return super()._set_feature_scaling(inputs)
-
-    def _validate(self, *args, **kwargs):
-        out = super()._validate(*args, **kwargs)
-        self.timing_["epochs"].append(time.perf_counter())
-        return out
-
-    def timing_summary(self) -> dict:
-        t = self.timing_
-        ends = np.asarray(t["epochs"])
-        per_epoch = np.diff(np.r_[t["prepared"], ends]) if len(ends) else np.zeros(0)
-        return {
-            "fit_s": round(t["end"] - t["start"], 1),
-            "prepare_s": round(t["prepared"] - t["start"], 1),
-            "epochs_run": int(len(ends)),
-            "epochs_by_stage": self.history_["stage"].value_counts(sort=False).to_dict() if self.history_ is not None else {},
-            "mean_epoch_s": round(float(per_epoch.mean()), 2) if len(per_epoch) else None,
-        }
+def timing_summary(model: hc.HistoCell) -> dict:
+    """Seconds of the model's last fit (``fit_timing_``): preparation, epochs, total."""
+    t = model.fit_timing_
+    return {
+        "fit_s": round(t["fit_s"], 1),
+        "prepare_s": round(t["prepare_s"], 1),
+        "epochs_run": len(t["epoch_s"]),
+        "epochs_by_stage": model.history_["stage"].value_counts(sort=False).to_dict() if model.history_ is not None else {},
+        "mean_epoch_s": round(float(np.mean(t["epoch_s"])), 2) if t["epoch_s"] else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -248,11 +229,11 @@ def section_synthetic(args) -> dict:
     scores = {}
 
     # (a) weak
-    weak = TimedHistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
+    weak = hc.HistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
     weak.fit(train, seed=0, progress=False, **fit_kwargs)
     pred, predict_s = predictions(test, weak)
     scores["weak"] = classification(true_type, pred["cell_type"].to_numpy()[matched], types)
-    result["weak_training"] = weak.timing_summary() | {"summary": weak.training_summary_}
+    result["weak_training"] = timing_summary(weak) | {"summary": weak.training_summary_}
     result["weak_predict_s"] = round(predict_s, 2)
     result["spot_level_test"] = spot_pearson(test.tables["table"], types)
     cm = confusion_matrix(true_type, pred["cell_type"].to_numpy()[matched], labels=types)
@@ -282,12 +263,12 @@ def section_synthetic(args) -> dict:
         scores[f"morphology_{name}"] = classification(true_type, np.asarray(p)[matched], types)
 
     # (d) supervised twin
-    sup = TimedHistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
+    sup = hc.HistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
     sup_kwargs = fit_kwargs | {"state_epochs": 0}  # only the type head is scored
     sup.fit(train, seed=0, progress=False, nucleus_labels_key="true_type", **sup_kwargs)
     pred_sup, _ = predictions(test, sup)
     scores["supervised_twin"] = classification(true_type, pred_sup["cell_type"].to_numpy()[matched], types)
-    result["supervised_training"] = sup.timing_summary() | {"fit_kwargs": sup_kwargs, "labelled_training_nuclei": int(train_truth["cell_type"].notna().sum())}
+    result["supervised_training"] = timing_summary(sup) | {"fit_kwargs": sup_kwargs, "labelled_training_nuclei": int(train_truth["cell_type"].notna().sum())}
 
     # determinism: predicting again with the weak model gives identical probabilities
     tl.predict(test, weak, progress=False)
@@ -335,15 +316,13 @@ def section_speed(args, estimate_epoch_s_per_spot: float | None, trained=None) -
     n_nuclei = int(sdata.tables["histocell"].n_obs)
     n_spots = int(sdata.tables["table"].n_obs)
     result.update({"nuclei": n_nuclei, "spots": n_spots, "torch_threads": __import__("torch").get_num_threads()})
-    from histocell_sd.models._model import _stage_epochs
-
-    default_epochs = sum(_stage_epochs(round(n_spots * 0.85), None, None, None))  # the library's defaults on this slide
+    default_epochs = sum(hc.models.stage_epochs(round(n_spots * 0.85)).values())  # the library's defaults on this slide
     if args.speed_train == "fit" or trained is None:
         fit_kwargs = {"epochs": 2, "self_training_epochs": 1, "state_epochs": 1} if args.quick else cli_epochs(args)
         result["fit_kwargs"] = fit_kwargs or "defaults"
-        model = TimedHistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
+        model = hc.HistoCell(types, states=CELL_STATES, compartments=COMPARTMENTS)
         model.fit(sdata, seed=0, progress=False, **fit_kwargs)
-        t = model.timing_summary()
+        t = timing_summary(model)
         result["training"] = t | {"summary": model.training_summary_}
         if t["mean_epoch_s"]:
             result["training"]["default_fit_extrapolated_upper_bound_s"] = round(t["prepare_s"] + default_epochs * t["mean_epoch_s"], 0)

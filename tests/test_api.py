@@ -9,7 +9,7 @@ import histocell_sd as hc
 from histocell_sd._docs import PARAMS, format_docstring
 
 MODULES = ("io", "pp", "tl", "pl", "datasets")
-METHODS = ("fit", "predict_inputs", "save", "load")
+METHODS = ("fit", "sample_inputs", "predict_inputs", "save", "load")
 
 # The only names a public callable may take positionally, and only as its leading parameters: the data it
 # works on (and the element kind of io.resolve_key, the split/name of a dataset, the size of a hex grid).

@@ -18,12 +18,10 @@ import torch
 
 import histocell_sd as hc
 from histocell_sd import InvalidInputError
-from histocell_sd.models import HistoCell
-from histocell_sd.models._checkpoint import card_sha256
-from histocell_sd.models._losses import bag_mean, spot_posteriors, symmetric_kl
-from histocell_sd.models._modules import NeighbourAttention
+from histocell_sd.models import HistoCell, NeighbourAttention, bag_mean, card_sha256, spot_posteriors, stage_epochs, symmetric_kl
 
-FAST = {"epochs": 6, "self_training_epochs": 0, "state_epochs": 2, "progress": False}
+FAST_EPOCHS = {"epochs": 6, "self_training_epochs": 0, "state_epochs": 2}
+FAST = FAST_EPOCHS | {"progress": False}
 TINY_FIT = {"epochs": 1, "self_training_epochs": 1, "state_epochs": 1, "progress": False}
 
 
@@ -229,6 +227,8 @@ def test_same_seed_same_predictions(slide):
     hc.tl.predict(sdata, b, progress=False)
     pd.testing.assert_frame_equal(_proba(sdata), first, check_exact=True)
     assert a.history_.equals(b.history_)
+    timing = a.fit_timing_  # wall-clock seconds, kept out of the history and the card
+    assert len(timing["epoch_s"]) == len(a.history_) and 0 < timing["prepare_s"] + sum(timing["epoch_s"]) <= timing["fit_s"]
     # a different seed gives a different model
     c = _new_model(sdata).fit(sdata, seed=8, **TINY_FIT)
     hc.tl.predict(sdata, c, progress=False)
@@ -622,14 +622,13 @@ def test_mc_dropout(slide, model, predicted):
     assert _in_eval_mode(model.net)
 
 
-def test_default_epochs_scale_with_the_training_spots():
-    from histocell_sd.models._model import _stage_epochs
-
-    assert _stage_epochs(300, None, None, None) == [40, 10, 15]
-    assert _stage_epochs(3000, None, None, None) == [13, 3, 5]  # a Visium slide: about the same optimiser steps
-    assert _stage_epochs(3000, 7, None, 0) == [7, 3, 0]
+def test_default_epochs_scale_with_the_training_spots(model):
+    assert list(stage_epochs(300).values()) == [40, 10, 15]
+    assert list(stage_epochs(3000).values()) == [13, 3, 5]  # a Visium slide: about the same optimiser steps
+    assert stage_epochs(3000, epochs=7, state_epochs=0) == {"types": 7, "self-training": 3, "states": 0}
     with pytest.raises(InvalidInputError, match="non-negative"):
-        _stage_epochs(10, -1, None, None)
+        stage_epochs(10, epochs=-1)
+    assert stage_epochs(model.training_summary_["spots_train"], **FAST_EPOCHS) == model.training_summary_["max_epochs"]
 
 
 # ---------------------------------------------------------------------------- 6. reliability cases (shared/reliability/cases.md)
@@ -672,10 +671,11 @@ def test_fit_refuses_degenerate_settings_and_keeps_the_trained_model(slide, mode
     sdata, _ = slide
     refit = _new_model(sdata).fit(sdata, **TINY_FIT)
     before = {k: v.clone() for k, v in refit.net.state_dict().items()}
-    summary = dict(refit.training_summary_)
+    summary, net, timing = dict(refit.training_summary_), refit.net, refit.fit_timing_
     with pytest.raises(InvalidInputError, match=message):
         refit.fit(sdata, **(TINY_FIT | kwargs))
     assert refit.training_summary_ == summary  # still trained, with the weights it had
+    assert refit.net is net and refit.fit_timing_ is timing
     for key, value in refit.net.state_dict().items():
         assert torch.equal(value, before[key]), key
 
@@ -684,10 +684,10 @@ def test_failed_fit_on_bad_data_leaves_the_model_as_it_was(slide, model):
     sdata = _copy(slide[0])
     sdata.tables["table"].obsm["proportions"] = sdata.tables["table"].obsm["proportions"].rename(columns={"tumor": "Tumor"})
     refit = _new_model(slide[0]).fit(slide[0], **TINY_FIT)
-    proba = refit.predict_inputs(refit._inputs(slide[0], progress=False), progress=False)["type"]
+    proba = refit.predict_inputs(refit.sample_inputs(slide[0], progress=False), progress=False)["type"]
     with pytest.raises(InvalidInputError, match="Tumor"):
         refit.fit(sdata, **TINY_FIT)
-    np.testing.assert_array_equal(refit.predict_inputs(refit._inputs(slide[0], progress=False), progress=False)["type"], proba)
+    np.testing.assert_array_equal(refit.predict_inputs(refit.sample_inputs(slide[0], progress=False), progress=False)["type"], proba)
     untrained = _new_model(slide[0])
     with pytest.raises(InvalidInputError):
         untrained.fit(sdata, **TINY_FIT)

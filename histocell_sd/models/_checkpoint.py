@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._errors import InvalidInputError
 from .._utils import atomic_write
+from ._config import HistoCellConfig
+from ._network import HistoCellNet
 
 FORMAT = "histocell-sd/checkpoint"
 FORMAT_VERSION = 2  # 2: nucleus encoder v2 (pretrained encoder), encoder provenance in preprocessing
@@ -52,17 +56,7 @@ def save_checkpoint(model, path, *, overwrite: bool = False, metadata: dict | No
             "format_version": FORMAT_VERSION,
             "package_version": _package_version(),
             "weights_sha256": _sha256(tmp / WEIGHTS),
-            "cell_types": model.cell_types,
-            "states": model.states,
-            "state_names": model.state_names,
-            "compartments": model.compartments,
-            "compartment_labels": model.compartment_labels,
-            "outputs": {
-                "cell_type_proba": "columns = cell_types, in order",
-                "cell_state_proba": "joint P(state) = P(type) P(state | type); columns = state_names",
-                "compartment": "argmax over compartment_labels",
-            },
-            "preprocessing": model.config,
+            **model.settings.to_card(),  # cell_types, states, state_names, compartments, compartment_labels, outputs, preprocessing
             "feature_mean": model.feature_mean_.tolist(),
             "feature_std": model.feature_std_.tolist(),
             "training_summary": model.training_summary_,
@@ -78,10 +72,19 @@ def save_checkpoint(model, path, *, overwrite: bool = False, metadata: dict | No
     return atomic_write(path, write, overwrite=overwrite)
 
 
-def load_checkpoint(cls, path):
-    """Rebuild a model from a checkpoint folder, refusing a missing, corrupt or mismatched one."""
-    import pandas as pd
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: its config, the network with its weights (eval mode), what training left."""
 
+    config: HistoCellConfig
+    net: HistoCellNet
+    training_summary: dict
+    history: pd.DataFrame | None
+    card: dict
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint folder, refusing a missing, corrupt or mismatched one."""
     path = Path(path)
     for name in (CARD, WEIGHTS):
         if not (path / name).is_file():
@@ -108,46 +111,21 @@ def load_checkpoint(cls, path):
             f"Checkpoint {path}: the model card was edited after saving (cell types, states, preprocessing, training "
             "summary or metadata); it no longer matches the weights it was saved with."
         )
-    pre = card["preprocessing"]
     try:
-        model = _model_from_card(cls, card, pre)
+        config = HistoCellConfig.from_card(card)
+        net = HistoCellNet.from_config(config)  # the architecture comes from the card, the weights from the checkpoint
     except (InvalidInputError, KeyError, TypeError, ValueError) as error:
         raise InvalidInputError(f"Checkpoint {path}: the model card is inconsistent ({error}).") from None
-    model.config["feature_names"] = list(pre["feature_names"])
     try:
         state = load_file(path / WEIGHTS)
     except (SafetensorError, OSError, ValueError) as error:
         raise InvalidInputError(f"Checkpoint {path}: {WEIGHTS} is not a readable safetensors file ({error}).") from None
     try:
-        model.net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise InvalidInputError(f"Checkpoint {path}: weights do not fit the model card ({error}).") from None
-    model.net.eval()
-    model.feature_mean_ = np.asarray(card["feature_mean"], np.float32)
-    model.feature_std_ = np.asarray(card["feature_std"], np.float32)
-    model.training_summary_ = card.get("training_summary") or {}
-    model.history_ = pd.DataFrame(card["history"]) if card.get("history") else None
-    model.model_card_ = card
-    return model
-
-
-def _model_from_card(cls, card: dict, pre: dict):
-    model = cls(
-        card["cell_types"],
-        states=card["states"],
-        compartments=card["compartments"],
-        compartment_threshold=pre["compartment_threshold"],
-        crop_px=pre["crop_px"],
-        canonical_mpp=pre["canonical_mpp"],
-        context_mpp=pre["context_mpp"],
-        n_neighbors=pre["n_neighbors"],
-        radius_um=pre["radius_um"],
-        dim=pre["dim"],
-        use_morphology=bool(pre["feature_names"]),
-        max_nuclei_per_spot=pre["max_nuclei_per_spot"],
-        tile_um=pre["tile_um"],
-        encoder="scratch",  # the architecture comes from the card, the weights from the checkpoint
-    )
-    model.config["encoder"] = dict(pre["encoder"])
-    model.net = model._build()
-    return model
+    net.eval()
+    net.feature_mean = np.asarray(card["feature_mean"], np.float32)
+    net.feature_std = np.asarray(card["feature_std"], np.float32)
+    history = pd.DataFrame(card["history"]) if card.get("history") else None
+    return Checkpoint(config=config, net=net, training_summary=card.get("training_summary") or {}, history=history, card=card)

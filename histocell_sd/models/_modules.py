@@ -1,4 +1,4 @@
-"""Torch modules of HistoCell: nucleus and context encoders, neighbour attention, heads."""
+"""Torch building blocks of HistoCell: nucleus and context encoders, neighbour attention."""
 
 from __future__ import annotations
 
@@ -97,47 +97,3 @@ class NeighbourAttention(nn.Module):
         attention = torch.nan_to_num(attention, nan=0.0)
         mixed = (attention.unsqueeze(-1) * values).sum(1).reshape(n, -1)
         return self.norm(h_query + self.out(mixed))
-
-
-class HistoCellNet(nn.Module):
-    """Nucleus embedding → neighbour attention → type, state (per type) and compartment heads."""
-
-    def __init__(
-        self,
-        n_types: int,
-        states_per_type: list[int],
-        n_compartments: int,
-        n_features: int,
-        dim: int = 64,
-        radius_um: float = 30.0,
-        dropout: float = 0.1,
-        encoder_width: int = 16,
-        encoder_dim: int = 64,
-    ):
-        super().__init__()
-        self.nucleus = NucleusEncoder(width=encoder_width, out_dim=encoder_dim)
-        self.context = ContextEncoder(out_dim=32)
-        self.morphology = nn.Sequential(nn.Linear(n_features, 32), nn.ReLU()) if n_features else None
-        fused = encoder_dim + 32 + (32 if n_features else 0)
-        self.fuse = nn.Sequential(nn.Linear(fused, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.graph = NeighbourAttention(dim, radius_um=radius_um)
-        self.type_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * dim, n_types))
-        self.state_heads = nn.ModuleList(nn.Linear(2 * dim, s) for s in states_per_type)
-        self.compartment_head = nn.Linear(dim, max(n_compartments, 1))
-
-    def embed(self, crops_od: torch.Tensor, context: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Per-nucleus embedding before the graph layer from crop, sampled context and morphology."""
-        parts = [self.nucleus(crops_od), context]
-        if self.morphology is not None:
-            parts.append(self.morphology(features))
-        return self.fuse(torch.cat(parts, dim=1))
-
-    def heads(self, h_query: torch.Tensor, h_keys: torch.Tensor, neighbors: torch.Tensor, distances: torch.Tensor) -> dict:
-        """Type logits, per-type state logits and the neighbourhood representation of each query nucleus."""
-        mixed = self.graph(h_query, h_keys, neighbors, distances)
-        both = torch.cat([h_query, mixed], dim=1)
-        return {
-            "type": self.type_head(both),
-            "states": [head(both) for head in self.state_heads],
-            "mixed": mixed,
-        }

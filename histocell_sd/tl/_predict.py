@@ -88,7 +88,7 @@ def predict(
     if copy:
         sdata = copy_for_writing(sdata)
     table = sdata.tables[nuclei_table_key]
-    inputs = model._inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
+    inputs = model.sample_inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
     out = model.predict_inputs(inputs, mc_samples=mc_samples, progress=progress)
     for key in [k for k in table.obs if k in _OBS_WRITTEN]:
         del table.obs[key]  # an earlier model's outputs (e.g. MC dropout, states) never linger

@@ -1,0 +1,147 @@
+"""Training samples: the model inputs of a SpatialData with what fit learns from (spot proportions or
+nucleus labels), and the grouping of spots into training batches and held-out spots."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+from spatialdata.models import get_table_keys
+
+from .._constants import HISTOCELL_KEY, TABLE_KEY
+from .._errors import InvalidInputError
+from ..io import check_proportions, get_mpp, resolve_key
+from ._config import HistoCellConfig
+from ._inputs import SampleInputs, sample_inputs
+
+logger = logging.getLogger(__name__)
+
+LABELLED_BAG_UM = 55.0  # training from nucleus labels: nuclei are batched by squares of this side
+
+
+@dataclass
+class TrainingSample:
+    """A training sample: inputs plus spot targets aligned to spot rows."""
+
+    inputs: SampleInputs
+    spot_nuclei: list[np.ndarray]  # nuclei rows per spot
+    targets: np.ndarray  # (spots, types)
+    state_targets: np.ndarray | None  # (spots, states)
+    compartments: np.ndarray  # (spots,) int
+    spot_xy_um: np.ndarray
+    nucleus_labels: np.ndarray | None = None  # (nuclei,) type index, -1 = unknown (nucleus_labels_key)
+
+
+def inputs_of(config: HistoCellConfig, sdata: SpatialData, *, image_key=None, nuclei_table_key=HISTOCELL_KEY, progress=True) -> SampleInputs:
+    """The inputs of every nucleus of ``sdata`` with the preprocessing of ``config``."""
+    return sample_inputs(
+        sdata,
+        crop_px=config.crop_px,
+        canonical_mpp=config.canonical_mpp,
+        context_mpp=config.context_mpp,
+        n_neighbors=config.n_neighbors,
+        radius_um=config.radius_um,
+        feature_names=config.feature_names or None,
+        image_key=image_key,
+        nuclei_table_key=nuclei_table_key,
+        progress=progress,
+    )
+
+
+def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key, spots_table_key, nuclei_table_key, image_key, progress) -> TrainingSample:
+    """Inputs and spot targets (cell-type proportions, state proportions when present, compartments) of one sample."""
+    mpp = get_mpp(sdata)
+    spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
+    table = sdata.tables[spots_table_key]
+    if proportions_key not in table.obsm:
+        raise InvalidInputError(f"Spots table {spots_table_key!r} has no obsm[{proportions_key!r}] (spot proportions to learn from).")
+    proportions = check_proportions(table.obsm[proportions_key], cell_types=config.cell_types, name=f"obsm[{proportions_key!r}]")
+    missing = [t for t in config.cell_types if t not in proportions.columns]
+    if missing:
+        raise InvalidInputError(f"obsm[{proportions_key!r}] lacks the cell types {missing} of the model.")
+    if len(proportions) == 0:
+        raise InvalidInputError(f"obsm[{proportions_key!r}] holds zero spots.")
+    proportions = proportions[config.cell_types]
+    inputs = inputs_of(config, sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
+    spot_rows = pd.Series(np.arange(len(proportions)), index=proportions.index)
+    nucleus_spot = inputs.spot_ids.map(spot_rows)
+    groups = pd.Series(np.arange(len(nucleus_spot))).groupby(nucleus_spot.to_numpy()).apply(np.asarray)
+    has_nuclei = np.isin(np.arange(len(proportions)), groups.index.astype(int))
+    if not has_nuclei.any():
+        raise InvalidInputError("No nucleus lies in a spot with proportions; check obs['spot_id'] of the nuclei table.")
+    if not has_nuclei.all():
+        logger.warning("%d of %d spots hold no nucleus and are skipped.", (~has_nuclei).sum(), len(has_nuclei))
+    keep = np.flatnonzero(has_nuclei)
+    state_targets = None
+    if state_key and state_key in table.obsm and config.has_states:
+        states = check_proportions(table.obsm[state_key], cell_types=config.state_names, name=f"obsm[{state_key!r}]")
+        states = states.reindex(columns=config.state_names, fill_value=0.0).loc[proportions.index]
+        per_type = np.stack([states[config.states[t]].to_numpy().sum(1) for t in config.cell_types], 1)
+        gap = np.abs(per_type - proportions.to_numpy()).sum(1)
+        if np.median(gap) > 0.1:
+            raise InvalidInputError(
+                f"obsm[{state_key!r}] disagrees with obsm[{proportions_key!r}]: the states of a type should add up to that "
+                f"type's proportion, but they differ by {np.median(gap):.2f} (median over spots)."
+            )
+        state_targets = states.to_numpy(np.float32)[keep]
+    spots = sdata.shapes[_annotated_region(table, spots_table_key)]
+    xy = np.c_[spots.geometry.x, spots.geometry.y][spots.index.get_indexer(proportions.index)] * mpp
+    return TrainingSample(
+        inputs=inputs,
+        spot_nuclei=[groups[i] for i in keep],
+        targets=proportions.to_numpy(np.float32)[keep],
+        state_targets=state_targets,
+        compartments=config.compartment_of(proportions.to_numpy()[keep]),
+        spot_xy_um=xy[keep],
+    )
+
+
+def prepare_labelled_sample(config: HistoCellConfig, sdata, *, labels_key, nuclei_table_key, image_key, progress) -> TrainingSample:
+    """Every labelled nucleus, in bags of the nuclei of ``LABELLED_BAG_UM`` squares (no spots needed)."""
+    inputs = inputs_of(config, sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
+    obs = sdata.tables[resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)].obs
+    if labels_key not in obs:
+        raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obs[{labels_key!r}].")
+    labels = pd.Categorical(obs[labels_key].astype(str), categories=config.cell_types).codes.astype(np.int64)
+    known = np.flatnonzero(labels >= 0)
+    if len(known) == 0:
+        raise InvalidInputError(f"No nucleus has a label among the model's cell types in obs[{labels_key!r}].")
+    xy_um = inputs.context_xy[known].astype(np.float64) * config.context_mpp
+    cell = np.floor(xy_um / LABELLED_BAG_UM).astype(np.int64)
+    _, bag = np.unique(cell, axis=0, return_inverse=True)
+    bag = bag.ravel()
+    members = [known[bag == b] for b in range(bag.max() + 1)]
+    onehot = np.eye(len(config.cell_types), dtype=np.float32)[labels[known]]
+    targets = np.stack([onehot[bag == b].mean(0) for b in range(len(members))])
+    centres = np.stack([xy_um[bag == b].mean(0) for b in range(len(members))])
+    return TrainingSample(inputs=inputs, spot_nuclei=members, targets=targets, state_targets=None,
+                          compartments=config.compartment_of(targets), spot_xy_um=centres, nucleus_labels=labels)
+
+
+def _annotated_region(table, table_key: str) -> str:
+    region = get_table_keys(table)[0] if "spatialdata_attrs" in table.uns else None
+    if not isinstance(region, str):
+        raise InvalidInputError(f"Table {table_key!r} must annotate exactly one spots element, got {region!r}.")
+    return region
+
+
+def spot_tiles(xy_um: np.ndarray, tile_um: float) -> list[np.ndarray]:
+    """Group spot rows into square tiles of ``tile_um`` (a training batch is one tile)."""
+    tile = np.floor(xy_um / tile_um).astype(int)
+    _, inverse = np.unique(tile, axis=0, return_inverse=True)
+    return [np.flatnonzero(inverse.ravel() == t) for t in range(inverse.max() + 1)]
+
+
+def split_spots(tiles, val_fraction: float, rng: np.random.Generator):
+    """Hold out ``val_fraction`` of the spots of every ``(sample, spots)`` tile (spot-level split): ``(train, val)``."""
+    train, val = [], []
+    for sample_idx, spots in tiles:
+        held = rng.random(len(spots)) < val_fraction
+        if (~held).any():
+            train.append((sample_idx, spots[~held]))
+        if held.any():
+            val.append((sample_idx, spots[held]))
+    return train, val
