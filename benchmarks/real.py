@@ -303,7 +303,8 @@ def section_detection(args) -> dict:
 
 def section_weak(args, factor: float = 1.0) -> dict:
     network = lodo_weights("segmenter", "brca_m2c", args)
-    encoder = lodo_weights("encoder", "brca_m2c", args)
+    uses_encoder = bool({"weak", "supervised_twin"} & set(args.models))  # the others start from scratch
+    encoder = lodo_weights("encoder", "brca_m2c", args) if uses_encoder else None
     spots = {"diameter_um": 55.0, "pitch_um": 100.0}
     train = training_set(args, spots, network, factor)
     _, test_split = splits(args)
@@ -311,7 +312,7 @@ def section_weak(args, factor: float = 1.0) -> dict:
     result = weak_comparison(args, train, test, TYPES, encoder)
     result["mpp"] = round(float(train[0].attrs["mpp"]), 4)
     result["pseudo_spots"] = spots
-    result["weights"] = {"segmenter": card_summary(network), "encoder": card_summary(encoder)}
+    result["weights"] = {"segmenter": card_summary(network)} | ({"encoder": card_summary(encoder)} if uses_encoder else {})
     return result
 
 
