@@ -276,7 +276,7 @@ def test_features_equal_skimage_regionprops(monkeypatch):
     from skimage.color import rgb2hed
     from skimage.measure import regionprops_table
 
-    import histocell_sd.pp._nuclei as nuclei_module
+    import histocell_sd.io._nuclei_store as nuclei_module
 
     monkeypatch.setattr(nuclei_module, "_BAND_ROWS", 7)  # many bands: nuclei straddle band edges
     sdata, labels, image = _ellipse_sample()
@@ -317,7 +317,7 @@ def test_polygons_equal_spatialdata_to_polygons(monkeypatch):
     import spatialdata
     from spatialdata.models import Labels2DModel
 
-    import histocell_sd.pp._nuclei as nuclei_module
+    import histocell_sd.io._nuclei_store as nuclei_module
 
     _, labels, _ = _ellipse_sample()
     ids = np.unique(labels)[1:]

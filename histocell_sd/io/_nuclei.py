@@ -25,6 +25,7 @@ from .._errors import InvalidInputError
 from ._elements import get_image, resolve_key
 from ._nuclei_parse import check_inside, parse_geojson, parse_hovernet
 from ._nuclei_raster import rasterise_corners, rasterise_indices, read_label_mask, upsample
+from ._nuclei_store import store_nuclei
 
 __all__ = ["read_nuclei"]
 
@@ -99,8 +100,6 @@ def read_nuclei(
     shape = (int(level.sizes["y"]), int(level.sizes["x"]))
 
     labels, origin, parsed = _to_raster(path, format, shape, scale, offset)
-
-    from ..pp._nuclei import store_nuclei
 
     store_nuclei(
         sdata, labels, origin=origin, image_key=image_key, spots_key=spots_key, key_added=key_added,

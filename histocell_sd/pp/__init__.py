@@ -1,8 +1,8 @@
 """Preprocessing: nucleus segmentation (learnt and classical), morphology features, crops and segmentation metrics."""
 
+from ..io._nuclei_store import FEATURES, store_nuclei
 from ._crops import nucleus_crops
 from ._metrics import aggregated_jaccard_index, detection_scores, match_points
-from ._nuclei import FEATURES, store_nuclei
 from ._segment import segment_nuclei
 from ._segment_array import segment_array
 from ._segmenter import load_segmenter, segment_learnt

@@ -18,7 +18,7 @@ from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io._elements import get_image, get_mpp, resolve_key
-from ._nuclei import claim_nuclei_keys, store_nuclei
+from ..io._nuclei_store import claim_nuclei_keys, store_nuclei
 from ._segment_array import _MIN_HEMATOXYLIN, _hematoxylin, hematoxylin_level, is_padding, segment_array
 from ._segmenter import check_scale, load_segmenter, segment_learnt
 

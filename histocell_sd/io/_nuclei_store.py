@@ -34,8 +34,8 @@ from .._constants import (
 )
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ..io._elements import get_image, get_mpp, resolve_key
-from ..io._schema import NucleiTableModel, merge_metadata
+from ._elements import get_image, get_mpp, resolve_key
+from ._schema import NucleiTableModel, merge_metadata
 
 __all__ = ["FEATURES", "store_nuclei"]
 
