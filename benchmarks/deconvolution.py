@@ -76,7 +76,7 @@ def nucleus_probabilities(sdata, source: str, seed: int) -> pd.DataFrame:
 
 def tangram_assignment(sdata, proportions: pd.DataFrame, seed: int) -> np.ndarray:
     """Tangram's deconvolve_cell_annotations: largest-remainder type counts dealt in arbitrary order."""
-    from histocell_sd.tl._refine_em import largest_remainder
+    from histocell_sd.tl._deconvolution.refine_em import largest_remainder
 
     nuclei = sdata.tables[HISTOCELL_KEY].obs
     rng = np.random.default_rng(seed)
@@ -112,7 +112,7 @@ def platform_shift(reference, sd: float, seed: int):
 
 def oracle_assignment(sdata) -> np.ndarray:
     """Upper bound of any in-spot assignment: the true type counts of each spot, matched on the image posteriors."""
-    from histocell_sd.tl._refine_em import assign_nuclei
+    from histocell_sd.tl._deconvolution.refine_em import assign_nuclei
 
     nuclei = sdata.tables[HISTOCELL_KEY]
     proba = nuclei.obsm[CELL_TYPE_PROBA_KEY]

@@ -7,7 +7,7 @@ import pytest
 from scipy import sparse
 
 from histocell_sd import InvalidInputError, tl
-from histocell_sd.tl._refine_em import largest_remainder
+from histocell_sd.tl._deconvolution.refine_em import largest_remainder
 
 EPOCHS = 60
 
@@ -256,7 +256,7 @@ class _nothing:
 
 
 def test_composition_em_recovers_fractions_and_platform_effects():
-    from histocell_sd.tl._poisson import composition_em
+    from histocell_sd.tl._deconvolution.poisson import composition_em
 
     rng = np.random.default_rng(0)
     n_types, n_genes, n_spots = 4, 200, 300

@@ -228,7 +228,7 @@ def _edge_set(matrix) -> set:
 def test_delaunay_edges_equal_squidpy_and_scipy(max_len):
     from scipy.spatial import Delaunay
 
-    from histocell_sd.tl._graph import delaunay_edges
+    from histocell_sd.tl._spatial.graph import delaunay_edges
 
     xy, t, names = _clustered()
     i, j = delaunay_edges(xy, max_len)
@@ -247,7 +247,7 @@ def test_delaunay_edges_equal_squidpy_and_scipy(max_len):
 def test_radius_adjacency_equals_sklearn_radius_graph():
     from sklearn.neighbors import radius_neighbors_graph
 
-    from histocell_sd.tl._graph import radius_adjacency
+    from histocell_sd.tl._spatial.graph import radius_adjacency
 
     xy, *_ = _clustered()
     for include_self in (False, True):
@@ -273,7 +273,7 @@ class _SquidpyPermutations:
 def test_nhood_z_equals_squidpy_nhood_enrichment():
     """Given squidpy's permutations, the z-scores are squidpy's on the same (pruned Delaunay) graph, to rounding;
     with its own generator they agree within the Monte Carlo error of n_perms permutations."""
-    from histocell_sd.tl._indicators import _nhood_z
+    from histocell_sd.tl._spatial.indicators import _nhood_z
 
     xy, t, names = _clustered()
     counts = np.bincount(t, minlength=len(names)).astype(float)
@@ -301,7 +301,7 @@ def test_cooc_conditional_shares_equal_squidpy_co_occurrence():
     nucleus has as many neighbours (a ring), so do the ratios."""
     from scipy.spatial import cKDTree
 
-    from histocell_sd.tl._indicators import _cooc
+    from histocell_sd.tl._spatial.indicators import _cooc
 
     def both(xy, t, names, r):
         counts = np.bincount(t, minlength=len(names)).astype(float)

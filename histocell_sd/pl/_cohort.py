@@ -46,7 +46,7 @@ def kaplan_meier(
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
 
-    from ..tl._cohort_stats import _cohort_frame
+    from ..tl._cohort.stats import _cohort_frame
 
     values, clin = _cohort_frame(indicators, [duration_key, event_key], clinical, [indicator])
     x = values[indicator]

@@ -11,10 +11,10 @@ from scipy.spatial import ConvexHull, cKDTree
 from spatialdata import SpatialData
 from tqdm.auto import tqdm
 
-from .._constants import CELL_STATE_KEY, CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
-from .._docs import inject_docs
-from .._errors import InvalidInputError
-from ._graph import delaunay_edges, get_table, require_obs, table_mpp
+from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from ..._docs import inject_docs
+from ..._errors import InvalidInputError
+from .graph import delaunay_edges, get_table, require_obs, table_mpp
 
 __all__ = ["INDICATORS", "spatial_indicators"]
 

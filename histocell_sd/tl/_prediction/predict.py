@@ -9,7 +9,7 @@ import pandas as pd
 from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 
-from .._constants import (
+from ..._constants import (
     CELL_STATE_KEY,
     CELL_STATE_PROBA_KEY,
     CELL_TYPE_KEY,
@@ -22,12 +22,12 @@ from .._constants import (
     SPOT_ID_KEY,
     TABLE_KEY,
 )
-from .._docs import inject_docs
-from .._errors import InvalidInputError
-from .._utils import copy_for_writing
-from ..io import resolve_key
-from ..io._schema import NucleiTableModel, merge_metadata, set_categorical
-from ..models import HistoCell
+from ..._docs import inject_docs
+from ..._errors import InvalidInputError
+from ..._utils import copy_for_writing
+from ...io import resolve_key
+from ...io._schema import NucleiTableModel, merge_metadata, set_categorical
+from ...models import HistoCell
 
 
 @inject_docs

@@ -12,11 +12,11 @@ import scanpy as sc
 from spatialdata import SpatialData
 from tqdm.auto import tqdm
 
-from .._constants import CELL_STATE_KEY, CELL_TYPE_KEY, CELL_TYPE_PROBA_KEY, EMBEDDING_KEY, HISTOCELL_KEY, SPATIAL_KEY
-from .._docs import inject_docs
-from .._errors import InvalidInputError
-from ._cohort_stats import _associate, _response_kind
-from ._graph import get_table
+from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, CELL_TYPE_PROBA_KEY, EMBEDDING_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from ..._docs import inject_docs
+from ..._errors import InvalidInputError
+from .._spatial.graph import get_table
+from .stats import _associate, _response_kind
 
 __all__ = ["PhenotypeScreen", "screen_phenotype"]
 
@@ -349,7 +349,7 @@ def _crops(named, tables, pooled, top, n_crops, crop_px, image_key, seed):
     """Example crops (RGB uint8) of the top population's nuclei, highest attention first."""
     if n_crops <= 0:
         return None, None
-    from ..io._elements import get_image, resolve_key
+    from ...io._elements import get_image, resolve_key
 
     cand = pooled[pooled["population"] == top]
     cand = cand.sort_values("attention", ascending=False, na_position="last") if "attention" in cand else cand.sample(frac=1.0, random_state=seed)

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._constants import HISTOCELL_KEY, SPATIAL_KEY
-from .._docs import inject_docs
-from .._errors import InvalidInputError
-from .._utils import mean_per_type_pearson
-from ..io import get_mpp
-from ..pp import detection_scores, match_points
+from ..._constants import HISTOCELL_KEY, SPATIAL_KEY
+from ..._docs import inject_docs
+from ..._errors import InvalidInputError
+from ..._utils import mean_per_type_pearson
+from ...io import get_mpp
+from ...pp import detection_scores, match_points
 
 
 @inject_docs

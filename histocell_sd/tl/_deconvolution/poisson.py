@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 from scipy import sparse
 
-from .._errors import InvalidInputError
+from ..._errors import InvalidInputError
 
 _TINY = 1e-300
 

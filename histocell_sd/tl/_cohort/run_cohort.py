@@ -12,8 +12,8 @@ import anndata as ad
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .._errors import InvalidInputError
-from .._utils import atomic_write
+from ..._errors import InvalidInputError
+from ..._utils import atomic_write
 
 __all__ = ["run_cohort", "sample_name"]
 
@@ -77,7 +77,7 @@ def run_cohort(
     order of ``paths``; ``obs`` gains ``path`` and ``status`` ``"computed"`` / ``"resumed"``), and a
     DataFrame of the failed slides (``sample``, ``path``, ``error``).
     """
-    from ..models import HistoCell
+    from ...models import HistoCell
 
     paths = [str(p) for p in paths]
     if not paths:
@@ -178,7 +178,7 @@ def _distributed(todo, kwargs, client):
 
 @lru_cache(maxsize=2)
 def _load_model(model_dir: str):
-    from ..models import HistoCell
+    from ...models import HistoCell
 
     return HistoCell.load(model_dir)
 
@@ -190,9 +190,9 @@ def process_slide(
 
     Returns ``("ok", path)`` or ``("error", message)``; never raises for a bad slide.
     """
-    from .. import io, pp
-    from ._indicators import spatial_indicators
-    from ._predict import predict
+    from ... import io, pp
+    from .._prediction.predict import predict
+    from .._spatial.indicators import spatial_indicators
 
     name = sample_name(path)
     target = Path(out_dir) / f"{name}.h5ad"

@@ -8,10 +8,10 @@ import scipy.sparse as sp
 from scipy.spatial import Delaunay
 from spatialdata import SpatialData
 
-from .._constants import CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
-from .._docs import inject_docs
-from .._errors import InvalidInputError
-from ..io._elements import check_mpp, get_mpp
+from ..._constants import CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from ..._docs import inject_docs
+from ..._errors import InvalidInputError
+from ...io._elements import check_mpp, get_mpp
 
 __all__ = ["cell_graph"]
 

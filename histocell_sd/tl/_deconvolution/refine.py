@@ -10,7 +10,7 @@ marginal (mean probability over the slide's nuclei; ``image_prior="mean"``, the 
 * ``expression="counts"`` (with a reference; the default then): the spot's UMI counts are a
   Poisson mixture of the reference's type signatures weighted by ``π_s`` × RNA content, with a
   platform factor per gene, so the composition maximises the joint likelihood of the counts and
-  the nuclei (:mod:`histocell_sd.tl._poisson`).
+  the nuclei (:mod:`histocell_sd.tl._deconvolution.poisson`).
 * ``expression="proportions"`` (external or Tangram proportions ``e_s`` only): ``π_s`` has a
   Dirichlet prior centred on ``e_s`` with a strength of ``strength`` pseudo-nuclei. Deconvolution
   biases are mostly slide-wide per type (RNA content, capture, reference mismatch), so ``e_s`` is
@@ -34,7 +34,7 @@ import pandas as pd
 from scipy import sparse
 from spatialdata import SpatialData
 
-from .._constants import (
+from ..._constants import (
     CELL_TYPE_KEY,
     CELL_TYPE_PROBA_KEY,
     HISTOCELL_KEY,
@@ -42,15 +42,15 @@ from .._constants import (
     SPOT_ID_KEY,
     TABLE_KEY,
 )
-from .._docs import inject_docs
-from .._errors import InvalidInputError
-from .._utils import copy_for_writing
-from ..io import check_proportions, resolve_key
-from ..io._schema import REFINED_TYPE_KEY, set_categorical
-from ._deconvolve import _labels, _log_normalise, _markers, check_reference, shared_data
-from ._poisson import composition_em, type_signatures
-from ._refine_em import assign_nuclei, composition_em_proportions, expression_matrix
-from ._refine_expression import imputed_expression
+from ..._docs import inject_docs
+from ..._errors import InvalidInputError
+from ..._utils import copy_for_writing
+from ...io import check_proportions, resolve_key
+from ...io._schema import REFINED_TYPE_KEY, set_categorical
+from .deconvolve import _labels, _log_normalise, _markers, check_reference, shared_data
+from .poisson import composition_em, type_signatures
+from .refine_em import assign_nuclei, composition_em_proportions, expression_matrix
+from .refine_expression import imputed_expression
 
 __all__ = ["refine_deconvolution"]
 

@@ -13,12 +13,12 @@ from scipy import sparse
 from spatialdata import SpatialData
 from tqdm.auto import tqdm
 
-from .._constants import CELL_TYPE_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
-from .._docs import inject_docs
-from .._errors import InvalidInputError
-from .._utils import copy_for_writing
-from ..io import check_proportions, resolve_key
-from ._poisson import composition_em, type_signatures
+from ..._constants import CELL_TYPE_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
+from ..._docs import inject_docs
+from ..._errors import InvalidInputError
+from ..._utils import copy_for_writing
+from ...io import check_proportions, resolve_key
+from .poisson import composition_em, type_signatures
 
 __all__ = ["deconvolve", "reference_counts", "shared_data"]
 
@@ -58,7 +58,7 @@ def deconvolve(
     * ``method="poisson"``: the spot's marker counts are a Poisson mixture of the types' reference
       signatures, weighted by cell fraction × the type's RNA content (mean reference library size),
       with one platform factor per gene fitted across the spots; the maximum-likelihood fractions
-      are found by EM (see ``histocell_sd.tl._poisson``). It is the expression half of
+      are found by EM (see ``histocell_sd.tl._deconvolution.poisson``). It is the expression half of
       :func:`refine_deconvolution`'s ``expression="counts"`` model.
 
     Parameters

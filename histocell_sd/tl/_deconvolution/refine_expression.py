@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import HISTOCELL_KEY, NUCLEUS_ID_KEY, SPATIAL_KEY, SPOT_ID_KEY
-from .._errors import InvalidInputError
-from ..io._schema import REFINED_TYPE_KEY, ExpressionTableModel, set_categorical
-from ._deconvolve import _shared_genes, reference_counts
+from ..._constants import HISTOCELL_KEY, NUCLEUS_ID_KEY, SPATIAL_KEY, SPOT_ID_KEY
+from ..._errors import InvalidInputError
+from ...io._schema import REFINED_TYPE_KEY, ExpressionTableModel, set_categorical
+from .deconvolve import _shared_genes, reference_counts
 
 __all__ = ["imputed_expression"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .._errors import InvalidInputError
+from ..._errors import InvalidInputError
 
 __all__ = ["benjamini_hochberg", "response_association", "survival"]
 

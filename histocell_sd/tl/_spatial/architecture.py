@@ -10,11 +10,11 @@ from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
 from spatialdata.transformations import Identity
 
-from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, HISTOCELL_KEY, SPATIAL_KEY
-from .._docs import inject_docs
-from .._errors import InvalidInputError
-from .._utils import copy_for_writing
-from ._graph import get_table, radius_adjacency, require_obs, table_mpp
+from ..._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, HISTOCELL_KEY, SPATIAL_KEY
+from ..._docs import inject_docs
+from ..._errors import InvalidInputError
+from ..._utils import copy_for_writing
+from .graph import get_table, radius_adjacency, require_obs, table_mpp
 
 __all__ = ["tissue_architecture"]
 

@@ -1,0 +1,1 @@
+"""Cohorts: indicators over many samples, survival and drug-response association, phenotype screening."""

@@ -1,0 +1,1 @@
+"""Deconvolution: spot proportions from expression (Tangram, Poisson) and their histology-refined version."""

@@ -1,0 +1,1 @@
+"""Spatial analysis: the cell graph, tissue architecture (niches) and spatial organisation indicators."""
