@@ -63,7 +63,11 @@ PARAMS: dict[str, str] = {
         "columns = cell types; read)."
     ),
     "cluster_key": "``obs`` column of the nuclei table holding the cell types (categorical; read).",
-    "progress": "Show progress bars.",
+    "progress": "Show progress bars (``hc.settings.progress = False`` silences them all).",
+    "device": (
+        "Torch device: ``\"auto\"`` (CUDA when available, else the CPU), ``\"cpu\"``, ``\"cuda\"`` or "
+        "``\"cuda:<i>\"``; None: ``hc.settings.device``. CPU results do not depend on it."
+    ),
     "copy": "Return a modified copy instead of writing into the input, which is then left unchanged.",
     "n_neighbors": "Number of nearest neighbours.",
     "seed": "Seed of every random draw: same seed, same result.",

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from ._settings import settings
+
+
+def progress_bar(*args, disable: bool = False, **kwargs):
+    """:func:`tqdm.auto.tqdm`, silenced by ``disable`` or by ``hc.settings.progress = False``."""
+    return tqdm(*args, disable=disable or not settings.progress, **kwargs)
 
 
 def mean_per_type_pearson(predicted: np.ndarray, target: np.ndarray) -> float:

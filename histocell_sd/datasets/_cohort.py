@@ -13,7 +13,6 @@ from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 from spatialdata.transformations import Identity
-from tqdm.auto import tqdm
 
 from .._constants import (
     COORDINATE_SYSTEM,
@@ -22,6 +21,7 @@ from .._constants import (
     NUCLEI_KEY,
 )
 from .._errors import InvalidInputError
+from .._utils import progress_bar
 from ._stand_in import EMBEDDING_DIM, NUCLEUS_RADIUS_UM, nucleus_circles, prediction_table
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
 
@@ -117,7 +117,7 @@ def synthetic_cohort(
     centres = rng.normal(0, 1.6, size=(len(states), EMBEDDING_DIM))
     names = [f"sample_{i:02d}" for i in range(n_samples)]
     samples, rows = {}, []
-    for name in tqdm(names, desc="synthetic cohort", disable=not progress):
+    for name in progress_bar(names, desc="synthetic cohort", disable=not progress):
         latent = {
             "infiltration_latent": rng.uniform(0, 1),
             "prolif_share": rng.uniform(0.1, 0.9),

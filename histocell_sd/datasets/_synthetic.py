@@ -9,7 +9,6 @@ from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel, TableModel
 from spatialdata.transformations import Identity
-from tqdm.auto import tqdm
 
 from .._constants import (
     COORDINATE_SYSTEM,
@@ -19,6 +18,7 @@ from .._constants import (
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
 )
+from .._utils import progress_bar
 from ..io import from_arrays
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS, make_layout, sample_cells
 from ._synthetic_expression import expression_profiles, reference, spot_counts
@@ -177,7 +177,7 @@ def _render(renderer: BlockRenderer, width_um, height_um, mpp, progress) -> tupl
     image = np.empty((height, width, 3), dtype=np.uint8)
     labels = np.empty((height, width), dtype=np.int32)
     blocks = [(y, x) for y in range(0, height, BLOCK_PX) for x in range(0, width, BLOCK_PX)]
-    for y, x in tqdm(blocks, desc="rendering H&E", disable=not progress or len(blocks) == 1):
+    for y, x in progress_bar(blocks, desc="rendering H&E", disable=not progress or len(blocks) == 1):
         y1, x1 = min(y + BLOCK_PX, height), min(x + BLOCK_PX, width)
         image[y:y1, x:x1], labels[y:y1, x:x1] = renderer.render(y, y1, x, x1)
     return image, labels

@@ -10,10 +10,10 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from skimage.transform import rescale
 from spatialdata import SpatialData
-from tqdm.auto import tqdm
 
 from .._constants import HISTOCELL_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from .._errors import InvalidInputError
+from .._utils import progress_bar
 from ..io import get_image, get_mpp, resolve_key
 from ..pp import nucleus_crops
 
@@ -104,7 +104,7 @@ def sample_inputs(
     margin_px = int(np.ceil(crop_px * canonical_mpp / mpp)) + 2
     context_bands = []
     bands = range(0, height, band_px)
-    for y0 in tqdm(bands, desc="reading image", disable=not progress or len(bands) < 3):
+    for y0 in progress_bar(bands, desc="reading image", disable=not progress or len(bands) < 3):
         y1 = min(y0 + band_px, height)
         r0, r1 = max(y0 - margin_px, 0), min(y1 + margin_px, height)
         band = np.asarray(image[:, r0:r1, :].transpose("y", "x", "c"))

@@ -15,6 +15,7 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import HISTOCELL_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY
+from .._device import resolve_device
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._checkpoint import load_checkpoint, save_checkpoint
@@ -186,6 +187,7 @@ class HistoCell:
         nuclei_table_key: str = HISTOCELL_KEY,
         image_key: str | None = None,
         nucleus_labels_key: str | None = None,
+        device: str | None = None,
     ) -> HistoCell:
         """Train from spot proportions only.
 
@@ -229,6 +231,8 @@ class HistoCell:
             ``obs[nucleus_labels_key]`` of the nuclei table (missing or unknown = unlabelled), with
             cross-entropy on every labelled nucleus (batched by 55 µm squares; no spots needed). This
             is the supervised twin of the benchmarks; the spot and state stages are skipped.
+        {device}
+            Training runs there; the trained network is returned to the CPU.
 
         Returns
         -------
@@ -243,6 +247,7 @@ class HistoCell:
             self._settings, encoder_state=self._encoder_state, epochs=epochs, self_training_epochs=self_training_epochs,
             state_epochs=state_epochs, lr=lr, encoder_lr_factor=encoder_lr_factor, compartment_weight=compartment_weight,
             pseudo_label_weight=pseudo_label_weight, val_fraction=val_fraction, patience=patience, seed=seed, progress=progress,
+            device=resolve_device(device),
         )
         result = trainer.fit(
             samples, proportions_key=proportions_key, state_proportions_key=state_proportions_key, spots_table_key=spots_table_key,
@@ -276,7 +281,10 @@ class HistoCell:
         """
         return inputs_of(self._settings, sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
 
-    def predict_inputs(self, inputs: SampleInputs, *, mc_samples: int = 0, progress: bool = True) -> dict[str, np.ndarray]:
+    @inject_docs
+    def predict_inputs(
+        self, inputs: SampleInputs, *, mc_samples: int = 0, progress: bool = True, device: str | None = None
+    ) -> dict[str, np.ndarray]:
         """Probabilities of every nucleus of ``inputs`` (eval mode; ``mc_samples`` > 0 adds MC dropout).
 
         :func:`histocell_sd.tl.predict` calls this and writes the result into the SpatialData.
@@ -287,8 +295,8 @@ class HistoCell:
             The model inputs of one sample (:meth:`sample_inputs`).
         mc_samples
             Monte-Carlo dropout passes (``type_std``); 0 = off.
-        progress
-            Show progress bars.
+        {progress}
+        {device}
 
         Returns
         -------
@@ -296,7 +304,11 @@ class HistoCell:
             ``type`` (n × types), ``state`` (n × states), ``compartment`` (n × compartments),
             ``embedding`` (n × dim) and, with MC dropout, ``type_std``.
         """
-        return self.net.predict(inputs, mc_samples=mc_samples, progress=progress)
+        target = resolve_device(device)
+        try:
+            return self.net.to(target).predict(inputs, mc_samples=mc_samples, progress=progress)
+        finally:
+            self.net.cpu()  # at rest on the CPU: saving, loading and the next call see the same model
 
     # ------------------------------------------------------------------ persistence
     def save(self, path, *, overwrite: bool = False, metadata: dict | None = None):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._stain import stain_jitter, to_optical_density
+from .._utils import progress_bar
 from ._config import HistoCellConfig
 from ._inputs import SampleInputs
 from ._modules import ContextEncoder, NeighbourAttention, NucleusEncoder
@@ -55,6 +55,15 @@ class HistoCellNet(nn.Module):
         self.compartment_head = nn.Linear(dim, max(n_compartments, 1))
         self.feature_mean = np.zeros(n_features, np.float32)
         self.feature_std = np.ones(n_features, np.float32)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (``.to(device)`` moves them)."""
+        return next(self.parameters()).device
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` as a tensor on the network's device (no copy on the CPU)."""
+        return torch.from_numpy(array).to(self.device)
 
     @classmethod
     def from_config(cls, config: HistoCellConfig, encoder_state: dict | None = None) -> HistoCellNet:
@@ -112,16 +121,17 @@ class HistoCellNet(nn.Module):
             crops = torch.rot90(crops, k, dims=(2, 3))
             if torch.rand(1, generator=augment) < 0.5:
                 crops = crops.flip(3)
+        crops = crops.to(self.device)  # augmented on the CPU: the same draws whatever the device
         xy = inputs.context_xy[rows]
         margin = ContextEncoder.RECEPTIVE_RADIUS + 1
         x0, y0 = np.maximum(np.floor(xy.min(0)).astype(int) - margin, 0)
         x1, y1 = np.ceil(xy.max(0)).astype(int) + margin + 1
         window = inputs.context[y0:y1, x0:x1]
-        context_od = to_optical_density(torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1)))).unsqueeze(0)
-        context = self.context(context_od, torch.from_numpy(xy - [x0, y0]).float())
+        context_od = to_optical_density(self.tensor(np.ascontiguousarray(window.transpose(2, 0, 1)))).unsqueeze(0)
+        context = self.context(context_od, self.tensor(xy - [x0, y0]).float())
         features = None
         if self.morphology is not None:
-            features = torch.from_numpy((inputs.features[rows] - self.feature_mean) / self.feature_std)
+            features = self.tensor((inputs.features[rows] - self.feature_mean) / self.feature_std)
         return self.embed(crops, context, features)
 
     def outputs(self, inputs: SampleInputs, query: np.ndarray, keys: np.ndarray, h_keys: torch.Tensor) -> dict:
@@ -130,8 +140,8 @@ class HistoCellNet(nn.Module):
         lookup[keys] = np.arange(len(keys))
         neighbors = inputs.neighbors[query]
         local = np.where(neighbors >= 0, lookup[neighbors], -1)
-        h_query = h_keys[torch.from_numpy(lookup[query])]
-        return self.heads(h_query, h_keys, torch.from_numpy(local), torch.from_numpy(inputs.distances[query]))
+        h_query = h_keys[self.tensor(lookup[query])]
+        return self.heads(h_query, h_keys, self.tensor(local), self.tensor(inputs.distances[query]))
 
     @torch.no_grad()
     def predict(self, inputs: SampleInputs, *, mc_samples: int = 0, progress: bool = True) -> dict[str, np.ndarray]:
@@ -156,10 +166,10 @@ class HistoCellNet(nn.Module):
         key = tile[:, 1] * (tile[:, 0].max() + 1) + tile[:, 0]
         order = np.argsort(key, kind="stable")
         groups = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
-        h = torch.zeros(len(key), self.dim)
-        for rows in tqdm(groups, desc="embedding nuclei", disable=not progress or len(groups) < 4):
+        h = torch.zeros(len(key), self.dim, device=self.device)
+        for rows in progress_bar(groups, desc="embedding nuclei", disable=not progress or len(groups) < 4):
             for chunk in np.array_split(rows, -(-len(rows) // _CHUNK)):
-                h[torch.from_numpy(chunk)] = self.embed_nuclei(inputs, chunk)
+                h[self.tensor(chunk)] = self.embed_nuclei(inputs, chunk)
         return h
 
     def _head_pass(self, inputs: SampleInputs, h: torch.Tensor, dropout: bool) -> dict[str, np.ndarray]:
@@ -177,14 +187,14 @@ class HistoCellNet(nn.Module):
             mixed.append(out["mixed"])
         self.eval()
         mixed = torch.cat(mixed)
-        neighbors = torch.from_numpy(inputs.neighbors)
+        neighbors = self.tensor(inputs.neighbors)
         valid = (neighbors >= 0).float().unsqueeze(-1)
         pooled = (mixed[neighbors.clamp(min=0)] * valid).sum(1) / valid.sum(1).clamp(min=1)
         return {
-            "type": torch.cat(types).numpy(),
-            "state": torch.cat(states).numpy(),
-            "compartment": torch.softmax(self.compartment_head(pooled), 1).numpy(),
-            "embedding": mixed.numpy().astype(np.float32),
+            "type": torch.cat(types).cpu().numpy(),
+            "state": torch.cat(states).cpu().numpy(),
+            "compartment": torch.softmax(self.compartment_head(pooled), 1).cpu().numpy(),
+            "embedding": mixed.cpu().numpy().astype(np.float32),
         }
 
     def _empty(self) -> dict[str, np.ndarray]:

@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .._errors import InvalidInputError
-from .._utils import mean_per_type_pearson
+from .._utils import mean_per_type_pearson, progress_bar
 from ._config import HistoCellConfig
 from ._losses import bag_mean, spot_posteriors, symmetric_kl
 from ._network import HistoCellNet
@@ -83,7 +82,7 @@ class Trainer:
 
     def __init__(self, config: HistoCellConfig, *, encoder_state: dict | None = None, epochs=None, self_training_epochs=None,
                  state_epochs=None, lr=2e-3, encoder_lr_factor=None, compartment_weight=0.3, pseudo_label_weight=0.5,
-                 val_fraction=0.15, patience=8, seed=0, progress=True):
+                 val_fraction=0.15, patience=8, seed=0, progress=True, device=None):
         if encoder_lr_factor is None:
             encoder_lr_factor = 1.0 if config.encoder["source"] == "scratch" else PRETRAINED_ENCODER_LR_FACTOR
         if not np.isfinite(encoder_lr_factor) or encoder_lr_factor < 0:
@@ -99,6 +98,7 @@ class Trainer:
         self.lr, self.encoder_lr_factor, self.val_fraction, self.patience = lr, encoder_lr_factor, val_fraction, patience
         self.compartment_weight, self.pseudo_label_weight = compartment_weight, pseudo_label_weight
         self.seed, self.progress = seed, progress
+        self.device = torch.device("cpu") if device is None else torch.device(device)
 
     def fit(self, samples: list, *, proportions_key, state_proportions_key, spots_table_key, nuclei_table_key, image_key,
             nucleus_labels_key=None) -> FitResult:
@@ -107,7 +107,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.rng = np.random.default_rng(self.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.net = HistoCellNet.from_config(self.config, self.encoder_state)
+        self.net = HistoCellNet.from_config(self.config, self.encoder_state).to(self.device)
         if nucleus_labels_key is not None:
             kwargs = {"labels_key": nucleus_labels_key, "nuclei_table_key": nuclei_table_key, "image_key": image_key, "progress": self.progress}
             self.prepared = [prepare_labelled_sample(self.config, s, **kwargs) for s in samples]
@@ -159,7 +159,7 @@ class Trainer:
             "val_spot_pearson": float(last["val_spot_pearson"]),  # mean over types of the Pearson r across held-out spots
         }
         self.timing["fit_s"] = time.perf_counter() - start
-        return FitResult(net=self.net, history=history, summary=summary, timing=self.timing)
+        return FitResult(net=self.net.cpu(), history=history, summary=summary, timing=self.timing)
 
     # ------------------------------------------------------------------ one stage
     def _stage(self, stage: str, epochs: int, lr: float) -> None:
@@ -172,7 +172,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
         best, best_state, waited = np.inf, copy.deepcopy(self.net.state_dict()), 0
-        bar = tqdm(range(epochs), desc=f"training ({stage})", disable=not self.progress)
+        bar = progress_bar(range(epochs), desc=f"training ({stage})", disable=not self.progress)
         for epoch in bar:
             self.net.train()
             losses = []
@@ -213,7 +213,7 @@ class Trainer:
         query = np.concatenate(query)
         neighbors = sample.inputs.neighbors[query]
         keys = np.unique(np.concatenate([query, neighbors[neighbors >= 0]]))
-        return query, torch.from_numpy(np.concatenate(bag)), keys
+        return query, self.net.tensor(np.concatenate(bag)), keys
 
     def _loss(self, sample: TrainingSample, spots: np.ndarray, stage: str) -> torch.Tensor:
         query, bag, keys = self._batch(sample, spots, sample_nuclei=True)
@@ -226,18 +226,18 @@ class Trainer:
         keys = np.concatenate([own, others])
         out = self.net.outputs(sample.inputs, query, keys, torch.cat([h_own, h_others]))
         n_bags = len(spots)
-        targets = torch.from_numpy(sample.state_targets[spots] if stage == "states" else sample.targets[spots])
+        targets = self.net.tensor(sample.state_targets[spots] if stage == "states" else sample.targets[spots])
         proba = self.net.state_proba(out["type"], out["states"]) if stage == "states" else torch.softmax(out["type"], 1)
         total = symmetric_kl(bag_mean(proba, bag, n_bags), targets)
         if stage == "supervised":
-            labels = torch.from_numpy(sample.nucleus_labels[query])
+            labels = self.net.tensor(sample.nucleus_labels[query])
             known = labels >= 0
             total = F.cross_entropy(out["type"][known], labels[known]) if known.any() else out["type"].sum() * 0.0
         if stage == "self-training":
             pseudo = spot_posteriors(proba.detach(), bag, targets)
             total = total + self.pseudo_label_weight * -(pseudo * F.log_softmax(out["type"], 1)).sum(1).mean()
         spot_repr = bag_mean(out["mixed"], bag, n_bags)
-        compartment = F.cross_entropy(self.net.compartment_head(spot_repr), torch.from_numpy(sample.compartments[spots]))
+        compartment = F.cross_entropy(self.net.compartment_head(spot_repr), self.net.tensor(sample.compartments[spots]))
         return total + self.compartment_weight * compartment
 
     @torch.no_grad()
@@ -253,14 +253,14 @@ class Trainer:
             out = self.net.outputs(sample.inputs, query, keys, self.net.embed_nuclei(sample.inputs, keys))
             p_type = bag_mean(torch.softmax(out["type"], 1), bag, len(spots))
             if stage == "supervised":
-                labels = torch.from_numpy(sample.nucleus_labels[query])
+                labels = self.net.tensor(sample.nucleus_labels[query])
                 losses.append(float(F.cross_entropy(out["type"], labels)) * len(spots))
             elif stage == "states":
                 p = bag_mean(self.net.state_proba(out["type"], out["states"]), bag, len(spots))
-                losses.append(float(symmetric_kl(p, torch.from_numpy(sample.state_targets[spots]))) * len(spots))
+                losses.append(float(symmetric_kl(p, self.net.tensor(sample.state_targets[spots]))) * len(spots))
             else:
-                losses.append(float(symmetric_kl(p_type, torch.from_numpy(sample.targets[spots]))) * len(spots))
-            predicted.append(p_type.numpy())
+                losses.append(float(symmetric_kl(p_type, self.net.tensor(sample.targets[spots]))) * len(spots))
+            predicted.append(p_type.cpu().numpy())
             target.append(sample.targets[spots])
         n = sum(len(s) for _, s in self.val)
         return float(sum(losses) / n), mean_per_type_pearson(np.concatenate(predicted), np.concatenate(target))

@@ -12,11 +12,12 @@ import torch
 from joblib import Parallel, delayed
 from scipy import ndimage as ndi
 from spatialdata import SpatialData
-from tqdm.auto import tqdm
 
 from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY
+from .._device import resolve_device
 from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import progress_bar
 from ..io._elements import get_image, get_mpp, resolve_key
 from ..io._nuclei_store import claim_nuclei_keys, store_nuclei
 from ._segment_array import _MIN_HEMATOXYLIN, _hematoxylin, hematoxylin_level, is_padding, segment_array
@@ -46,6 +47,7 @@ def segment_nuclei(
     progress: bool = True,
     labels_key: str | None = None,
     overwrite: bool = False,
+    device: str | None = None,
     **method_kwargs,
 ) -> None:
     """Segment the nuclei of the H&E image tile by tile and store them.
@@ -88,6 +90,9 @@ def segment_nuclei(
     overwrite
         Replace elements under ``key_added`` / ``nuclei_table_key`` / ``labels_key`` that a segmentation did not
         write (refused otherwise, before any work; an earlier segmentation's nuclei are always replaced).
+    {device}
+        Used by the learnt segmenter (``method="default"``); labels on a GPU can differ from the CPU's by
+        rounding at a few boundary pixels.
     **method_kwargs
         Passed to :func:`~histocell_sd.pp.segment_learnt` (``network``, post-processing such as
         ``centre_threshold``), :func:`~histocell_sd.pp.segment_array` (e.g. ``min_area_um2``) or the callable.
@@ -114,6 +119,7 @@ def segment_nuclei(
         check_scale(mpp, float(method_kwargs.get("canonical_mpp", 0.5)))
     elif method == "default":
         check_scale(mpp, float(load_segmenter(network=method_kwargs.get("network"))[1]["preprocessing"]["mpp"]))
+        method_kwargs = method_kwargs | {"device": str(resolve_device(device))}
     tiles = _tiles(height, width, tile_size_px, overlap_px)
     tissue = _tissue_check(sdata.images[image_key], (height, width))
     tiles = [t for t in tiles if tissue(t)]
@@ -125,7 +131,7 @@ def segment_nuclei(
     jobs = (delayed(_segment_tile)(image, t, mpp, segmenter, method_kwargs) for t in tiles)
     with _torch_threads(n_jobs):
         results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs)
-        for window, tile_labels in tqdm(results, total=len(tiles), desc="segmenting nuclei", disable=not progress):
+        for window, tile_labels in progress_bar(results, total=len(tiles), desc="segmenting nuclei", disable=not progress):
             n_found = _paste(labels, window, tile_labels, n_found)
     if n_found == 0:
         warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written.", stacklevel=2)

@@ -7,6 +7,7 @@ foreground; all thresholds come from the card (tuned on the network's training d
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from skimage.segmentation import relabel_sequential, watershed
 from skimage.transform import rescale
 from torch import nn
 
+from .._device import resolve_device
+from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._shipped import load_weights, shipped_dir
 from .._stain import to_optical_density
@@ -84,7 +87,14 @@ def _cached(path: str, stamp: tuple) -> tuple[SegmenterNet, dict]:
     return net.eval(), card
 
 
-def load_segmenter(*, network=None) -> tuple[SegmenterNet, dict]:
+@lru_cache(maxsize=4)
+def _cached_on(path: str, stamp: tuple, device: str) -> SegmenterNet:
+    """A copy of the cached network on ``device`` (the CPU one is shared by the threads of a segmentation)."""
+    return copy.deepcopy(_cached(path, stamp)[0]).to(device).eval()
+
+
+@inject_docs
+def load_segmenter(*, network=None, device: str | None = "cpu") -> tuple[SegmenterNet, dict]:
     """The segmenter network (eval mode) and its card: the shipped one, or the folder ``network``.
 
     Parameters
@@ -92,6 +102,7 @@ def load_segmenter(*, network=None) -> tuple[SegmenterNet, dict]:
     network
         Folder of a segmenter (``weights.safetensors`` + ``card.json``, as written by
         ``scripts/train_segmenter.py``); None: the one shipped in the package.
+    {device}
 
     Returns
     -------
@@ -103,20 +114,22 @@ def load_segmenter(*, network=None) -> tuple[SegmenterNet, dict]:
         raise InvalidInputError(f"No segmenter network folder at {path}.")
     # re-read whenever either file changes (size or modification time), so a replaced file is never served from cache
     stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in (path / "card.json", path / "weights.safetensors"))
-    return _cached(str(path.resolve()), stamp)
+    net, card = _cached(str(path.resolve()), stamp)
+    target = resolve_device(device)
+    return (net, card) if target.type == "cpu" else (_cached_on(str(path.resolve()), stamp, str(target)), card)
 
 
 def predict_maps(net: SegmenterNet, rgb_uint8: np.ndarray) -> np.ndarray:
     """(3, h, w) probabilities (foreground, centre, distance) of an RGB uint8 image at the network's µm/px."""
     h, w = rgb_uint8.shape[:2]
     pad_y, pad_x = (-(h + 2 * _PAD)) % 16 + _PAD, (-(w + 2 * _PAD)) % 16 + _PAD
-    x = torch.from_numpy(np.ascontiguousarray(rgb_uint8.transpose(2, 0, 1))).unsqueeze(0)
+    x = torch.from_numpy(np.ascontiguousarray(rgb_uint8.transpose(2, 0, 1))).unsqueeze(0).to(next(net.parameters()).device)
     od = to_optical_density(x)
     mode = "reflect" if min(h, w) > max(pad_y, pad_x) else "replicate"
     od = F.pad(od, (_PAD, pad_x, _PAD, pad_y), mode=mode)
     with torch.inference_mode():
         out = torch.sigmoid(net(od.contiguous(memory_format=torch.channels_last)))
-    return out[0, :, _PAD : _PAD + h, _PAD : _PAD + w].numpy()
+    return out[0, :, _PAD : _PAD + h, _PAD : _PAD + w].cpu().numpy()
 
 
 def instances(maps: np.ndarray, mpp: float, params: dict) -> np.ndarray:
@@ -135,7 +148,8 @@ def instances(maps: np.ndarray, mpp: float, params: dict) -> np.ndarray:
     return _filter_area(labels, params["min_area_um2"] / mpp**2, params["max_area_um2"] / mpp**2)
 
 
-def segment_learnt(rgb, mpp: float, *, network=None, **overrides) -> np.ndarray:
+@inject_docs
+def segment_learnt(rgb, mpp: float, *, network=None, device: str | None = None, **overrides) -> np.ndarray:
     """Segment nuclei of an H&E array with the learnt segmenter.
 
     Parameters
@@ -146,6 +160,7 @@ def segment_learnt(rgb, mpp: float, *, network=None, **overrides) -> np.ndarray:
         Its µm/px; the image is resampled to the network's µm/px (within ×4 up, ×16 down).
     network
         A segmenter folder (``weights.safetensors`` + ``card.json``); default: the shipped one.
+    {device}
     **overrides
         Post-processing parameters replacing the card's: ``centre_threshold``, ``min_distance_um``,
         ``foreground_threshold``, ``seed_radius_um``, ``min_area_um2``, ``max_area_um2``.
@@ -155,7 +170,7 @@ def segment_learnt(rgb, mpp: float, *, network=None, **overrides) -> np.ndarray:
     numpy.ndarray
         int32 labels of shape (H, W); 0 is background.
     """
-    net, card = load_segmenter(network=network)
+    net, card = load_segmenter(network=network, device=device)
     params = dict(card["postprocessing"])
     unknown = set(overrides) - set(params)
     if unknown:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import anndata as ad
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..._errors import InvalidInputError
-from ..._utils import atomic_write
+from ..._utils import atomic_write, progress_bar
 
 __all__ = ["run_cohort", "sample_name"]
 
@@ -112,7 +111,7 @@ def run_cohort(
         else:
             todo.append((name, path))
     errors = {}
-    bar = tqdm(total=len(todo), desc="slides", disable=not progress or not todo)
+    bar = progress_bar(total=len(todo), desc="slides", disable=not progress or not todo)
     if client == "synchronous":
         for name, path in todo:
             _record(name, process_slide(path, **kwargs), status, errors)

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 from spatialdata import SpatialData
-from tqdm.auto import tqdm
 
 from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, CELL_TYPE_PROBA_KEY, EMBEDDING_KEY, HISTOCELL_KEY, SPATIAL_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
+from ..._utils import progress_bar
 from .._spatial.graph import get_table
 from .stats import _associate, _response_kind
 
@@ -165,7 +165,7 @@ def screen_phenotype(
 
     knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(x_pool))).fit(x_pool, labels)
     abundance = {}
-    for name in tqdm(named, desc="population abundance", disable=not progress):
+    for name in progress_bar(named, desc="population abundance", disable=not progress):
         assigned = knn.predict(reps[name])
         abundance[name] = np.bincount(assigned, minlength=len(names)) / len(assigned)
         if key_added:
@@ -326,7 +326,7 @@ def _fit_mil_seeds(xt, mt, target, kind, seeds, epochs, dim, progress, total, lo
     import torch
 
     mask = mt.numpy()
-    for s in tqdm(seeds, desc="attention MIL", disable=not progress):
+    for s in progress_bar(seeds, desc="attention MIL", disable=not progress):
         torch.manual_seed(s)
         net = _gated_attention_mil(dim)
         opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 from spatialdata import SpatialData
-from tqdm.auto import tqdm
 
 from ..._constants import CELL_TYPE_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
+from ..._device import resolve_device
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import copy_for_writing
+from ..._utils import copy_for_writing, progress_bar
 from ...io import check_proportions, resolve_key
 from .poisson import composition_em, type_signatures
 
@@ -43,6 +43,7 @@ def deconvolve(
     min_shared_genes: int = MIN_SHARED_GENES,
     seed: int = 0,
     progress: bool = True,
+    device: str | None = None,
     copy: bool = False,
 ) -> SpatialData | None:
     """Deconvolve the Visium spots into cell-type proportions (cell fractions per spot).
@@ -51,7 +52,7 @@ def deconvolve(
     (t-test) on the log-normalised reference, restricted to genes measured in the spots. Then
 
     * ``method="tangram"`` (default): Tangram maps each cell type's summed reference expression
-      onto the spots (``mode="clusters"``, uniform density prior, on the CPU); the share of type
+      onto the spots (``mode="clusters"``, uniform density prior, on ``device``); the share of type
       ``c`` in spot ``s`` is ``M[c, s] · n_c`` normalised over types, ``M`` the mapping (each type's
       distribution over spots) and ``n_c`` the type's share of reference cells, i.e. Tangram's own
       cluster density.
@@ -88,6 +89,8 @@ def deconvolve(
     {seed}
         Here Tangram's initialisation and optimiser (``"poisson"`` is deterministic).
     {progress}
+    {device}
+        Tangram's (``"poisson"`` runs in numpy).
     {copy}
 
     Returns
@@ -102,6 +105,7 @@ def deconvolve(
     if n_markers < 1 or epochs < 1:
         raise InvalidInputError(f"n_markers and epochs must be positive, got {n_markers} and {epochs}.")
     check_reference(reference)
+    torch_device = str(resolve_device(device))
     spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
     if copy:
         sdata = copy_for_writing(sdata)
@@ -110,7 +114,7 @@ def deconvolve(
     if state_key is not None:
         labels["states"] = _labels(reference, state_key)
 
-    steps = tqdm(total=1 + len(labels), desc="deconvolve", disable=not progress)
+    steps = progress_bar(total=1 + len(labels), desc="deconvolve", disable=not progress)
     ref, sp = shared_data(table, spots_table_key, reference, min_shared_genes)
     log_ref = _log_normalise(ref)
     steps.update()
@@ -118,7 +122,7 @@ def deconvolve(
     for what, label in labels.items():
         markers = _markers(log_ref, label, n_markers)
         if method == "tangram":
-            results[what] = _tangram(ref, sp, label, markers, epochs, learning_rate, seed)
+            results[what] = _tangram(ref, sp, label, markers, epochs, learning_rate, seed, torch_device)
         else:
             results[what] = _poisson(ref, sp, label, markers)
         markers_used[what] = markers
@@ -317,7 +321,8 @@ def _seeded(seed: int):
         torch.set_num_threads(threads)
 
 
-def _tangram(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[str], epochs: int, learning_rate: float, seed: int) -> pd.DataFrame:
+def _tangram(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[str], epochs: int, learning_rate: float, seed: int,
+             device: str = "cpu") -> pd.DataFrame:
     """Tangram cluster-mode proportions (spots × labels)."""
     import tangram as tg
 
@@ -337,7 +342,7 @@ def _tangram(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[s
             warnings.simplefilter("ignore")
             mapping = tg.map_cells_to_space(
                 sc_data, sp_data, mode="clusters", cluster_label="label", density_prior="uniform",
-                num_epochs=epochs, learning_rate=learning_rate, device="cpu", verbose=False,
+                num_epochs=epochs, learning_rate=learning_rate, device=device, verbose=False,
                 random_state=None,
             )
     finally:

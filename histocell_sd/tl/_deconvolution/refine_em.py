@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
-from tqdm.auto import tqdm
+
+from ..._utils import progress_bar
 
 __all__ = ["assign_nuclei", "composition_em_proportions", "expression_matrix", "largest_remainder"]
 
@@ -86,7 +87,7 @@ def assign_nuclei(Q: np.ndarray, spot_of: np.ndarray, n_nuclei: np.ndarray, pi: 
     groups = np.split(order, bounds) if len(order) else []
     cost = -np.log(np.maximum(Q, 1e-300))
     out = np.empty(len(Q), dtype=np.int64)
-    for group in tqdm(groups, desc="assigning nuclei", disable=not progress):
+    for group in progress_bar(groups, desc="assigning nuclei", disable=not progress):
         s = spot_of[group[0]]
         counts = largest_remainder(pi[s], len(group))
         slots = np.repeat(np.arange(len(counts)), counts)

@@ -22,6 +22,7 @@ from ..._constants import (
     SPOT_ID_KEY,
     TABLE_KEY,
 )
+from ..._device import resolve_device
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
 from ..._utils import copy_for_writing
@@ -40,6 +41,7 @@ def predict(
     spots_table_key: str | None = None,
     mc_samples: int = 0,
     progress: bool = True,
+    device: str | None = None,
     copy: bool = False,
 ) -> SpatialData | None:
     """Predict cell type, state and compartment of every nucleus and store them in place.
@@ -68,6 +70,7 @@ def predict(
     mc_samples
         Monte-Carlo dropout passes for an uncertainty estimate (``obs["cell_type_mc_std"]``); 0 = off.
     {progress}
+    {device}
     {copy}
 
     Returns
@@ -84,12 +87,13 @@ def predict(
         raise InvalidInputError(f"No nuclei table {nuclei_table_key!r}; segment nuclei first (hc.pp.segment_nuclei).")
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)) or mc_samples < 0:
         raise InvalidInputError(f"mc_samples must be a whole number ≥ 0, got {mc_samples!r}.")
+    resolve_device(device)  # an unusable device is refused before anything is written
     spots_table_key = _spots_table(sdata, sdata.tables[nuclei_table_key], spots_table_key, nuclei_table_key)  # validated before anything is written
     if copy:
         sdata = copy_for_writing(sdata)
     table = sdata.tables[nuclei_table_key]
     inputs = model.sample_inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
-    out = model.predict_inputs(inputs, mc_samples=mc_samples, progress=progress)
+    out = model.predict_inputs(inputs, mc_samples=mc_samples, progress=progress, device=device)
     for key in [k for k in table.obs if k in _OBS_WRITTEN]:
         del table.obs[key]  # an earlier model's outputs (e.g. MC dropout, states) never linger
     for key in [k for k in table.obsm if k in _OBSM_WRITTEN]:

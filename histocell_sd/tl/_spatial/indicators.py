@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import ConvexHull, cKDTree
 from spatialdata import SpatialData
-from tqdm.auto import tqdm
 
 from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
+from ..._utils import progress_bar
 from .graph import delaunay_edges, get_table, require_obs, table_mpp
 
 __all__ = ["INDICATORS", "spatial_indicators"]
@@ -144,7 +144,7 @@ def spatial_indicators(
     states = _categories([*(pd.Series(pd.Categorical([], categories=_model_labels(t, state_key))) for t, _ in tables.values()),
                           *(t.obs[state_key] for t, _ in tables.values() if state_key in t.obs)]) if state_key else []
     rows, meta = {}, {}
-    for name, (table, scale) in tqdm(tables.items(), desc="spatial indicators", disable=not progress or len(tables) < 2):
+    for name, (table, scale) in progress_bar(tables.items(), desc="spatial indicators", disable=not progress or len(tables) < 2):
         rows[name], meta[name] = _one_sample(
             table, scale, types, states, cluster_key, state_key, niche_key, radii, graph_radius_um,
             infiltration, infiltration_radius_um, n_perms, area_method, grid_um, np.random.default_rng(seed),
