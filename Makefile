@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test install benchmark clean
 
-$(STAMP): pyproject.toml
+# Ranges in pyproject.toml (installs beside an existing scverse stack); `make` installs the exact versions
+# of constraints.txt (tested, CPU torch) so every machine gets the same environment.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
 install: $(STAMP)
