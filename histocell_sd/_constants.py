@@ -1,6 +1,8 @@
 """Default element names and physical constants of the histocell-sd data model."""
 
-COORDINATE_SYSTEM = "global"
+COORDINATE_SYSTEM = "global"  # full-resolution pixels of the H&E
+MICRON_SYSTEM = "um"  # the same in µm: Scale(mpp) after the element's global transformation
+SPATIAL_UM_KEY = "spatial_um"  # obsm: centres in µm (squidpy: spatial_key="spatial_um")
 IMAGE_KEY = "he"
 SPOTS_KEY = "spots"
 TABLE_KEY = "table"

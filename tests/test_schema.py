@@ -175,3 +175,32 @@ def test_io_validate_checks_the_tables(predicted):
             hc.io.validate(sdata)
     finally:
         table.uns["cell_type_colors"] = colours
+
+
+# ------------------------------------------------------------------------------------------ µm coordinates
+def test_every_element_has_a_micron_system(predicted):
+    from spatialdata import bounding_box_query
+    from spatialdata.transformations import get_transformation
+
+    sdata, _ = predicted
+    mpp = sdata.attrs["mpp"]
+    for name in ("he", "spots", "nuclei", "truth_labels"):
+        assert set(get_transformation(sdata[name], get_all=True)) >= {"global", "um"}, name
+    box_um = bounding_box_query(sdata, axes=("x", "y"), min_coordinate=[100, 100], max_coordinate=[300, 300],
+                                target_coordinate_system="um", filter_table=False)
+    box_px = bounding_box_query(sdata, axes=("x", "y"), min_coordinate=[100 / mpp, 100 / mpp], max_coordinate=[300 / mpp, 300 / mpp],
+                                target_coordinate_system="global", filter_table=False)
+    assert len(box_um.shapes["nuclei"]) > 0 and box_um.shapes["nuclei"].index.equals(box_px.shapes["nuclei"].index)
+
+
+def test_squidpy_works_in_microns(predicted):
+    sdata, _ = predicted
+    table = _table(sdata)
+    mpp = table.uns["histocell"]["mpp"]
+    np.testing.assert_allclose(table.obsm["spatial_um"], table.obsm["spatial"] * mpp)
+    np.testing.assert_allclose(sdata.tables["table"].obsm["spatial_um"], sdata.tables["table"].obsm["spatial"] * mpp)
+    um, px = table.copy(), table.copy()
+    sq.gr.spatial_neighbors_radius(um, spatial_key="spatial_um", radius=20.0)
+    sq.gr.spatial_neighbors_radius(px, spatial_key="spatial", radius=20.0 / mpp)
+    assert (um.obsp["spatial_connectivities"] != px.obsp["spatial_connectivities"]).nnz == 0
+    np.testing.assert_allclose(um.obsp["spatial_distances"].toarray(), px.obsp["spatial_distances"].toarray() * mpp, rtol=1e-6)

@@ -12,16 +12,15 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
-from spatialdata.transformations import Identity
 
 from .._constants import (
-    COORDINATE_SYSTEM,
     HISTOCELL_KEY,
     IMAGE_KEY,
     NUCLEI_KEY,
 )
 from .._errors import InvalidInputError
 from .._utils import progress_bar
+from ..io._elements import pixel_transformations
 from ._stand_in import EMBEDDING_DIM, NUCLEUS_RADIUS_UM, nucleus_circles, prediction_table
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
 
@@ -239,20 +238,20 @@ def _sample_sdata(rng, cells: pd.DataFrame, side_um: float, mpp: float, states, 
     """One slide as a SpatialData in the prediction layout."""
     xy_px = cells[["x_um", "y_um"]].to_numpy() / mpp
     radius_px = NUCLEUS_RADIUS_UM / mpp * rng.uniform(0.8, 1.2, len(cells))
-    shapes = {NUCLEI_KEY: nucleus_circles(xy_px, radius_px)}
+    shapes = {NUCLEI_KEY: nucleus_circles(xy_px, radius_px, mpp)}
     table = prediction_table(
         rng, xy_px, cells["cell_type"], cells["cell_state"], cells["compartment"], states, centres, region=NUCLEI_KEY, mpp=mpp, method="truth"
     )
     images = {}
     if image:
-        images[IMAGE_KEY] = _render(rng, xy_px, radius_px, cells["cell_type"].to_numpy(), int(np.ceil(side_um / mpp)))
+        images[IMAGE_KEY] = _render(rng, xy_px, radius_px, cells["cell_type"].to_numpy(), int(np.ceil(side_um / mpp)), mpp)
     sdata = SpatialData(images=images, shapes=shapes, tables={HISTOCELL_KEY: table})
     sdata.attrs["mpp"] = float(mpp)
     sdata.attrs["sample_id"] = name
     return sdata
 
 
-def _render(rng, xy_px, radius_px, cell_type, size: int):
+def _render(rng, xy_px, radius_px, cell_type, size: int, mpp: float):
     """A cheap H&E-like RGB image: pink background, darker discs at the nuclei."""
     img = np.empty((size, size, 3), dtype=np.float32)
     img[:] = np.array([236, 190, 214]) + rng.normal(0, 4, (size, size, 3))
@@ -264,4 +263,4 @@ def _render(rng, xy_px, radius_px, cell_type, size: int):
         inside = (xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2 <= r * r
         img[y0:y1, x0:x1][inside] = shade[t]
     img = np.clip(img, 0, 255).astype(np.uint8).transpose(2, 0, 1)
-    return Image2DModel.parse(img, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={COORDINATE_SYSTEM: Identity()})
+    return Image2DModel.parse(img, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=pixel_transformations(mpp))

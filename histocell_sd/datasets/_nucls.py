@@ -10,10 +10,9 @@ import pandas as pd
 from skimage.io import imread
 from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel, TableModel
-from spatialdata.transformations import Identity
 
-from .._constants import COORDINATE_SYSTEM
 from ..io import from_arrays
+from ..io._elements import pixel_transformations
 from ._synthetic import TRUTH_LABELS_KEY, TRUTH_TABLE_KEY
 
 NUCLS_MPP = 0.25
@@ -86,7 +85,7 @@ def nucls(split: str = "test") -> dict[str, SpatialData]:
     for name in nucls_tile_names(split):
         image, labels, points = read_nucls_tile(name)
         sdata = from_arrays(image, NUCLS_MPP, sample_id=f"nucls_{name}")
-        sdata.labels[TRUTH_LABELS_KEY] = Labels2DModel.parse(labels, dims=("y", "x"), transformations={COORDINATE_SYSTEM: Identity()})
+        sdata.labels[TRUTH_LABELS_KEY] = Labels2DModel.parse(labels, dims=("y", "x"), transformations=pixel_transformations(sdata.attrs["mpp"]))
         obs = pd.DataFrame({"cell_type": points["cell_type"], "label_id": _label_at(labels, points)})
         obs.index = [f"{name}_{i}" for i in range(len(points))]
         table = ad.AnnData(obs=obs, obsm={"spatial": points[["x", "y"]].to_numpy(dtype=np.float64)})

@@ -107,7 +107,7 @@ def pseudo_spots(
     sample = str(sdata.attrs.get("sample_id", "sample"))
     ids = pd.Index([f"{sample}_spot{i}" for i in np.flatnonzero(keep)])
     proportions = pd.DataFrame(counts[keep] / n_cells[keep, None], index=ids, columns=cell_types)
-    table = spots_table(ids, proportions=proportions, centers=centres[keep])
+    table = spots_table(ids, proportions=proportions, centers=centres[keep], mpp=mpp)
     table.obs["n_cells"] = n_cells[keep].astype(int)
-    sdata.shapes[SPOTS_KEY] = spots_element(centres[keep], radius_px, ids)
+    sdata.shapes[SPOTS_KEY] = spots_element(centres[keep], radius_px, ids, mpp=mpp)
     sdata.tables[TABLE_KEY] = table

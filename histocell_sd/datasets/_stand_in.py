@@ -10,14 +10,12 @@ import pandas as pd
 import shapely
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
-from spatialdata.transformations import Identity
 
 from .._constants import (
     CELL_STATE_KEY,
     CELL_TYPE_KEY,
     CELL_TYPE_PROBA_KEY,
     COMPARTMENT_KEY,
-    COORDINATE_SYSTEM,
     EMBEDDING_KEY,
     HISTOCELL_KEY,
     NUCLEI_KEY,
@@ -29,6 +27,7 @@ from .._constants import (
 )
 from .._docs import inject_docs
 from .._errors import InvalidInputError
+from ..io._elements import pixel_transformations
 from ..io._schema import NucleiTableModel, set_categorical
 from ._synthetic import TRUTH_TABLE_KEY
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
@@ -40,10 +39,10 @@ NUCLEUS_RADIUS_UM = 3.5
 _LOOK_ALIKE = {"fibroblast": "endothelial", "endothelial": "fibroblast", "lymphocyte": "macrophage", "macrophage": "lymphocyte", "tumor": "macrophage"}
 
 
-def nucleus_circles(xy_px: np.ndarray, radius_px: np.ndarray) -> gpd.GeoDataFrame:
+def nucleus_circles(xy_px: np.ndarray, radius_px: np.ndarray, mpp: float) -> gpd.GeoDataFrame:
     names = pd.Index([f"nucleus_{i}" for i in range(1, len(xy_px) + 1)], name=NUCLEUS_ID_KEY)
     polys = shapely.buffer(shapely.points(xy_px), radius_px, quad_segs=3)
-    return ShapesModel.parse(gpd.GeoDataFrame(geometry=gpd.GeoSeries(polys, index=names)), transformations={COORDINATE_SYSTEM: Identity()})
+    return ShapesModel.parse(gpd.GeoDataFrame(geometry=gpd.GeoSeries(polys, index=names)), transformations=pixel_transformations(mpp))
 
 
 def prediction_table(
@@ -142,7 +141,7 @@ def truth_as_predictions(
         rng, xy, truth.obs["cell_type"], truth.obs["cell_state"], truth.obs["compartment"], states, centres, region=key_added,
         mpp=mpp, method=method, type_noise=type_noise, spot_ids=truth.obs["spot_id"].to_numpy(), proba=proba,
     )
-    sdata.shapes[key_added] = nucleus_circles(xy, np.maximum(radius, 1.0))
+    sdata.shapes[key_added] = nucleus_circles(xy, np.maximum(radius, 1.0), mpp)
     sdata.tables[nuclei_table_key] = table
     if TABLE_KEY in sdata.tables:
         spots = sdata.tables[TABLE_KEY]

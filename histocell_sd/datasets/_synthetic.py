@@ -8,10 +8,8 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel, TableModel
-from spatialdata.transformations import Identity
 
 from .._constants import (
-    COORDINATE_SYSTEM,
     REGION_KEY,
     STATE_PROPORTIONS_KEY,
     TABLE_KEY,
@@ -20,6 +18,7 @@ from .._constants import (
 )
 from .._utils import progress_bar
 from ..io import from_arrays
+from ..io._elements import pixel_transformations
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS, make_layout, sample_cells
 from ._synthetic_expression import expression_profiles, reference, spot_counts
 from ._synthetic_render import BlockRenderer, random_stain
@@ -127,7 +126,7 @@ def synthetic_visium(
     table.obsm["true_state_proportions"] = true_state_props
     table.obs["true_compartment"] = _spot_compartment(in_spot, spots.index)
     sdata.labels[TRUTH_LABELS_KEY] = Labels2DModel.parse(
-        labels, dims=("y", "x"), chunks=(BLOCK_PX, BLOCK_PX), transformations={COORDINATE_SYSTEM: Identity()}
+        labels, dims=("y", "x"), chunks=(BLOCK_PX, BLOCK_PX), transformations=pixel_transformations(mpp)
     )
     sdata.tables[TRUTH_TABLE_KEY] = _truth_table(cells, mpp)
     sdata.attrs["synthetic"] = {"seed": int(seed), "preset": preset}

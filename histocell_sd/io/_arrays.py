@@ -11,10 +11,8 @@ import pandas as pd
 from scipy import sparse
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel
-from spatialdata.transformations import Identity
 
 from .._constants import (
-    COORDINATE_SYSTEM,
     IMAGE_KEY,
     PROPORTIONS_KEY,
     SPOT_ID_KEY,
@@ -23,7 +21,7 @@ from .._constants import (
     VISIUM_SPOT_DIAMETER_UM,
 )
 from .._errors import InvalidInputError
-from ._elements import check_mpp
+from ._elements import check_mpp, pixel_transformations
 from ._proportions import align_to_spots, check_proportions
 from ._schema import SpotsTableModel
 
@@ -67,7 +65,7 @@ def from_arrays(
     mpp = check_mpp(mpp)
     image = _check_image(image)
     height, width = image.shape[:2]
-    elements: dict = {"images": {IMAGE_KEY: image_element(image)}}
+    elements: dict = {"images": {IMAGE_KEY: image_element(image, mpp=mpp)}}
     if spot_centers is None:
         if counts is not None or proportions is not None:
             raise InvalidInputError("counts/proportions were given without spot_centers.")
@@ -75,13 +73,13 @@ def from_arrays(
         _check_spot_diameter(spot_diameter_um)
         xy, spot_ids = _check_spot_centers(spot_centers, counts, proportions, (height, width))
         radius = spot_diameter_um / 2 / mpp
-        elements["shapes"] = {SPOTS_KEY: spots_element(xy, radius, spot_ids)}
-        elements["tables"] = {TABLE_KEY: spots_table(spot_ids, counts, proportions, centers=xy)}
+        elements["shapes"] = {SPOTS_KEY: spots_element(xy, radius, spot_ids, mpp=mpp)}
+        elements["tables"] = {TABLE_KEY: spots_table(spot_ids, counts, proportions, centers=xy, mpp=mpp)}
     return SpatialData(**elements, attrs={"mpp": mpp, "sample_id": str(sample_id)})
 
 
-def image_element(image, chunk: int = 1024):
-    """A multiscale Image2D (c, y, x) in ``global`` from an H×W×3 array."""
+def image_element(image, *, mpp: float, chunk: int = 1024):
+    """A multiscale Image2D (c, y, x) in ``global`` (and ``um``) from an H×W×3 array."""
     array = image if isinstance(image, da.Array) else da.from_array(np.asarray(image), chunks=(chunk, chunk, 3))
     array = array.transpose(2, 0, 1)
     scale_factors = []
@@ -95,22 +93,22 @@ def image_element(image, chunk: int = 1024):
         c_coords=["r", "g", "b"],
         scale_factors=scale_factors or None,
         chunks=(3, chunk, chunk),
-        transformations={COORDINATE_SYSTEM: Identity()},
+        transformations=pixel_transformations(mpp),
     )
 
 
-def spots_element(xy: np.ndarray, radius: float, spot_ids):
-    """Circle shapes for spots centred at ``xy`` (pixels) with a common ``radius`` (pixels)."""
+def spots_element(xy: np.ndarray, radius: float, spot_ids, *, mpp: float):
+    """Circle shapes for spots centred at ``xy`` (pixels) with a common ``radius`` (pixels), in ``global`` and ``um``."""
     return ShapesModel.parse(
         np.asarray(xy, dtype=np.float64),
         geometry=0,
         radius=np.full(len(xy), float(radius)),
         index=pd.Index(spot_ids, name=SPOT_ID_KEY),
-        transformations={COORDINATE_SYSTEM: Identity()},
+        transformations=pixel_transformations(mpp),
     )
 
 
-def spots_table(spot_ids, counts=None, proportions=None, region: str = SPOTS_KEY, *, centers=None) -> ad.AnnData:
+def spots_table(spot_ids, counts=None, proportions=None, region: str = SPOTS_KEY, *, centers=None, mpp: float | None = None) -> ad.AnnData:
     """The spots table (:class:`SpotsTableModel`): counts in ``X`` (when given), ``obsm["proportions"]``,
     spot centres (x, y px) in ``obsm["spatial"]``, annotating ``region``."""
     spot_ids = pd.Index(spot_ids).astype(str)
@@ -120,7 +118,7 @@ def spots_table(spot_ids, counts=None, proportions=None, region: str = SPOTS_KEY
         adata = _counts_anndata(counts, spot_ids)
     if proportions is not None:
         adata.obsm[PROPORTIONS_KEY] = check_proportions(proportions, spot_ids=spot_ids)
-    return SpotsTableModel.parse(adata, region=region, centers=centers)
+    return SpotsTableModel.parse(adata, region=region, centers=centers, mpp=mpp)
 
 
 def _counts_anndata(counts, spot_ids: pd.Index) -> ad.AnnData:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 from spatialdata import SpatialData
+from spatialdata.transformations import Identity, Scale, Sequence, Translation, get_transformation, set_transformation
 
+from .._constants import COORDINATE_SYSTEM, MICRON_SYSTEM
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 
@@ -115,3 +117,22 @@ def get_image(sdata: SpatialData, *, image_key: str | None = None):
 
     image = sdata.images[resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)]
     return image["scale0"].image if hasattr(image, "children") and "scale0" in image.children else image
+
+
+def pixel_transformations(mpp: float, *, origin: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """Transformations of an element in image pixels: ``global`` (pixels, shifted by ``origin`` = (y0, x0)) and
+    ``um`` (the same scaled by ``mpp``, so queries, plots and distances can work in µm)."""
+    y0, x0 = (float(v) for v in origin)
+    to_pixels = Identity() if (x0, y0) == (0.0, 0.0) else Translation([x0, y0], axes=("x", "y"))
+    to_um = Scale([float(mpp), float(mpp)], axes=("x", "y"))
+    return {COORDINATE_SYSTEM: to_pixels, MICRON_SYSTEM: to_um if isinstance(to_pixels, Identity) else Sequence([to_pixels, to_um])}
+
+
+def add_micron_system(sdata: SpatialData, mpp: float) -> None:
+    """Give every element in ``global`` (pixels) the ``um`` system too: its global transformation, then × ``mpp``."""
+    scale = Scale([float(mpp), float(mpp)], axes=("x", "y"))
+    for _, _, element in sdata.gen_spatial_elements():
+        systems = get_transformation(element, get_all=True)
+        if COORDINATE_SYSTEM in systems:
+            to_pixels = systems[COORDINATE_SYSTEM]
+            set_transformation(element, scale if isinstance(to_pixels, Identity) else Sequence([to_pixels, scale]), to_coordinate_system=MICRON_SYSTEM)

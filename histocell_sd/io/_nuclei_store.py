@@ -22,10 +22,8 @@ from skimage.color import rgb2hed
 from skimage.measure import find_contours
 from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel, ShapesModel, get_table_keys
-from spatialdata.transformations import Identity, Translation
 
 from .._constants import (
-    COORDINATE_SYSTEM,
     HISTOCELL_KEY,
     IMAGE_KEY,
     NUCLEI_KEY,
@@ -34,7 +32,7 @@ from .._constants import (
 )
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._elements import get_image, get_mpp, resolve_key
+from ._elements import get_image, get_mpp, pixel_transformations, resolve_key
 from ._schema import NucleiTableModel, merge_metadata
 
 __all__ = ["FEATURES", "store_nuclei"]
@@ -137,11 +135,11 @@ def store_nuclei(
     table = _table(features, centroids, names, spot_ids, key_added, mpp, method)
     merge_metadata(table, labels_key=labels_key)
     _remove(sdata, *ours)
-    sdata.shapes[key_added] = _shapes_element(polygons, names)
+    sdata.shapes[key_added] = _shapes_element(polygons, names, mpp)
     sdata.tables[nuclei_table_key] = table
     if labels_key is not None:
         sdata.labels[labels_key] = Labels2DModel.parse(
-            labels, dims=("y", "x"), transformations={COORDINATE_SYSTEM: Translation([origin[1], origin[0]], axes=("x", "y"))}
+            labels, dims=("y", "x"), transformations=pixel_transformations(mpp, origin=origin)
         )
 
 
@@ -322,10 +320,10 @@ def _orientation(mu_rr, mu_rc, mu_cc) -> np.ndarray:
                     0.5 * np.arctan2(2 * mu_rc, mu_rr - mu_cc))
 
 
-def _shapes_element(polygons: np.ndarray, names: pd.Index) -> gpd.GeoDataFrame:
+def _shapes_element(polygons: np.ndarray, names: pd.Index, mpp: float) -> gpd.GeoDataFrame:
     """The polygon shapes element."""
     gdf = gpd.GeoDataFrame(geometry=gpd.GeoSeries(list(polygons), index=names))
-    return ShapesModel.parse(gdf, transformations={COORDINATE_SYSTEM: Identity()})
+    return ShapesModel.parse(gdf, transformations=pixel_transformations(mpp))
 
 
 def _spots(sdata: SpatialData, spots_key: str | None):

@@ -27,6 +27,7 @@ from .._constants import (
     PROPORTIONS_KEY,
     REGION_KEY,
     SPATIAL_KEY,
+    SPATIAL_UM_KEY,
     SPOT_ID_KEY,
     SPOTS_KEY,
 )
@@ -173,7 +174,7 @@ class SpotsTableModel:
     """The spots table: one row per spot (row name = barcode), annotating the spot circles.
 
     ``obs["region"]`` and ``obs["spot_id"]`` (= the row name) link rows to the circles; ``obsm["spatial"]``
-    holds the spot centres (x, y, ``global`` px); ``obsm["proportions"]`` (spot cell-type proportions, rows
+    holds the spot centres (x, y, ``global`` px) and ``obsm["spatial_um"]`` the same in µm; ``obsm["proportions"]`` (spot cell-type proportions, rows
     summing to 1) and ``obsm["histocell_proportions"]`` (mean nucleus predictions, NaN rows for spots without
     nuclei) are checked when present.
 
@@ -186,7 +187,7 @@ class SpotsTableModel:
     instance_key = SPOT_ID_KEY
 
     @classmethod
-    def parse(cls, adata: ad.AnnData, *, region: str = SPOTS_KEY, centers=None) -> ad.AnnData:
+    def parse(cls, adata: ad.AnnData, *, region: str = SPOTS_KEY, centers=None, mpp: float | None = None) -> ad.AnnData:
         """Make ``adata`` a spots table (modified in place and returned, validated).
 
         Parameters
@@ -198,6 +199,8 @@ class SpotsTableModel:
         centers
             ``(n, 2)`` spot centres (x, y in ``global`` pixels) stored in ``obsm["spatial"]``; None keeps
             what ``adata`` holds.
+        mpp
+            µm per pixel: ``obsm["spatial_um"]`` = the centres in µm (for squidpy's ``spatial_key``).
 
         Returns
         -------
@@ -210,6 +213,8 @@ class SpotsTableModel:
         adata.obs[SPOT_ID_KEY] = adata.obs_names.to_numpy()
         if centers is not None:
             adata.obsm[SPATIAL_KEY] = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+        if mpp is not None and SPATIAL_KEY in adata.obsm:
+            adata.obsm[SPATIAL_UM_KEY] = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2] * float(mpp)
         adata = TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=SPOT_ID_KEY)
         cls.validate(adata)
         return adata
@@ -243,7 +248,8 @@ class NucleiTableModel:
     """The nuclei table: one row per nucleus, annotating the nuclei shapes; predictions join it.
 
     ``obs["region"]`` and ``obs["nucleus_id"]`` link rows to the polygons; ``obsm["spatial"]`` holds the
-    centroids (x, y, ``global`` px); ``X`` the morphology features named in ``uns["histocell"]["features"]``;
+    centroids (x, y, ``global`` px) and ``obsm["spatial_um"]`` the same in µm (squidpy:
+    ``spatial_key="spatial_um"``); ``X`` the morphology features named in ``uns["histocell"]["features"]``;
     ``obs["spot_id"]`` (categorical, missing outside every spot); ``uns["histocell"]`` the keys of
     :data:`METADATA` (``mpp`` required). Predictions (``cell_type``, ``cell_state``, ``compartment``,
     ``refined_cell_type``) are categoricals holding only the labels present, with ``uns["<key>_colors"]``,
@@ -289,6 +295,7 @@ class NucleiTableModel:
         if spot_ids is not None:
             adata.obs[SPOT_ID_KEY] = spot_id_column(spot_ids)
         merge_metadata(adata, mpp=float(mpp), method=str(method), **metadata)
+        adata.obsm[SPATIAL_UM_KEY] = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2] * float(mpp)
         adata = TableModel.parse(adata, region=region, region_key=REGION_KEY, instance_key=NUCLEUS_ID_KEY)
         cls.validate(adata)
         return adata
@@ -319,6 +326,10 @@ class NucleiTableModel:
         features = meta.get("features")
         if features is not None and set(table.var_names) != set(features):  # zarr and h5ad do not keep a dict's order
             raise InvalidInputError(f"{name}: var_names {list(table.var_names)[:4]}... are not the features of uns[{HISTOCELL_KEY!r}].")
+        if SPATIAL_UM_KEY in table.obsm:
+            um = np.asarray(table.obsm[SPATIAL_UM_KEY], dtype=np.float64)
+            if um.shape != (table.n_obs, 2) or not np.allclose(um, np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2] * mpp, rtol=1e-6):
+                raise InvalidInputError(f"{name}.obsm[{SPATIAL_UM_KEY!r}] is not obsm[{SPATIAL_KEY!r}] × mpp ({mpp}).")
         _check_spot_ids(table, name)
         _check_predictions(table, name)
 

@@ -23,6 +23,7 @@ from .._constants import (
     VISIUM_SPOT_DIAMETER_UM,
 )
 from .._errors import InvalidInputError
+from ._elements import add_micron_system
 from ._schema import SpotsTableModel
 from ._validate import validate
 
@@ -103,7 +104,7 @@ def read_visium(
     _check_full_resolution(raw.images[full_key], fullres, scalefactors_path, raw.tables["table"].obsm["spatial"])
     images = {IMAGE_KEY: _he_image(raw.images[full_key], fullres)}
     images.update({k: v for k, v in raw.images.items() if k != full_key})
-    table, spots = _spots_and_table(raw.tables["table"], raw.shapes[shapes_key], positions[0])
+    table, spots = _spots_and_table(raw.tables["table"], raw.shapes[shapes_key], positions[0], mpp)
     shapes = {k: v for k, v in raw.shapes.items() if k != shapes_key}
     shapes[SPOTS_KEY] = spots
     tables = {k: v for k, v in raw.tables.items() if k != "table"}
@@ -114,6 +115,7 @@ def read_visium(
                         points=dict(raw.points), attrs=attrs)
     if dataset_id != COORDINATE_SYSTEM:
         sdata.rename_coordinate_systems({dataset_id: COORDINATE_SYSTEM})
+    add_micron_system(sdata, mpp)
     validate(sdata)
     return sdata
 
@@ -206,7 +208,7 @@ def _he_image(image, fullres: Path):
     )
 
 
-def _spots_and_table(table, circles, positions_path: Path):
+def _spots_and_table(table, circles, positions_path: Path, mpp: float):
     """Spots indexed by barcode and a table annotating them by ``spot_id`` = barcode."""
     barcodes = table.obs_names.astype(str)
     if not np.isfinite(np.asarray(table.obsm["spatial"], dtype=np.float64)).all():
@@ -220,5 +222,5 @@ def _spots_and_table(table, circles, positions_path: Path):
     adata = table.copy()
     adata.uns.pop("spatialdata_attrs", None)
     adata.obs_names = barcodes
-    adata = SpotsTableModel.parse(adata, region=SPOTS_KEY)
+    adata = SpotsTableModel.parse(adata, region=SPOTS_KEY, mpp=mpp)
     return adata, circles

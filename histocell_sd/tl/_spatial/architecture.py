@@ -8,12 +8,12 @@ import pandas as pd
 import shapely
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
-from spatialdata.transformations import Identity
 
-from ..._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, HISTOCELL_KEY, SPATIAL_KEY
+from ..._constants import CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
 from ..._utils import copy_for_writing
+from ...io._elements import pixel_transformations
 from .graph import get_table, radius_adjacency, require_obs, table_mpp
 
 __all__ = ["tissue_architecture"]
@@ -118,7 +118,7 @@ def tissue_architecture(
         "composition": {names[i]: dict(zip(map(str, types), map(float, mean_comp[i]))) for i in np.unique(niche_idx)},
     }
     buffer_px = (radius_um / 3 if region_buffer_um is None else region_buffer_um) / mpp
-    sdata.shapes[f"{key_added}_regions"] = _regions(xy_px, table.obs[key_added], buffer_px, simplify_um / mpp, key_added)
+    sdata.shapes[f"{key_added}_regions"] = _regions(xy_px, table.obs[key_added], buffer_px, simplify_um / mpp, key_added, mpp)
     return sdata if copy else None
 
 
@@ -179,7 +179,7 @@ def _names(comp: np.ndarray, idx: np.ndarray, types: list) -> tuple[np.ndarray, 
     return np.asarray(names, dtype=object), mean
 
 
-def _regions(xy_px: np.ndarray, niche: pd.Series, buffer_px: float, simplify_px: float, key: str) -> gpd.GeoDataFrame:
+def _regions(xy_px: np.ndarray, niche: pd.Series, buffer_px: float, simplify_px: float, key: str, mpp: float) -> gpd.GeoDataFrame:
     """One simplified (multi)polygon per niche: union of discs around its nuclei."""
     geoms, names = [], []
     for name in niche.cat.categories:
@@ -191,4 +191,4 @@ def _regions(xy_px: np.ndarray, niche: pd.Series, buffer_px: float, simplify_px:
         names.append(name)
     gdf = gpd.GeoDataFrame({key: pd.Categorical(names, categories=list(niche.cat.categories))}, geometry=geoms, index=pd.Index(names, name=key).astype(str))
     gdf.index = pd.RangeIndex(len(gdf))
-    return ShapesModel.parse(gdf, transformations={COORDINATE_SYSTEM: Identity()})
+    return ShapesModel.parse(gdf, transformations=pixel_transformations(mpp))
