@@ -231,3 +231,15 @@ def test_csv_has_one_row_per_nucleus(predicted, tmp_path):
     assert "area_um2" not in slim.columns and "prob_tumor" not in slim.columns
     with pytest.raises(InvalidInputError, match="no nuclei table"):
         hc.io.write_csv(predicted, tmp_path / "y.csv", nuclei_table_key="nope")
+
+
+def test_geojson_outlines_of_a_raster_window_land_in_global_pixels(tiny_slide, tmp_path):
+    """A raster covering a window of the image (Translation to global) is outlined where it lies."""
+    sdata = _fresh(tiny_slide)
+    truth = np.asarray(sdata.labels["truth_labels"])
+    window = truth[200:600, 300:900]
+    hc.pp.store_nuclei(sdata, window, origin=(200, 300), labels_key="window")
+    path = hc.io.write_geojson(sdata, tmp_path / "w.geojson", cluster_key=None, proba_key=None)
+    expected = np.zeros_like(truth)
+    expected[200:600, 300:900] = _largest_parts(window)
+    assert np.array_equal(_raster(path, truth.shape), expected)
