@@ -2,6 +2,7 @@
 
 from ._arrays import from_arrays
 from ._elements import get_image, get_mpp, resolve_key
+from ._export import write_csv, write_geojson
 from ._nuclei import read_nuclei
 from ._proportions import check_proportions, read_proportions
 from ._schema import ExpressionTableModel, NucleiTableModel, SpotsTableModel
@@ -23,5 +24,7 @@ __all__ = [
     "read_zarr",
     "resolve_key",
     "validate",
+    "write_csv",
+    "write_geojson",
     "write_zarr",
 ]

@@ -79,7 +79,8 @@ def read_nuclei(
     None
         Writes ``sdata.shapes[key_added]`` and ``sdata.tables[nuclei_table_key]`` as
         :func:`~histocell_sd.pp.store_nuclei` does, and the imported classes in
-        ``obs["imported_type"]`` of that table.
+        ``obs["imported_type"]`` of that table (and, from GeoJSON, their colours in
+        ``uns["imported_type_colors"]`` and class probabilities in ``obsm["imported_proba"]``).
 
     Notes
     -----
@@ -87,7 +88,12 @@ def read_nuclei(
     earlier one; a nucleus left with no pixel is dropped with a warning. Classes in the file
     (HoVer-Net ``"type"``, GeoJSON ``properties.classification.name``) are stored as the
     categorical ``sdata.tables[nuclei_table_key].obs["imported_type"]``, matched to the table rows by
-    raster id (a dropped nucleus takes its class with it). GeoJSON holes are filled and a
+    raster id (a dropped nucleus takes its class with it). Nuclei are named ``"nucleus_<k>"``, ``k`` the
+    record's position from 1, except in a file written by :func:`~histocell_sd.io.write_geojson`: when
+    every feature's ``id`` (or, after QuPath replaced the ids by UUIDs, its ``properties.name``) is a
+    distinct ``"nucleus_<id>"``, those ids are kept. GeoJSON classification colours (``[r, g, b]``, when
+    every class has one) become ``uns["imported_type_colors"]``, and ``prob_<class>`` measurements the
+    DataFrame ``obsm["imported_proba"]`` (columns = classes, NaN where a nucleus has none). GeoJSON holes are filled and a
     MultiPolygon keeps its largest part; in a QuPath export mixing annotations with detections or
     cells, the annotations (e.g. tissue outlines) are skipped, and cells contribute their
     ``nucleusGeometry`` when present.
@@ -105,8 +111,8 @@ def read_nuclei(
         sdata, labels, origin=origin, image_key=image_key, spots_key=spots_key, key_added=key_added,
         nuclei_table_key=nuclei_table_key, method=f"imported ({format})",
     )
-    if parsed is not None and any(t is not None for t in parsed.types):
-        _store_types(sdata, nuclei_table_key, parsed.types, type_map)
+    if parsed is not None:
+        _store_imported(sdata, nuclei_table_key, parsed, type_map)
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -160,19 +166,43 @@ def _map_type(value, type_map: dict | None):
     return str(value)
 
 
-def _store_types(sdata: SpatialData, table_key: str, types: list, type_map: dict | None) -> None:
-    """Write ``obs["imported_type"]``, matching table rows to raster ids (1 + record position)."""
-    names = [_map_type(t, type_map) for t in types]
+def _store_imported(sdata: SpatialData, table_key: str, parsed, type_map: dict | None) -> None:
+    """Write the file's classes, their colours and probabilities to the table rows, matched by raster id."""
     table = sdata.tables[table_key]
-    raster_ids = _raster_ids(sdata, table_key)
-    values = [names[i - 1] if 1 <= i <= len(names) else None for i in raster_ids]
+    rows = [parsed.position(i) for i in _raster_ids(sdata, table_key)]
+    columns = list(dict.fromkeys(c for p in parsed.proba if p for c in p))
+    if any(t is not None for t in parsed.types):
+        _store_types(table, parsed, rows, type_map, columns)
+    if columns:
+        per_row = [(parsed.proba[k] if k is not None else None) or {} for k in rows]
+        table.obsm["imported_proba"] = pd.DataFrame(
+            [[p.get(c, np.nan) for c in columns] for p in per_row], index=table.obs_names, columns=columns, dtype=np.float64
+        )
+
+
+def _store_types(table, parsed, rows: list, type_map: dict | None, proba_columns: list) -> None:
+    """Write ``obs["imported_type"]`` (and ``uns["imported_type_colors"]`` when every class has a colour).
+
+    Categories follow ``type_map``, else the probability columns when they name every class (the model's
+    order, as :func:`~histocell_sd.io.write_geojson` wrote them), else sorted.
+    """
+    names = [_map_type(t, type_map) for t in parsed.types]
+    values = [names[k] if k is not None else None for k in rows]
     present = [n for n in names if n is not None]
     if type_map:
         order = [_map_type(k, type_map) for k in type_map]
         categories = list(dict.fromkeys([c for c in order if c in present] + sorted(set(present) - set(order))))
+    elif set(present) <= set(proba_columns):
+        categories = [c for c in proba_columns if c in set(present)]
     else:
         categories = sorted(set(present), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
     table.obs["imported_type"] = pd.Categorical(values, categories=categories)
+    colors = {}
+    for name, color in zip(names, parsed.colors or [None] * len(names)):
+        if name is not None and color is not None:
+            colors.setdefault(name, color)
+    if categories and all(c in colors for c in categories):
+        table.uns["imported_type_colors"] = ["#{:02x}{:02x}{:02x}".format(*colors[c]) for c in categories]
 
 
 def _raster_ids(sdata: SpatialData, table_key: str) -> np.ndarray:

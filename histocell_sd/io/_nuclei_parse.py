@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,16 +13,35 @@ from .._errors import InvalidInputError
 
 # Vertices may lie this far (px) beyond the image border (pixel-corner vertices, rounding).
 BORDER_TOLERANCE_PX = 1.0
+# Measurements named like this hold class probabilities (written by histocell_sd.io.write_geojson).
+PROBA_PREFIX = "prob_"
+_OUR_ID = re.compile(r"^nucleus_([1-9][0-9]{0,9})$")
+_MAX_ID = 2**31 - 1
 
 
 @dataclass
 class Parsed:
-    """Polygons (file coordinates, x/y columns) with their record names and optional classes."""
+    """Polygons (file coordinates, x/y columns) with their record names and optional classes.
+
+    ``ids`` are the raster ids to give the polygons (None: 1 + position), ``colors`` the ``[r, g, b]`` of
+    each record's class and ``proba`` each record's class probabilities (``{class: p}``), when the file has them.
+    """
 
     polygons: list = field(default_factory=list)
     names: list = field(default_factory=list)
     types: list = field(default_factory=list)
+    colors: list = field(default_factory=list)
+    proba: list = field(default_factory=list)
+    ids: list | None = None
     source: str = ""
+
+    def position(self, raster_id: int) -> int | None:
+        """The record index of the polygon rasterised with ``raster_id`` (None if no record has it)."""
+        if self.ids is None:
+            return raster_id - 1 if 1 <= raster_id <= len(self.polygons) else None
+        if not hasattr(self, "_lookup"):
+            self._lookup = {rid: k for k, rid in enumerate(self.ids)}
+        return self._lookup.get(raster_id)
 
 
 def _load_json(path, what: str):
@@ -98,11 +118,40 @@ def _ring_area(ring: np.ndarray) -> float:
 
 
 def _classification(props: dict):
+    """``(name, [r, g, b] or None)`` of a QuPath classification (a dict or a bare name)."""
     cls = props.get("classification")
     if isinstance(cls, dict):
-        return cls.get("name")
+        color = cls.get("color")
+        ok = isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+        return cls.get("name"), (color if ok else None)
     if isinstance(cls, str):
-        return cls
+        return cls, None
+    return None, None
+
+
+def _probabilities(props: dict) -> dict | None:
+    """The ``prob_<class>`` measurements (QuPath >= 0.4 writes a dict, 0.2-0.3 a list of name/value pairs)."""
+    meas = props.get("measurements")
+    if isinstance(meas, list):
+        meas = {m.get("name"): m.get("value") for m in meas if isinstance(m, dict)}
+    if not isinstance(meas, dict):
+        return None
+    out = {
+        str(k)[len(PROBA_PREFIX):]: float(v) for k, v in meas.items()
+        if str(k).startswith(PROBA_PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    return out or None
+
+
+def _our_id(feat: dict, props: dict) -> int | None:
+    """The nucleus id of a feature written by :func:`~histocell_sd.io.write_geojson` (``"nucleus_<id>"``).
+
+    Read from the feature's ``id`` or, after a pass through QuPath (which replaces ids by UUIDs), its ``name``.
+    """
+    for value in (feat.get("id"), props.get("name")):
+        match = _OUR_ID.match(value) if isinstance(value, str) else None
+        if match and int(match[1]) <= _MAX_ID:
+            return int(match[1])
     return None
 
 
@@ -114,6 +163,7 @@ def parse_geojson(path) -> Parsed:
     ]
     skip_annotations = "annotation" in object_types and any(t not in (None, "annotation") for t in object_types)
     parsed = Parsed(source=source)
+    ids = []
     for i, feat in enumerate(features):
         if not isinstance(feat, dict):
             raise InvalidInputError(f"feature {i} of {source} is not a GeoJSON Feature object.")
@@ -139,7 +189,13 @@ def parse_geojson(path) -> Parsed:
             raise InvalidInputError(f"{record} has a {kind} geometry; nuclei must be Polygon or MultiPolygon.")
         parsed.polygons.append(poly)
         parsed.names.append(str(fid) if fid is not None else str(i))
-        parsed.types.append(_classification(props))
+        name, color = _classification(props)
+        parsed.types.append(name)
+        parsed.colors.append(color)
+        parsed.proba.append(_probabilities(props))
+        ids.append(_our_id(feat, props))
+    if ids and None not in ids and len(set(ids)) == len(ids):
+        parsed.ids = ids  # our own export: keep its nucleus ids
     return parsed
 
 

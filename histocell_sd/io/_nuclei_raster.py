@@ -16,14 +16,15 @@ from ._nuclei_parse import BORDER_TOLERANCE_PX, Parsed
 _NPZ_KEYS = ("inst_map", "labels", "label", "mask", "masks", "instances")
 
 
-def _fill(polygons, names, window: tuple[int, int], outline: bool, source: str) -> np.ndarray:
-    """Instance raster of polygons given in the window's pixel indices (x, y); ids are 1 + position.
+def _fill(polygons, names, window: tuple[int, int], outline: bool, source: str, ids=None) -> np.ndarray:
+    """Instance raster of polygons given in the window's pixel indices (x, y); ids are ``ids`` or 1 + position.
 
     A later polygon never overwrites an earlier one; nuclei left without a pixel are reported.
     """
     labels = np.zeros(window, dtype=np.int32)
     empty = []
     for i, poly in enumerate(polygons, start=1):
+        value = i if ids is None else ids[i - 1]
         rows, cols = poly[:, 1], poly[:, 0]
         rr, cc = draw_polygon(rows, cols, shape=window)
         if outline:  # vertices are the nucleus' boundary pixels
@@ -31,7 +32,7 @@ def _fill(polygons, names, window: tuple[int, int], outline: bool, source: str) 
             keep = (pr >= 0) & (pr < window[0]) & (pc >= 0) & (pc < window[1])
             rr, cc = np.concatenate([rr, pr[keep]]), np.concatenate([cc, pc[keep]])
         free = labels[rr, cc] == 0
-        labels[rr[free], cc[free]] = i
+        labels[rr[free], cc[free]] = value
         if not free.any():
             empty.append(names[i - 1])
     if empty:
@@ -46,7 +47,7 @@ def _fill(polygons, names, window: tuple[int, int], outline: bool, source: str) 
 def rasterise_corners(corners: list, parsed: Parsed, shape: tuple[int, int]):
     """Rasterise pixel-corner polygons (global px) over their bounding window: ``(labels, (y0, x0))``.
 
-    A pixel belongs to a polygon when its centre does.
+    A pixel belongs to a polygon when its centre does. Raster ids are ``parsed.ids`` when set, else 1 + position.
     """
     height, width = shape
     centres = [poly - 0.5 for poly in corners]  # pixel (i, j) has its centre at index (i, j)
@@ -55,7 +56,7 @@ def rasterise_corners(corners: list, parsed: Parsed, shape: tuple[int, int]):
     x0, y0 = min(max(int(np.floor(lo[0])), 0), width - 1), min(max(int(np.floor(lo[1])), 0), height - 1)
     x1, y1 = max(min(int(np.ceil(hi[0])) + 1, width), x0 + 1), max(min(int(np.ceil(hi[1])) + 1, height), y0 + 1)
     local = [poly - [x0, y0] for poly in centres]
-    return _fill(local, parsed.names, (y1 - y0, x1 - x0), False, parsed.source), (y0, x0)
+    return _fill(local, parsed.names, (y1 - y0, x1 - x0), False, parsed.source, parsed.ids), (y0, x0)
 
 
 def rasterise_indices(parsed: Parsed):
