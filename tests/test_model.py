@@ -350,7 +350,7 @@ def test_load_refuses_missing_files(checkpoint, tmp_path):
     (path / "model_card.json").unlink()
     with pytest.raises(InvalidInputError, match="missing model_card.json"):
         HistoCell.load(path)
-    with pytest.raises(InvalidInputError, match="missing"):
+    with pytest.raises(InvalidInputError, match="No checkpoint folder at"):
         HistoCell.load(tmp_path / "does_not_exist")
 
 
