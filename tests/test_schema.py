@@ -97,6 +97,7 @@ def test_refined_expression_table_never_shadows_cell_type(tiny_predicted):
 
 # ------------------------------------------------------------------------------------------ round trips
 def test_missing_spot_stays_missing_through_zarr_and_h5ad(predicted, tmp_path):
+    # cases.md: rt_spot_id_nan (after predict)
     sdata, _ = predicted
     table = sdata.tables["histocell"]
     outside = table.obs["spot_id"].isna().to_numpy()
