@@ -537,7 +537,7 @@ def test_kill_between_the_renames_is_reported_and_recovered(sdata, tmp_path, mon
 
 @pytest.mark.parametrize("thing", [None, "table", "path"])
 def test_io_functions_refuse_what_is_not_a_spatialdata(sdata, tmp_path, thing):
-    # own case: io.validate / io.write_zarr given an AnnData, None or a path crashed with AttributeError
+    # own case io_not_sdata: io.validate / io.write_zarr given an AnnData, None or a path crashed with AttributeError
     value = {"table": sdata.tables["table"], "path": str(tmp_path)}.get(thing)
     with pytest.raises(InvalidInputError, match="Expected a SpatialData sample, got"):
         validate(value)
