@@ -38,6 +38,7 @@ def _one_line_error(capsys, *words):
 
 
 def test_train_bad_states_json_is_a_one_line_error(tmp_path, capsys):
+    # cases.md: cli_train_bad_states_json
     store = _store(tmp_path / "seg.zarr")
     assert cli.main(["train", str(store), "--out", str(tmp_path / "m"), "--states", "{tumor: [a,b]}"]) == 2
     _one_line_error(capsys, "--states", "not valid JSON")
@@ -45,6 +46,7 @@ def test_train_bad_states_json_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_predict_out_exists_needs_overwrite(tmp_path, capsys):
+    # cases.md: cli_predict_out_exists
     store = _store(tmp_path / "seg.zarr")
     other = _store(tmp_path / "other.zarr")
     before = sorted(p.relative_to(other) for p in other.rglob("*"))
@@ -54,6 +56,7 @@ def test_predict_out_exists_needs_overwrite(tmp_path, capsys):
 
 
 def test_train_out_is_an_input_store_refused(tmp_path, capsys):
+    # cases.md: cli_train_out_is_store
     from histocell_sd.io import read_zarr
 
     store = _store(tmp_path / "victim.zarr")

@@ -131,6 +131,7 @@ def _separating(n_samples: int, events: list[int]) -> tuple[pd.DataFrame, pd.Dat
 
 @pytest.mark.parametrize("n_samples, events", [(3, [1, 1, 0]), (12, [1, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1])])
 def test_survival_separation_gives_nan_and_a_warning(n_samples, events):
+    # cases.md: sv_three_samples_separation, sv_separation_12
     df, clinical = _separating(n_samples, events)
     with pytest.warns(UserWarning, match=r"no finite estimate for 1 indicators.*\['ordering'\].*separation"):
         res = tl.survival(df, clinical=clinical, multivariate=False)

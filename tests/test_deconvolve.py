@@ -303,6 +303,7 @@ def test_deconvolve_is_the_same_in_every_process():
 
 
 def test_deconvolve_reference_not_anndata(tiny_predicted):
+    # cases.md: dc_ref_not_anndata
     sdata, reference = tiny_predicted
     frame, before = reference.to_df(), set(sdata.tables["table"].obsm)
     with pytest.raises(InvalidInputError, match="reference must be an AnnData.*got DataFrame"):
@@ -313,6 +314,7 @@ def test_deconvolve_reference_not_anndata(tiny_predicted):
 
 
 def test_refine_expression_key_must_not_overwrite_other_elements(tiny_predicted):
+    # cases.md: rf_expression_key_collision, rf_expression_key_histocell
     sdata, reference = tiny_predicted
     spots, nuclei = sdata.tables["table"].copy(), sdata.tables["histocell"].copy()
     for key in ("table", "histocell", "nuclei", "spots"):
@@ -324,3 +326,21 @@ def test_refine_expression_key_must_not_overwrite_other_elements(tiny_predicted)
         tl.refine_deconvolution(sdata, reference, expression_key="imputed", progress=False)
         tl.refine_deconvolution(sdata, reference, expression_key="imputed", seed=1, progress=False)  # its own output: replaced
     assert sdata.tables["imputed"].uns["imputation"]["seed"] == 1
+
+
+@pytest.mark.parametrize("side", ["reference", "spots"])
+@pytest.mark.parametrize("case", [str.lower, lambda g: g[:1].upper() + g[1:].lower()], ids=["lower", "title"])
+def test_gene_names_match_whatever_their_case(tiny_predicted, side, case):
+    # cases.md: dc_case_mismatch. Decided: gene symbols are matched case-insensitively (an upper-case human
+    # reference against a lower- or title-cased panel), so the result is the one with identical names.
+    sdata, reference = tiny_predicted
+    tl.deconvolve(sdata, reference, method="poisson", key_added="same_case", progress=False)
+    table = sdata.tables["table"]
+    if side == "reference":
+        reference = reference.copy()
+        reference.var_names = [case(g) for g in reference.var_names]
+    else:
+        table.var_names = [case(g) for g in table.var_names]
+    assert len(set(reference.var_names) & set(table.var_names)) < 0.1 * table.n_vars  # the names really differ
+    tl.deconvolve(sdata, reference, method="poisson", key_added="other_case", progress=False)
+    pd.testing.assert_frame_equal(table.obsm["same_case"], table.obsm["other_case"])

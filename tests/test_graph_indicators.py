@@ -176,6 +176,7 @@ def test_infiltration_matches_reference():
 
 
 def test_infiltration_unknown_cell_type_refused():
+    # cases.md: si_bad_infiltration
     adata = _hand_made()
     with pytest.raises(InvalidInputError, match=r"unknown cell types \['tcell'\].*\['tumor', .*'lymphocyte'"):
         tl.spatial_indicators({"a": adata}, infiltration=("tcell", "tumor"), n_perms=0, progress=False)

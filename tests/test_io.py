@@ -215,6 +215,7 @@ def test_write_overwrite_replaces(sdata, tmp_path):
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_write_failure_leaves_nothing_behind(sdata, tmp_path, monkeypatch, existing):
+    # cases.md: kill_write_zarr_new, kill_write_zarr_overwrite (a failure that runs the clean-up)
     path = tmp_path / "sample.zarr"
     if existing:
         write_zarr(sdata, path)
@@ -360,38 +361,45 @@ def test_read_proportions_unknown_barcode(sdata, proportions, tmp_path):
 
 @pytest.mark.parametrize("mpp", [1e6, 1e-4, 100.0])
 def test_mpp_outside_plausible_range(image, centers, mpp):
+    # cases.md: fa_mpp_huge
     with pytest.raises(InvalidInputError, match="plausible range"):
         from_arrays(image, mpp, spot_centers=centers)
 
 
 @pytest.mark.parametrize("mpp", [True, np.bool_(True), "0.5"])
 def test_mpp_bool_or_string_refused(image, centers, mpp):
+    # cases.md: fa_mpp_bool
     with pytest.raises(InvalidInputError, match="must be a positive number"):
         from_arrays(image, mpp, spot_centers=centers)
 
 
 def test_spot_diameter_string_refused(image, centers):
+    # cases.md: fa_spot_diam_str
     with pytest.raises(InvalidInputError, match="spot_diameter_um must be a number"):
         from_arrays(image, MPP, spot_centers=centers, spot_diameter_um="55")
 
 
 def test_counts_negative_refused(image, centers, counts):
+    # cases.md: fa_counts_float_neg
     with pytest.raises(InvalidInputError, match="negative"):
         from_arrays(image, MPP, spot_centers=centers, counts=counts.astype(float) - 0.5)
 
 
 def test_counts_string_column_named(image, centers, counts):
+    # cases.md: fa_counts_strings
     with pytest.raises(InvalidInputError, match=r"non-numeric columns \['Gene2'\]"):
         from_arrays(image, MPP, spot_centers=centers, counts=counts.assign(Gene2=list("abcde")))
 
 
 def test_counts_duplicate_genes_named(image, centers, counts):
+    # cases.md: fa_counts_dup_genes
     counts.columns = ["Gene0", "Gene1", "Gene1", "Gene3", "Gene4", "Gene4"]
     with pytest.raises(InvalidInputError, match=r"duplicated gene names.*\['Gene1', 'Gene4'\]"):
         from_arrays(image, MPP, spot_centers=centers, counts=counts)
 
 
 def test_counts_nan_refused(image, centers, counts):
+    # cases.md: fa_counts_nan
     counts = counts.astype(float)
     counts.iloc[2, 3] = np.nan
     with pytest.raises(InvalidInputError, match="NaN"):
@@ -399,6 +407,7 @@ def test_counts_nan_refused(image, centers, counts):
 
 
 def test_spot_centers_non_numeric_strings(image, centers):
+    # cases.md: fa_spots_nonnumeric_str
     centers["x"] = centers["x"].astype(object)
     centers.iloc[1, 0] = "left"
     with pytest.raises(InvalidInputError, match="spot_centers column 'x'.*'left'"):
@@ -406,6 +415,7 @@ def test_spot_centers_non_numeric_strings(image, centers):
 
 
 def test_read_proportions_spot_without_values(sdata, proportions, tmp_path):
+    # cases.md: rp_missing_col
     file = tmp_path / "proportions.csv"
     proportions.to_csv(file)
     file.write_text(file.read_text().replace(f"{BARCODES[-1]},", f"{BARCODES[-1]}\n#").split("\n#")[0] + "\n")
@@ -420,6 +430,7 @@ def test_read_proportions_spot_without_values(sdata, proportions, tmp_path):
 
 
 def test_read_proportions_empty_file(sdata, tmp_path):
+    # cases.md: rp_empty_file
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(InvalidInputError, match="is empty"):
         read_proportions(tmp_path / "empty.csv", sdata, key_added="new")
@@ -427,6 +438,7 @@ def test_read_proportions_empty_file(sdata, tmp_path):
 
 
 def test_read_proportions_coordinate_columns_need_drop_columns(sdata, centers, proportions, tmp_path):
+    # cases.md: rp_coords_cols
     file = tmp_path / "rctd.csv"
     proportions.join(centers).to_csv(file)
     with pytest.raises(InvalidInputError, match=r"\['x', 'y'\] that look like spot coordinates.*drop_columns"):
@@ -439,6 +451,7 @@ def test_read_proportions_coordinate_columns_need_drop_columns(sdata, centers, p
 @pytest.mark.filterwarnings("ignore:SpatialData is not stored in the most current format")
 @pytest.mark.parametrize("zarr_format", [3, 2])
 def test_read_zarr_refuses_a_deleted_image_chunk(tmp_path, zarr_format):
+    # cases.md: rz_chunk_deleted
     pixels = np.full((1100, 1100, 3), 200, dtype=np.uint8)  # 2 × 2 chunks at full resolution, with a pyramid
     pixels[:1024, :1024] = 0  # an all-zero chunk that zarr legitimately does not write
     sdata = from_arrays(pixels, MPP)
@@ -454,3 +467,80 @@ def test_read_zarr_refuses_a_deleted_image_chunk(tmp_path, zarr_format):
     chunk.unlink()
     with pytest.raises(InvalidInputError, match=r"Image 'he' .* missing 1 chunk files \(1 of 4 at scale0"):
         read_zarr(path)
+
+
+# --------------------------------------------------------------------------- kill -9 during write_zarr (cases.md kill_*)
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (the writer's clean-up is made to fail too)."""
+
+
+def _kill_after_first_rename(monkeypatch):
+    """Fault injection: every rename after the first one (path -> .old) dies, as a kill between the two would."""
+    import os
+
+    real_rename, calls = os.rename, []
+
+    def rename(source, target):
+        calls.append((source, target))
+        if len(calls) > 1:
+            raise _Killed
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def _dead_pid() -> int:
+    import os
+
+    pid = 2**22 + 4321
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_debris_of_a_killed_write_is_removed_by_the_next_write(sdata, tmp_path, existing):
+    # cases.md: kill_write_zarr_overwrite (existing store), kill_write_zarr_new (new path)
+    path = tmp_path / "s.zarr"
+    if existing:
+        write_zarr(sdata, path)
+    for k in range(3):  # what three kills during the write leave: partial temporary stores of dead writers
+        debris = tmp_path / f".s.zarr.tmp-{_dead_pid()}-dead000{k}"
+        (debris / "images").mkdir(parents=True)
+        (debris / "images" / "chunk").write_bytes(b"\0" * 1000)
+    assert not path.exists() or read_zarr(path).attrs["mpp"] == MPP  # the old store is intact meanwhile
+    write_zarr(from_arrays(np.zeros((SIZE, SIZE, 3), dtype=np.uint8), 2.0), path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+    assert read_zarr(path).attrs["mpp"] == 2.0
+
+
+def test_kill_between_the_renames_is_reported_and_recovered(sdata, tmp_path, monkeypatch):
+    # cases.md: kill_write_zarr_rename_window
+    path = write_zarr(sdata, tmp_path / "inj.zarr")
+    _kill_after_first_rename(monkeypatch)
+    with pytest.raises(_Killed):
+        write_zarr(from_arrays(np.zeros((SIZE, SIZE, 3), dtype=np.uint8), 2.0), path, overwrite=True)
+    monkeypatch.undo()
+    assert not path.exists()  # the instant a kill can hit: the old store moved aside, the new one not yet in place
+    with pytest.raises(InvalidInputError, match=r"interrupted; the previous store is intact at .*\.inj\.zarr\.old-.*restores it"):
+        read_zarr(path)
+    with pytest.raises(InvalidInputError, match="already exists"):  # the next write restores the old store first
+        write_zarr(from_arrays(np.zeros((SIZE, SIZE, 3), dtype=np.uint8), 2.0), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inj.zarr"]
+    np.testing.assert_array_equal(_pixels(read_zarr(path)), _pixels(sdata))
+
+
+@pytest.mark.parametrize("thing", [None, "table", "path"])
+def test_io_functions_refuse_what_is_not_a_spatialdata(sdata, tmp_path, thing):
+    # own case io_not_sdata: io.validate / io.write_zarr given an AnnData, None or a path crashed with AttributeError
+    value = {"table": sdata.tables["table"], "path": str(tmp_path)}.get(thing)
+    with pytest.raises(InvalidInputError, match="Expected a SpatialData sample, got"):
+        validate(value)
+    with pytest.raises(InvalidInputError, match="Expected a SpatialData sample, got"):
+        write_zarr(value, tmp_path / "x.zarr")
+    assert not (tmp_path / "x.zarr").exists()

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import histocell_sd as hc
 from histocell_sd import InvalidInputError
@@ -52,6 +53,18 @@ def test_any_resolution(model):
     np.testing.assert_allclose(shares[0], shares[1], atol=0.1)
 
 
-def test_unknown_name():
-    with pytest.raises(InvalidInputError, match="Unknown pretrained model"):
-        hc.models.pretrained("everything")
+@pytest.mark.parametrize("name", ["everything", None, ["tumor_stromal_lymphocyte"], {"name": 1}, 3])
+def test_unknown_name(name):
+    # own case pretrained_bad_name: a list or dict as the name crashed with "unhashable type"
+    with pytest.raises(InvalidInputError, match="Unknown pretrained model .* choose from \\['tumor_stromal_lymphocyte'\\]"):
+        hc.models.pretrained(name)
+
+
+def test_loading_twice_gives_independent_models(model):
+    # own case pretrained_shared_state: a model returned by pretrained() must not share weights with a later one
+    other = hc.models.pretrained("tumor_stromal_lymphocyte")
+    assert other is not model and other.net is not model.net
+    first = next(iter(other.net.parameters()))
+    with torch.no_grad():
+        first.add_(1.0)
+    assert not torch.equal(first, next(iter(model.net.parameters())))

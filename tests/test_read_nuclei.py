@@ -342,6 +342,7 @@ def test_nuclei_are_assigned_to_spots():
 
 
 def test_all_zero_label_mask_is_refused_and_nothing_written():
+    # cases.md: rn_mask_allzero
     sdata = _sdata()
     read_nuclei(TRUTH, sdata, format="labels")  # an earlier import must survive the refused one
     before = sdata.tables["histocell"].copy()

@@ -97,6 +97,7 @@ def test_refined_expression_table_never_shadows_cell_type(tiny_predicted):
 
 # ------------------------------------------------------------------------------------------ round trips
 def test_missing_spot_stays_missing_through_zarr_and_h5ad(predicted, tmp_path):
+    # cases.md: rt_spot_id_nan (after predict)
     sdata, _ = predicted
     table = sdata.tables["histocell"]
     outside = table.obs["spot_id"].isna().to_numpy()
@@ -204,3 +205,58 @@ def test_squidpy_works_in_microns(predicted):
     sq.gr.spatial_neighbors_radius(px, spatial_key="spatial", radius=20.0 / mpp)
     assert (um.obsp["spatial_connectivities"] != px.obsp["spatial_connectivities"]).nnz == 0
     np.testing.assert_allclose(um.obsp["spatial_distances"].toarray(), px.obsp["spatial_distances"].toarray() * mpp, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ own bad-input cases (tests/RELIABILITY.md)
+@pytest.mark.parametrize("model", [NucleiTableModel, SpotsTableModel, ExpressionTableModel])
+@pytest.mark.parametrize("thing", [None, "frame", "sdata"])
+def test_validate_refuses_what_is_not_an_anndata(predicted, model, thing):
+    # own case schema_validate_not_anndata: validate(a DataFrame / None / the SpatialData) crashed with AttributeError
+    value = {"frame": predicted[0].tables["histocell"].to_df(), "sdata": predicted[0]}.get(thing)
+    with pytest.raises(InvalidInputError, match="must be an AnnData, got"):
+        model.validate(value)
+
+
+def test_validate_names_non_numeric_proportions(tiny_slide):
+    # own case schema_proportions_text: a text column in obsm['proportions'] crashed with "could not convert string to float"
+    sdata = tiny_slide[0]
+    table = sdata.tables["table"].copy()
+    table.obsm["proportions"] = table.obsm["proportions"].assign(tumor="lots")
+    with pytest.raises(InvalidInputError, match=r"obsm\['proportions'\] has non-numeric columns \['tumor'\]"):
+        SpotsTableModel.validate(table)
+    original = sdata.tables["table"]
+    sdata.tables.data["table"] = table  # io.validate reads the same table (put back below)
+    try:
+        with pytest.raises(InvalidInputError, match=r"non-numeric columns \['tumor'\]"):
+            hc.io.validate(sdata)
+    finally:
+        sdata.tables.data["table"] = original
+    hc.io.validate(sdata)
+
+
+def test_io_validate_refuses_nuclei_measured_at_another_mpp(predicted):
+    # own case io_validate_mpp_mismatch (and cases.md pred_mpp_2x, mis-declared after segmentation): sdata.attrs['mpp']
+    # changed after the nuclei were measured was accepted, pairing pixels and µm at different scales
+    sdata, _ = predicted
+    before = sdata.attrs["mpp"]
+    sdata.attrs["mpp"] = 2 * before
+    try:
+        with pytest.raises(InvalidInputError, match=rf"measured at {before:g} µm/px .* declares sdata.attrs\['mpp'\] = {2 * before:g}"):
+            hc.io.validate(sdata)
+    finally:
+        sdata.attrs["mpp"] = before
+    hc.io.validate(sdata)
+
+
+def test_io_validate_refuses_nuclei_assigned_to_unknown_spots(predicted):
+    # own case io_validate_unknown_spot_ids: nuclei naming spots absent from the spots table passed validate
+    sdata, _ = predicted
+    table = sdata.tables["histocell"]
+    spot_id = table.obs["spot_id"]
+    table.obs["spot_id"] = spot_id.cat.rename_categories(lambda c: f"other_{c}")
+    try:
+        with pytest.raises(InvalidInputError, match=r"names \d+ spots that are not rows of tables\['table'\], e.g. \['other_"):
+            hc.io.validate(sdata)
+    finally:
+        table.obs["spot_id"] = spot_id
+    hc.io.validate(sdata)

@@ -179,6 +179,7 @@ def _count(rgb, mpp, **kwargs):
 
 @pytest.mark.parametrize("method", ["default", "classical"])
 def test_black_padding_and_tiling_do_not_change_the_nuclei(tiny_rgb, method):
+    # cases.md: seg_black_border, seg_black_border_small, seg_single_vs_multi_tile_f1 (counts)
     rgb, mpp = tiny_rgb
     plain = _count(rgb, mpp, method=method)
     blob = rgb.copy()
@@ -190,11 +191,13 @@ def test_black_padding_and_tiling_do_not_change_the_nuclei(tiny_rgb, method):
 
 
 def test_noise_is_not_tissue():
+    # cases.md: seg_noise
     noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     assert _count(noise, 0.5) < 50  # the learnt default; the classical pipeline still finds blobs in noise
 
 
 def test_absurd_resolution_is_refused_before_any_work(tiny_rgb):
+    # cases.md: seg_mpp_wrong_large
     rgb, _ = tiny_rgb
     for method in ("default", "classical"):
         sdata = from_arrays(rgb[:256, :256], 5.0)  # 10x mis-declared: would upsample to 2560 px tiles
@@ -203,6 +206,7 @@ def test_absurd_resolution_is_refused_before_any_work(tiny_rgb):
 
 
 def test_key_collisions_are_refused_and_change_nothing():
+    # cases.md: seg_key_collision, seg_key_collision_state, seg_table_collision
     sdata, _ = _disk_sample(radius_px=12)
     spots_before = sdata.shapes["spots"].copy()
     with pytest.raises(InvalidInputError, match="were not written by a segmentation"):
@@ -219,6 +223,7 @@ def test_key_collisions_are_refused_and_change_nothing():
 
 
 def test_blank_image_removes_only_earlier_nuclei():
+    # cases.md: seg_blank_removes_table
     sdata, _ = _disk_sample(radius_px=12)
     segment_nuclei(sdata, method="classical", tile_size_px=256, progress=False)
     blank = from_arrays(np.full((300, 400, 3), 235, dtype=np.uint8), 0.5, spot_centers=np.array([[100.5, 100.5]]), spot_diameter_um=30.0)
@@ -229,6 +234,7 @@ def test_blank_image_removes_only_earlier_nuclei():
 
 
 def test_n_jobs_keeps_nucleus_ids(tiny_rgb):
+    # cases.md: det_seg_njobs, det_seg_njobs2_repeat
     rgb, mpp = tiny_rgb
     runs = []
     for n_jobs in (1, 2, 2):
@@ -241,6 +247,7 @@ def test_n_jobs_keeps_nucleus_ids(tiny_rgb):
 
 
 def test_missing_spot_stays_missing_through_zarr(tmp_path):
+    # cases.md: rt_spot_id_nan
     sdata, labels = _disk_sample()
     store_nuclei(sdata, labels)
     path = hc.io.write_zarr(sdata, tmp_path / "s.zarr")
@@ -336,3 +343,80 @@ def test_polygons_equal_spatialdata_to_polygons(monkeypatch):
     kept = np.isin(np.unique(labels[40:, 30:])[1:], ids[inside])
     assert inside.sum() >= 5
     assert shapely.equals(window[kept], largest[inside]).all()
+
+
+# ---------------------------------------------------------------------------- more reliability cases (tests/RELIABILITY.md)
+def test_tiles_barely_above_the_overlap_find_the_same_nuclei(tiny_rgb):
+    # cases.md: seg_tile_small_vs_default (tile_size_px=80 just above the 64 px overlap lost ~15% of the nuclei)
+    rgb, mpp = tiny_rgb
+    crop = rgb[540:860, 640:960]
+    default = from_arrays(crop, mpp)
+    segment_nuclei(default, progress=False)
+    small = from_arrays(crop, mpp)
+    segment_nuclei(small, tile_size_px=80, progress=False)
+    a, b = default.tables["histocell"].obsm["spatial"], small.tables["histocell"].obsm["spatial"]
+    assert len(a) > 20 and abs(len(a) - len(b)) <= 1
+    assert detection_scores(b, a, max_dist=MATCH_UM / mpp)["f1"] > 0.98
+
+
+def test_one_tile_or_many_give_the_same_detection_f1(slide, tiny_rgb):
+    # cases.md: seg_single_vs_multi_tile_f1 (F1 vs truth fell from 0.817 to 0.790 with 1024 px tiles)
+    sub, truth = slide
+    rgb, mpp = tiny_rgb
+    tiled = from_arrays(rgb, mpp)
+    segment_nuclei(tiled, tile_size_px=512, progress=False)
+    one = detection_scores(sub.tables["histocell"].obsm["spatial"], truth, max_dist=MATCH_UM / mpp)
+    many = detection_scores(tiled.tables["histocell"].obsm["spatial"], truth, max_dist=MATCH_UM / mpp)
+    assert one["f1"] > 0.9 and abs(one["f1"] - many["f1"]) < 0.005
+    assert abs(one["n_pred"] - many["n_pred"]) <= 0.005 * one["n_pred"]
+
+
+def test_n_jobs_keeps_nucleus_ids_with_the_learnt_segmenter(tiny_rgb):
+    # cases.md: det_seg_njobs, det_seg_njobs2_repeat (ids were assigned in tile completion order)
+    rgb, mpp = tiny_rgb
+    runs = []
+    for n_jobs in (1, 2, 2):
+        sdata = from_arrays(rgb[:700, :700], mpp)
+        segment_nuclei(sdata, tile_size_px=256, n_jobs=n_jobs, progress=False)
+        runs.append(sdata.tables["histocell"])
+    for other in runs[1:]:
+        assert list(other.obs_names) == list(runs[0].obs_names)
+        np.testing.assert_array_equal(other.obsm["spatial"], runs[0].obsm["spatial"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_jobs": 0}, "n_jobs must be a whole number"),
+        ({"n_jobs": 1.5}, "n_jobs must be a whole number"),
+        ({"overlap_um": float("nan")}, "overlap_um must be a finite number"),
+        ({"tile_size_px": "512"}, "tile_size_px must be a whole number"),
+        ({"tile_size_px": 256.7}, "tile_size_px must be a whole number"),
+    ],
+)
+def test_segment_settings_refused_before_anything_changes(kwargs, message):
+    # own case seg_bad_settings: n_jobs=0 / overlap_um=NaN crashed inside joblib / int(); a string or fractional
+    # tile size was silently truncated
+    sdata, _ = _disk_sample(radius_px=12)
+    segment_nuclei(sdata, method="classical", tile_size_px=256, progress=False)
+    before = sdata.tables["histocell"].copy()
+    with pytest.raises(InvalidInputError, match=message):
+        segment_nuclei(sdata, method="classical", progress=False, **kwargs)
+    assert sdata.tables["histocell"].n_obs == before.n_obs and "nuclei" in sdata.shapes
+
+
+def test_segment_refuses_what_is_not_a_spatialdata(tiny_rgb):
+    # own case seg_not_sdata: segment_nuclei(an array / an AnnData) crashed with AttributeError
+    rgb, _ = tiny_rgb
+    for thing in (rgb[:64, :64], hc.datasets.synthetic_visium(seed=3, preset="tiny", progress=False)[1]):
+        with pytest.raises(InvalidInputError, match="Expected a SpatialData sample, got"):
+            segment_nuclei(thing, progress=False)
+
+
+@pytest.mark.parametrize("shape", [(7, 9, 3), (3, 900, 3), (300, 300, 3)])
+def test_odd_images_give_no_nuclei_and_write_nothing(shape):
+    # own case seg_odd_images: tiny, one-line-thin and all-black (scanner padding only) images
+    sdata = from_arrays(np.zeros(shape, dtype=np.uint8), 0.5)
+    with pytest.warns(UserWarning, match="No nuclei"):
+        segment_nuclei(sdata, progress=False)
+    assert not sdata.tables and not sdata.shapes

@@ -29,6 +29,7 @@ def test_atomic_write_creates_replaces_and_refuses(tmp_path):
 
 
 def test_failed_write_keeps_the_old_version_and_leaves_nothing(tmp_path):
+    # cases.md: kill_write_zarr_overwrite, kill_model_save (the shared atomic write)
     target = tmp_path / "store"
     atomic_write(target, _write_text("one"))
 
@@ -43,6 +44,7 @@ def test_failed_write_keeps_the_old_version_and_leaves_nothing(tmp_path):
 
 
 def test_a_kill_between_the_renames_is_recovered_by_the_next_write(tmp_path):
+    # cases.md: kill_write_zarr_rename_window, kill_model_save_window (the shared atomic write)
     target = tmp_path / "store"
     atomic_write(target, _write_text("one"))
     dead = 2**22 + 12345  # no such process

@@ -171,6 +171,7 @@ def test_read_visium_barcode_without_position(tmp_path):
 
 @pytest.mark.parametrize("res", ["hires", "lowres"])
 def test_read_visium_hires_or_lowres_given_as_fullres(tmp_path, res):
+    # cases.md: rv_hires_as_fullres
     make_spaceranger_outs(tmp_path)
     with pytest.raises(InvalidInputError, match=f"looks like Space Ranger's {res} image.*tissue_{res}_scalef.*full-resolution H&E"):
         read_visium(tmp_path, fullres_image_file=f"spatial/tissue_{res}_image.png")

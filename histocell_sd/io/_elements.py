@@ -66,6 +66,8 @@ def get_mpp(sdata: SpatialData) -> float:
     float
         The µm per pixel, checked (a number in the open range 0.01–100).
     """
+    if not isinstance(sdata, SpatialData):
+        raise InvalidInputError(f"Expected a SpatialData sample, got {type(sdata).__name__}.")
     mpp = sdata.attrs.get("mpp")
     if mpp is None:
         raise InvalidInputError(

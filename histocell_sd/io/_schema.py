@@ -93,6 +93,8 @@ def spot_id_column(spot_ids) -> pd.Categorical:
 
 def _annotation(table: ad.AnnData, name: str, instance_key: str) -> str:
     """The element ``table`` annotates, after checking it annotates one by ``instance_key``."""
+    if not isinstance(table, ad.AnnData):
+        raise InvalidInputError(f"{name} must be an AnnData, got {type(table).__name__}.")
     if "spatialdata_attrs" not in table.uns:
         raise InvalidInputError(f"{name} does not annotate any element (no uns['spatialdata_attrs']).")
     region, region_key, found = get_table_keys(table)
@@ -122,7 +124,7 @@ def _check_rows(frame, table: ad.AnnData, name: str, *, missing_rows: bool = Fal
         raise InvalidInputError(f"{name} must be a DataFrame with labels as columns.")
     if not frame.index.equals(table.obs_names):
         raise InvalidInputError(f"{name} rows do not follow the table's rows.")
-    values = frame.to_numpy(dtype=np.float64)
+    values = numeric_values(frame, name)
     empty = np.isnan(values).all(axis=1) if missing_rows else np.zeros(len(values), dtype=bool)
     values = values[~empty]
     if not np.isfinite(values).all() or (values < 0).any():
@@ -130,6 +132,30 @@ def _check_rows(frame, table: ad.AnnData, name: str, *, missing_rows: bool = Fal
     sums = values.sum(axis=1)
     if len(sums) and (np.abs(sums - 1) > _SUM_TOLERANCE).any():
         raise InvalidInputError(f"{name} has rows that do not sum to 1 (e.g. {sums[np.abs(sums - 1) > _SUM_TOLERANCE][0]:.3g}).")
+
+
+def numeric_values(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """The values of ``frame`` as float64, refusing (and naming) non-numeric columns."""
+    text = [str(c) for c in frame.columns if not (pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c]))]
+    if text:
+        raise InvalidInputError(f"{name} has non-numeric columns {text[:5]}; it must hold numbers only.")
+    return frame.to_numpy(dtype=np.float64)
+
+
+def check_nuclei_mpp(table: ad.AnnData, mpp: float, name: str) -> None:
+    """Refuse a nuclei table measured at another µm per pixel than the sample declares now.
+
+    Its centroids are pixels and its features µm of the image at ``uns["histocell"]["mpp"]``; a sample
+    whose ``attrs["mpp"]`` was changed afterwards (a mis-declared resolution corrected, or introduced)
+    would pair crops and features at different scales.
+    """
+    recorded = table.uns.get(HISTOCELL_KEY, {}).get("mpp")
+    if recorded is not None and not np.isclose(float(recorded), float(mpp), rtol=1e-3):
+        raise InvalidInputError(
+            f"{name} was measured at {float(recorded):g} µm/px (uns[{HISTOCELL_KEY!r}]['mpp']) but the sample declares "
+            f"sdata.attrs['mpp'] = {float(mpp):g}: if the image is at {float(mpp):g} µm/px, segment (or read) the nuclei again; "
+            f"else set sdata.attrs['mpp'] back to {float(recorded):g}."
+        )
 
 
 def _check_spot_ids(table: ad.AnnData, name: str) -> None:

@@ -8,12 +8,12 @@ from spatialdata import SpatialData, get_extent
 from spatialdata.models import get_table_keys
 from spatialdata.transformations import get_transformation
 
-from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PROPORTIONS_KEY, SPOTS_KEY, TABLE_KEY
+from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PROPORTIONS_KEY, SPOT_ID_KEY, SPOTS_KEY, TABLE_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import get_image, get_mpp, resolve_key
 from ._proportions import SUM_TOLERANCE
-from ._schema import NucleiTableModel, SpotsTableModel
+from ._schema import NucleiTableModel, SpotsTableModel, check_nuclei_mpp, numeric_values
 
 
 @inject_docs
@@ -57,7 +57,7 @@ def validate(
     None
         Raises :class:`~histocell_sd.InvalidInputError` at the first problem.
     """
-    get_mpp(sdata)
+    mpp = get_mpp(sdata)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     _check_image_element(sdata, image_key)
     if spots_key is not None or SPOTS_KEY in sdata.shapes or require_spots:
@@ -74,7 +74,22 @@ def validate(
         _check_in_global(sdata, nuclei_key)
         nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
         _check_annotating_table(sdata, nuclei_table_key, nuclei_key)
-        NucleiTableModel.validate(sdata.tables[nuclei_table_key], name=f"tables[{nuclei_table_key!r}]")
+        nuclei_table = sdata.tables[nuclei_table_key]
+        NucleiTableModel.validate(nuclei_table, name=f"tables[{nuclei_table_key!r}]")
+        check_nuclei_mpp(nuclei_table, mpp, f"tables[{nuclei_table_key!r}]")
+        if spots_key is not None and SPOT_ID_KEY in nuclei_table.obs:
+            _check_nuclei_spots(nuclei_table, sdata.tables[spots_table_key], nuclei_table_key, spots_table_key)
+
+
+def _check_nuclei_spots(nuclei_table, spots_table, nuclei_table_key: str, spots_table_key: str) -> None:
+    """Every spot a nucleus names must be a row of the spots table (else it was assigned to other spots)."""
+    named = pd.Index(nuclei_table.obs[SPOT_ID_KEY].dropna().astype(str).unique())
+    unknown = named.difference(spots_table.obs_names.astype(str))
+    if len(unknown):
+        raise InvalidInputError(
+            f"tables[{nuclei_table_key!r}].obs['spot_id'] names {len(unknown)} spots that are not rows of tables[{spots_table_key!r}], "
+            f"e.g. {unknown[:3].tolist()}: the nuclei were assigned to another sample's spots; re-run hc.pp.store_nuclei."
+        )
 
 
 def _check_in_global(sdata: SpatialData, key: str) -> None:
@@ -130,7 +145,7 @@ def _check_annotating_table(sdata: SpatialData, table_key: str, region: str) -> 
 def _check_stored_proportions(proportions, name: str) -> None:
     if not isinstance(proportions, pd.DataFrame):
         raise InvalidInputError(f"{name} must be a DataFrame with cell types as columns.")
-    values = proportions.to_numpy(dtype=np.float64)
+    values = numeric_values(proportions, name)
     if not np.isfinite(values).all():
         raise InvalidInputError(f"{name} contains NaN or infinite values.")
     if (values < 0).any():

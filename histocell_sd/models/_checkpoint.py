@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._errors import InvalidInputError
-from .._utils import atomic_write
+from .._utils import atomic_write, stale_backup
 from ._config import HistoCellConfig
 from ._network import HistoCellNet
 
@@ -86,6 +86,10 @@ class Checkpoint:
 def load_checkpoint(path) -> Checkpoint:
     """Read a checkpoint folder, refusing a missing, corrupt or mismatched one."""
     path = Path(path)
+    if not path.exists():
+        backup = stale_backup(path)
+        hint = f" A save to it was interrupted; the previous model is intact at {backup} (the next save to {path.name} restores it)." if backup else ""
+        raise InvalidInputError(f"No checkpoint folder at {path}.{hint}")
     for name in (CARD, WEIGHTS):
         if not (path / name).is_file():
             raise InvalidInputError(f"Checkpoint {path} is missing {name}.")

@@ -15,6 +15,7 @@ from .._constants import HISTOCELL_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from .._errors import InvalidInputError
 from .._utils import progress_bar
 from ..io import get_image, get_mpp, resolve_key
+from ..io._schema import check_nuclei_mpp
 from ..pp import nucleus_crops
 
 BAND_UM = 1024.0
@@ -79,6 +80,7 @@ def sample_inputs(
     mpp = get_mpp(sdata)
     nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
     table = sdata.tables[nuclei_table_key]
+    check_nuclei_mpp(table, mpp, f"Nuclei table {nuclei_table_key!r}")
     if SPATIAL_KEY not in table.obsm:
         raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obsm['spatial']; segment nuclei first (hc.pp.segment_nuclei).")
     features = _features(table, feature_names)

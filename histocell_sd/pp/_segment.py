@@ -109,12 +109,14 @@ def segment_nuclei(
     found a warning is issued and nothing is written (see :func:`store_nuclei`).
     """
     _check_method(method, method_kwargs)
-    claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     mpp = get_mpp(sdata)
+    claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     image = _check_image(get_image(sdata, image_key=image_key), image_key)
     height, width = image.shape[1:]
     tile_size_px, overlap_px = _check_tiling(tile_size_px, overlap_um, mpp)
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0:
+        raise InvalidInputError(f"n_jobs must be a whole number of parallel tiles (≥ 1, or -1 for all cores), got {n_jobs!r}.")
     if method == "classical":
         check_scale(mpp, float(method_kwargs.get("canonical_mpp", 0.5)))
     elif method == "default":
@@ -175,6 +177,10 @@ def _check_image(image, image_key: str):
 
 def _check_tiling(tile_size_px: int, overlap_um: float, mpp: float) -> tuple[int, int]:
     """Tile side and overlap in pixels; the overlap must leave a core in every tile."""
+    if isinstance(tile_size_px, bool) or not isinstance(tile_size_px, (int, np.integer)):
+        raise InvalidInputError(f"tile_size_px must be a whole number of pixels, got {tile_size_px!r}.")
+    if isinstance(overlap_um, bool) or not isinstance(overlap_um, (int, float, np.number)) or not np.isfinite(overlap_um):
+        raise InvalidInputError(f"overlap_um must be a finite number of µm, got {overlap_um!r}.")
     tile_size_px = int(tile_size_px)
     overlap_px = int(np.ceil(float(overlap_um) / mpp))
     if overlap_um < 0 or tile_size_px <= overlap_px:

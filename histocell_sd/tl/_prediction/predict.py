@@ -79,6 +79,8 @@ def predict(
         None: the predictions are written into ``sdata`` as described above. With ``copy=True``, a
         SpatialData holding them (tables copied, other elements shared with ``sdata``).
     """
+    if not isinstance(sdata, SpatialData):
+        raise InvalidInputError(f"sdata must be a SpatialData sample, got {type(sdata).__name__}.")
     if not isinstance(model, HistoCell):
         raise InvalidInputError(f"model must be a HistoCell, got {type(model).__name__}.")
     if not model.training_summary_:
