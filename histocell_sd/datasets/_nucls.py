@@ -16,7 +16,9 @@ from ..io._elements import pixel_transformations
 from ._synthetic import TRUTH_LABELS_KEY, TRUTH_TABLE_KEY
 
 NUCLS_MPP = 0.25
+"""µm per pixel of the NuCLS tiles."""
 NUCLS_CLASSES = ("tumor_any", "nonTIL_stromal", "sTIL", "other_nucleus")
+"""Nucleus classes of the NuCLS tiles (the categories of their ``cell_type``)."""
 _SPLITS = {"train": 10, "test": 5}
 
 

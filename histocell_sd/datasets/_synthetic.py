@@ -28,8 +28,11 @@ PRESETS = {
     "default": {"width_um": 2000.0, "height_um": 1800.0, "mpp": 0.5},
     "visium": {"width_um": 6500.0, "height_um": 6500.0, "mpp": 0.5},
 }
+"""Slide size (µm) and resolution (µm per pixel) of each ``preset`` of :func:`synthetic_visium`."""
 TRUTH_LABELS_KEY = "truth_labels"
+"""Name of the ground-truth instance raster in ``sdata.labels`` (for scoring only)."""
 TRUTH_TABLE_KEY = "truth_nuclei"
+"""Name of the ground-truth nuclei table in ``sdata.tables`` (type, state, compartment, spot per nucleus; for scoring only)."""
 BLOCK_PX = 2048
 MIXED = "mixed"
 MIXED_THRESHOLD = 0.6

@@ -15,6 +15,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 CELL_TYPES = ("tumor", "fibroblast", "lymphocyte", "macrophage", "endothelial")
+"""The five cell types of the synthetic slides, in the order of the columns of their proportions."""
 CELL_STATES = {
     "tumor": ("tumor_proliferative", "tumor_quiescent"),
     "fibroblast": ("fibroblast_myCAF", "fibroblast_iCAF"),
@@ -22,7 +23,9 @@ CELL_STATES = {
     "macrophage": ("macrophage",),
     "endothelial": ("endothelial",),
 }
+"""The cell states of each synthetic cell type (a type with one state is its own state)."""
 COMPARTMENTS = ("tumor", "stroma", "immune")
+"""The tissue compartments of the synthetic slides (``obs["true_compartment"]`` of the spots table)."""
 
 # Cell-type mix of each compartment (rows follow COMPARTMENTS, columns CELL_TYPES).
 COMPOSITION = np.array(

@@ -18,7 +18,7 @@ def resolve_key(sdata: SpatialData, kind: str, *, key: str | None = None, defaul
     """Return the name of the ``kind`` element to use.
 
     ``key`` when given (it must exist); else ``default`` when present; else the only element of
-    that kind. Anything else raises an :class:`InvalidInputError` listing the candidates.
+    that kind. Anything else raises an :class:`~histocell_sd.InvalidInputError` listing the candidates.
 
     Parameters
     ----------

@@ -3,7 +3,7 @@
 Every producer (reading Visium or arrays, segmentation, reading nuclei, prediction, refinement and the
 stand-ins in :mod:`histocell_sd.datasets`) builds its table through these models, so the layouts they
 document (:class:`SpotsTableModel`, :class:`NucleiTableModel`, :class:`ExpressionTableModel`, the metadata of
-:data:`METADATA`) are the ones a user can rely on.
+:data:`~histocell_sd.io._schema.METADATA`) are the ones a user can rely on.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ class NucleiTableModel:
     centroids (x, y, ``global`` px) and ``obsm["spatial_um"]`` the same in µm (squidpy:
     ``spatial_key="spatial_um"``); ``X`` the morphology features named in ``uns["histocell"]["features"]``;
     ``obs["spot_id"]`` (categorical, missing outside every spot); ``uns["histocell"]`` the keys of
-    :data:`METADATA` (``mpp`` required). Predictions (``cell_type``, ``cell_state``, ``compartment``,
+    :data:`~histocell_sd.io._schema.METADATA` (``mpp`` required). Predictions (``cell_type``, ``cell_state``, ``compartment``,
     ``refined_cell_type``) are categoricals holding only the labels present, with ``uns["<key>_colors"]``,
     beside ``obsm["<key>_proba"]`` (rows summing to 1).
 
@@ -306,7 +306,7 @@ class NucleiTableModel:
         spot_ids
             Barcode of the spot holding each nucleus (None/NaN outside every spot) → ``obs["spot_id"]``.
         **metadata
-            Further keys of :data:`METADATA`, merged into ``uns["histocell"]``.
+            Further keys of :data:`~histocell_sd.io._schema.METADATA`, merged into ``uns["histocell"]``.
 
         Returns
         -------

@@ -28,7 +28,7 @@ def validate(
     proportions_key: str = PROPORTIONS_KEY,
     require_spots: bool = False,
 ) -> None:
-    """Raise :class:`InvalidInputError` naming the element and the problem if ``sdata`` breaks the data model.
+    """Raise :class:`~histocell_sd.InvalidInputError` naming the element and the problem if ``sdata`` breaks the data model.
 
     Checks ``attrs["mpp"]``; the RGB uint8 image; that every element lives in the ``global``
     coordinate system; spot circles inside the image; the spots table's annotation and proportions

@@ -18,7 +18,7 @@ def write_zarr(sdata: SpatialData, path: str | PathLike, *, overwrite: bool = Fa
     """Write ``sdata`` to a zarr store at ``path`` atomically.
 
     The store is written next to ``path`` under a temporary name and swapped in only when complete
-    (:func:`histocell_sd._utils.atomic_write`), so a failure or a kill never leaves a half-written or
+    (``histocell_sd._utils.atomic_write``), so a failure or a kill never leaves a half-written or
     missing store, and debris of killed writes is cleaned by the next one. An existing ``path`` is
     refused unless ``overwrite=True``.
 

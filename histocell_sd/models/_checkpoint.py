@@ -19,6 +19,7 @@ from ._network import HistoCellNet
 
 FORMAT = "histocell-sd/checkpoint"
 FORMAT_VERSION = 2  # 2: nucleus encoder v2 (pretrained encoder), encoder provenance in preprocessing
+"""Version of the checkpoint format this histocell-sd writes and reads (``model_card.json``)."""
 WEIGHTS = "weights.safetensors"
 CARD = "model_card.json"
 

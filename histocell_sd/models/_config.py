@@ -113,7 +113,7 @@ class HistoCellConfig:
 
     @property
     def preprocessing(self) -> dict:
-        """Preprocessing and architecture: the card's ``"preprocessing"`` (a new dict each time)."""
+        """Preprocessing and architecture, as the card's ``"preprocessing"`` (a new dict each time)."""
         structure = ("cell_types", "states", "compartments")
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in structure}
         out["feature_names"], out["encoder"] = list(self.feature_names), dict(self.encoder)

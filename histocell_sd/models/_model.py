@@ -121,7 +121,7 @@ class HistoCell:
     # ------------------------------------------------------------------ structure
     @property
     def settings(self) -> HistoCellConfig:
-        """What defines the model: outputs, preprocessing and architecture (validated, frozen)."""
+        """What defines the model (outputs, preprocessing and architecture; validated, frozen)."""
         return self._settings
 
     @property
@@ -191,7 +191,7 @@ class HistoCell:
     ) -> HistoCell:
         """Train from spot proportions only.
 
-        A new network is trained and replaces :attr:`net` only when training succeeds: a failed fit
+        A new network is trained and replaces ``net`` only when training succeeds: a failed fit
         leaves the model as it was.
 
         Parameters

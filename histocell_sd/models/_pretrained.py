@@ -25,8 +25,9 @@ def pretrained(name: str = "tumor_stromal_lymphocyte") -> HistoCell:
 
     Returns
     -------
-    The model in eval mode; ``model.model_card_`` holds its card: training data, licences, metrics and
-    intended use (``model.model_card_["metadata"]``).
+    HistoCell
+        The model in eval mode; ``model.model_card_`` holds its card: training data, licences, metrics and
+        intended use (``model.model_card_["metadata"]``).
     """
     if not isinstance(name, str) or name not in PRETRAINED:
         raise InvalidInputError(f"Unknown pretrained model {name!r}; choose from {sorted(PRETRAINED)}.")

@@ -44,7 +44,7 @@ def stage_epochs(n_train_spots: int, *, epochs: int | None = None, self_training
     n_train_spots
         Training spots (all samples, held-out spots excluded).
     epochs, self_training_epochs, state_epochs
-        Epochs given to ``fit``; None: :data:`DEFAULT_EPOCHS`, scaled down beyond 1,000 training spots
+        Epochs given to ``fit``; None: ``DEFAULT_EPOCHS`` of ``models._trainer``, scaled down beyond 1,000 training spots
         (at least 2), so a stage takes about the same number of optimiser steps on any slide.
 
     Returns

@@ -46,8 +46,8 @@ def run_cohort(
     so a rerun skips finished slides (resume). A failing slide is reported, the others are kept.
 
     The model travels as a checkpoint, not as a pickled torch module: it is saved once to
-    ``out_dir/model`` (:meth:`HistoCell.save`, safetensors) and every worker process loads it
-    (:meth:`HistoCell.load`, cached per process).
+    ``out_dir/model`` (:meth:`~histocell_sd.models.HistoCell.save`, safetensors) and every worker process loads it
+    (:meth:`~histocell_sd.models.HistoCell.load`, cached per process).
 
     Parameters
     ----------
@@ -72,9 +72,10 @@ def run_cohort(
 
     Returns
     -------
-    ``(indicators, failures)``: AnnData samples × indicators of every successful slide (in the
-    order of ``paths``; ``obs`` gains ``path`` and ``status`` ``"computed"`` / ``"resumed"``), and a
-    DataFrame of the failed slides (``sample``, ``path``, ``error``).
+    tuple
+        ``(indicators, failures)``: AnnData samples × indicators of every successful slide (in the
+        order of ``paths``; ``obs`` gains ``path`` and ``status`` ``"computed"`` / ``"resumed"``), and a
+        DataFrame of the failed slides (``sample``, ``path``, ``error``).
     """
     from ...models import HistoCell
 

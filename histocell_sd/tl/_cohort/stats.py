@@ -168,7 +168,7 @@ def survival(
     When an indicator orders the event times perfectly (every event has the highest, or every event
     the lowest, value of its risk set: complete or quasi-complete separation, common with few
     samples or events), the partial likelihood has no maximum and the hazard ratio would be
-    infinite. Such indicators (and those with a fitted |log HR| above ``MAX_LOG_HR`` per SD, or
+    infinite. Such indicators (and those with a fitted ``|log HR|`` above ``MAX_LOG_HR`` per SD, or
     fewer than two events among their samples) are reported with NaN ``hazard_ratio``, CI, ``p``
     and ``fdr`` and a :class:`UserWarning`, rather than a meaningless huge hazard ratio.
 
@@ -194,13 +194,14 @@ def survival(
 
     Returns
     -------
-    DataFrame indexed by indicator, ranked by p: ``hazard_ratio``, ``ci_lower``, ``ci_upper``
-    (95 %), ``coef`` (log HR per SD), ``se``, ``z``, ``p``, ``fdr``, ``n``, ``n_events``.
-    ``attrs["dropped"]`` maps each untested indicator to the reason (constant, all NaN);
-    ``attrs["not_estimable"]`` lists the indicators with NaN estimates (separation, see above);
-    ``attrs["multivariate"]`` holds ``coef`` (dict indicator → penalised log HR per SD),
-    ``c_index_cv`` (mean), ``c_index_folds``, ``penalizer``, ``l1_ratio``, ``n_samples``,
-    ``indicators`` and ``excluded`` (indicators with NaN), or ``error`` when it could not be fit.
+    pandas.DataFrame
+        DataFrame indexed by indicator, ranked by p: ``hazard_ratio``, ``ci_lower``, ``ci_upper``
+        (95 %), ``coef`` (log HR per SD), ``se``, ``z``, ``p``, ``fdr``, ``n``, ``n_events``.
+        ``attrs["dropped"]`` maps each untested indicator to the reason (constant, all NaN);
+        ``attrs["not_estimable"]`` lists the indicators with NaN estimates (separation, see above);
+        ``attrs["multivariate"]`` holds ``coef`` (dict indicator → penalised log HR per SD),
+        ``c_index_cv`` (mean), ``c_index_folds``, ``penalizer``, ``l1_ratio``, ``n_samples``,
+        ``indicators`` and ``excluded`` (indicators with NaN), or ``error`` when it could not be fit.
     """
     values, clin = _cohort_frame(indicators, [duration_key, event_key], clinical, indicators_subset)
     duration = pd.to_numeric(clin[duration_key], errors="coerce").to_numpy(dtype=float)
@@ -381,9 +382,10 @@ def response_association(
 
     Returns
     -------
-    DataFrame indexed by indicator, ranked by p: ``auc`` or ``spearman_rho``, ``direction``
-    (higher / lower with response), ``p``, ``fdr``, ``n``; ``attrs`` ``kind`` (binary /
-    continuous), ``effect`` (the effect column) and ``dropped`` (constant / NaN indicators).
+    pandas.DataFrame
+        DataFrame indexed by indicator, ranked by p: ``auc`` or ``spearman_rho``, ``direction``
+        (higher / lower with response), ``p``, ``fdr``, ``n``; ``attrs`` ``kind`` (binary /
+        continuous), ``effect`` (the effect column) and ``dropped`` (constant / NaN indicators).
     """
     values, clin = _cohort_frame(indicators, [response_key], clinical, indicators_subset)
     values, dropped = _usable(values)
