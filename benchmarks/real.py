@@ -255,8 +255,10 @@ def merge(old: dict, new: dict) -> dict:
 # ------------------------------------------------------------------------------------------ sections
 def section_detection(args) -> dict:
     out = {"match_distance_um": MATCH_UM}
-    lodo = {"brca_m2c": lodo_weights("segmenter", "brca_m2c", args), "nucls": lodo_weights("segmenter", "nucls", args)}
-    out["lodo_segmenters"] = {k: card_summary(v) if v else None for k, v in lodo.items()}
+    sets = {"brca_m2c_test": "brca_m2c", "nucls_test": "nucls", "synthetic_unseen": None}
+    sets = {k: v for k, v in sets.items() if k in args.detection_sets}
+    lodo = {own: lodo_weights("segmenter", own, args) for own in sets.values() if own}
+    out["lodo_segmenters"] = {k: card_summary(v) for k, v in lodo.items() if v}  # merged by --update: a missing twin keeps the old entry
     shipped = hc._shipped.shipped_dir("segmenter")
 
     def score(images, network=None, method="default"):
@@ -277,14 +279,22 @@ def section_detection(args) -> dict:
         return {"precision": round(m / max(p, 1), 4), "recall": round(m / max(t, 1), 4), "f1": round(2 * m / max(p + t, 1), 4),
                 "n_pred": int(p), "n_true": int(t), "n_matched": int(m)}
 
-    names = hc.datasets.brca_m2c_names("test", path=args.brca_m2c)[: 4 if args.quick else None]
-    brca = [(rgb, mpp, pts[["x", "y"]].to_numpy()) for rgb, mpp, pts in (hc.datasets.read_brca_m2c_patch(n, path=args.brca_m2c) for n in names)]
-    nucls = [(rgb, hc.datasets.NUCLS_MPP, pts[["x", "y"]].to_numpy()) for rgb, _, pts in (hc.datasets.read_nucls_tile(n) for n in hc.datasets.nucls_tile_names("test"))]
-    synthetic = []
-    for seed in args.synthetic_seeds:
-        sdata, _ = hc.datasets.synthetic_visium(seed=seed, preset="tiny", proportions=None, progress=False)
-        synthetic.append((np.asarray(hc.io.get_image(sdata).data).transpose(1, 2, 0), sdata.attrs["mpp"], np.asarray(sdata.tables["truth_nuclei"].obsm["spatial"])))
-    for key, images, own in (("brca_m2c_test", brca, "brca_m2c"), ("nucls_test", nucls, "nucls"), ("synthetic_unseen", synthetic, None)):
+    def images_of(key):
+        if key == "brca_m2c_test":
+            names = hc.datasets.brca_m2c_names("test", path=args.brca_m2c)[: 4 if args.quick else None]
+            patches = (hc.datasets.read_brca_m2c_patch(n, path=args.brca_m2c) for n in names)
+            return [(rgb, mpp, pts[["x", "y"]].to_numpy()) for rgb, mpp, pts in patches]
+        if key == "nucls_test":
+            tiles = (hc.datasets.read_nucls_tile(n) for n in hc.datasets.nucls_tile_names("test"))
+            return [(rgb, hc.datasets.NUCLS_MPP, pts[["x", "y"]].to_numpy()) for rgb, _, pts in tiles]
+        synthetic = []
+        for seed in args.synthetic_seeds:
+            sdata, _ = hc.datasets.synthetic_visium(seed=seed, preset="tiny", proportions=None, progress=False)
+            synthetic.append((np.asarray(hc.io.get_image(sdata).data).transpose(1, 2, 0), sdata.attrs["mpp"], np.asarray(sdata.tables["truth_nuclei"].obsm["spatial"])))
+        return synthetic
+
+    for key, own in sets.items():
+        images = images_of(key)
         res = {"images": len(images)}
         if own and lodo[own] is None:
             res["default"] = {"not_run": f"no leave-one-dataset-out twin segmenter_no_{own} in --lodo-dir (--no-lodo-training)"}
@@ -463,6 +473,8 @@ def main() -> None:
                         help="do not train missing leave-one-dataset-out twins: report what needs them as not run")
     parser.add_argument("--models", default=",".join(MODELS),
                         help="models of the weak sections (default: all): " + ", ".join(MODELS))
+    parser.add_argument("--detection-sets", default="brca_m2c_test,nucls_test,synthetic_unseen",
+                        help="image sets of the detection section (with --update the others keep their earlier results)")
     parser.add_argument("--update", action="store_true",
                         help="merge into an existing --out: the sections and models run now replace theirs, the rest is kept")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real.json")
@@ -474,6 +486,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.detection_sets = [d.strip() for d in args.detection_sets.split(",") if d.strip()]
+    if set(args.detection_sets) - {"brca_m2c_test", "nucls_test", "synthetic_unseen"}:
+        parser.error(f"unknown detection sets {sorted(set(args.detection_sets) - {'brca_m2c_test', 'nucls_test', 'synthetic_unseen'})}")
     if set(args.models) - set(MODELS):
         parser.error(f"unknown models {sorted(set(args.models) - set(MODELS))}")
     if "speed" in sections and not {"weak", "upstream_design"} <= set(args.models):
