@@ -75,3 +75,106 @@ def test_invalid_input_is_a_one_line_error(tmp_path, capsys):
     store = _store(tmp_path / "seg.zarr")
     assert cli.main(["train", str(store), "--out", str(tmp_path / "m")]) == 2
     _one_line_error(capsys, "histocell-sd train: error:", "no spot proportions")
+
+
+# ---------------------------------------------------------------------------- the pipeline end to end
+def test_every_option_has_help_and_version_prints(capsys):
+    import argparse
+
+    import pytest
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in {"": parser, **commands}.items()
+               for a in p._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
+    assert missing == []
+    assert set(commands) == {"import", "segment", "deconvolve", "train", "predict", "refine", "export", "demo"}
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("histocell-sd ")
+
+
+def test_pipeline_from_an_image_and_spots_csv(tmp_path, capsys):
+    """import (image + spots CSV + counts + µm/px) -> segment -> deconvolve -> train -> predict -> refine -> export."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    import histocell_sd as hc
+
+    sdata, reference = hc.datasets.synthetic_visium(seed=3, preset="tiny", progress=False)
+    Image.fromarray(np.asarray(hc.io.get_image(sdata).data).transpose(1, 2, 0)).save(tmp_path / "he.png")
+    spots = sdata.shapes["spots"]
+    pd.DataFrame({"x": spots.geometry.x, "y": spots.geometry.y}, index=spots.index).to_csv(tmp_path / "spots.csv")
+    counts = sdata.tables["table"].copy()
+    counts.obs = counts.obs[[]]
+    counts.uns, counts.obsm = {}, {}
+    counts.write_h5ad(tmp_path / "counts.h5ad")
+    reference.write_h5ad(tmp_path / "reference.h5ad")
+    store, model = tmp_path / "s.zarr", tmp_path / "model"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        steps = [
+            ["import", str(store), "--image", str(tmp_path / "he.png"), "--mpp", str(sdata.attrs["mpp"]), "--spots", str(tmp_path / "spots.csv"),
+             "--counts", str(tmp_path / "counts.h5ad")],
+            ["segment", str(store), "--n-jobs", "1", "--quiet"],  # --quiet after the sub-command too
+            ["deconvolve", str(store), "--reference", str(tmp_path / "reference.h5ad")],
+            ["train", str(store), "--out", str(model), "--epochs", "1"],
+            ["predict", str(store), "--model", str(model)],
+            ["refine", str(store), "--reference", str(tmp_path / "reference.h5ad")],
+            ["export", str(store), "--out", str(tmp_path / "nuclei.geojson")],
+            ["export", str(store), "--out", str(tmp_path / "nuclei.csv")],
+        ]
+        for step in steps:
+            assert cli.main(["--quiet", *step]) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    back = hc.io.read_zarr(store)
+    assert {"proportions", "refined_proportions"} <= set(back.tables["table"].obsm)
+    assert "cell_type" in back.tables["histocell"].obs and "histocell_expression" in back.tables
+    features = json.loads((tmp_path / "nuclei.geojson").read_text())["features"]
+    assert len(features) == back.tables["histocell"].n_obs and "classification" in features[0]["properties"]
+    assert len(pd.read_csv(tmp_path / "nuclei.csv")) == back.tables["histocell"].n_obs
+    # nothing is overwritten without --overwrite
+    assert cli.main(["import", str(store), "--image", str(tmp_path / "he.png"), "--mpp", "0.5"]) == 2
+    _one_line_error(capsys, "already exists", "--overwrite")
+    assert cli.main(["export", str(store), "--out", str(tmp_path / "nuclei.csv")]) == 2
+    _one_line_error(capsys, "already exists")
+
+
+def test_predict_with_a_shipped_model_and_import_errors(tmp_path, capsys):
+    import numpy as np
+
+    import histocell_sd as hc
+
+    sdata, _ = hc.datasets.synthetic_visium(seed=3, preset="tiny", progress=False)
+    hc.pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]))
+    store = hc.io.write_zarr(sdata, tmp_path / "s.zarr")
+    assert cli.main(["predict", str(store), "--model", "tumor_stromal_lymphocyte", "--quiet", "--device", "cpu"]) == 0
+    assert "tumor" in capsys.readouterr().out
+    assert cli.main(["import", str(tmp_path / "x.zarr"), "--image", str(tmp_path / "missing.png"), "--mpp", "0.5"]) == 2
+    _one_line_error(capsys, "does not exist")
+    assert cli.main(["import", str(tmp_path / "x.zarr"), "--visium", str(tmp_path / "outs"), "--image", str(tmp_path / "he.png")]) == 2
+    _one_line_error(capsys, "either --visium")
+    assert cli.main(["import", str(tmp_path / "outs" / "x.zarr"), "--visium", str(tmp_path / "outs")]) == 2
+    _one_line_error(capsys, "lies inside the input")
+    assert cli.main(["predict", str(store), "--model", "tumor_stromal_lymphocyte", "--device", "tpu"]) == 2
+    _one_line_error(capsys, "device must be")
+
+
+def test_import_a_space_ranger_folder(tmp_path, capsys):
+    from test_visium import make_spaceranger_outs
+
+    import histocell_sd as hc
+
+    outs = tmp_path / "sampleA" / "outs"
+    make_spaceranger_outs(outs)
+    store = tmp_path / "a.zarr"
+    assert cli.main(["import", str(store), "--visium", str(outs), "--fullres-image", str(outs / "image.tif")]) == 0
+    assert "spots" in capsys.readouterr().out
+    back = hc.io.read_zarr(store)
+    hc.io.validate(back)
+    assert back.tables["table"].n_obs > 0 and "spatial_um" in back.tables["table"].obsm

@@ -1,0 +1,209 @@
+"""The pipeline commands of ``histocell-sd``: import, segment, deconvolve, train, predict, refine, export.
+
+Each reads a zarr store (``import`` builds one), runs one step of the package and writes the result: into
+the store itself (``segment``, ``deconvolve``, ``predict``, ``refine``, which add or replace only their own
+elements), or to ``--out`` (refused when it exists unless ``--overwrite``, and always refused when it is,
+contains or lies inside an input).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .._errors import InvalidInputError
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool, *, in_place: Path | None = None) -> None:
+    """Refuse an output that is, contains or lies in an input (``in_place`` excepted), or exists without ``overwrite``."""
+    target = out.resolve()
+    if in_place is not None and target == in_place.resolve():
+        return
+    for source in inputs:
+        source_r = source.resolve()
+        if target == source_r or target in source_r.parents or source_r in target.parents:
+            raise InvalidInputError(f"--out {out} is, contains or lies inside the input {source}; writing it would destroy that input. Choose another --out.")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise InvalidInputError(f"--out {out} already exists; pass --overwrite to replace it.")
+
+
+def _json_option(text: str | None, option: str) -> dict | None:
+    """The JSON object given to ``option``, refusing malformed JSON with a message naming the option."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(f"{option} is not valid JSON ({error}); quote names, e.g. {option} '{{\"tumor\": [\"a\", \"b\"]}}'.") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{option} must be a JSON object {{\"name\": [\"...\", ...]}}, got {text!r}.")
+    return value
+
+
+def _read_store(store: Path):
+    from .. import io
+
+    return io.read_zarr(store)
+
+
+def _write_store(sdata, store: Path, out: Path | None, overwrite: bool, inputs: list[Path]) -> Path:
+    """Write ``sdata`` back into ``store`` (in place) or to ``out``."""
+    from .. import io
+
+    if out is None:
+        return io.write_zarr(sdata, store, overwrite=True)  # the store this command was given: its own result
+    _check_out(out, inputs, overwrite, in_place=store)
+    return io.write_zarr(sdata, out, overwrite=True)
+
+
+def _read_reference(path: Path):
+    """The single-cell reference (.h5ad, counts in X)."""
+    import anndata as ad
+
+    if not path.is_file():
+        raise InvalidInputError(f"--reference {path} does not exist (an .h5ad single-cell reference with counts in X).")
+    try:
+        return ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as error:
+        raise InvalidInputError(f"--reference {path} is not a readable .h5ad file ({error}).") from None
+
+
+def import_sample(out: Path, *, visium: Path | None, image: Path | None, spots: Path | None, mpp: float | None,
+                  spot_diameter_um: float, counts: Path | None, proportions: Path | None, fullres_image: Path | None,
+                  sample_id: str | None, overwrite: bool) -> str:
+    """Build a store from a Space Ranger folder, or from an H&E image + spot centres + µm/px."""
+    from .. import io
+
+    if visium is not None and (image is not None or spots is not None or mpp is not None):
+        raise InvalidInputError("Give either --visium (a Space Ranger folder) or --image with --spots and --mpp, not both.")
+    inputs = [p for p in (visium, image, spots, counts, proportions, fullres_image) if p is not None]
+    _check_out(out, inputs, overwrite)
+    if visium is not None:
+        sdata = io.read_visium(visium, fullres_image_file=fullres_image, sample_id=sample_id)
+    else:
+        if image is None or mpp is None:
+            raise InvalidInputError("Give --visium DIR, or --image FILE with --mpp (µm per pixel) and optionally --spots CSV.")
+        sdata = io.from_arrays(_read_image(image), mpp, spot_centers=_read_spots(spots) if spots else None,
+                               spot_diameter_um=spot_diameter_um, counts=_read_counts(counts) if counts else None,
+                               sample_id=sample_id or image.stem)
+    if proportions is not None:
+        io.read_proportions(proportions, sdata)
+    io.write_zarr(sdata, out, overwrite=overwrite)
+    spots_n = sdata.tables["table"].n_obs if "table" in sdata.tables else 0
+    return f"{out}: image {tuple(io.get_image(sdata).shape[1:])} px at {sdata.attrs['mpp']:.4g} µm/px, {spots_n} spots"
+
+
+def _read_image(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    if not path.is_file():
+        raise InvalidInputError(f"--image {path} does not exist.")
+    Image.MAX_IMAGE_PIXELS = None  # whole-slide crops are large on purpose
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as error:
+        raise InvalidInputError(f"--image {path} is not an image Pillow can read ({error}).") from None
+
+
+def _read_spots(path: Path):
+    import pandas as pd
+
+    if not path.is_file():
+        raise InvalidInputError(f"--spots {path} does not exist.")
+    frame = pd.read_csv(path, index_col=0, sep=None, engine="python")
+    missing = {"x", "y"} - set(frame.columns)
+    if missing:
+        raise InvalidInputError(f"--spots {path} needs columns x and y (pixels of the image), indexed by barcode; it has {list(frame.columns)}.")
+    return frame[["x", "y"]]
+
+
+def _read_counts(path: Path):
+    import anndata as ad
+
+    if path.suffix != ".h5ad" or not path.is_file():
+        raise InvalidInputError(f"--counts {path} must be an existing .h5ad file (spots × genes, rows named by barcode).")
+    return ad.read_h5ad(path)
+
+
+def segment(store: Path, *, out: Path | None, n_jobs: int, method: str, device: str | None, progress: bool, overwrite: bool) -> str:
+    """Segment the nuclei of a store."""
+    from .. import pp
+
+    sdata = _read_store(store)
+    pp.segment_nuclei(sdata, method=method, n_jobs=n_jobs, device=device, progress=progress)
+    target = _write_store(sdata, store, out, overwrite, [store])
+    return f"{target}: {sdata.tables['histocell'].n_obs} nuclei"
+
+
+def deconvolve(store: Path, *, reference: Path, out: Path | None, method: str, cell_type_key: str, state_key: str | None,
+               device: str | None, progress: bool, overwrite: bool) -> str:
+    """Spot proportions from expression against a single-cell reference."""
+    from .. import tl
+
+    sdata, ref = _read_store(store), _read_reference(reference)
+    tl.deconvolve(sdata, ref, method=method, cell_type_key=cell_type_key, state_key=state_key, device=device, progress=progress)
+    target = _write_store(sdata, store, out, overwrite, [store, reference])
+    return f"{target}: obsm['proportions'] of {sdata.tables['table'].n_obs} spots ({method})"
+
+
+def train(stores: list[Path], *, out: Path, epochs: int | None, states: str | None, compartments: str | None, seed: int,
+          device: str | None, progress: bool, overwrite: bool) -> str:
+    """Train a model on the spot proportions of one or more segmented stores."""
+    from ..models import HistoCell
+
+    state_map, compartment_map = _json_option(states, "--states"), _json_option(compartments, "--compartments")
+    _check_out(out, stores, overwrite)
+    samples = [_read_store(s) for s in stores]
+    table = samples[0].tables.get("table")
+    if table is None or "proportions" not in table.obsm:
+        raise InvalidInputError(f"{stores[0]} has no spot proportions (tables['table'].obsm['proportions']); run `histocell-sd deconvolve` first.")
+    cell_types = list(table.obsm["proportions"].columns)
+    state_map = state_map if state_map is not None else samples[0].attrs.get("cell_states")
+    model = HistoCell(cell_types, states=state_map, compartments=compartment_map)
+    model.fit(samples, epochs=epochs, seed=seed, device=device, progress=progress)
+    model.save(out, overwrite=overwrite)
+    return f"model saved to {out}: {json.dumps(model.training_summary_)}"
+
+
+def predict(store: Path, *, model_dir: Path, out: Path | None, device: str | None, progress: bool, overwrite: bool) -> str:
+    """Predict every nucleus of a segmented store with a saved (or a shipped) model."""
+    from .. import tl
+    from ..models import HistoCell, pretrained
+
+    if out is not None:
+        _check_out(out, [store, model_dir], overwrite, in_place=store)
+    model = HistoCell.load(model_dir) if model_dir.exists() or "/" in str(model_dir) else pretrained(str(model_dir))
+    sdata = _read_store(store)
+    tl.predict(sdata, model, device=device, progress=progress)
+    target = _write_store(sdata, store, out, overwrite, [store, model_dir])
+    counts = sdata.tables["histocell"].obs["cell_type"].value_counts().to_dict()
+    return f"{target}: {counts}"
+
+
+def refine(store: Path, *, reference: Path | None, out: Path | None, progress: bool, overwrite: bool) -> str:
+    """Histology-refined deconvolution: spot counts (or proportions) × nucleus predictions."""
+    from .. import tl
+
+    sdata = _read_store(store)
+    ref = _read_reference(reference) if reference is not None else None
+    tl.refine_deconvolution(sdata, ref, progress=progress)
+    target = _write_store(sdata, store, out, overwrite, [store] + ([reference] if reference else []))
+    return f"{target}: obsm['refined_proportions'], obs['refined_cell_type']" + (", tables['histocell_expression']" if ref is not None else "")
+
+
+def export(store: Path, *, out: Path, format: str, overwrite: bool) -> str:
+    """Nuclei with their predictions as QuPath GeoJSON or a CSV table."""
+    from .. import io
+
+    _check_out(out, [store], overwrite)
+    sdata = _read_store(store)
+    table = sdata.tables.get("histocell")
+    predicted = table is not None and "cell_type" in table.obs
+    if format == "geojson":
+        io.write_geojson(sdata, out, cluster_key="cell_type" if predicted else None, proba_key="cell_type_proba" if predicted else None,
+                         overwrite=overwrite)
+    else:
+        io.write_csv(sdata, out, proba_key="cell_type_proba" if predicted else None, overwrite=overwrite)
+    return f"{out}: {table.n_obs if table is not None else 0} nuclei ({format})"
