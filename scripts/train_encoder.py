@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _provenance import provenance
 from torch import nn
 
 import histocell_sd as hc
@@ -186,13 +186,6 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch
 
 
 # ------------------------------------------------------------------------------------------ main
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--brca-m2c", required=True)
@@ -209,6 +202,7 @@ def main() -> None:
     parser.add_argument("--add-metrics", type=Path, metavar="FOLDER",
                         help="train nothing: copy the encoder at FOLDER to --out with the probe metrics in its card")
     args = parser.parse_args()
+    origin = provenance(__file__, args.brca_m2c)  # the commit training starts from
     if args.add_metrics:
         add_metrics(args.add_metrics, args.brca_m2c, args.out)
         return
@@ -256,9 +250,7 @@ def main() -> None:
         "architecture": {"width": args.width, "out_dim": args.dim},
         "preprocessing": {"crop_px": CROP, "canonical_mpp": CANONICAL_MPP, "input": "optical density -log((rgb + 1) / 256) of RGB uint8"},
         "training": {
-            "script": "scripts/train_encoder.py",
-            "commit": _commit(),
-            "argv": [a if a != args.brca_m2c else "BRCA_M2C_PATH" for a in sys.argv[1:]],  # no local paths in a card that ships
+            **origin,
             "mode": args.mode,
             "labelled": {k: {"nuclei": int(len(v[0])), "classes": v[2]} for k, v in labelled.items()},
             "unlabelled_crops": {k: int(len(v)) for k, v in unlabelled.items()},

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _provenance import provenance
 from scipy import ndimage as ndi
 from skimage.transform import rescale
 
@@ -251,13 +251,6 @@ def tune(net, tuning_sets: dict) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------------------------------ main
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--brca-m2c", required=True, help="full BRCA-M2C folder (images/, labels/, split files)")
@@ -270,6 +263,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    origin = provenance(__file__, args.brca_m2c)  # the commit training starts from
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
@@ -318,9 +312,7 @@ def main() -> None:
         "heads": ["foreground", "centre", "distance"],
         "postprocessing": params,
         "training": {
-            "script": "scripts/train_segmenter.py",
-            "commit": _commit(),
-            "argv": [a if a != args.brca_m2c else "BRCA_M2C_PATH" for a in sys.argv[1:]],  # no local paths in a card that ships
+            **origin,
             "datasets": {
                 "brca_m2c": "BRCA-M2C train split, class dots -> centre maps (BSD 3-Clause; Abousamra et al., ICCV 2021)" if "brca_m2c" in used else None,
                 "nucls": "NuCLS train tiles (10) embedded in histocell_sd, instance masks (CC0 1.0; Amgad et al., GigaScience 2022)" if "nucls" in used else None,
