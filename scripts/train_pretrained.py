@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+from _provenance import provenance
 
 import histocell_sd as hc
 
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
+    origin = provenance(__file__, args.brca_m2c)  # the commit training starts from
     warnings.simplefilter("ignore")
     logging.getLogger("histocell_sd").setLevel(logging.ERROR)
     started = time.perf_counter()
@@ -79,7 +80,6 @@ def main() -> None:
         "nucls_test_tiles": score(model, prepared(hc.datasets.nucls("test").values(), spots=False), NUCLS_TO_TYPES),
         "protocol": "segmented nuclei (shipped segmenter) matched one-to-one within 3 µm to annotated cells; weighted/macro F1",
     }
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     metadata = {
         "name": args.out.name,
         "intended_use": (
@@ -89,8 +89,7 @@ def main() -> None:
             "normal epithelium) are forced into the three classes."
         ),
         "training": {
-            "script": "scripts/train_pretrained.py",
-            "commit": commit,
+            **origin,
             "method": "HistoCell weak supervision (spot proportions only), library defaults, pretrained encoder",
             "data": "BRCA-M2C train + val splits (90 patches, 0.5 µm/px): 55 µm pseudo-spots on a 100 µm hex grid, proportions of the annotated cells",
             "spots": int(sum(s.tables["table"].n_obs for s in train)),
