@@ -13,7 +13,8 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import get_image, get_mpp, resolve_key
 from ._proportions import SUM_TOLERANCE
-from ._schema import NucleiTableModel, SpotsTableModel, check_nuclei_mpp, numeric_values
+from ._schema import NucleiTableModel, SpotsTableModel
+from ._schema_checks import check_nuclei_mpp, numeric_values
 
 
 @inject_docs

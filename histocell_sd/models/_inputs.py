@@ -15,7 +15,7 @@ from .._constants import HISTOCELL_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from .._errors import InvalidInputError
 from .._utils import progress_bar
 from ..io import get_image, get_mpp, resolve_key
-from ..io._schema import check_nuclei_mpp
+from ..io._schema_checks import check_nuclei_mpp
 from ..pp import nucleus_crops
 
 BAND_UM = 1024.0
