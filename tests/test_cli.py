@@ -1,11 +1,13 @@
 """The command line: ``histocell-sd demo`` end to end on the tiny preset."""
 
+import pytest
 import torch
 
 from histocell_sd import cli
 from histocell_sd.models import HistoCell
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -94,6 +96,7 @@ def test_every_option_has_help_and_version_prints(capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("histocell-sd ")
 
 
+@pytest.mark.slow
 def test_pipeline_from_an_image_and_spots_csv(tmp_path, capsys):
     """import (image + spots CSV + counts + µm/px) -> segment -> deconvolve -> train -> predict -> refine -> export."""
     import json

@@ -177,6 +177,7 @@ def _count(rgb, mpp, **kwargs):
     return sdata.tables["histocell"].n_obs if "histocell" in sdata.tables else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["default", "classical"])
 def test_black_padding_and_tiling_do_not_change_the_nuclei(tiny_rgb, method):
     # cases.md: seg_black_border, seg_black_border_small, seg_single_vs_multi_tile_f1 (counts)
