@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import spatialdata
 import torch
 
 import histocell_sd as hc
@@ -32,7 +33,7 @@ from histocell_sd.datasets import CELL_TYPES
 
 
 def run_device(sdata, device: str, epochs: int, n_jobs: int) -> tuple[dict, hc.HistoCell, object]:
-    sdata = hc._utils.copy_for_writing(sdata)
+    sdata = spatialdata.deepcopy(sdata)  # each device segments its own copy
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()

@@ -259,7 +259,7 @@ def section_detection(args) -> dict:
     sets = {k: v for k, v in sets.items() if k in args.detection_sets}
     lodo = {own: lodo_weights("segmenter", own, args) for own in sets.values() if own}
     out["lodo_segmenters"] = {k: card_summary(v) for k, v in lodo.items() if v}  # merged by --update: a missing twin keeps the old entry
-    shipped = hc._shipped.shipped_dir("segmenter")
+    shipped = None  # segment_learnt(network=None): the shipped segmenter
 
     def score(images, network=None, method="default"):
         total = np.zeros(3)

@@ -23,8 +23,7 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
-from histocell_sd.pp._metrics import aggregated_jaccard_index, detection_scores
-from histocell_sd.pp._segment_array import segment_array
+from histocell_sd.pp import aggregated_jaccard_index, detection_scores, segment_array
 
 NUCLS_MPP = 0.25
 MATCH_UM = 3.0
