@@ -25,7 +25,8 @@ def training_curve(
 ):
     """Training and validation loss per epoch (stages shaded), with the validation spot Pearson r.
 
-    The spot r has its own y axis on the right; one legend above the axes names all three curves.
+    The validation loss and r are measured on the held-out spots; the r has its own y axis on the right, and
+    one legend above the axes names all three curves.
 
     Parameters
     ----------
@@ -51,7 +52,7 @@ def training_curve(
     x = np.arange(len(history))
     colours = sns.color_palette("tab10")
     lines = ax.plot(x, history["train_loss"], color=colours[0], label="train loss")
-    lines += ax.plot(x, history["val_loss"], color=colours[1], label="validation loss (held-out spots)")
+    lines += ax.plot(x, history["val_loss"], color=colours[1], label="validation loss")
     band = ax.get_xaxis_transform()  # x in data, y in axes fraction: labels stay inside whatever the losses
     for i, (stage, rows) in enumerate(history.groupby("stage", sort=False)):
         ax.axvspan(rows.index.min() - 0.5, rows.index.max() + 0.5, alpha=0.08, color=colours[(i + 2) % 10], lw=0)

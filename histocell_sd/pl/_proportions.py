@@ -38,7 +38,9 @@ def spot_proportions(
     """Plot the H&E with spots coloured by one cell type's proportion (spatialdata-plot).
 
     The colour range is [0, 1] by default, so panels of different proportions (truth, deconvolution,
-    prediction) side by side are comparable; the colorbar takes its room from ``ax``.
+    prediction) side by side are comparable; the colorbar takes its room from ``ax``. For panels side by
+    side, give axes of a figure with ``layout="constrained"`` (as the figures the plots create), so that
+    a colorbar's ticks never reach into the neighbouring panel.
 
     Parameters
     ----------

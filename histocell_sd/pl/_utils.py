@@ -176,7 +176,8 @@ def category_colors(table, key: str, groups: Sequence[str], palette: Sequence[st
 def legend_outside(ax, handles, labels, title: str | None = None, below: bool = False):
     """A legend right of (or below) the axes, outside it: in a constrained layout it never covers data or a neighbour."""
     if below:
-        placement = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.09), "ncols": min(2, len(labels))}
+        long = max((len(str(label)) for label in labels), default=0) > 16
+        placement = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.09), "ncols": 1 if long else min(3, len(labels))}
     else:
         placement = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}
     return ax.legend(handles, labels, title=title, borderaxespad=0.0, frameon=False, fontsize=8, title_fontsize=8, **placement)
