@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.colors import to_rgb
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.testing.compare import compare_images
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
@@ -221,6 +221,24 @@ def test_cell_types_uses_the_stored_colours(segmented):
     assert fills <= {tuple(np.round(to_rgb(v), 3)) for v in stored.values()}
     ax = pl.cell_types(segmented, extent=EXTENT, scale_bar_um=10, palette=["#000000", "#ffffff", "#00ff00"])
     assert scale_bars(ax)[0].txt_label.get_text() == "10 µm"
+
+
+def test_a_column_without_colours_reuses_the_colours_of_its_categories(slide):
+    """``true_cell_type`` (tl.transfer_truth stores no colours) gets the predicted types' colours, type by type."""
+    from spatialdata import SpatialData
+
+    table = slide.tables["histocell"].copy()
+    table.obs["true_cell_type"] = pd.Categorical(slide.tables["truth_nuclei"].obs["cell_type"].astype(str).to_numpy())  # sorted
+    assert "true_cell_type_colors" not in table.uns
+    view = SpatialData(images=dict(slide.images), shapes={"nuclei": slide.shapes["nuclei"]}, tables={"histocell": table})
+    view.attrs.update(slide.attrs)
+
+    def legend(ax):
+        return {t.get_text(): to_hex(h.get_facecolor()) for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+
+    predicted = legend(pl.cell_types(view, extent=(400, 700, 300, 600)))
+    truth = legend(pl.cell_types(view, color="true_cell_type", extent=(400, 700, 300, 600)))
+    assert list(truth) != list(predicted) and truth == predicted
 
 
 def test_palette_stands_out_on_hematoxylin_and_eosin(tiny_slide):

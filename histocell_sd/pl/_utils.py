@@ -13,7 +13,7 @@ from matplotlib.layout_engine import ConstrainedLayoutEngine
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from spatialdata import SpatialData, bounding_box_query
 
-from .._constants import COORDINATE_SYSTEM, PALETTE
+from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, PALETTE
 from .._errors import InvalidInputError
 
 MIN_DPI = 100
@@ -159,18 +159,29 @@ def scale_bar(ax, sdata: SpatialData, scale_bar_um, view: tuple[float, float, fl
 
 
 def category_colors(table, key: str, groups: Sequence[str], palette: Sequence[str] | None) -> list[str]:
-    """Colours of ``groups`` (categories of ``table.obs[key]``): ``palette``, else ``uns[f"{key}_colors"]``, else the package palette."""
+    """Colours of ``groups`` (categories of ``table.obs[key]``).
+
+    ``palette`` when given; else ``uns[f"{key}_colors"]``; else, per category, the colour it has in another
+    ``uns["<column>_colors"]`` of the table (``cell_type`` first), so e.g. ``true_cell_type`` (written by
+    :func:`~histocell_sd.tl.transfer_truth` without colours) matches the predictions; else unused package colours.
+    """
     if palette is not None:
         if len(palette) < len(groups):
             raise InvalidInputError(f"palette has {len(palette)} colours for {len(groups)} categories of {key!r}.")
         return list(palette[: len(groups)])
-    column = table.obs[key]
-    stored = table.uns.get(f"{key}_colors")
-    categories = list(column.cat.categories) if hasattr(column, "cat") else None
-    if stored is not None and categories is not None and len(stored) == len(categories):
-        full = dict(zip(categories, stored))
-        return [full[g] for g in groups]
-    return [PALETTE[i % len(PALETTE)] for i in range(len(groups))]
+    known: dict[str, str] = {}
+    others = [CELL_TYPE_KEY] + sorted(k.removesuffix("_colors") for k in table.uns if k.endswith("_colors"))
+    for name in [key] + others:
+        stored = table.uns.get(f"{name}_colors")
+        column = table.obs.get(name)
+        if stored is None or column is None or not hasattr(column, "cat") or len(stored) != len(column.cat.categories):
+            continue
+        for category, colour in zip(column.cat.categories, stored):
+            known.setdefault(str(category), str(colour))
+        if name == key:
+            break  # the column's own colours: nothing else is consulted
+    spare = iter([c for c in PALETTE if c not in {known.get(str(g)) for g in groups}] + list(PALETTE) * (len(groups) // len(PALETTE) + 1))
+    return [known[str(g)] if str(g) in known else next(spare) for g in groups]
 
 
 def legend_outside(ax, handles, labels, title: str | None = None, below: bool = False):
