@@ -31,8 +31,8 @@ STATE_PROPORTIONS_KEY = "state_proportions"  # spots table obsm, DataFrame (colu
 
 # Colours of categories (cell types, states, compartments) in the order of the model's labels: bright and
 # saturated so they stay visible over hematoxylin (purple) and eosin (pink); stored as uns["<key>_colors"]
-# (the scanpy convention spatialdata-plot and squidpy read).
+# (the scanpy convention spatialdata-plot and squidpy read). No blue: it vanishes on hematoxylin-stained nuclei.
 PALETTE = (
-    "#ffe119", "#00e5ff", "#3cb44b", "#ff7f00", "#1e40ff", "#b8ff2e", "#ffffff", "#000000",
+    "#ffe119", "#00e5ff", "#3cb44b", "#ff7f00", "#ff1f1f", "#b8ff2e", "#ffffff", "#000000",
     "#8b4513", "#00a087", "#ffb3c7", "#7f7f7f",
 )  # fmt: skip

@@ -75,6 +75,26 @@ PARAMS: dict[str, str] = {
         'Microns per pixel; by default ``sdata.attrs["mpp"]`` or, for an AnnData, ``uns["mpp"]`` / '
         '``uns["histocell"]["mpp"]``.'
     ),
+    # plots (hc.pl)
+    "ax": "Matplotlib Axes to draw on; None: a new figure of ``figsize`` (constrained layout, ≥ 100 dpi).",
+    "figsize": "Width and height in inches of the figure created when no axes are given; None: a size suited to the plot.",
+    "title": "Title of the axes; None: a default naming what is shown.",
+    "return_fig": "Return the matplotlib Figure instead of the Axes (as scanpy's ``return_fig``).",
+    "extent": (
+        "``(x_min, x_max, y_min, y_max)`` in pixels of the ``global`` coordinate system: the view, recommended on "
+        "whole slides. Shapes whose centre lies outside are not drawn and the rest are clipped at its border; None: "
+        "the whole image."
+    ),
+    "scale_bar_um": (
+        'Length in µm of the scale bar drawn lower right (needs ``sdata.attrs["mpp"]``); ``"auto"``: a round length '
+        "(1, 2 or 5 × 10^k µm) of about a fifth of the view width; None: no scale bar."
+    ),
+    "cmap": "Matplotlib colormap (name or object) of the values.",
+    "vmin": (
+        "Lower end of the colour range; None: the smallest value shown. Give the same ``vmin`` and ``vmax`` to "
+        "panels that are compared."
+    ),
+    "vmax": "Upper end of the colour range; None: the largest value shown.",
 }
 """Description of each shared parameter, keyed by its name (``name:variant`` for a variant)."""
 

@@ -80,11 +80,11 @@ def demo(out: Path, seed: int, preset: str, epochs: int, deconvolution: str, pro
     model.save(out / "model", overwrite=True)
     store = io.write_zarr(test, out / "demo.zarr", overwrite=True)
     test_reference.write_h5ad(out / "reference.h5ad")
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), layout="constrained")
     pl.spot_proportions(test, cell_type="tumor", proportions_key="true_proportions", ax=axes[0])
     pl.spot_proportions(test, cell_type="tumor", proportions_key="histocell_proportions", ax=axes[1])
     fig.savefig(out / "overview.png", dpi=100, bbox_inches="tight")
-    fig, ax = plt.subplots(figsize=(8, 7))
+    fig, ax = plt.subplots(figsize=(8, 7), layout="constrained")
     height, width = io.get_image(test).shape[1:]
     pl.cell_types(test, extent=(width * 0.35, width * 0.65, height * 0.35, height * 0.65), ax=ax, title="predicted cell types")
     fig.savefig(out / "predicted_cell_types.png", dpi=110, bbox_inches="tight")

@@ -7,11 +7,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from .._docs import inject_docs
 from .._errors import InvalidInputError
+from ._utils import axes_or_new, finish
 
 __all__ = ["kaplan_meier", "screen_crops"]
 
 
+@inject_docs
 def kaplan_meier(
     indicators: ad.AnnData | pd.DataFrame,
     *,
@@ -20,7 +23,9 @@ def kaplan_meier(
     event_key: str = "event",
     clinical: pd.DataFrame | None = None,
     ax: plt.Axes | None = None,
-    figsize: tuple[float, float] = (4.5, 3.5),
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+    return_fig: bool = False,
 ):
     """Kaplan–Meier curves of the samples above / at-or-below the median of an indicator.
 
@@ -36,12 +41,17 @@ def kaplan_meier(
         Clinical columns of follow-up time and event.
     clinical
         Clinical DataFrame indexed by sample id, used instead of ``indicators.obs``.
-    ax, figsize
-        Axes to draw on (a new figure of ``figsize`` otherwise).
+    {ax}
+    {title}
+        Default: the indicator; the log-rank p is added below it.
+    {figsize}
+        Default (4.5, 3.5).
+    {return_fig}
 
     Returns
     -------
-    The axes; ``ax.logrank_p`` holds the p-value.
+    matplotlib.axes.Axes or matplotlib.figure.Figure
+        The axes drawn on, ``ax.logrank_p`` holding the p-value (its figure with ``return_fig=True``).
     """
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
@@ -57,20 +67,29 @@ def kaplan_meier(
         raise InvalidInputError(f"Indicator {indicator!r} cannot be split at its median (too few distinct values).")
     duration = clin[duration_key].astype(float).to_numpy()
     event = clin[event_key].astype(float).to_numpy()
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
+    fig, ax = axes_or_new(ax, figsize or (4.5, 3.5))
     for mask, label, color in ((~high, "≤ median", "tab:blue"), (high, "> median", "tab:red")):
         KaplanMeierFitter(label=f"{label} (n={mask.sum()})").fit(duration[mask], event[mask]).plot_survival_function(ax=ax, ci_show=True, color=color)
     p = logrank_test(duration[high], duration[~high], event[high], event[~high]).p_value
-    ax.set_title(f"{indicator}\nlog-rank p = {p:.2g}", fontsize=9)
+    ax.set_title(f"{title or indicator}\nlog-rank p = {p:.2g}", fontsize=9)
     ax.set_xlabel(duration_key)
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower left", fontsize=8, frameon=False)
     ax.logrank_p = float(p)
-    return ax
+    return finish(fig, ax, return_fig)
 
 
-def screen_crops(result, *, n: int = 8, ax=None, figsize: tuple[float, float] | None = None):
+@inject_docs
+def screen_crops(
+    result,
+    *,
+    n: int = 8,
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+    return_fig: bool = False,
+):
     """Show the example crops of the top population of a :func:`~histocell_sd.tl.screen_phenotype` result.
 
     Parameters
@@ -79,21 +98,26 @@ def screen_crops(result, *, n: int = 8, ax=None, figsize: tuple[float, float] | 
         A :class:`~histocell_sd.tl.PhenotypeScreen` with crops.
     n
         Number of crops shown (side by side).
-    ax, figsize
-        Axes to draw on (a new figure of ``figsize`` otherwise).
+    {ax}
+    {title}
+        Default: the population, its dominant cell state and p.
+    {figsize}
+        Default 1.2 in per crop by 1.6 in.
+    {return_fig}
 
     Returns
     -------
-    matplotlib.axes.Axes
-        The axes drawn on.
+    matplotlib.axes.Axes or matplotlib.figure.Figure
+        The axes drawn on (its figure with ``return_fig=True``).
     """
     if result.crops is None:
         raise InvalidInputError("The screen has no crops (the samples have no image).")
     crops = result.crops[:n]
     row = result.table.iloc[0]
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize or (1.2 * len(crops), 1.6))
+    if n < 1:
+        raise InvalidInputError(f"n must be at least 1, got {n!r}.")
+    fig, ax = axes_or_new(ax, figsize or (max(1.2 * len(crops), 3.0), 1.6))
     ax.imshow(np.concatenate(list(crops), axis=1))
     ax.set_axis_off()
-    ax.set_title(f"{result.top}: {row['dominant_cell_state']} (p = {row['p']:.2g})", fontsize=9)
-    return ax
+    ax.set_title(title or f"{result.top}: {row['dominant_cell_state']} (p = {row['p']:.2g})", fontsize=9)
+    return finish(fig, ax, return_fig)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+from matplotlib.cm import ScalarMappable
 from spatialdata import SpatialData
 
-from .._constants import IMAGE_KEY, PROPORTIONS_KEY, SPOTS_KEY, TABLE_KEY
+from .._constants import COORDINATE_SYSTEM, IMAGE_KEY, PROPORTIONS_KEY, SPOTS_KEY, TABLE_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
+from ._utils import axes_or_new, check_extent, colorbar, crop, finish, image_bounds, norm, scale_bar, view_limits
 
 
 @inject_docs
@@ -21,11 +23,24 @@ def spot_proportions(
     image_key: str | None = None,
     spots_key: str | None = None,
     spots_table_key: str | None = None,
+    extent: tuple[float, float, float, float] | None = None,
     cmap: str = "viridis",
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
+    fill_alpha: float = 0.8,
+    colorbar_label: str | None = None,
+    scale_bar_um: float | str | None = "auto",
     ax: plt.Axes | None = None,
     title: str | None = None,
-) -> plt.Axes:
+    figsize: tuple[float, float] | None = None,
+    return_fig: bool = False,
+):
     """Plot the H&E with spots coloured by one cell type's proportion (spatialdata-plot).
+
+    The colour range is [0, 1] by default, so panels of different proportions (truth, deconvolution,
+    prediction) side by side are comparable; the colorbar takes its room from ``ax``. For panels side by
+    side, give axes of a figure with ``layout="constrained"`` (as the figures the plots create), so that
+    a colorbar's ticks never reach into the neighbouring panel.
 
     Parameters
     ----------
@@ -38,17 +53,33 @@ def spot_proportions(
     {image_key}
     {spots_key}
     {spots_table_key}
-    cmap, ax, title
-        Matplotlib options.
+    {extent}
+    {cmap}
+    {vmin}
+        Default 0 (proportions).
+    {vmax}
+        Default 1 (proportions).
+    fill_alpha
+        Opacity of the spot fill.
+    colorbar_label
+        Label of the colorbar; None: ``f"{cell_type} proportion"``.
+    {scale_bar_um}
+    {ax}
+    {title}
+        Default ``f"{cell_type} ({proportions_key})"``.
+    {figsize}
+        Default (6, 5).
+    {return_fig}
 
     Returns
     -------
-    matplotlib.axes.Axes
-        The axes drawn on.
+    matplotlib.axes.Axes or matplotlib.figure.Figure
+        The axes drawn on (its figure with ``return_fig=True``).
     """
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     spots_key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
     spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
+    extent = check_extent(extent)
     table = sdata.tables[spots_table_key]
     if proportions_key not in table.obsm:
         raise InvalidInputError(f"Table {spots_table_key!r} has no obsm[{proportions_key!r}]; it has {list(table.obsm)}.")
@@ -56,17 +87,21 @@ def spot_proportions(
     if cell_type not in proportions.columns:
         raise InvalidInputError(f"Unknown cell type {cell_type!r}; obsm[{proportions_key!r}] has {list(proportions.columns)}.")
     column = f"{proportions_key}.{cell_type}"
-    view = SpatialData(
-        images={image_key: sdata.images[image_key]},
-        shapes={spots_key: sdata.shapes[spots_key]},
-        tables={spots_table_key: table.copy()},
-    )
-    view.tables[spots_table_key].obs[column] = proportions[cell_type].to_numpy()
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 6))
+    values = proportions[cell_type].to_numpy(dtype=float)
+    colours = norm(values, vmin, vmax)
+    spots_table = table.copy()
+    spots_table.obs[column] = values
+    view = SpatialData(images={image_key: sdata.images[image_key]}, shapes={spots_key: sdata.shapes[spots_key]}, tables={spots_table_key: spots_table})
+    bounds = image_bounds(sdata, image_key)
+    if extent is not None:
+        view = crop(view, extent)
+    fig, ax = axes_or_new(ax, figsize or (6, 5))
     (
         view.pl.render_images(image_key)
-        .pl.render_shapes(spots_key, color=column, cmap=cmap, fill_alpha=0.8, table_name=spots_table_key)
-        .pl.show(coordinate_systems="global", ax=ax, title=title or f"{cell_type} ({proportions_key})")
+        .pl.render_shapes(spots_key, color=column, cmap=cmap, norm=colours, fill_alpha=fill_alpha, table_name=spots_table_key, colorbar=False)
+        .pl.show(coordinate_systems=COORDINATE_SYSTEM, ax=ax, title=title or f"{cell_type} ({proportions_key})", colorbar=False)
     )
-    return ax
+    shown = view_limits(ax, extent, bounds)
+    colorbar(fig, ScalarMappable(norm=colours, cmap=cmap), ax, colorbar_label or f"{cell_type} proportion")
+    scale_bar(ax, sdata, scale_bar_um, shown)
+    return finish(fig, ax, return_fig)
