@@ -245,10 +245,13 @@ def weak_summary(scores: dict) -> dict:
 
 
 def merge(old: dict, new: dict) -> dict:
-    """``old`` updated by ``new``, recursively for dictionaries (what was not re-run is kept)."""
+    """``old`` updated by ``new``, recursively for dictionaries (what was not re-run is kept); a result (a dict
+    with ``f1`` or ``not_run``) replaces the old one whole, so a re-run never mixes with what it replaced."""
     out = dict(old)
     for key, value in new.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        result = nested and any(k in d for d in (value, out[key]) for k in ("f1", "not_run"))
+        out[key] = merge(out[key], value) if nested and not result else value
     return out
 
 
@@ -522,6 +525,13 @@ def main() -> None:
             out[name] = section_speed(args, weak)
         out[name]["section_s"] = round(time.perf_counter() - t0, 1)
         out[name]["run"] = len(runs)  # index into "runs": which invocation measured this
+        if name == "detection":
+            earlier = previous.get(name, {})
+            for key in ("brca_m2c_test", "nucls_test", "synthetic_unseen"):  # with --detection-sets, the others keep an earlier run's figures
+                if key in args.detection_sets:
+                    out[name][key]["run"] = len(runs)
+                elif key in earlier:
+                    out[name][key] = {**earlier[key], "run": earlier[key].get("run", earlier.get("run"))}
         if name in WEAK_SECTIONS:
             out[name]["models_run"] = {m: len(runs) for m in args.models}
     run["total_s"] = round(time.perf_counter() - started, 1)
