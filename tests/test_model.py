@@ -632,7 +632,7 @@ def test_default_epochs_scale_with_the_training_spots(model):
     assert stage_epochs(model.training_summary_["spots_train"], **FAST_EPOCHS) == model.training_summary_["max_epochs"]
 
 
-# ---------------------------------------------------------------------------- 6. reliability cases (shared/reliability/cases.md)
+# ---------------------------------------------------------------------------- 6. reliability cases (tests/RELIABILITY.md)
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

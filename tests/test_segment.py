@@ -164,7 +164,7 @@ def test_bad_inputs():
         segment_nuclei(float_image, progress=False)
 
 
-# ---------------------------------------------------------------------------- reliability cases (shared/reliability/cases.md)
+# ---------------------------------------------------------------------------- reliability cases (tests/RELIABILITY.md)
 @pytest.fixture(scope="module")
 def tiny_rgb(tiny_slide):
     sdata, _ = tiny_slide

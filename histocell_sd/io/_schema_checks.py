@@ -20,9 +20,9 @@ from .._constants import (
     SPOT_ID_KEY,
 )
 from .._errors import InvalidInputError
+from ._proportions import SUM_TOLERANCE
 
 REFINED_TYPE_KEY = "refined_cell_type"
-_SUM_TOLERANCE = 1e-3
 
 # obs column -> (obsm probabilities, uns["histocell"] key with the full label list)
 _PREDICTIONS = {
@@ -72,8 +72,8 @@ def check_rows(frame, table: ad.AnnData, name: str, *, missing_rows: bool = Fals
     if not np.isfinite(values).all() or (values < 0).any():
         raise InvalidInputError(f"{name} holds NaN, infinite or negative values.")
     sums = values.sum(axis=1)
-    if len(sums) and (np.abs(sums - 1) > _SUM_TOLERANCE).any():
-        raise InvalidInputError(f"{name} has rows that do not sum to 1 (e.g. {sums[np.abs(sums - 1) > _SUM_TOLERANCE][0]:.3g}).")
+    if len(sums) and (np.abs(sums - 1) > SUM_TOLERANCE).any():
+        raise InvalidInputError(f"{name} has rows that do not sum to 1 (e.g. {sums[np.abs(sums - 1) > SUM_TOLERANCE][0]:.3g}).")
 
 
 def numeric_values(frame: pd.DataFrame, name: str) -> np.ndarray:

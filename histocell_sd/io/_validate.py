@@ -12,9 +12,8 @@ from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import get_image, get_mpp, resolve_key
-from ._proportions import SUM_TOLERANCE
 from ._schema import NucleiTableModel, SpotsTableModel
-from ._schema_checks import check_nuclei_mpp, numeric_values
+from ._schema_checks import check_nuclei_mpp, check_rows
 
 
 @inject_docs
@@ -66,10 +65,10 @@ def validate(
         _check_spots(sdata, spots_key, image_key)
         spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
         _check_annotating_table(sdata, spots_table_key, spots_key)
-        SpotsTableModel.validate(sdata.tables[spots_table_key], name=f"tables[{spots_table_key!r}]")
-        if proportions_key in sdata.tables[spots_table_key].obsm:
-            table = sdata.tables[spots_table_key]
-            _check_stored_proportions(table.obsm[proportions_key], f"tables[{spots_table_key!r}].obsm[{proportions_key!r}]")
+        table = sdata.tables[spots_table_key]
+        SpotsTableModel.validate(table, name=f"tables[{spots_table_key!r}]")  # checks obsm["proportions"]
+        if proportions_key != PROPORTIONS_KEY and proportions_key in table.obsm:
+            check_rows(table.obsm[proportions_key], table, f"tables[{spots_table_key!r}].obsm[{proportions_key!r}]")
     if nuclei_key is not None or NUCLEI_KEY in sdata.shapes:
         nuclei_key = resolve_key(sdata, "shapes", key=nuclei_key, default=NUCLEI_KEY)
         _check_in_global(sdata, nuclei_key)
@@ -141,16 +140,3 @@ def _check_annotating_table(sdata: SpatialData, table_key: str, region: str) -> 
     unknown = ids.difference(shapes_ids)
     if len(unknown):
         raise InvalidInputError(f"Table {table_key!r} has {len(unknown)} rows for unknown {region!r} ids, e.g. {unknown[:3].tolist()}.")
-
-
-def _check_stored_proportions(proportions, name: str) -> None:
-    if not isinstance(proportions, pd.DataFrame):
-        raise InvalidInputError(f"{name} must be a DataFrame with cell types as columns.")
-    values = numeric_values(proportions, name)
-    if not np.isfinite(values).all():
-        raise InvalidInputError(f"{name} contains NaN or infinite values.")
-    if (values < 0).any():
-        raise InvalidInputError(f"{name} contains negative values.")
-    sums = values.sum(axis=1)
-    if (np.abs(sums - 1) > SUM_TOLERANCE).any():
-        raise InvalidInputError(f"{name} has rows that do not sum to 1 (e.g. {sums[np.abs(sums - 1) > SUM_TOLERANCE][0]:.3g}).")
