@@ -15,7 +15,8 @@ class Settings:
     progress
         Show progress bars. ``False`` silences every bar whatever a call's ``progress=`` says (a call's
         ``progress=False`` silences its own). Default: on, unless the environment variable
-        ``HISTOCELL_SD_PROGRESS`` is ``0``.
+        ``HISTOCELL_SD_PROGRESS`` is ``0``. A bar appears only once its work has run for a second, so the
+        many small calls of a notebook stay quiet and only long steps (training, segmenting a slide) show one.
     device
         Torch device of ``HistoCell.fit``/``predict``, the learnt segmenter and Tangram when a call passes
         ``device=None``: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"``.

@@ -7,9 +7,13 @@ from tqdm.auto import tqdm
 
 from ._settings import settings
 
+PROGRESS_DELAY_S = 1.0
+"""A bar appears only once its work has run this long, so notebooks making many small calls stay quiet."""
+
 
 def progress_bar(*args, disable: bool = False, **kwargs):
-    """:func:`tqdm.auto.tqdm`, silenced by ``disable`` or by ``hc.settings.progress = False``."""
+    """:func:`tqdm.auto.tqdm`, silenced by ``disable`` or by ``hc.settings.progress = False``; shown after ``PROGRESS_DELAY_S``."""
+    kwargs.setdefault("delay", PROGRESS_DELAY_S)
     return tqdm(*args, disable=disable or not settings.progress, **kwargs)
 
 

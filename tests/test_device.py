@@ -106,3 +106,17 @@ def test_gpu_tangram_matches_cpu(slide):
         copy = hc.tl.deconvolve(sdata, reference, epochs=50, device=device, progress=False, copy=True)
         out[device] = copy.tables["table"].obsm["proportions"].to_numpy()
     np.testing.assert_allclose(out["cuda"], out["cpu"], atol=0.02)
+
+
+def test_progress_bar_waits_a_second_before_showing(monkeypatch):
+    import io
+
+    monkeypatch.setattr(hc.settings, "progress", True)
+    stream = io.StringIO()
+    for _ in progress_bar(range(3), file=stream, desc="quick"):
+        pass
+    assert stream.getvalue() == ""  # work shorter than PROGRESS_DELAY_S prints nothing
+    stream = io.StringIO()
+    for _ in progress_bar(range(2), file=stream, desc="long", delay=0):
+        pass
+    assert "long" in stream.getvalue()

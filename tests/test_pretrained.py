@@ -33,7 +33,9 @@ def test_reproduces_its_card_metrics_on_the_embedded_patches(model):
         pred.append(obs["cell_type"].astype(str).to_numpy()[keep])
     scores = hc.tl.classification_scores(np.concatenate(true), np.concatenate(pred), labels=model.cell_types)
     card = model.model_card_["metadata"]["metrics"]["brca_m2c_embedded_test_patches"]
-    assert scores["n"] == card["n"]
+    # Exact in make's environment (constraints.txt); other releases in the dependency ranges may move a few
+    # boundary nuclei (seen: 1,221 vs 1,219 matched at the lower bounds), hence the 0.5 % slack.
+    assert abs(scores["n"] - card["n"]) <= 0.005 * card["n"]
     assert scores["weighted_f1"] == pytest.approx(card["weighted_f1"], abs=0.005)
     assert scores["macro_f1"] == pytest.approx(card["macro_f1"], abs=0.005)
 
