@@ -272,3 +272,38 @@ def test_bad_spot_geometry_is_refused():
     rectangles = gpd.GeoDataFrame({"side": 10.0}, geometry=[shapely.box(0, 0, 10, 5)], index=["a"])
     with pytest.raises(InvalidInputError, match="not squares"):
         spot_geometry(rectangles)
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def test_spot_proportions_draws_the_bins_as_squares(hd_folder):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sdata = hc.io.read_visium_hd(hd_folder[0], bin_size_um=16)
+    truth = hd_folder[1].tables["truth_nuclei"]
+    table = sdata.tables["table"]
+    types = list(hc.datasets.CELL_TYPES)
+    holding = pd.crosstab(truth.obs["square_016um"].to_numpy(), truth.obs["cell_type"].to_numpy())
+    counts = holding.reindex(index=table.obs_names, columns=types, fill_value=0).astype(float)
+    counts[counts.sum(axis=1) == 0] = 1.0
+    table.obsm["proportions"] = counts.div(counts.sum(axis=1), axis=0)
+    extent = (200.0, 600.0, 200.0, 600.0)
+    ax = hc.pl.spot_proportions(sdata, cell_type="tumor", extent=extent, fill_alpha=1.0, vmin=0, vmax=1)
+    squares = [c for c in ax.collections if len(c.get_paths()) > 1]
+    assert len(squares) == 1
+    collection = squares[0]
+    to_data = collection.get_transform() - ax.transData
+    boxes = np.array([[*to_data.transform(p.vertices).min(axis=0), *to_data.transform(p.vertices).max(axis=0)] for p in collection.get_paths()])
+    side = 16 / MPP
+    np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], side, atol=1e-6)  # squares of the bin side, along the axes
+    np.testing.assert_allclose(boxes[:, 3] - boxes[:, 1], side, atol=1e-6)
+    np.testing.assert_allclose(boxes[:, :2] % side, 0, atol=1e-6)  # on the bin grid
+    # each drawn square is coloured by its own bin's tumour proportion
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    drawn = spot_ids_of_points(sdata.shapes["spots"], centres)
+    expected = plt.get_cmap("viridis")(table.obsm["proportions"].loc[drawn.to_numpy(), "tumor"].to_numpy())
+    np.testing.assert_allclose(collection.get_facecolors()[:, :3], expected[:, :3], atol=0.02)
+    assert (table.obsm["proportions"].loc[drawn.to_numpy(), "tumor"] == 1).any()
+    plt.close("all")

@@ -89,7 +89,7 @@ def store_nuclei(
         ``(y0, x0)``: image pixel of ``labels[0, 0]``.
     {image_key}
     spots_key
-        Name of the spot circles (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
+        Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
         ``"spots"`` when present, else none.
     {key_added}
         the nucleus polygons (``sdata.shapes``).
