@@ -307,3 +307,25 @@ def test_spot_proportions_draws_the_bins_as_squares(hd_folder):
     np.testing.assert_allclose(collection.get_facecolors()[:, :3], expected[:, :3], atol=0.02)
     assert (table.obsm["proportions"].loc[drawn.to_numpy(), "tumor"] == 1).any()
     plt.close("all")
+
+
+# ----------------------------------------------------------------------------------- training bags from bins
+def test_fit_and_predict_on_square_bins(hd_folder):
+    from histocell_sd.models import HistoCell
+    from histocell_sd.models._samples import prepare_sample
+
+    sdata = hc.io.read_visium_hd(hd_folder[0], bin_size_um=16)
+    hc.pp.store_nuclei(sdata, hd_folder[1].labels["truth_labels"].data.compute())
+    table, nuclei = sdata.tables["table"], sdata.tables["histocell"]
+    holding = table.obs_names.isin(nuclei.obs["spot_id"].dropna().astype(str))
+    table.obsm["proportions"] = pd.DataFrame(np.tile([0.7, 0.3], (table.n_obs, 1)), index=table.obs_names, columns=["a", "b"])
+    model = HistoCell(["a", "b"])
+    sample = prepare_sample(model.settings, sdata, proportions_key="proportions", state_key=None, spots_table_key=None,
+                            nuclei_table_key=None, image_key=None, progress=False)
+    assert len(sample.spot_nuclei) == holding.sum()  # one bag per bin holding a nucleus centroid
+    bins = table.obs_names[holding]
+    np.testing.assert_allclose(np.sort(sample.spot_xy_um, axis=0), np.sort(table[bins].obsm["spatial_um"], axis=0))
+    model.fit(sdata, epochs=1, state_epochs=0, self_training_epochs=0, progress=False)
+    hc.tl.predict(sdata, model, progress=False)
+    predicted = table.obsm["histocell_proportions"]
+    assert list(predicted.index[predicted.notna().all(axis=1)]) == list(bins)
