@@ -144,22 +144,24 @@ def _fine_bin_counts(rng, cells: pd.DataFrame, profiles: pd.DataFrame, n_cols: i
     state = cells["cell_state"].astype(str).to_numpy()
     content = np.array([RNA_CONTENT[_type_of(s)] for s in profiles.index])
     rows_of_state = pd.Index(profiles.index).get_indexer(state)
-    expected = profiles.to_numpy()[rows_of_state] * (content[rows_of_state] * umi_per_cell)[:, None]
-    cell_counts = rng.poisson(expected)  # cells × genes
-    total = sparse.csr_matrix((n_rows * n_cols, profiles.shape[1]), dtype=np.float32)
+    scale = content[rows_of_state] * umi_per_cell
+    bins, genes = [], []
     for start in range(0, len(cells), _CELL_BATCH):
-        batch = cells.iloc[start : start + _CELL_BATCH]
-        members, owner = _covered_bins(batch, n_cols, n_rows)
-        counts = cell_counts[start : start + _CELL_BATCH]
+        stop = min(start + _CELL_BATCH, len(cells))
+        counts = rng.poisson(profiles.to_numpy()[rows_of_state[start:stop]] * scale[start:stop, None])  # cells × genes
+        members, owner = _covered_bins(cells.iloc[start:stop], n_cols, n_rows)
         cell_of, gene_of = np.nonzero(counts)
         n = counts[cell_of, gene_of]
         mol_cell, mol_gene = np.repeat(cell_of, n), np.repeat(gene_of, n)
-        first = np.searchsorted(owner, np.arange(len(batch)))
-        n_bins = np.bincount(owner, minlength=len(batch))
+        first = np.searchsorted(owner, np.arange(stop - start))
+        n_bins = np.bincount(owner, minlength=stop - start)
         pick = first[mol_cell] + np.floor(rng.random(len(mol_cell)) * n_bins[mol_cell]).astype(np.int64)
         kept = n_bins[mol_cell] > 0  # a cell centred outside the cropped slide covers no bin
-        pick, mol_gene = pick[kept], mol_gene[kept]
-        total = total + sparse.csr_matrix((np.ones(len(pick), np.float32), (members[pick], mol_gene)), shape=total.shape)
+        bins.append(members[pick[kept]])
+        genes.append(mol_gene[kept].astype(np.int32))
+    bins = np.concatenate(bins) if bins else np.zeros(0, np.int64)
+    genes = np.concatenate(genes) if genes else np.zeros(0, np.int32)
+    total = sparse.coo_matrix((np.ones(len(bins), np.float32), (bins, genes)), shape=(n_rows * n_cols, profiles.shape[1])).tocsr()
     total.sum_duplicates()
     return total
 
