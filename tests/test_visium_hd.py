@@ -329,3 +329,8 @@ def test_fit_and_predict_on_square_bins(hd_folder):
     hc.tl.predict(sdata, model, progress=False)
     predicted = table.obsm["histocell_proportions"]
     assert list(predicted.index[predicted.notna().all(axis=1)]) == list(bins)
+    with pytest.warns(UserWarning, match="hold no nuclei"):  # the bins without a nucleus centroid
+        hc.tl.refine_deconvolution(sdata, progress=False)  # from obsm["proportions"] and the nucleus probabilities
+    refined = table.obsm["refined_proportions"]
+    assert refined.notna().all(axis=None) and np.allclose(refined.sum(axis=1), 1)
+    assert not np.allclose(refined.loc[bins], table.obsm["proportions"].loc[bins])  # bins with nuclei moved
