@@ -34,11 +34,11 @@ PARAMS: dict[str, str] = {
         "only image."
     ),
     "spots_key": (
-        'Name of the spot circles in ``sdata.shapes`` (read). None: ``"spots"`` when present, else the only '
+        'Name of the spots in ``sdata.shapes`` (read): circles (Visium) or squares (Visium HD bins). None: ``"spots"`` when present, else the only '
         "shapes element."
     ),
     "spots_table_key": (
-        "Name of the spots table in ``sdata.tables``: the table annotating the spot circles (counts in "
+        "Name of the spots table in ``sdata.tables``: the table annotating the spots (counts in "
         '``X``, spot proportions in ``obsm``). None: ``"table"`` when present, else the only table.'
     ),
     "nuclei_key": (

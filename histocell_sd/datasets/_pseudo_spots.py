@@ -10,6 +10,7 @@ from .._constants import SPOTS_KEY, TABLE_KEY, VISIUM_PITCH_UM, VISIUM_SPOT_DIAM
 from .._errors import InvalidInputError
 from ..io import get_image, get_mpp
 from ..io._arrays import spots_element, spots_table
+from ..io._spots import CIRCLE, SpotGeometry, spot_of_points
 from ._synthetic import TRUTH_TABLE_KEY
 
 
@@ -50,7 +51,8 @@ def pseudo_spots(
     """Add Visium-like spots whose proportions are the shares of the annotated cells inside them.
 
     Spots lie on a hexagonal lattice (``pitch_um``) wholly inside the image; a spot is kept when it
-    holds at least ``min_cells`` annotated cells (centres within ``diameter_um / 2``).
+    holds at least ``min_cells`` annotated cells (centres within ``diameter_um / 2``; a cell counts in the
+    nearest such spot, which matters only when ``diameter_um > pitch_um``).
 
     Parameters
     ----------
@@ -98,8 +100,9 @@ def pseudo_spots(
     xy = np.asarray(truth.obsm["spatial"], dtype=np.float64)
     known = labels.notna().to_numpy() & labels.astype(str).isin(cell_types).to_numpy()
     onehot = (labels.astype(str).to_numpy()[known, None] == np.asarray(cell_types)[None, :]).astype(np.float64)
-    inside = np.hypot(xy[known, None, 0] - centres[None, :, 0], xy[known, None, 1] - centres[None, :, 1]) <= radius_px
-    counts = inside.T.astype(np.float64) @ onehot  # (spots, types)
+    spot = spot_of_points(SpotGeometry(CIRCLE, centres, np.full(len(centres), radius_px), pd.RangeIndex(len(centres))), xy[known])
+    counts = np.zeros((len(centres), len(cell_types)))  # (spots, types)
+    np.add.at(counts, spot[spot >= 0], onehot[spot >= 0])
     n_cells = counts.sum(1)
     keep = n_cells >= max(int(min_cells), 1)
     if not keep.any():

@@ -8,6 +8,7 @@ from ._proportions import check_proportions, read_proportions
 from ._schema import ExpressionTableModel, NucleiTableModel, SpotsTableModel
 from ._validate import validate
 from ._visium import read_visium
+from ._visium_hd import read_visium_hd
 from ._zarr import read_zarr, write_zarr
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "read_nuclei",
     "read_proportions",
     "read_visium",
+    "read_visium_hd",
     "read_zarr",
     "resolve_key",
     "validate",

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import shapely
 from scipy import ndimage as ndi
-from scipy.spatial import cKDTree
 from skimage.color import rgb2hed
 from skimage.measure import find_contours
 from spatialdata import SpatialData
@@ -34,6 +33,7 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import get_image, get_mpp, pixel_transformations, resolve_key
 from ._schema import NucleiTableModel, merge_metadata
+from ._spots import spot_geometry, spot_ids_of_points
 
 __all__ = ["FEATURES", "store_nuclei"]
 
@@ -89,7 +89,7 @@ def store_nuclei(
         ``(y0, x0)``: image pixel of ``labels[0, 0]``.
     {image_key}
     spots_key
-        Name of the spot circles (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
+        Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
         ``"spots"`` when present, else none.
     {key_added}
         the nucleus polygons (``sdata.shapes``).
@@ -327,24 +327,17 @@ def _shapes_element(polygons: np.ndarray, names: pd.Index, mpp: float) -> gpd.Ge
 
 
 def _spots(sdata: SpatialData, spots_key: str | None):
-    """The spot circles that give ``obs["spot_id"]``; None without spots."""
+    """The spot circles or squares that give ``obs["spot_id"]``; None without spots."""
     if spots_key is None and SPOTS_KEY not in sdata.shapes:
         return None
-    spots = sdata.shapes[resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)]
-    if "radius" not in spots.columns:
-        raise InvalidInputError("The spots element has no 'radius' column; spot circles are needed for spot_id.")
-    return spots
+    key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
+    spot_geometry(sdata.shapes[key], key)  # refuse anything but circles or squares before any work
+    return sdata.shapes[key]
 
 
 def _spot_ids(spots, centroids: np.ndarray) -> pd.Series:
-    """Barcode of the spot circle holding each centroid (NaN outside all)."""
-    centers = np.column_stack([spots.geometry.x, spots.geometry.y])
-    out = pd.Series(np.full(len(centroids), np.nan, dtype=object))
-    if len(centroids) and len(centers):
-        dist, idx = cKDTree(centers).query(centroids)
-        inside = dist <= spots["radius"].to_numpy()[idx]
-        out[inside] = spots.index.to_numpy()[idx[inside]].astype(str)
-    return out
+    """Barcode of the spot circle or square holding each centroid (NaN outside all)."""
+    return spot_ids_of_points(spots, centroids)
 
 
 def _table(features, centroids, names, spot_ids, region, mpp, method) -> ad.AnnData:

@@ -86,9 +86,12 @@ def spot_id_column(spot_ids) -> pd.Categorical:
 
 # ---------------------------------------------------------------------------------------------- models
 class SpotsTableModel:
-    """The spots table: one row per spot (row name = barcode), annotating the spot circles.
+    """The spots table: one row per spot (row name = barcode), annotating the spots element.
 
-    ``obs["region"]`` and ``obs["spot_id"]`` (= the row name) link rows to the circles; ``obsm["spatial"]``
+    The spots are circles (Visium: points with a ``radius`` column, px) or squares (Visium HD bins: 4-corner
+    polygons along the bin grid with a ``side`` column, px; a point on an edge shared by two bins belongs to
+    the one on its +x / +y side). ``obs["region"]`` and ``obs["spot_id"]`` (= the row name) link rows to the
+    shapes; ``obsm["spatial"]``
     holds the spot centres (x, y, ``global`` px) and ``obsm["spatial_um"]`` the same in µm; ``obsm["proportions"]`` (spot cell-type proportions, rows
     summing to 1) and ``obsm["histocell_proportions"]`` (mean nucleus predictions, NaN rows for spots without
     nuclei) are checked when present.
@@ -110,7 +113,7 @@ class SpotsTableModel:
         adata
             Rows named by spot barcode (counts in ``X``, if any).
         region
-            Name of the spot circles element (``sdata.shapes``) the table annotates.
+            Name of the spots element (circles or squares in ``sdata.shapes``) the table annotates.
         centers
             ``(n, 2)`` spot centres (x, y in ``global`` pixels) stored in ``obsm["spatial"]``; None keeps
             what ``adata`` holds.

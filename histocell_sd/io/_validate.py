@@ -14,6 +14,7 @@ from .._errors import InvalidInputError
 from ._elements import get_image, get_mpp, resolve_key
 from ._schema import NucleiTableModel, SpotsTableModel
 from ._schema_checks import check_nuclei_mpp, check_rows
+from ._spots import spot_geometry
 
 
 @inject_docs
@@ -31,7 +32,7 @@ def validate(
     """Raise :class:`~histocell_sd.InvalidInputError` naming the element and the problem if ``sdata`` breaks the data model.
 
     Checks ``attrs["mpp"]``; the RGB uint8 image; that every element lives in the ``global``
-    coordinate system; spot circles inside the image; the spots table's annotation and proportions
+    coordinate system; spot circles or squares (their centres) inside the image; the spots table's annotation and proportions
     (finite, non-negative, rows summing to 1); nuclei polygons and their table when present; each table
     against its layout (:class:`SpotsTableModel`, :class:`NucleiTableModel`).
 
@@ -115,12 +116,11 @@ def _check_image_element(sdata: SpatialData, key: str) -> None:
 def _check_spots(sdata: SpatialData, spots_key: str, image_key: str) -> None:
     _check_in_global(sdata, spots_key)
     spots = sdata.shapes[spots_key]
-    if "radius" not in spots.columns or not (spots.geometry.geom_type == "Point").all():
-        raise InvalidInputError(f"Shapes {spots_key!r} must be circles (points with a 'radius' column).")
+    centers = spot_geometry(spots, spots_key).centers  # circles (Visium) or squares (Visium HD bins)
     if spots.index.has_duplicates:
         raise InvalidInputError(f"Shapes {spots_key!r} has duplicate spot barcodes.")
     extent = get_extent(sdata.images[image_key], coordinate_system=COORDINATE_SYSTEM)
-    x, y = spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()
+    x, y = centers[:, 0], centers[:, 1]
     outside = (x < extent["x"][0]) | (x > extent["x"][1]) | (y < extent["y"][0]) | (y > extent["y"][1])
     if outside.any():
         raise InvalidInputError(f"{outside.sum()} spots of {spots_key!r} lie outside image {image_key!r}.")

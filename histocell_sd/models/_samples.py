@@ -14,6 +14,7 @@ from spatialdata.models import get_table_keys
 from .._constants import HISTOCELL_KEY, TABLE_KEY
 from .._errors import InvalidInputError
 from ..io import check_proportions, get_mpp, resolve_key
+from ..io._spots import spot_centers
 from ._config import HistoCellConfig
 from ._inputs import SampleInputs, sample_inputs
 
@@ -87,8 +88,9 @@ def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key
                 f"type's proportion, but they differ by {np.median(gap):.2f} (median over spots)."
             )
         state_targets = states.to_numpy(np.float32)[keep]
-    spots = sdata.shapes[_annotated_region(table, spots_table_key)]
-    xy = np.c_[spots.geometry.x, spots.geometry.y][spots.index.get_indexer(proportions.index)] * mpp
+    region = _annotated_region(table, spots_table_key)
+    spots = sdata.shapes[region]
+    xy = spot_centers(spots, region)[spots.index.get_indexer(proportions.index)] * mpp
     return TrainingSample(
         inputs=inputs,
         spot_nuclei=[groups[i] for i in keep],
