@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -133,3 +136,15 @@ def _remove(path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.WARNING):
+    """Raise logger ``name`` to ``level`` for the block (e.g. squidpy's INFO lines about a call's internals)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

@@ -327,3 +327,15 @@ def test_cooc_conditional_shares_equal_squidpy_co_occurrence():
     ours, ref, _ = both(ring, t_ring, names, 1.5 * 200 * np.sin(np.pi / 60))
     np.testing.assert_allclose(ours, ref, rtol=1e-12)
     assert ours[0, 0] > 2
+
+
+def test_cell_graph_keeps_squidpy_info_lines_out_of_the_output(tiny_slide, capsys):
+    import logging
+
+    sdata = predicted_slide(tiny_slide[0])
+    logger = logging.getLogger("spatialdata._logging")
+    before = logger.level
+    tl.cell_graph(sdata)
+    out = capsys.readouterr()
+    assert "Creating graph" not in out.out + out.err
+    assert logger.level == before  # the logger's own level is restored

@@ -11,9 +11,12 @@ from spatialdata import SpatialData
 from ..._constants import CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
+from ..._utils import quiet_logger
 from ...io._elements import check_mpp, get_mpp
 
 __all__ = ["cell_graph"]
+
+SPATIALDATA_LOGGER = "spatialdata._logging"  # squidpy logs through it
 
 METHODS = ("delaunay", "radius", "knn")
 
@@ -121,12 +124,13 @@ def cell_graph(
     if table.n_obs < (4 if method == "delaunay" else 2):
         raise InvalidInputError(f"Too few nuclei ({table.n_obs}) for a {method} graph.")
     radius_px = None if radius_um is None else float(radius_um) / scale
-    if method == "delaunay":
-        sq.gr.spatial_neighbors_delaunay(table, spatial_key=SPATIAL_KEY, radius=radius_px, key_added=key_added)
-    elif method == "radius":
-        sq.gr.spatial_neighbors_radius(table, spatial_key=SPATIAL_KEY, radius=radius_px, key_added=key_added)
-    else:
-        sq.gr.spatial_neighbors_knn(table, spatial_key=SPATIAL_KEY, n_neighs=int(n_neighbors), key_added=key_added)
+    with quiet_logger(SPATIALDATA_LOGGER):  # squidpy logs "Creating graph using ..." through spatialdata's logger
+        if method == "delaunay":
+            sq.gr.spatial_neighbors_delaunay(table, spatial_key=SPATIAL_KEY, radius=radius_px, key_added=key_added)
+        elif method == "radius":
+            sq.gr.spatial_neighbors_radius(table, spatial_key=SPATIAL_KEY, radius=radius_px, key_added=key_added)
+        else:
+            sq.gr.spatial_neighbors_knn(table, spatial_key=SPATIAL_KEY, n_neighs=int(n_neighbors), key_added=key_added)
     params = table.uns.setdefault(f"{key_added}_neighbors", {})
     params["histocell"] = {"method": method, "radius_um": radius_um, "n_neighbors": int(n_neighbors), "mpp": scale}
     return table if copy else None
