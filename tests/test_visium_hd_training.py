@@ -159,7 +159,7 @@ def test_deconvolve_pools_zero_count_bins(hd):
     assert (pool[zero] > 1).all() and pooled.uns["deconvolution"]["n_pooled"] == int((pool > 1).sum())
     assert (pool[np.setdiff1d(np.flatnonzero(totals >= 40), zero)] == 1).all()  # 40 counts on all genes: above 20 on the shared ones
     assert not np.allclose(pooled.obsm["proportions"].iloc[zero], 1 / len(TYPES))  # the neighbours' composition
-    assert pooled.uns["deconvolution"]["min_counts"] == 20
+    assert pooled.uns["deconvolution"]["min_counts"] == 20 and plain.uns["deconvolution"]["n_empty"] == empty
     with pytest.raises(InvalidInputError, match="min_counts must be"):
         hc.tl.deconvolve(sdata, hd[2], method="poisson", min_counts=-1, progress=False)
     assert "proportions" not in table.obsm  # refused before writing

@@ -106,8 +106,9 @@ def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key
     has_nuclei = np.diff(bounds) > 0
     if not has_nuclei.any():
         raise InvalidInputError(f"No nucleus lies in a spot with proportions ({spot_bags!r} bags); check obs['spot_id'] of the nuclei table.")
-    if not has_nuclei.all():
-        logger.warning("%d of %d spots hold no nucleus and are skipped.", (~has_nuclei).sum(), len(has_nuclei))
+    if not has_nuclei.all():  # most bins of a Visium HD section hold no nucleus: expected, not a warning
+        log = logger.info if geometry.shape == SQUARE else logger.warning
+        log("%d of %d spots hold no nucleus and are skipped.", (~has_nuclei).sum(), len(has_nuclei))
     keep = np.flatnonzero(has_nuclei)
     state_targets = None
     if state_key and state_key in table.obsm and config.has_states:

@@ -94,7 +94,9 @@ def deconvolve(
         counts of the smallest window of bins centred on them that holds ``min_counts`` (3 × 3, 5 × 5, at
         most 7 × 7 bins): sparse low-count bins borrow their neighbours' evidence, the others keep their own
         counts. Their proportions are those of their pool; ``obs[key_added + "_pool_bins"]`` records the
-        bins pooled (1 = own counts). 0 (default): no pooling. Circles (Visium spots) are never pooled.
+        bins pooled (1 = own counts). A bin whose largest window holds no count (an empty area) gets uniform
+        proportions, counted in ``uns["deconvolution"]["n_empty"]``. 0 (default): no pooling, and spots
+        without counts get uniform proportions with a warning. Circles (Visium spots) are never pooled.
     {seed}
         Here Tangram's initialisation and optimiser (``"poisson"`` is deterministic).
     {progress}
@@ -133,7 +135,7 @@ def deconvolve(
     if geometry is not None:
         pooled, pool_bins = pool_low_counts(sp.X, geometry, min_counts)
         sp = ad.AnnData(pooled, obs=sp.obs, var=sp.var)
-        _warn_empty(np.asarray(pooled.sum(axis=1)).ravel() == 0, " after pooling")
+        n_empty = int((np.asarray(pooled.sum(axis=1)).ravel() == 0).sum())  # nothing within 3 rings: uniform proportions
     log_ref = _log_normalise(ref)
     steps.update()
     results, markers_used = {}, {}
@@ -165,6 +167,7 @@ def deconvolve(
         "seed": int(seed),
         "min_counts": float(min_counts),
         "n_pooled": int((pool_bins > 1).sum()) if pool_bins is not None else 0,
+        "n_empty": n_empty if pool_bins is not None else int((np.asarray(sp.X.sum(axis=1)).ravel() == 0).sum()),
     }
     return sdata if copy else None
 
@@ -254,10 +257,10 @@ def _square_bins(sdata: SpatialData, table: ad.AnnData, table_key: str):
     return geometry
 
 
-def _warn_empty(empty: np.ndarray, after: str = "", stacklevel: int = 3) -> None:
+def _warn_empty(empty: np.ndarray, stacklevel: int) -> None:
     """Warn (at the caller of the public function ``stacklevel - 1`` frames up) about spots without counts."""
     if empty.any():
-        warnings.warn(f"{empty.sum()} spots have no counts{after}; they get uninformative (uniform) proportions.", stacklevel=stacklevel)
+        warnings.warn(f"{empty.sum()} spots have no counts; they get uninformative (uniform) proportions.", stacklevel=stacklevel)
 
 
 def _spot_counts(table: ad.AnnData, table_key: str, warn_empty: bool = True) -> ad.AnnData:
