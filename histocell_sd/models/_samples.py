@@ -26,7 +26,7 @@ SPOT_BAGS = ("centroid", "overlap")
 """How a spot's bag is made: the nuclei whose centroid it holds (``obs["spot_id"]``), each counting once, or every
 nucleus whose polygon overlaps it, weighted by the share of the nucleus's area inside it."""
 DEFAULT_SPOT_BAGS = {"circle": "centroid", SQUARE: "overlap"}
-"""``spot_bags=None``: measured on the synthetic Visium HD slide (``benchmarks/visium_hd.py``, ``bags`` section)."""
+"""``spot_bags=None``: overlap for squares, measured better on the synthetic Visium HD slide (``benchmarks/visium_hd.py``)."""
 
 
 @dataclass
