@@ -321,7 +321,7 @@ def test_fit_and_predict_on_square_bins(hd_folder):
     table.obsm["proportions"] = pd.DataFrame(np.tile([0.7, 0.3], (table.n_obs, 1)), index=table.obs_names, columns=["a", "b"])
     model = HistoCell(["a", "b"])
     sample = prepare_sample(model.settings, sdata, proportions_key="proportions", state_key=None, spots_table_key=None,
-                            nuclei_table_key=None, image_key=None, progress=False)
+                            nuclei_table_key=None, image_key=None, progress=False, spot_bags="centroid")
     assert len(sample.spot_nuclei) == holding.sum()  # one bag per bin holding a nucleus centroid
     bins = table.obs_names[holding]
     np.testing.assert_allclose(np.sort(sample.spot_xy_um, axis=0), np.sort(table[bins].obsm["spatial_um"], axis=0))

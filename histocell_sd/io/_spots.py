@@ -145,3 +145,29 @@ def square_spots_element(xy: np.ndarray, side: float, spot_ids, *, mpp: float, a
 def spot_centers(spots: gpd.GeoDataFrame, name: str = "spots") -> np.ndarray:
     """(n, 2) spot centres (x, y px) of circle or square spots, in row order."""
     return spot_geometry(spots, name).centers
+
+
+def spot_polygons(geometry: SpotGeometry) -> np.ndarray:
+    """Shapely polygons of the spots (px): the squares' corners, or the circles as 64-gons."""
+    if geometry.shape == CIRCLE:
+        return shapely.buffer(shapely.points(geometry.centers), geometry.size, quad_segs=16)
+    unit = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1], [-1, -1]], dtype=np.float64) / 2
+    offsets = unit[None, :, :1] * geometry.axes[:, None, 0] + unit[None, :, 1:] * geometry.axes[:, None, 1]  # (n, 5, 2)
+    return shapely.polygons(geometry.centers[:, None, :] + offsets * geometry.size[:, None, None])
+
+
+def spot_overlaps(geometry: SpotGeometry, polygons) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (polygon, spot) pair whose areas overlap: ``(polygon rows, spot rows, overlap area px²)``.
+
+    Pairs that only touch (zero area) are dropped; rows are sorted by spot, then polygon.
+    """
+    polygons = np.asarray(polygons, dtype=object)
+    if not len(polygons) or not len(geometry.centers):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    squares = spot_polygons(geometry)
+    poly_rows, spot_rows = shapely.STRtree(squares).query(polygons, predicate="intersects")
+    area = shapely.area(shapely.intersection(polygons[poly_rows], squares[spot_rows]))
+    keep = area > 0
+    poly_rows, spot_rows, area = poly_rows[keep], spot_rows[keep], area[keep]
+    order = np.lexsort((poly_rows, spot_rows))
+    return poly_rows[order].astype(np.int64), spot_rows[order].astype(np.int64), area[order]

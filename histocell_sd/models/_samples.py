@@ -8,19 +8,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import shapely
 from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 
 from .._constants import HISTOCELL_KEY, TABLE_KEY
 from .._errors import InvalidInputError
 from ..io import check_proportions, get_mpp, resolve_key
-from ..io._spots import spot_centers
+from ..io._spots import SQUARE, spot_geometry, spot_overlaps
 from ._config import HistoCellConfig
 from ._inputs import SampleInputs, sample_inputs
 
 logger = logging.getLogger(__name__)
 
 LABELLED_BAG_UM = 55.0  # training from nucleus labels: nuclei are batched by squares of this side
+SPOT_BAGS = ("centroid", "overlap")
+"""How a spot's bag is made: the nuclei whose centroid it holds (``obs["spot_id"]``), each counting once, or every
+nucleus whose polygon overlaps it, weighted by the share of the nucleus's area inside it."""
+DEFAULT_SPOT_BAGS = {"circle": "centroid", SQUARE: "overlap"}
+"""``spot_bags=None``: overlap for squares, measured better on the synthetic Visium HD slide (``benchmarks/visium_hd.py``)."""
 
 
 @dataclass
@@ -34,6 +40,8 @@ class TrainingSample:
     compartments: np.ndarray  # (spots,) int
     spot_xy_um: np.ndarray
     nucleus_labels: np.ndarray | None = None  # (nuclei,) type index, -1 = unknown (nucleus_labels_key)
+    spot_weights: list[np.ndarray] | None = None  # weight of each nucleus in its spot's bag (None: 1 each)
+    spot_bags: str = "centroid"
 
 
 def inputs_of(config: HistoCellConfig, sdata: SpatialData, *, image_key=None, nuclei_table_key=HISTOCELL_KEY, progress=True) -> SampleInputs:
@@ -52,8 +60,19 @@ def inputs_of(config: HistoCellConfig, sdata: SpatialData, *, image_key=None, nu
     )
 
 
-def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key, spots_table_key, nuclei_table_key, image_key, progress) -> TrainingSample:
-    """Inputs and spot targets (cell-type proportions, state proportions when present, compartments) of one sample."""
+def check_spot_bags(spot_bags: str | None) -> None:
+    """Refuse a ``spot_bags`` that is not None or one of :data:`SPOT_BAGS`."""
+    if spot_bags is not None and spot_bags not in SPOT_BAGS:
+        raise InvalidInputError(f"spot_bags must be one of {list(SPOT_BAGS)} or None (by spot shape), got {spot_bags!r}.")
+
+
+def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key, spots_table_key, nuclei_table_key, image_key, progress,
+                   spot_bags: str | None = None) -> TrainingSample:
+    """Inputs and spot targets (cell-type proportions, state proportions when present, compartments) of one sample.
+
+    ``spot_bags`` is one of :data:`SPOT_BAGS`; None: :data:`DEFAULT_SPOT_BAGS` of the spots' shape.
+    """
+    check_spot_bags(spot_bags)
     mpp = get_mpp(sdata)
     spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
     table = sdata.tables[spots_table_key]
@@ -66,15 +85,30 @@ def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key
     if len(proportions) == 0:
         raise InvalidInputError(f"obsm[{proportions_key!r}] holds zero spots.")
     proportions = proportions[config.cell_types]
+    region = _annotated_region(table, spots_table_key)
+    geometry = spot_geometry(sdata.shapes[region], region)
+    spot_bags = spot_bags or DEFAULT_SPOT_BAGS[geometry.shape]
     inputs = inputs_of(config, sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
-    spot_rows = pd.Series(np.arange(len(proportions)), index=proportions.index)
-    nucleus_spot = inputs.spot_ids.map(spot_rows)
-    groups = pd.Series(np.arange(len(nucleus_spot))).groupby(nucleus_spot.to_numpy()).apply(np.asarray)
-    has_nuclei = np.isin(np.arange(len(proportions)), groups.index.astype(int))
+    spot_of_row = geometry.index.get_indexer(proportions.index)  # spots element row of each proportions row
+    if (spot_of_row < 0).any():
+        raise InvalidInputError(f"{(spot_of_row < 0).sum()} spots of obsm[{proportions_key!r}] are not in shapes {region!r}.")
+    if spot_bags == "centroid":
+        nucleus = np.arange(len(inputs.spot_ids))
+        spot = inputs.spot_ids.map(pd.Series(np.arange(len(proportions)), index=proportions.index)).to_numpy(np.float64)
+        inside = np.isfinite(spot)
+        nucleus, spot, weight = nucleus[inside], spot[inside].astype(np.int64), None
+    else:
+        nucleus, spot, weight = _overlap_pairs(sdata, nuclei_table_key, inputs, geometry, spot_of_row)
+    order = np.argsort(spot, kind="stable")
+    nucleus, spot = nucleus[order], spot[order]
+    weight = None if weight is None else weight[order].astype(np.float32)
+    bounds = np.searchsorted(spot, np.arange(len(proportions) + 1))
+    has_nuclei = np.diff(bounds) > 0
     if not has_nuclei.any():
-        raise InvalidInputError("No nucleus lies in a spot with proportions; check obs['spot_id'] of the nuclei table.")
-    if not has_nuclei.all():
-        logger.warning("%d of %d spots hold no nucleus and are skipped.", (~has_nuclei).sum(), len(has_nuclei))
+        raise InvalidInputError(f"No nucleus lies in a spot with proportions ({spot_bags!r} bags); check obs['spot_id'] of the nuclei table.")
+    if not has_nuclei.all():  # most bins of a Visium HD section hold no nucleus: expected, not a warning
+        log = logger.info if geometry.shape == SQUARE else logger.warning
+        log("%d of %d spots hold no nucleus and are skipped.", (~has_nuclei).sum(), len(has_nuclei))
     keep = np.flatnonzero(has_nuclei)
     state_targets = None
     if state_key and state_key in table.obsm and config.has_states:
@@ -88,12 +122,12 @@ def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key
                 f"type's proportion, but they differ by {np.median(gap):.2f} (median over spots)."
             )
         state_targets = states.to_numpy(np.float32)[keep]
-    region = _annotated_region(table, spots_table_key)
-    spots = sdata.shapes[region]
-    xy = spot_centers(spots, region)[spots.index.get_indexer(proportions.index)] * mpp
+    xy = geometry.centers[spot_of_row] * mpp
     return TrainingSample(
         inputs=inputs,
-        spot_nuclei=[groups[i] for i in keep],
+        spot_nuclei=[nucleus[bounds[i]:bounds[i + 1]] for i in keep],
+        spot_weights=None if weight is None else [weight[bounds[i]:bounds[i + 1]] for i in keep],
+        spot_bags=spot_bags,
         targets=proportions.to_numpy(np.float32)[keep],
         state_targets=state_targets,
         compartments=config.compartment_of(proportions.to_numpy()[keep]),
@@ -121,6 +155,26 @@ def prepare_labelled_sample(config: HistoCellConfig, sdata, *, labels_key, nucle
     centres = np.stack([xy_um[bag == b].mean(0) for b in range(len(members))])
     return TrainingSample(inputs=inputs, spot_nuclei=members, targets=targets, state_targets=None,
                           compartments=config.compartment_of(targets), spot_xy_um=centres, nucleus_labels=labels)
+
+
+def _overlap_pairs(sdata, nuclei_table_key, inputs, geometry, spot_of_row):
+    """``(nucleus rows, proportions rows, share of the nucleus's area in the spot)`` of every overlapping pair."""
+    key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
+    shapes_key = _annotated_region(sdata.tables[key], key)
+    if shapes_key not in sdata.shapes:
+        raise InvalidInputError(f"spot_bags='overlap' needs the nucleus polygons: shapes {shapes_key!r} (annotated by {key!r}) is missing.")
+    polygons = sdata.shapes[shapes_key].geometry
+    rows = polygons.index.get_indexer(inputs.obs_names)
+    if (rows < 0).any() or not polygons.geom_type.isin(["Polygon", "MultiPolygon"]).all():
+        raise InvalidInputError(f"spot_bags='overlap' needs one polygon per nucleus of {key!r} in shapes {shapes_key!r}.")
+    polygons = polygons.to_numpy()[rows]
+    in_table = np.full(len(geometry.centers), -1, np.int64)
+    in_table[spot_of_row] = np.arange(len(spot_of_row))
+    nucleus, spot_row, area = spot_overlaps(geometry, polygons)
+    spot = in_table[spot_row]
+    keep = spot >= 0
+    share = area[keep] / np.maximum(shapely.area(polygons[nucleus[keep]]), 1e-12)
+    return nucleus[keep], spot[keep], np.minimum(share, 1.0)
 
 
 def _annotated_region(table, table_key: str) -> str:

@@ -27,7 +27,7 @@ from .._utils import mean_per_type_pearson, progress_bar
 from ._config import HistoCellConfig
 from ._losses import bag_mean, spot_posteriors, symmetric_kl
 from ._network import HistoCellNet
-from ._samples import TrainingSample, prepare_labelled_sample, prepare_sample, split_spots, spot_tiles
+from ._samples import TrainingSample, check_spot_bags, prepare_labelled_sample, prepare_sample, split_spots, spot_tiles
 
 DEFAULT_EPOCHS = {"types": 40, "self-training": 10, "states": 15}
 """Maximum epochs of each stage for up to :data:`FULL_EPOCH_SPOTS` training spots."""
@@ -82,7 +82,7 @@ class Trainer:
 
     def __init__(self, config: HistoCellConfig, *, encoder_state: dict | None = None, epochs=None, self_training_epochs=None,
                  state_epochs=None, lr=2e-3, encoder_lr_factor=None, compartment_weight=0.3, pseudo_label_weight=0.5,
-                 val_fraction=0.15, patience=8, seed=0, progress=True, device=None):
+                 val_fraction=0.15, patience=8, seed=0, progress=True, device=None, spot_bags=None):
         if encoder_lr_factor is None:
             encoder_lr_factor = 1.0 if config.encoder["source"] == "scratch" else PRETRAINED_ENCODER_LR_FACTOR
         if not np.isfinite(encoder_lr_factor) or encoder_lr_factor < 0:
@@ -97,7 +97,8 @@ class Trainer:
         self.epochs = {"epochs": epochs, "self_training_epochs": self_training_epochs, "state_epochs": state_epochs}
         self.lr, self.encoder_lr_factor, self.val_fraction, self.patience = lr, encoder_lr_factor, val_fraction, patience
         self.compartment_weight, self.pseudo_label_weight = compartment_weight, pseudo_label_weight
-        self.seed, self.progress = seed, progress
+        check_spot_bags(spot_bags)
+        self.seed, self.progress, self.spot_bags = seed, progress, spot_bags
         self.device = torch.device("cpu") if device is None else torch.device(device)
 
     def fit(self, samples: list, *, proportions_key, state_proportions_key, spots_table_key, nuclei_table_key, image_key,
@@ -113,7 +114,7 @@ class Trainer:
             self.prepared = [prepare_labelled_sample(self.config, s, **kwargs) for s in samples]
         else:
             kwargs = {"proportions_key": proportions_key, "state_key": state_proportions_key, "spots_table_key": spots_table_key,
-                      "nuclei_table_key": nuclei_table_key, "image_key": image_key, "progress": self.progress}
+                      "nuclei_table_key": nuclei_table_key, "image_key": image_key, "progress": self.progress, "spot_bags": self.spot_bags}
             self.prepared = [prepare_sample(self.config, s, **kwargs) for s in samples]
         if self.config.feature_names:
             features = np.concatenate([p.inputs.features for p in self.prepared])
@@ -154,6 +155,7 @@ class Trainer:
             "max_epochs": max_epochs,
             "seed": int(self.seed),
             "proportions_key": proportions_key,
+            "spot_bags": None if nucleus_labels_key else sorted({p.spot_bags for p in self.prepared}),
             "states_trained": bool(use_states),
             "val_loss": float(last["val_loss"]),
             "val_spot_pearson": float(last["val_spot_pearson"]),  # mean over types of the Pearson r across held-out spots
@@ -201,22 +203,27 @@ class Trainer:
         self.net.load_state_dict(best_state)
 
     def _batch(self, sample: TrainingSample, spots: np.ndarray, sample_nuclei: bool):
-        """Query nuclei of ``spots`` (at most ``max_nuclei_per_spot`` each when sampling), their bag index, and every key they attend to."""
+        """Query nuclei of ``spots`` (at most ``max_nuclei_per_spot`` each when sampling), their bag index, their weight in
+        the bag (None: 1 each) and every key they attend to. A nucleus overlapping several spots is queried once per spot."""
         cap = self.config.max_nuclei_per_spot
-        query, bag = [], []
+        query, bag, weight = [], [], []
         for b, s in enumerate(spots):
             nuclei = sample.spot_nuclei[s]
+            w = None if sample.spot_weights is None else sample.spot_weights[s]
             if len(nuclei) > cap and sample_nuclei:  # training samples; validation uses every nucleus, as prediction does
-                nuclei = self.rng.choice(nuclei, cap, replace=False)
+                pick = self.rng.choice(len(nuclei), cap, replace=False)
+                nuclei, w = nuclei[pick], None if w is None else w[pick]
             query.append(nuclei)
             bag.append(np.full(len(nuclei), b))
+            weight.append(w)
         query = np.concatenate(query)
         neighbors = sample.inputs.neighbors[query]
         keys = np.unique(np.concatenate([query, neighbors[neighbors >= 0]]))
-        return query, self.net.tensor(np.concatenate(bag)), keys
+        weights = None if sample.spot_weights is None else self.net.tensor(np.concatenate(weight))
+        return query, self.net.tensor(np.concatenate(bag)), weights, keys
 
     def _loss(self, sample: TrainingSample, spots: np.ndarray, stage: str) -> torch.Tensor:
-        query, bag, keys = self._batch(sample, spots, sample_nuclei=True)
+        query, bag, weights, keys = self._batch(sample, spots, sample_nuclei=True)
         # Gradients flow through the nuclei of the spots; their other neighbours only give keys/values.
         own = np.unique(query)
         others = np.setdiff1d(keys, own, assume_unique=True)
@@ -228,15 +235,15 @@ class Trainer:
         n_bags = len(spots)
         targets = self.net.tensor(sample.state_targets[spots] if stage == "states" else sample.targets[spots])
         proba = self.net.state_proba(out["type"], out["states"]) if stage == "states" else torch.softmax(out["type"], 1)
-        total = symmetric_kl(bag_mean(proba, bag, n_bags), targets)
+        total = symmetric_kl(bag_mean(proba, bag, n_bags, weights), targets)
         if stage == "supervised":
             labels = self.net.tensor(sample.nucleus_labels[query])
             known = labels >= 0
             total = F.cross_entropy(out["type"][known], labels[known]) if known.any() else out["type"].sum() * 0.0
         if stage == "self-training":
-            pseudo = spot_posteriors(proba.detach(), bag, targets)
+            pseudo = spot_posteriors(proba.detach(), bag, targets, weights=weights)
             total = total + self.pseudo_label_weight * -(pseudo * F.log_softmax(out["type"], 1)).sum(1).mean()
-        spot_repr = bag_mean(out["mixed"], bag, n_bags)
+        spot_repr = bag_mean(out["mixed"], bag, n_bags, weights)
         compartment = F.cross_entropy(self.net.compartment_head(spot_repr), self.net.tensor(sample.compartments[spots]))
         return total + self.compartment_weight * compartment
 
@@ -249,14 +256,14 @@ class Trainer:
         losses, predicted, target = [], [], []
         for sample_idx, spots in self.val:
             sample = self.prepared[sample_idx]
-            query, bag, keys = self._batch(sample, spots, sample_nuclei=False)
+            query, bag, weights, keys = self._batch(sample, spots, sample_nuclei=False)
             out = self.net.outputs(sample.inputs, query, keys, self.net.embed_nuclei(sample.inputs, keys))
-            p_type = bag_mean(torch.softmax(out["type"], 1), bag, len(spots))
+            p_type = bag_mean(torch.softmax(out["type"], 1), bag, len(spots), weights)
             if stage == "supervised":
                 labels = self.net.tensor(sample.nucleus_labels[query])
                 losses.append(float(F.cross_entropy(out["type"], labels)) * len(spots))
             elif stage == "states":
-                p = bag_mean(self.net.state_proba(out["type"], out["states"]), bag, len(spots))
+                p = bag_mean(self.net.state_proba(out["type"], out["states"]), bag, len(spots), weights)
                 losses.append(float(symmetric_kl(p, self.net.tensor(sample.state_targets[spots]))) * len(spots))
             else:
                 losses.append(float(symmetric_kl(p_type, self.net.tensor(sample.targets[spots]))) * len(spots))

@@ -18,7 +18,9 @@ from ..._docs import inject_docs
 from ..._errors import InvalidInputError
 from ..._utils import copy_for_writing, progress_bar
 from ...io import check_proportions, resolve_key
+from ...io._spots import SQUARE, spot_geometry
 from .poisson import composition_em, type_signatures
+from .pooling import pool_low_counts
 
 __all__ = ["deconvolve", "reference_counts", "shared_data"]
 
@@ -41,6 +43,7 @@ def deconvolve(
     epochs: int = 500,
     learning_rate: float = 0.1,
     min_shared_genes: int = MIN_SHARED_GENES,
+    min_counts: float = 0,
     seed: int = 0,
     progress: bool = True,
     device: str | None = None,
@@ -86,6 +89,14 @@ def deconvolve(
         Tangram optimiser settings (ignored by ``"poisson"``).
     min_shared_genes
         Fewest genes the reference and the spots must share.
+    min_counts
+        Square bins (Visium HD) with fewer counts (over the shared genes) are deconvolved from the pooled
+        counts of the smallest window of bins centred on them that holds ``min_counts`` (3 × 3, 5 × 5, at
+        most 7 × 7 bins): sparse low-count bins borrow their neighbours' evidence, the others keep their own
+        counts. Their proportions are those of their pool; ``obs[key_added + "_pool_bins"]`` records the
+        bins pooled (1 = own counts). A bin whose largest window holds no count (an empty area) gets uniform
+        proportions, counted in ``uns["deconvolution"]["n_empty"]``. 0 (default): no pooling, and spots
+        without counts get uniform proportions with a warning. Circles (Visium spots) are never pooled.
     {seed}
         Here Tangram's initialisation and optimiser (``"poisson"`` is deterministic).
     {progress}
@@ -114,8 +125,17 @@ def deconvolve(
     if state_key is not None:
         labels["states"] = _labels(reference, state_key)
 
+    if not (np.isfinite(min_counts) and min_counts >= 0):
+        raise InvalidInputError(f"min_counts must be a non-negative number of counts, got {min_counts!r}.")
+    pool_key = f"{key_added}_pool_bins"
+    geometry = _square_bins(sdata, table, spots_table_key) if min_counts > 0 else None
     steps = progress_bar(total=1 + len(labels), desc="deconvolve", disable=not progress)
-    ref, sp = shared_data(table, spots_table_key, reference, min_shared_genes)
+    ref, sp = shared_data(table, spots_table_key, reference, min_shared_genes, warn_empty=geometry is None)
+    pool_bins = None
+    if geometry is not None:
+        pooled, pool_bins = pool_low_counts(sp.X, geometry, min_counts)
+        sp = ad.AnnData(pooled, obs=sp.obs, var=sp.var)
+        n_empty = int((np.asarray(pooled.sum(axis=1)).ravel() == 0).sum())  # nothing within 3 rings: uniform proportions
     log_ref = _log_normalise(ref)
     steps.update()
     results, markers_used = {}, {}
@@ -131,6 +151,8 @@ def deconvolve(
 
     checked = {what: check_proportions(frame, spot_ids=table.obs_names, name=f"{method} {what} proportions") for what, frame in results.items()}
     table.obsm[key_added] = checked["cell types"]
+    if pool_bins is not None:
+        table.obs[pool_key] = pool_bins
     if state_key is not None:
         table.obsm[STATE_PROPORTIONS_KEY] = checked["states"]
     table.uns["deconvolution"] = {
@@ -143,13 +165,17 @@ def deconvolve(
         "markers": list(markers_used["cell types"]),
         "epochs": int(epochs),
         "seed": int(seed),
+        "min_counts": float(min_counts),
+        "n_pooled": int((pool_bins > 1).sum()) if pool_bins is not None else 0,
+        "n_empty": n_empty if pool_bins is not None else int((np.asarray(sp.X.sum(axis=1)).ravel() == 0).sum()),
     }
     return sdata if copy else None
 
 
-def shared_data(table: ad.AnnData, table_key: str, reference: ad.AnnData, min_shared_genes: int = MIN_SHARED_GENES) -> tuple[ad.AnnData, ad.AnnData]:
+def shared_data(table: ad.AnnData, table_key: str, reference: ad.AnnData, min_shared_genes: int = MIN_SHARED_GENES,
+                warn_empty: bool = True) -> tuple[ad.AnnData, ad.AnnData]:
     """Raw counts of the reference and of the spots on their shared genes (``ref``, ``sp``), same gene order."""
-    spots = _spot_counts(table, table_key)
+    spots = _spot_counts(table, table_key, warn_empty)
     counts = reference_counts(reference)
     shared = _shared_genes(reference.var_names, spots.var_names, min_shared_genes)
     ref = ad.AnnData(counts[:, shared["reference"]], obs=pd.DataFrame(index=reference.obs_names.astype(str)))
@@ -214,7 +240,30 @@ def _count_problem(matrix) -> str | None:
     return None
 
 
-def _spot_counts(table: ad.AnnData, table_key: str) -> ad.AnnData:
+def _square_bins(sdata: SpatialData, table: ad.AnnData, table_key: str):
+    """The geometry of the square bins the spots table annotates, in its row order (pooling needs their grid)."""
+    from spatialdata.models import get_table_keys
+
+    region = get_table_keys(table)[0] if "spatialdata_attrs" in table.uns else None
+    if not isinstance(region, str) or region not in sdata.shapes:
+        raise InvalidInputError(f"min_counts pools neighbouring bins: spots table {table_key!r} must annotate one shapes element, got {region!r}.")
+    spots = sdata.shapes[region]
+    rows = spots.index.get_indexer(table.obs_names)
+    if (rows < 0).any():
+        raise InvalidInputError(f"{(rows < 0).sum()} spots of table {table_key!r} are not in shapes {region!r}.")
+    geometry = spot_geometry(spots.iloc[rows], region)
+    if geometry.shape != SQUARE:
+        raise InvalidInputError(f"min_counts pools neighbouring square bins (Visium HD); the spots {region!r} are circles (pass min_counts=0).")
+    return geometry
+
+
+def _warn_empty(empty: np.ndarray, stacklevel: int) -> None:
+    """Warn (at the caller of the public function ``stacklevel - 1`` frames up) about spots without counts."""
+    if empty.any():
+        warnings.warn(f"{empty.sum()} spots have no counts; they get uninformative (uniform) proportions.", stacklevel=stacklevel)
+
+
+def _spot_counts(table: ad.AnnData, table_key: str, warn_empty: bool = True) -> ad.AnnData:
     if table.n_vars == 0:
         raise InvalidInputError(f"Spots table {table_key!r} has no genes (no counts in X); deconvolution needs the spot counts.")
     X = table.X
@@ -228,8 +277,8 @@ def _spot_counts(table: ad.AnnData, table_key: str) -> ad.AnnData:
     empty = np.asarray(X.sum(axis=1)).ravel() == 0
     if empty.all():
         raise InvalidInputError(f"Spots table {table_key!r} has only zero counts.")
-    if empty.any():
-        warnings.warn(f"{empty.sum()} spots have no counts; they get uninformative (uniform) proportions.", stacklevel=4)
+    if warn_empty:
+        _warn_empty(empty, stacklevel=5)
     return ad.AnnData(X, obs=pd.DataFrame(index=table.obs_names.astype(str)), var=pd.DataFrame(index=table.var_names.astype(str)))
 
 
@@ -363,6 +412,6 @@ def _poisson(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[s
     genes = ref.var_names.get_indexer(markers)
     types = list(labels.cat.categories)
     mu, rho = type_signatures(ref.X[:, genes], labels.to_numpy().astype(str), types)
-    Y = sparse.csr_matrix(sp.X, dtype=np.float64)[:, genes].toarray()
+    Y = sparse.csr_matrix(sp.X, dtype=np.float64)[:, genes]  # stays sparse: a capture area has ~650k bins
     pi, _, _ = composition_em(Y, mu, rho)
     return pd.DataFrame(pi, index=sp.obs_names, columns=types)

@@ -71,7 +71,8 @@ def composition_em(
     Parameters
     ----------
     Y
-        Spot counts (spots × genes), dense, on the genes of ``mu``.
+        Spot counts (spots × genes) on the genes of ``mu``, dense or sparse (kept sparse: the E-step visits only
+        the non-zero counts, in blocks of spots, so memory grows with the counts, not spots × genes).
     mu, rho
         From :func:`type_signatures`.
     umi_weight
@@ -91,7 +92,10 @@ def composition_em(
     if max_iter < 1:
         raise InvalidInputError(f"max_iter must be at least 1, got {max_iter}.")
     n_spots, n_types = Y.shape[0], mu.shape[0]
-    umis = Y.sum(axis=1)
+    if sparse.issparse(Y):
+        Y = sparse.csr_matrix(Y, dtype=np.float64)
+        Y.sum_duplicates()
+    umis = np.asarray(Y.sum(axis=1)).ravel()
     pi = np.full((n_spots, n_types), 1.0 / n_types)
     if likelihood is not None:
         inside = spot_of >= 0
@@ -102,14 +106,14 @@ def composition_em(
         n_nuclei = np.zeros(n_spots)
     base_mu, base_rho = mu, rho
     gamma = np.ones(Y.shape[1])
-    pooled = Y.sum(axis=0)
+    pooled = np.asarray(Y.sum(axis=0)).ravel()
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
         if platform_effects:
             mu, rho = _scaled(base_mu, base_rho, gamma)
         w = pi * rho
         w /= np.maximum(w.sum(axis=1, keepdims=True), _TINY)
-        U = w * ((Y / np.maximum(w @ mu, _TINY)) @ mu.T)
+        U = w * _ratio_times_mu(Y, w, mu)
         N = np.zeros_like(pi)
         if likelihood is not None:
             N = np.asarray(members @ _posterior(likelihood[inside], pi[rows]))
@@ -136,6 +140,21 @@ def composition_em(
     Q = likelihood / np.maximum(likelihood.sum(axis=1, keepdims=True), _TINY)
     Q[inside] = _posterior(likelihood[inside], pi[rows])
     return pi, Q, n_iter
+
+
+def _ratio_times_mu(Y, w: np.ndarray, mu: np.ndarray, block: int = 32768) -> np.ndarray:
+    """``(Y / (w @ mu)) @ mu.T`` (spots × types); for sparse ``Y`` over its non-zero entries only, block by block."""
+    if not sparse.issparse(Y):
+        return (Y / np.maximum(w @ mu, _TINY)) @ mu.T
+    out = np.zeros_like(w)
+    mu_t = np.ascontiguousarray(mu.T)
+    for start in range(0, Y.shape[0], block):
+        part = Y[start : start + block]
+        rows = np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
+        rate = np.einsum("nk,nk->n", w[start + rows], mu_t[part.indices])
+        ratio = sparse.csr_matrix((part.data / np.maximum(rate, _TINY), part.indices, part.indptr), shape=part.shape)
+        out[start : start + part.shape[0]] = ratio @ mu_t
+    return out
 
 
 def _scaled(mu: np.ndarray, rho: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
