@@ -142,7 +142,7 @@ def _broken(predicted, change):
         (lambda t: t.obs.__setitem__("cell_type", t.obs["cell_type"].cat.add_categories(["ghost"])), "no row holds"),
         (lambda t: t.uns.pop("cell_type_colors"), "one colour per category"),
         (lambda t: t.obs.__setitem__("spot_id", t.obs["spot_id"].astype(str)), "must be categorical"),
-        (lambda t: t.obs.__setitem__("spot_id", pd.Categorical(t.obs["spot_id"].astype(str))), "spot 'nan'"),
+        (lambda t: t.obs.__setitem__("spot_id", pd.Categorical(t.obs["spot_id"].astype(object).where(t.obs["spot_id"].notna(), "nan"))), "spot 'nan'"),
         (lambda t: t.uns["histocell"].pop("mpp"), "µm per pixel"),
         (lambda t: t.obsm.__setitem__("cell_type_proba", t.obsm["cell_type_proba"] * 2), "do not sum to 1"),
         (lambda t: t.obsm.__setitem__("spatial", np.full((t.n_obs, 2), np.nan)), "finite"),

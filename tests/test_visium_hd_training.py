@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -92,6 +94,27 @@ def test_overlap_bags_weights(hd):
         prepare_sample(config, sdata, spot_bags="overlap", **kwargs)
 
 
+def test_spots_without_counts_carry_no_label(hd):
+    sdata = _bins(hd)
+    table = sdata.tables["table"]
+    table.obsm["proportions"] = pd.DataFrame(np.full((table.n_obs, 2), 0.5), index=table.obs_names, columns=["a", "b"])
+    config = hc.HistoCell(["a", "b"], encoder="scratch").settings
+    kwargs = {"proportions_key": "proportions", "state_key": None, "spots_table_key": None, "nuclei_table_key": None,
+              "image_key": None, "progress": False, "spot_bags": "centroid"}
+    before = prepare_sample(config, sdata, **kwargs)
+    totals = np.asarray(table.X.sum(axis=1)).ravel()
+    held = pd.Index(sdata.tables["histocell"].obs["spot_id"].dropna().unique())
+    emptied = [table.obs_names.get_loc(b) for b in held if totals[table.obs_names.get_loc(b)] > 0][:5]
+    counts = table.X.tolil()
+    counts[emptied] = 0
+    table.X = counts.tocsr()
+    after = prepare_sample(config, sdata, **kwargs)
+    assert len(after.spot_nuclei) == len(before.spot_nuclei) - 5  # the 5 bins that lost their counts are skipped
+    table.X = sparse.csr_matrix(table.shape)
+    with pytest.raises(InvalidInputError, match="zero counts"):
+        prepare_sample(config, sdata, **kwargs)
+
+
 def test_weighted_bag_mean_and_posteriors():
     p = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.3, 0.7]])
     bag = torch.tensor([0, 0, 1, -1])
@@ -151,7 +174,8 @@ def test_deconvolve_pools_zero_count_bins(hd):
     table.X = sparse.diags(keep) @ x
     table.X.eliminate_zeros()
     empty = (totals == 0).sum() + len(zero)
-    with pytest.warns(UserWarning, match=f"{empty} spots have no counts; they get uninformative"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # empty bins are expected on Visium HD: counted, not warned about
         plain = hc.tl.deconvolve(sdata, hd[2], method="poisson", progress=False, copy=True).tables["table"]
     np.testing.assert_allclose(plain.obsm["proportions"].iloc[zero], 1 / len(TYPES))
     pooled = hc.tl.deconvolve(sdata, hd[2], method="poisson", min_counts=20, progress=False, copy=True).tables["table"]

@@ -109,6 +109,12 @@ def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key
     if not has_nuclei.all():  # most bins of a Visium HD section hold no nucleus: expected, not a warning
         log = logger.info if geometry.shape == SQUARE else logger.warning
         log("%d of %d spots hold no nucleus and are skipped.", (~has_nuclei).sum(), len(has_nuclei))
+    counted = _has_counts(table, proportions.index)
+    if counted is not None and not counted[has_nuclei].all():  # no counts, no evidence: a deconvolution's answer there is its prior
+        logger.info("%d spots with nuclei have no counts; their proportions carry no label and they are skipped.", (has_nuclei & ~counted).sum())
+        has_nuclei &= counted
+        if not has_nuclei.any():
+            raise InvalidInputError(f"Every spot of obsm[{proportions_key!r}] that holds a nucleus has zero counts in X.")
     keep = np.flatnonzero(has_nuclei)
     state_targets = None
     if state_key and state_key in table.obsm and config.has_states:
@@ -133,6 +139,14 @@ def prepare_sample(config: HistoCellConfig, sdata, *, proportions_key, state_key
         compartments=config.compartment_of(proportions.to_numpy()[keep]),
         spot_xy_um=xy[keep],
     )
+
+
+def _has_counts(table, spot_ids: pd.Index) -> np.ndarray | None:
+    """Per spot of ``spot_ids``: does its row of ``X`` hold any count? None when ``X`` holds no genes (proportions only)."""
+    if table.n_vars == 0 or table.X is None:
+        return None
+    totals = np.asarray(table.X.sum(axis=1)).ravel()
+    return pd.Series(totals > 0, index=table.obs_names).reindex(spot_ids, fill_value=True).to_numpy()
 
 
 def prepare_labelled_sample(config: HistoCellConfig, sdata, *, labels_key, nuclei_table_key, image_key, progress) -> TrainingSample:
