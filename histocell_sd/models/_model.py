@@ -240,7 +240,7 @@ class HistoCell:
             ``"centroid"`` for Visium circles (55 µm spots hold whole nuclei but for their rim) and
             ``"overlap"`` for square bins (Visium HD), where most nuclei cross a bin edge and their transcripts
             are counted in each bin they cover: on the synthetic Visium HD benchmark (8 µm bins) it gave the higher
-            nucleus macro-F1, 0.679 vs 0.631 (``benchmarks/visium_hd.py``, section ``regimes``).
+            nucleus macro-F1 over three seed pairs, 0.642 vs 0.623 (``benchmarks/measured/visium_hd.json``).
         {device}
             Training runs there; the trained network is returned to the CPU.
 
