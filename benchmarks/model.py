@@ -415,9 +415,14 @@ def main() -> None:
         print(f"[{name} done in {out[name]['section_s']} s]", file=sys.stderr, flush=True)
     out["total_s"] = round(time.perf_counter() - started, 1)
     out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    write_json(out, args.out)
+
+
+def write_json(out: dict, path: Path) -> None:
+    """Write ``out`` to ``path`` (numpy scalars as numbers) and print it: every benchmark script's output."""
     text = json.dumps(out, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
     print(text)
 
 

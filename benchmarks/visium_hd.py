@@ -54,7 +54,7 @@ import histocell_sd as hc
 from histocell_sd.datasets import CELL_TYPES
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model import classification, reset_peak_rss, vm_hwm_gib  # noqa: E402
+from model import classification, reset_peak_rss, vm_hwm_gib, write_json  # noqa: E402
 
 TYPES = list(CELL_TYPES)
 
@@ -247,10 +247,7 @@ def main() -> None:
     run["total_s"] = round(time.perf_counter() - started, 1)
     run["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     runs.append(run)
-    text = json.dumps(out, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    write_json(out, args.out)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def deconvolve(
     if geometry is not None:
         pooled, pool_bins = pool_low_counts(sp.X, geometry, min_counts)
         sp = ad.AnnData(pooled, obs=sp.obs, var=sp.var)
-        n_empty = int((np.asarray(pooled.sum(axis=1)).ravel() == 0).sum())  # nothing within 3 rings: uniform proportions
+    n_empty = int((np.asarray(sp.X.sum(axis=1)).ravel() == 0).sum())  # no counts (within 3 rings when pooled): uniform proportions
     log_ref = _log_normalise(ref)
     steps.update()
     results, markers_used = {}, {}
@@ -170,7 +170,7 @@ def deconvolve(
         "seed": int(seed),
         "min_counts": float(min_counts),
         "n_pooled": int((pool_bins > 1).sum()) if pool_bins is not None else 0,
-        "n_empty": n_empty if pool_bins is not None else int((np.asarray(sp.X.sum(axis=1)).ravel() == 0).sum()),
+        "n_empty": n_empty,
     }
     return sdata if copy else None
 
@@ -243,11 +243,16 @@ def _count_problem(matrix) -> str | None:
     return None
 
 
-def _square_bins(sdata: SpatialData, table: ad.AnnData, table_key: str):
-    """The geometry of the square bins the spots table annotates, in its row order (pooling needs their grid)."""
+def _region(table: ad.AnnData):
+    """The element the spots table annotates (None when it annotates none)."""
     from spatialdata.models import get_table_keys
 
-    region = get_table_keys(table)[0] if "spatialdata_attrs" in table.uns else None
+    return get_table_keys(table)[0] if "spatialdata_attrs" in table.uns else None
+
+
+def _square_bins(sdata: SpatialData, table: ad.AnnData, table_key: str):
+    """The geometry of the square bins the spots table annotates, in its row order (pooling needs their grid)."""
+    region = _region(table)
     if not isinstance(region, str) or region not in sdata.shapes:
         raise InvalidInputError(f"min_counts pools neighbouring bins: spots table {table_key!r} must annotate one shapes element, got {region!r}.")
     spots = sdata.shapes[region]
@@ -262,9 +267,7 @@ def _square_bins(sdata: SpatialData, table: ad.AnnData, table_key: str):
 
 def _annotates_squares(sdata: SpatialData, table: ad.AnnData) -> bool:
     """Does ``table`` annotate square spots (Visium HD bins)?"""
-    from spatialdata.models import get_table_keys
-
-    region = get_table_keys(table)[0] if "spatialdata_attrs" in table.uns else None
+    region = _region(table)
     return isinstance(region, str) and region in sdata.shapes and SIDE_KEY in sdata.shapes[region].columns
 
 
