@@ -281,6 +281,23 @@ def test_composition_em_recovers_fractions_and_platform_effects():
         composition_em(Y, mu, rho, max_iter=0)
 
 
+def test_composition_em_sparse_counts_match_dense(monkeypatch):
+    """The sparse E-step (blocks of spots over the non-zero counts only) gives the dense one's fractions."""
+    from histocell_sd.tl._deconvolution import poisson
+
+    rng = np.random.default_rng(1)
+    mu = rng.dirichlet(np.full(60, 0.3), 3)
+    rho = np.array([1.5, 1.0, 0.5])
+    pi = rng.dirichlet(np.ones(3), 250)
+    Y = rng.poisson(((pi * rho) @ mu) * 40).astype(float)  # low counts: mostly zeros, some empty spots
+    Y[:5] = 0
+    monkeypatch.setattr(poisson._RatioTimesMu, "_BLOCK_ROWS", 64)  # several blocks, one partial
+    dense = poisson.composition_em(Y, mu, rho, max_iter=200, tol=1e-9)
+    sparse_fit = poisson.composition_em(sparse.csr_matrix(Y), mu, rho, max_iter=200, tol=1e-9)
+    np.testing.assert_allclose(sparse_fit[0], dense[0], rtol=0, atol=1e-10)
+    assert sparse_fit[2] == dense[2]
+
+
 def test_deconvolve_is_the_same_in_every_process():
     """Tangram orders genes through a Python set, whose order changes with the process's hash seed."""
     import os

@@ -106,6 +106,7 @@ def composition_em(
         n_nuclei = np.zeros(n_spots)
     base_mu, base_rho = mu, rho
     gamma = np.ones(Y.shape[1])
+    ratio_times_mu = _RatioTimesMu(Y)
     pooled = np.asarray(Y.sum(axis=0)).ravel()
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
@@ -113,7 +114,7 @@ def composition_em(
             mu, rho = _scaled(base_mu, base_rho, gamma)
         w = pi * rho
         w /= np.maximum(w.sum(axis=1, keepdims=True), _TINY)
-        U = w * _ratio_times_mu(Y, w, mu)
+        U = w * ratio_times_mu(w, mu)
         N = np.zeros_like(pi)
         if likelihood is not None:
             N = np.asarray(members @ _posterior(likelihood[inside], pi[rows]))
@@ -128,7 +129,7 @@ def composition_em(
         if platform_effects:
             w = pi * rho
             w /= np.maximum(w.sum(axis=1, keepdims=True), _TINY)
-            expected = umis @ (w @ mu)
+            expected = (umis @ w) @ mu  # never the dense spots × genes rates
             gamma = gamma * np.where(expected > 0, pooled / np.maximum(expected, _TINY), 1.0)
             gamma /= np.exp(np.log(np.maximum(gamma, _TINY)).mean())
         if change < tol:
@@ -142,19 +143,30 @@ def composition_em(
     return pi, Q, n_iter
 
 
-def _ratio_times_mu(Y, w: np.ndarray, mu: np.ndarray, block: int = 32768) -> np.ndarray:
-    """``(Y / (w @ mu)) @ mu.T`` (spots × types); for sparse ``Y`` over its non-zero entries only, block by block."""
-    if not sparse.issparse(Y):
-        return (Y / np.maximum(w @ mu, _TINY)) @ mu.T
-    out = np.zeros_like(w)
-    mu_t = np.ascontiguousarray(mu.T)
-    for start in range(0, Y.shape[0], block):
-        part = Y[start : start + block]
-        rows = np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
-        rate = np.einsum("nk,nk->n", w[start + rows], mu_t[part.indices])
-        ratio = sparse.csr_matrix((part.data / np.maximum(rate, _TINY), part.indices, part.indptr), shape=part.shape)
-        out[start : start + part.shape[0]] = ratio @ mu_t
-    return out
+class _RatioTimesMu:
+    """``(Y / (w @ mu)) @ mu.T`` (spots × types) for fixed counts ``Y``; sparse ``Y`` is visited over its non-zero
+    entries only (their layout read once; the rates computed in blocks of spots, so memory stays bounded)."""
+
+    _BLOCK_ROWS = 32768  # spots per block
+
+    def __init__(self, Y):
+        self.Y = Y
+        if sparse.issparse(Y):
+            self.per_row = np.diff(Y.indptr)
+            self.ratio = sparse.csr_matrix((Y.data.copy(), Y.indices, Y.indptr), shape=Y.shape)
+
+    def __call__(self, w: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        if not sparse.issparse(self.Y):
+            return (self.Y / np.maximum(w @ mu, _TINY)) @ mu.T
+        mu_t = np.ascontiguousarray(mu.T)
+        Y, out = self.Y, self.ratio.data
+        for first in range(0, Y.shape[0], self._BLOCK_ROWS):
+            rows = slice(first, first + self._BLOCK_ROWS)
+            part = slice(Y.indptr[first], Y.indptr[min(first + self._BLOCK_ROWS, Y.shape[0])])
+            # np.repeat and take read in order: about twice as fast as fancy indexing here
+            rate = np.einsum("nk,nk->n", np.repeat(w[rows], self.per_row[rows], axis=0), mu_t.take(Y.indices[part], axis=0))
+            out[part] = Y.data[part] / np.maximum(rate, _TINY)
+        return np.asarray(self.ratio @ mu_t)
 
 
 def _scaled(mu: np.ndarray, rho: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
