@@ -69,7 +69,7 @@ from histocell_sd import pp, tl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _upstream import fit_upstream, predict_upstream, training_sample  # noqa: E402
-from model import classification, morphology_baselines, prior_baselines  # noqa: E402
+from model import classification, morphology_baselines, prior_baselines, write_json  # noqa: E402
 from segmentation_nucls import naive_segment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +185,9 @@ def weak_comparison(args, train: list, test: list, types: list[str], encoder: Pa
     result = {"train_patches": len(train), "test_patches": len(test), "train_spots": int(n_spots),
               "train_nuclei_in_spots": int(sum(s.tables["histocell"].obs["spot_id"].notna().sum() for s in train)),
               "mean_cells_per_spot": round(float(np.mean(np.concatenate([s.tables["table"].obs["n_cells"] for s in train]))), 2),
-              "test_nuclei_matched": int(known.sum())}
+              "test_nuclei_matched": int(known.sum()),
+              # the patients of the splits differ in composition (label shift): what the matched nuclei truly are
+              "matched_truth_shares": {"train": _shares(matched_truth(train), types), "test": _shares(y, types)}}
 
     def run(name, model, **kwargs):
         start = time.perf_counter()
@@ -229,6 +231,12 @@ def weak_comparison(args, train: list, test: list, types: list[str], encoder: Pa
     result["scores"] = scores
     result["training"] = training
     return result
+
+
+def _shares(labels: np.ndarray, types: list[str]) -> dict:
+    """Share of each type among the known ``labels``."""
+    labels = pd.Series(labels).dropna().astype(str)
+    return {t: round(float((labels == t).mean()), 4) for t in types}
 
 
 def weak_summary(scores: dict) -> dict:
@@ -541,10 +549,7 @@ def main() -> None:
         if name in out:
             out[name]["summary"] = weak_summary(out[name]["scores"])
     out["runs"] = [*runs, run]
-    text = json.dumps(out, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    write_json(out, args.out)
 
 
 if __name__ == "__main__":
