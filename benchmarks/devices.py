@@ -42,10 +42,12 @@ def run_device(sdata, device: str, epochs: int, n_jobs: int) -> tuple[dict, hc.H
     hc.pp.segment_nuclei(sdata, device=device, n_jobs=n_jobs, progress=False)
     out["segment_s"] = round(time.perf_counter() - start, 1)
     out["nuclei"] = int(sdata.tables["histocell"].n_obs)
+    print(f"[{device}] segmented {out['nuclei']} nuclei in {out['segment_s']} s", file=sys.stderr, flush=True)
     start = time.perf_counter()
     model = hc.HistoCell(list(CELL_TYPES)).fit(sdata, epochs=epochs, self_training_epochs=0, state_epochs=0, progress=False, device=device)
     out["fit_s"] = round(time.perf_counter() - start, 1)
     out["fit_epochs"] = int(model.training_summary_["epochs_run"])
+    print(f"[{device}] fitted in {out['fit_s']} s", file=sys.stderr, flush=True)
     start = time.perf_counter()
     hc.tl.predict(sdata, model, device=device, progress=False)
     seconds = time.perf_counter() - start
@@ -66,7 +68,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     hc.settings.progress = False
+    start = time.perf_counter()
     sdata, _ = hc.datasets.synthetic_visium(seed=args.seed, preset=args.preset, progress=False)
+    print(f"slide generated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     result = {
         "benchmark": "devices", "preset": args.preset, "seed": args.seed, "epochs": args.epochs,
         "machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 from ._errors import InvalidInputError
 
@@ -32,3 +33,20 @@ def resolve_device(device: str | None = None):
         if index >= torch.cuda.device_count():
             raise InvalidInputError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
     return torch.device(device)
+
+
+@contextmanager
+def full_float32():
+    """Run CUDA convolutions and matmuls in full float32 (no TF32) inside the block, so GPU and CPU predictions agree.
+
+    cuDNN uses TF32 for float32 convolutions by default on Ampere and newer GPUs; that moves probabilities by up to
+    ~1e-2. Inference is cheap enough to do exactly; training keeps torch's defaults.
+    """
+    import torch
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -8,7 +8,7 @@ import torch
 
 import histocell_sd as hc
 from histocell_sd import InvalidInputError
-from histocell_sd._device import resolve_device
+from histocell_sd._device import full_float32, resolve_device
 from histocell_sd._utils import progress_bar
 
 CUDA = torch.cuda.is_available()
@@ -37,6 +37,14 @@ def test_auto_is_cuda_when_available_else_cpu():
 def test_bad_device_is_refused(device):
     with pytest.raises(InvalidInputError, match="device must be"):
         resolve_device(device)
+
+
+def test_full_float32_turns_tf32_off_and_restores_it_even_on_error():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(ValueError), full_float32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        raise ValueError("inside")
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
 
 
 @pytest.mark.skipif(CUDA, reason="a CUDA GPU is present")

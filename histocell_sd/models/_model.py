@@ -15,7 +15,7 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import HISTOCELL_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY
-from .._device import resolve_device
+from .._device import full_float32, resolve_device
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._checkpoint import load_checkpoint, save_checkpoint
@@ -316,7 +316,8 @@ class HistoCell:
         """
         target = resolve_device(device)
         try:
-            return self.net.to(target).predict(inputs, mc_samples=mc_samples, progress=progress)
+            with full_float32():
+                return self.net.to(target).predict(inputs, mc_samples=mc_samples, progress=progress)
         finally:
             self.net.cpu()  # at rest on the CPU: saving, loading and the next call see the same model
 

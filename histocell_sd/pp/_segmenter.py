@@ -20,7 +20,7 @@ from skimage.segmentation import relabel_sequential, watershed
 from skimage.transform import rescale
 from torch import nn
 
-from .._device import resolve_device
+from .._device import full_float32, resolve_device
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._shipped import load_weights, shipped_dir
@@ -127,7 +127,7 @@ def predict_maps(net: SegmenterNet, rgb_uint8: np.ndarray) -> np.ndarray:
     od = to_optical_density(x)
     mode = "reflect" if min(h, w) > max(pad_y, pad_x) else "replicate"
     od = F.pad(od, (_PAD, pad_x, _PAD, pad_y), mode=mode)
-    with torch.inference_mode():
+    with torch.inference_mode(), full_float32():
         out = torch.sigmoid(net(od.contiguous(memory_format=torch.channels_last)))
     return out[0, :, _PAD : _PAD + h, _PAD : _PAD + w].cpu().numpy()
 
