@@ -300,6 +300,14 @@ def test_save_load_round_trip(slide, model, predicted, checkpoint, monkeypatch):
     assert sdata.tables["histocell"].obs["cell_type"].equals(predicted.tables["histocell"].obs["cell_type"])
 
 
+def test_refit_of_a_loaded_model_starts_from_its_nucleus_encoder(slide, checkpoint):
+    loaded = HistoCell.load(checkpoint)
+    encoder = {key: value.clone() for key, value in loaded.net.nucleus.state_dict().items()}
+    loaded.fit(slide[0], encoder_lr_factor=0, **TINY_FIT)  # a frozen encoder keeps exactly what it started from
+    for key, value in encoder.items():
+        assert torch.equal(loaded.net.nucleus.state_dict()[key], value), key
+
+
 def test_model_card_contents(model, checkpoint):
     from safetensors import safe_open
 

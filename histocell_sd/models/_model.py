@@ -193,7 +193,8 @@ class HistoCell:
         """Train from spot proportions only.
 
         A new network is trained and replaces ``net`` only when training succeeds: a failed fit
-        leaves the model as it was.
+        leaves the model as it was. Its nucleus encoder starts from the model's encoder (``encoder=``
+        at construction; for a loaded model, the loaded network's encoder); the other layers start afresh.
 
         Parameters
         ----------
@@ -357,7 +358,9 @@ class HistoCell:
         """
         checkpoint = load_checkpoint(path)
         model = cls.__new__(cls)
-        model._setup(checkpoint.config, None, checkpoint.net)  # the encoder weights are in the network
+        # a later fit starts from the loaded nucleus encoder, as a new model starts from the pretrained one
+        encoder_state = {key: value.clone() for key, value in checkpoint.net.nucleus.state_dict().items()}
+        model._setup(checkpoint.config, encoder_state, checkpoint.net)
         model.history_, model.training_summary_, model.model_card_ = checkpoint.history, checkpoint.training_summary, checkpoint.card
         return model
 
