@@ -5,43 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
-from scipy import sparse
 from spatialdata.transformations import get_transformation
 
 from histocell_sd import InvalidInputError
+from histocell_sd.datasets._synthetic_hd import write_10x_h5
 from histocell_sd.io import SpotsTableModel, read_visium, validate
 
 N_SPOTS = 20
 SPOT_DIAMETER_FULLRES = 18.0
 HEIGHT, WIDTH = 200, 240
 GENES = [f"Gene{j}" for j in range(7)]
-
-
-def _write_10x_h5(file: Path, barcodes: list[str], counts: np.ndarray) -> None:
-    """A Cell Ranger v3 / Space Ranger feature-barcode matrix (genes × barcodes, CSC)."""
-    matrix = sparse.csc_matrix(counts.T)
-    with h5py.File(file, "w") as f:
-        f.attrs["library_ids"] = np.array([b"lib1"])
-        f.attrs["chemistry_description"] = "Spatial 3' v1"
-        f.attrs["software_version"] = "spaceranger-2.0.0"
-        g = f.create_group("matrix")
-        g.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
-        g.create_dataset("data", data=matrix.data.astype(np.int32))
-        g.create_dataset("indices", data=matrix.indices.astype(np.int64))
-        g.create_dataset("indptr", data=matrix.indptr.astype(np.int64))
-        g.create_dataset("shape", data=np.array(matrix.shape, dtype=np.int32))
-        features = g.create_group("features")
-        features.create_dataset("id", data=np.array([f"ENSG{j:011d}" for j in range(len(GENES))], dtype="S"))
-        features.create_dataset("name", data=np.array(GENES, dtype="S"))
-        features.create_dataset("feature_type", data=np.array(["Gene Expression"] * len(GENES), dtype="S"))
-        features.create_dataset("genome", data=np.array(["GRCh38"] * len(GENES), dtype="S"))
-        features.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
 
 
 def make_spaceranger_outs(root: Path, *, positions_file: str = "tissue_positions.csv", prefix: str = "",
@@ -51,7 +29,8 @@ def make_spaceranger_outs(root: Path, *, positions_file: str = "tissue_positions
     (root / "spatial").mkdir(parents=True)
     barcodes = [f"AAACAAGTATCTCCCA-{i}" if i == 0 else f"AC{i:04d}GTTAGCAGT-1" for i in range(N_SPOTS)]
     counts = rng.poisson(2.0, size=(N_SPOTS, len(GENES))).astype(np.int32)
-    _write_10x_h5(root / f"{prefix}filtered_feature_bc_matrix.h5", barcodes, counts)
+    version = {"library_ids": np.array([b"lib1"]), "chemistry_description": "Spatial 3' v1", "software_version": "spaceranger-2.0.0"}
+    write_10x_h5(root / f"{prefix}filtered_feature_bc_matrix.h5", barcodes, counts, GENES, attrs=version)
 
     rows, cols = np.divmod(np.arange(N_SPOTS), 5)
     x = (30 + cols * 40 + (rows % 2) * 20).astype(int)

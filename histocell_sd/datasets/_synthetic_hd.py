@@ -255,12 +255,15 @@ def _write_feature_slice(file: Path) -> None:
         f.attrs["metadata_json"] = json.dumps(metadata)
 
 
-def write_10x_h5(file: Path, barcodes, counts: sparse.spmatrix, genes) -> None:
-    """A Space Ranger feature-barcode matrix (``/matrix``: genes × barcodes, CSC), as scanpy reads it."""
+def write_10x_h5(file: Path, barcodes, counts, genes, *, attrs: dict | None = None) -> None:
+    """A Space Ranger feature-barcode matrix (``/matrix``: genes × barcodes, CSC), as scanpy reads it.
+
+    ``counts`` is barcodes × genes (dense or sparse); ``attrs`` replace the file attributes (default: the software version).
+    """
     matrix = sparse.csc_matrix(counts.T)
     genes = [str(g) for g in genes]
     with h5py.File(file, "w") as f:
-        f.attrs["software_version"] = "spaceranger-3.0.0 (synthetic)"
+        f.attrs.update(attrs if attrs is not None else {"software_version": "spaceranger-3.0.0 (synthetic)"})
         g = f.create_group("matrix")
         g.create_dataset("barcodes", data=np.array([str(b) for b in barcodes], dtype="S"))
         g.create_dataset("data", data=np.rint(matrix.data).astype(np.int32), compression="gzip")
