@@ -181,3 +181,26 @@ def test_import_a_space_ranger_folder(tmp_path, capsys):
     back = hc.io.read_zarr(store)
     hc.io.validate(back)
     assert back.tables["table"].n_obs > 0 and "spatial_um" in back.tables["table"].obsm
+
+
+def test_import_a_visium_hd_folder(tmp_path, capsys):
+    import histocell_sd as hc
+
+    outs, _, _ = hc.datasets.synthetic_visium_hd(tmp_path / "hd" / "outs", seed=1, width_um=120, height_um=120, bin_sizes_um=(2, 8, 16), progress=False)
+    bins = {}
+    for size in (8, 16):
+        store = tmp_path / f"hd{size}.zarr"
+        assert cli.main(["import", str(store), "--visium-hd", str(outs), "--bin-size-um", str(size), "--sample-id", "hd"]) == 0
+        assert "spots" in capsys.readouterr().out
+        back = hc.io.read_zarr(store)
+        hc.io.validate(back)
+        assert back.attrs["bin_size_um"] == size and back.attrs["sample_id"] == "hd"
+        bins[size] = back.tables["table"].n_obs
+    assert bins[8] > 3 * bins[16] > 0  # a 16 µm bin holds four 8 µm bins
+    assert cli.main(["import", str(tmp_path / "x.zarr"), "--visium-hd", str(outs), "--visium", str(outs)]) == 2
+    _one_line_error(capsys, "either --visium", "--visium-hd")
+    assert cli.main(["import", str(tmp_path / "x.zarr"), "--visium-hd", str(outs), "--mpp", "0.5"]) == 2
+    _one_line_error(capsys, "either --visium", "--mpp")
+    assert cli.main(["import", str(tmp_path / "x.zarr"), "--visium-hd", str(outs), "--bin-size-um", "4"]) == 2
+    _one_line_error(capsys, "4")
+    assert not (tmp_path / "x.zarr").exists()

@@ -2,7 +2,7 @@
 
 A typical run on your own Visium sample::
 
-    histocell-sd import sample.zarr --visium outs/ --fullres-image he.tif
+    histocell-sd import sample.zarr --visium outs/ --fullres-image he.tif   # Visium HD: --visium-hd outs/ --bin-size-um 8
     histocell-sd segment sample.zarr
     histocell-sd deconvolve sample.zarr --reference reference.h5ad
     histocell-sd train sample.zarr --out model/
@@ -51,10 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=text, description=text, parents=[common])
 
-    p = command("import", "build a zarr store from a Space Ranger folder, or from an H&E image + spot centres + µm/px")
+    p = command("import", "build a zarr store from a Space Ranger folder (Visium or Visium HD), or from an H&E image + spot centres + µm/px")
     p.add_argument("out", type=Path, help="the zarr store to write")
     p.add_argument("--visium", type=Path, help="Space Ranger outs/ folder (spatial/, filtered_feature_bc_matrix.h5)")
-    p.add_argument("--fullres-image", type=Path, help="the full-resolution H&E given to Space Ranger (with --visium)")
+    p.add_argument("--visium-hd", type=Path, help="Space Ranger Visium HD outs/ folder (binned_outputs/square_<XXX>um/)")
+    p.add_argument("--bin-size-um", type=int, default=8, help="Visium HD bin side in µm to read (2, 8 or 16; default: 8)")
+    p.add_argument("--fullres-image", type=Path, help="the full-resolution H&E given to Space Ranger (with --visium or --visium-hd)")
     p.add_argument("--image", type=Path, help="an H&E image file (TIFF, PNG, JPEG) instead of --visium")
     p.add_argument("--mpp", type=float, help="µm per pixel of --image")
     p.add_argument("--spots", type=Path, help="CSV of spot centres: barcode, x, y (pixels of --image)")
@@ -119,7 +121,7 @@ def _run(args) -> str | None:
     progress = not getattr(args, "quiet", False)
     if args.command == "import":
         return _commands.import_sample(
-            args.out, visium=args.visium, image=args.image, spots=args.spots, mpp=args.mpp, spot_diameter_um=args.spot_diameter_um,
+            args.out, visium=args.visium, visium_hd=args.visium_hd, bin_size_um=args.bin_size_um, image=args.image, spots=args.spots, mpp=args.mpp, spot_diameter_um=args.spot_diameter_um,
             counts=args.counts, proportions=args.proportions, fullres_image=args.fullres_image, sample_id=args.sample_id,
             overwrite=args.overwrite)
     if args.command == "segment":

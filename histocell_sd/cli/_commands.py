@@ -70,16 +70,20 @@ def _read_reference(path: Path):
 
 def import_sample(out: Path, *, visium: Path | None, image: Path | None, spots: Path | None, mpp: float | None,
                   spot_diameter_um: float, counts: Path | None, proportions: Path | None, fullres_image: Path | None,
-                  sample_id: str | None, overwrite: bool) -> str:
-    """Build a store from a Space Ranger folder, or from an H&E image + spot centres + µm/px."""
+                  sample_id: str | None, overwrite: bool, visium_hd: Path | None = None, bin_size_um: int = 8) -> str:
+    """Build a store from a Space Ranger folder (Visium or Visium HD), or from an H&E image + spot centres + µm/px."""
     from .. import io
 
-    if visium is not None and (image is not None or spots is not None or mpp is not None):
-        raise InvalidInputError("Give either --visium (a Space Ranger folder) or --image with --spots and --mpp, not both.")
-    inputs = [p for p in (visium, image, spots, counts, proportions, fullres_image) if p is not None]
+    sources = [name for name, given in (("--visium", visium), ("--visium-hd", visium_hd), ("--image", image)) if given is not None]
+    if len(sources) > 1 or (len(sources) == 1 and sources[0] != "--image" and (spots is not None or mpp is not None or counts is not None)):
+        raise InvalidInputError("Give either --visium or --visium-hd (a Space Ranger folder) or --image with --mpp (and --spots, --counts), "
+                                f"not several; got {', '.join(sources + [o for o, v in (('--spots', spots), ('--mpp', mpp), ('--counts', counts)) if v is not None])}.")
+    inputs = [p for p in (visium, visium_hd, image, spots, counts, proportions, fullres_image) if p is not None]
     _check_out(out, inputs, overwrite)
     if visium is not None:
         sdata = io.read_visium(visium, fullres_image_file=fullres_image, sample_id=sample_id)
+    elif visium_hd is not None:
+        sdata = io.read_visium_hd(visium_hd, bin_size_um=bin_size_um, fullres_image_file=fullres_image, sample_id=sample_id)
     else:
         if image is None or mpp is None:
             raise InvalidInputError("Give --visium DIR, or --image FILE with --mpp (µm per pixel) and optionally --spots CSV.")
