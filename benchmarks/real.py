@@ -18,6 +18,10 @@ Sections (``--sections``):
     BRCA-M2C leave-one-dataset-out twins.
 ``weak40x``
     The same with every patch resampled to 0.25 µm/px (40x).
+``weak20x_seeds``
+    The weak model and its supervised twin of ``weak20x`` fitted with several seeds (``--fit-seeds``; a seed
+    sets the spot split, sampling, augmentation and initialisation), beside the prior and morphology
+    baselines, all in one run: the mean and spread of each F1 and of the weak / twin ratio.
 ``st_like``
     Legacy-ST-like spots: 100 µm diameter (about four times the nuclei of a Visium spot) on a 110 µm hex
     pitch, proportions perturbed the way deconvolution errs (Dirichlet noise around the truth, concentration
@@ -337,6 +341,47 @@ def section_weak(args, factor: float = 1.0) -> dict:
     return result
 
 
+def section_weak_seeds(args) -> dict:
+    """``weak`` and ``supervised_twin`` at 20x over ``--fit-seeds``, with the baselines, on one data preparation."""
+    network, encoder = lodo_weights("segmenter", "brca_m2c", args), lodo_weights("encoder", "brca_m2c", args)
+    spots = {"diameter_um": 55.0, "pitch_um": 100.0}
+    train = training_set(args, spots, network)
+    test = brca_samples(args, splits(args)[1], spots=None, network=network)
+    truth = matched_truth(test)
+    known = pd.notna(truth)
+    y = truth[known]
+    result = {"fit_seeds": list(args.fit_seeds), "test_nuclei_matched": int(known.sum()), "pseudo_spots": spots,
+              "weights": {"segmenter": card_summary(network), "encoder": card_summary(encoder)}, "per_seed": {}}
+    for seed in args.fit_seeds:
+        row = {}
+        for name, extra in (("weak", {}), ("supervised_twin", {"nucleus_labels_key": "true_cell_type", "self_training_epochs": 0})):
+            start = time.perf_counter()
+            model = hc.HistoCell(TYPES, encoder=encoder).fit(train, progress=False, seed=seed, **{**fit_kwargs(args), **extra})
+            pred, _ = predict_all(test, model)
+            row[name] = classification(y, pred[known], TYPES) | {"fit_s": round(time.perf_counter() - start, 1)}
+            print(f"  seed {seed} {name}: weighted F1 {row[name]['weighted_f1']}, macro {row[name]['macro_f1']}", file=sys.stderr, flush=True)
+        result["per_seed"][str(seed)] = row
+    props = [s.tables["table"].obsm["proportions"][TYPES] for s in train]
+    priors = prior_baselines(props, int(known.sum()), TYPES)
+    priors.pop("_mean_training_proportions")
+    baselines = {f"prior_{k}": classification(y, p, TYPES) for k, p in priors.items()}
+    morph = morphology_baselines([(s.tables["histocell"], s.tables["table"].obsm["proportions"][TYPES]) for s in train],
+                                 ad.concat([s.tables["histocell"] for s in test]), TYPES)
+    baselines |= {f"morphology_{k}": classification(y, np.asarray(p)[known], TYPES) for k, p in morph.items()}
+    result["baselines"] = baselines
+
+    def spread(values):
+        return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None,
+                "min": round(float(np.min(values)), 4), "max": round(float(np.max(values)), 4)}
+
+    rows = result["per_seed"].values()
+    result["summary"] = {f"{name}_{kind}": spread([r[name][kind] for r in rows])
+                         for name in ("weak", "supervised_twin") for kind in ("weighted_f1", "macro_f1")}
+    for kind in ("weighted_f1", "macro_f1"):
+        result["summary"][f"weak_over_supervised_{kind}"] = spread([r["weak"][kind] / r["supervised_twin"][kind] for r in rows])
+    return result
+
+
 def spot_agreement(samples: list, predicted_key: str, types: list[str]) -> dict:
     """Mean over types of the Pearson r across spots (and per type) between predicted and true proportions."""
     pred = pd.concat([s.tables["table"].obsm[predicted_key] for s in samples])
@@ -477,6 +522,7 @@ def main() -> None:
     parser.add_argument("--sections", default="detection,weak20x,weak40x,st_like,nucls,speed")
     parser.add_argument("--lodo-dir", type=Path, default=ROOT / "benchmarks" / "results" / "lodo")
     parser.add_argument("--synthetic-seeds", type=int, nargs="+", default=[7, 11])
+    parser.add_argument("--fit-seeds", type=int, nargs="+", default=[0, 1, 2], help="fit seeds of the weak20x_seeds section")
     parser.add_argument("--dirichlet", type=float, default=10.0, help="concentration of the Dirichlet noise (st_like)")
     parser.add_argument("--dev", action="store_true", help="train on train, score val (development only)")
     parser.add_argument("--quick", action="store_true")
@@ -493,7 +539,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     logging.getLogger("histocell_sd").setLevel(logging.ERROR)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"detection", "weak20x", "weak40x", "st_like", "nucls", "speed"}
+    unknown = set(sections) - {"detection", "weak20x", "weak40x", "weak20x_seeds", "st_like", "nucls", "speed"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -523,6 +569,8 @@ def main() -> None:
             out[name] = {k: v for k, v in weak.items() if not k.startswith("_")}
         elif name == "weak40x":
             out[name] = {k: v for k, v in section_weak(args, factor=2.0).items() if not k.startswith("_")}
+        elif name == "weak20x_seeds":
+            out[name] = section_weak_seeds(args)
         elif name == "st_like":
             out[name] = section_st_like(args)
         elif name == "nucls":
