@@ -390,7 +390,7 @@ def _tangram(ref: ad.AnnData, sp: ad.AnnData, labels: pd.Series, markers: list[s
     import tangram as tg
 
     sc_data = ad.AnnData(ref.X.copy(), obs=pd.DataFrame({"label": labels.to_numpy()}, index=ref.obs_names), var=ref.var.copy())
-    sp_data = sp.copy()
+    sp_data = sp[:, sp.var_names.isin(markers)].copy()  # tangram reads only the markers: a Visium HD table is not copied whole
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.WARNING)  # tangram logs every step at INFO on the root logger
