@@ -225,18 +225,22 @@ def weak_comparison(args, train: list, test: list, types: list[str], encoder: Pa
         print(f"  upstream: weighted F1 {scores['upstream_design']['weighted_f1']}, macro {scores['upstream_design']['macro_f1']}", file=sys.stderr, flush=True)
 
     if "baselines" in models:
-        props = [s.tables["table"].obsm["proportions"][types] for s in train]
-        priors = prior_baselines(props, int(known.sum()), types)
-        result["training_mean_proportions"] = priors.pop("_mean_training_proportions")
-        for name, p in priors.items():
-            scores[f"prior_{name}"] = classification(y, p, types)
-        morph = morphology_baselines([(s.tables["histocell"], s.tables["table"].obsm["proportions"][types]) for s in train],
-                                     ad.concat([s.tables["histocell"] for s in test]), types)
-        for name, p in morph.items():
-            scores[f"morphology_{name}"] = classification(y, np.asarray(p)[known], types)
+        baselines, result["training_mean_proportions"] = baseline_scores(train, test, y, known, types)
+        scores |= baselines
     result["scores"] = scores
     result["training"] = training
     return result
+
+
+def baseline_scores(train: list, test: list, y: np.ndarray, known: np.ndarray, types: list[str]) -> tuple[dict, dict]:
+    """Prior-only and morphology-only scores on the matched test nuclei (``known``, truth ``y``), and the training mean proportions."""
+    priors = prior_baselines([s.tables["table"].obsm["proportions"][types] for s in train], int(known.sum()), types)
+    mean_proportions = priors.pop("_mean_training_proportions")
+    scores = {f"prior_{name}": classification(y, p, types) for name, p in priors.items()}
+    morph = morphology_baselines([(s.tables["histocell"], s.tables["table"].obsm["proportions"][types]) for s in train],
+                                 ad.concat([s.tables["histocell"] for s in test]), types)
+    scores |= {f"morphology_{name}": classification(y, np.asarray(p)[known], types) for name, p in morph.items()}
+    return scores, mean_proportions
 
 
 def _shares(labels: np.ndarray, types: list[str]) -> dict:
@@ -363,14 +367,7 @@ def section_weak_seeds(args) -> dict:
             row[name] = classification(y, pred[known], TYPES) | {"fit_s": round(time.perf_counter() - start, 1)}
             print(f"  seed {seed} {name}: weighted F1 {row[name]['weighted_f1']}, macro {row[name]['macro_f1']}", file=sys.stderr, flush=True)
         result["per_seed"][str(seed)] = row
-    props = [s.tables["table"].obsm["proportions"][TYPES] for s in train]
-    priors = prior_baselines(props, int(known.sum()), TYPES)
-    priors.pop("_mean_training_proportions")
-    baselines = {f"prior_{k}": classification(y, p, TYPES) for k, p in priors.items()}
-    morph = morphology_baselines([(s.tables["histocell"], s.tables["table"].obsm["proportions"][TYPES]) for s in train],
-                                 ad.concat([s.tables["histocell"] for s in test]), TYPES)
-    baselines |= {f"morphology_{k}": classification(y, np.asarray(p)[known], TYPES) for k, p in morph.items()}
-    result["baselines"] = baselines
+    result["baselines"], _ = baseline_scores(train, test, y, known, TYPES)
 
     def spread(values):
         return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None,
@@ -384,25 +381,23 @@ def section_weak_seeds(args) -> dict:
     return result
 
 
-def spot_agreement(samples: list, predicted_key: str, types: list[str]) -> dict:
-    """Mean over types of the Pearson r across spots (and per type) between predicted and true proportions."""
-    pred = pd.concat([s.tables["table"].obsm[predicted_key] for s in samples])
-    true = pd.concat([s.tables["table"].obsm["true_proportions"] for s in samples]).loc[pred.index]
-    keep = pred.notna().all(axis=1)
-    per_type = {}
-    for t in types:
-        a, b = pred.loc[keep, t].to_numpy(float), true.loc[keep, t].to_numpy(float)
-        per_type[t] = round(float(np.corrcoef(a, b)[0, 1]), 4) if a.std() > 0 and b.std() > 0 else None
-    valid = [v for v in per_type.values() if v is not None]
-    return {"mean_per_type_r": round(float(np.mean(valid)), 4) if valid else None, "per_type_r": per_type, "spots": int(keep.sum())}
-
-
 def _spot_frames(samples: list, predicted_key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predicted and true proportions of the spots that have a prediction (rows aligned)."""
     pred = pd.concat([s.tables["table"].obsm[predicted_key] for s in samples])
     true = pd.concat([s.tables["table"].obsm["true_proportions"] for s in samples]).loc[pred.index]
     keep = pred.notna().all(axis=1).to_numpy()
     return pred[keep], true[keep]
+
+
+def spot_agreement(samples: list, predicted_key: str, types: list[str]) -> dict:
+    """Mean over types of the Pearson r across spots (and per type) between predicted and true proportions."""
+    pred, true = _spot_frames(samples, predicted_key)
+    per_type = {}
+    for t in types:
+        a, b = pred[t].to_numpy(float), true[t].to_numpy(float)
+        per_type[t] = round(float(np.corrcoef(a, b)[0, 1]), 4) if a.std() > 0 and b.std() > 0 else None
+    valid = [v for v in per_type.values() if v is not None]
+    return {"mean_per_type_r": round(float(np.mean(valid)), 4) if valid else None, "per_type_r": per_type, "spots": len(pred)}
 
 
 def _mean_r(pred: np.ndarray, true: np.ndarray) -> float:
@@ -438,8 +433,7 @@ def section_st_like(args) -> dict:
             model.fit(train, progress=False, seed=seed, **fit_kwargs(args))
             fit_s = round(time.perf_counter() - start, 1)
             pred, _ = predict_all(test, model)
-            weak_pred, _ = _spot_frames(test, "histocell_proportions")
-            weak_preds.append(weak_pred.reindex(ridge_pred.index)[types].to_numpy(float))
+            weak_preds.append(_spot_frames(test, "histocell_proportions")[0].reindex(ridge_pred.index)[types].to_numpy(float))
             res["per_seed"][str(seed)] = {"fit_s": fit_s, "nucleus_scores_known_types": classification(truth[known], pred[known], types),
                                           "weak_spot_agreement": spot_agreement(test, "histocell_proportions", types),
                                           "fit_validation": model.training_summary_}

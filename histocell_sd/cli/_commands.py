@@ -74,10 +74,11 @@ def import_sample(out: Path, *, visium: Path | None, image: Path | None, spots: 
     """Build a store from a Space Ranger folder (Visium or Visium HD), or from an H&E image + spot centres + µm/px."""
     from .. import io
 
-    sources = [name for name, given in (("--visium", visium), ("--visium-hd", visium_hd), ("--image", image)) if given is not None]
-    if len(sources) > 1 or (len(sources) == 1 and sources[0] != "--image" and (spots is not None or mpp is not None or counts is not None)):
+    sources = [name for name, value in (("--visium", visium), ("--visium-hd", visium_hd), ("--image", image)) if value is not None]
+    image_options = [name for name, value in (("--spots", spots), ("--mpp", mpp), ("--counts", counts)) if value is not None]
+    if len(sources) > 1 or (sources and sources[0] != "--image" and image_options):
         raise InvalidInputError("Give either --visium or --visium-hd (a Space Ranger folder) or --image with --mpp (and --spots, --counts), "
-                                f"not several; got {', '.join(sources + [o for o, v in (('--spots', spots), ('--mpp', mpp), ('--counts', counts)) if v is not None])}.")
+                                f"not several; got {', '.join(sources + image_options)}.")
     inputs = [p for p in (visium, visium_hd, image, spots, counts, proportions, fullres_image) if p is not None]
     _check_out(out, inputs, overwrite)
     if visium is not None:
@@ -86,7 +87,7 @@ def import_sample(out: Path, *, visium: Path | None, image: Path | None, spots: 
         sdata = io.read_visium_hd(visium_hd, bin_size_um=bin_size_um, fullres_image_file=fullres_image, sample_id=sample_id)
     else:
         if image is None or mpp is None:
-            raise InvalidInputError("Give --visium DIR, or --image FILE with --mpp (µm per pixel) and optionally --spots CSV.")
+            raise InvalidInputError("Give --visium DIR, --visium-hd DIR, or --image FILE with --mpp (µm per pixel) and optionally --spots CSV.")
         sdata = io.from_arrays(_read_image(image), mpp, spot_centers=_read_spots(spots) if spots else None,
                                spot_diameter_um=spot_diameter_um, counts=_read_counts(counts) if counts else None,
                                sample_id=sample_id or image.stem)
