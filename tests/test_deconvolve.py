@@ -281,6 +281,25 @@ def test_composition_em_recovers_fractions_and_platform_effects():
         composition_em(Y, mu, rho, max_iter=0)
 
 
+def test_composition_em_is_accelerated_to_the_same_fixed_point():
+    """SQUAREM reaches the fixed point of the EM (with gene factors) in a fraction of plain EM's steps (1,266 at tol 1e-7)."""
+    from histocell_sd.tl._deconvolution.poisson import composition_em
+
+    rng = np.random.default_rng(0)
+    mu = rng.gamma(0.5, 1.0, (4, 200))
+    mu /= mu.sum(axis=1, keepdims=True)
+    rho = np.array([1.4, 1.0, 0.6, 1.0])
+    pi = rng.dirichlet(np.full(4, 0.7), 300)
+    rate = (pi * rho) @ (mu * np.exp(rng.normal(0, 0.7, 200)))
+    Y = rng.poisson(5000 * rate / rate.sum(axis=1, keepdims=True)).astype(float)
+    tight, _, _ = composition_em(Y, mu, rho, max_iter=20000, tol=1e-10)
+    fitted, _, n_iter = composition_em(Y, mu, rho, tol=1e-7)
+    assert n_iter < 400
+    np.testing.assert_allclose(fitted, tight, atol=2e-4)  # a fraction near 0 creeps (sublinear)
+    assert (fitted >= 0).all()
+    np.testing.assert_allclose(fitted.sum(axis=1), 1, atol=1e-12)
+
+
 def test_composition_em_sparse_counts_match_dense(monkeypatch):
     """The sparse E-step (blocks of spots over the non-zero counts only) gives the dense one's fractions."""
     from histocell_sd.tl._deconvolution import poisson
@@ -292,8 +311,8 @@ def test_composition_em_sparse_counts_match_dense(monkeypatch):
     Y = rng.poisson(((pi * rho) @ mu) * 40).astype(float)  # low counts: mostly zeros, some empty spots
     Y[:5] = 0
     monkeypatch.setattr(poisson._RatioTimesMu, "_BLOCK_ROWS", 64)  # several blocks, one partial
-    dense = poisson.composition_em(Y, mu, rho, max_iter=200, tol=1e-9)
-    sparse_fit = poisson.composition_em(sparse.csr_matrix(Y), mu, rho, max_iter=200, tol=1e-9)
+    dense = poisson.composition_em(Y, mu, rho, max_iter=1000, tol=1e-9)
+    sparse_fit = poisson.composition_em(sparse.csr_matrix(Y), mu, rho, max_iter=1000, tol=1e-9)
     np.testing.assert_allclose(sparse_fit[0], dense[0], rtol=0, atol=1e-10)
     assert sparse_fit[2] == dense[2]
 
