@@ -18,7 +18,7 @@ The MAP composition maximises ``τ Σ_g y_sg log Σ_k w_sk μ_kg + Σ_i log Σ_k
 Gene-wise platform effects (a single-cell reference and Visium capture genes differently) are fitted
 as one factor ``γ_g`` per gene shared by all spots: the signatures become ``μ_kg γ_g`` renormalised
 (and ``ρ_k`` the RNA they capture), with ``γ`` updated after each M-step so that the spots' pooled
-counts match the model's, as RCTD does. The EM is accelerated by SQUAREM (:func:`_squarem`), which
+counts match the model's, as RCTD does. The EM is accelerated by SQUAREM (:func:`.squarem.squarem`), which
 reaches the same fixed point in a third to a tenth of the steps. Without nuclei this is a Poisson regression on the
 signatures (the likelihood of RCTD or stereoscope). A type with ``ρ_k = 0`` (absent from the
 reference) takes no UMIs; its share comes from the nuclei alone.
@@ -32,6 +32,7 @@ import numpy as np
 from scipy import sparse
 
 from ..._errors import InvalidInputError
+from .squarem import squarem
 
 _TINY = 1e-300
 _LOG_TINY = np.log(_TINY)
@@ -133,7 +134,7 @@ def composition_em(
             log_gamma = log_gamma - log_gamma.mean()
         return new, log_gamma
 
-    pi, n_iter, change = _squarem(em_step, pi, np.zeros(Y.shape[1]), max_iter, tol)
+    pi, n_iter, change = squarem(em_step, pi, np.zeros(Y.shape[1]), max_iter, tol)
     if change >= tol:
         warnings.warn(f"The composition EM stopped after max_iter={max_iter} iterations, still moving by {change:.2g} (tol {tol:g}).", stacklevel=3)
     if likelihood is None:
@@ -167,50 +168,6 @@ class _RatioTimesMu:
             rate = np.einsum("nk,nk->n", np.repeat(w[rows], self.per_row[rows], axis=0), mu_t.take(Y.indices[part], axis=0))
             out[part] = Y.data[part] / np.maximum(rate, _TINY)
         return np.asarray(self.ratio @ mu_t)
-
-
-def _squarem(em_step, pi: np.ndarray, log_gamma: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, int, float]:
-    """Run ``em_step`` to its fixed point with SQUAREM extrapolation (Varadhan & Roland 2008, scheme S3).
-
-    Each cycle takes two EM steps, extrapolates along them (``π`` in the simplex, ``γ`` on the log
-    scale; the step is halved towards plain EM until every fraction stays non-negative) and takes one
-    EM step from there; the cycle keeps plain EM's two steps when that step moves more than the first
-    one did. Returns ``π``, the EM steps taken and the change of the last one (``max |Δπ|``).
-    """
-    n_iter, change = 0, np.inf
-    state = (pi, log_gamma)
-    while n_iter < max_iter:
-        first = em_step(*state)
-        n_iter, first_change = n_iter + 1, _max_change(first[0], state[0])
-        if first_change < tol or n_iter == max_iter:
-            return first[0], n_iter, first_change
-        second = em_step(*first)
-        n_iter, change = n_iter + 1, _max_change(second[0], first[0])
-        if change < tol or n_iter == max_iter:
-            return second[0], n_iter, change
-        r = [a - b for a, b in zip(first, state)]
-        v = [c - 2 * a + b for c, a, b in zip(second, first, state)]
-        alpha = -np.sqrt(sum(float((x**2).sum()) for x in r) / max(sum(float((x**2).sum()) for x in v), _TINY))
-        alpha = min(alpha, -1.0)
-        while True:  # alpha = -1 is the second EM step, always feasible
-            jump = [s - 2 * alpha * a + alpha**2 * b for s, a, b in zip(state, r, v)]
-            if alpha == -1.0 or jump[0].min() >= 0:
-                break
-            alpha = min((alpha - 1.0) / 2, -1.0) if alpha < -1.01 else -1.0
-        if alpha == -1.0:
-            state = second
-            continue
-        jump[0] /= np.maximum(jump[0].sum(axis=1, keepdims=True), _TINY)
-        third = em_step(*jump)
-        n_iter, change = n_iter + 1, _max_change(third[0], jump[0])
-        state = third if change <= first_change else second
-        if state is third and change < tol:
-            return third[0], n_iter, change
-    return state[0], n_iter, change
-
-
-def _max_change(new: np.ndarray, old: np.ndarray) -> float:
-    return float(np.abs(new - old).max()) if new.size else 0.0
 
 
 def _scaled(mu: np.ndarray, rho: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
