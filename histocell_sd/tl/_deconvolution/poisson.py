@@ -102,7 +102,7 @@ def composition_em(
     pi = np.full((n_spots, n_types), 1.0 / n_types)
     if likelihood is not None:
         inside = spot_of >= 0
-        rows = spot_of[inside]
+        rows, observed = spot_of[inside], likelihood[inside]
         members = sparse.csr_matrix((np.ones(len(rows)), (rows, np.arange(len(rows)))), shape=(n_spots, len(rows)))
         n_nuclei = np.asarray(members.sum(axis=1)).ravel()
     else:
@@ -118,7 +118,7 @@ def composition_em(
         U = w * ratio_times_mu(w, mu)
         N = np.zeros_like(pi)
         if likelihood is not None:
-            N = np.asarray(members @ _posterior(likelihood[inside], pi[rows]))
+            N = np.asarray(members @ nucleus_posterior(observed, pi[rows]))
         content = np.maximum((pi * rho).sum(axis=1, keepdims=True), _TINY)
         numerator = umi_weight * U + N
         denominator = n_nuclei[:, None] + umi_weight * umis[:, None] * rho[None, :] / content
@@ -140,7 +140,7 @@ def composition_em(
     if likelihood is None:
         return pi, None, n_iter
     Q = likelihood / np.maximum(likelihood.sum(axis=1, keepdims=True), _TINY)
-    Q[inside] = _posterior(likelihood[inside], pi[rows])
+    Q[inside] = nucleus_posterior(observed, pi[rows])
     return pi, Q, n_iter
 
 
@@ -177,7 +177,9 @@ def _scaled(mu: np.ndarray, rho: np.ndarray, gamma: np.ndarray) -> tuple[np.ndar
     return mu * gamma / safe[:, None], rho * captured
 
 
-def _posterior(likelihood: np.ndarray, prior: np.ndarray) -> np.ndarray:
+def nucleus_posterior(likelihood: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Type posteriors of nuclei, ``q_i ∝ ℓ_i ∘ π_s(i)`` (rows of ``prior`` aligned to the nuclei)."""
     q = likelihood * prior
-    return q / np.maximum(q.sum(axis=1, keepdims=True), _TINY)
+    q /= np.maximum(q.sum(axis=1, keepdims=True), _TINY)
+    return q
 

@@ -7,6 +7,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from ..._utils import progress_bar
+from .poisson import nucleus_posterior
 from .squarem import squarem
 
 __all__ = ["assign_nuclei", "composition_em_proportions", "expression_matrix", "largest_remainder"]
@@ -53,7 +54,7 @@ def composition_em_proportions(E, likelihood, spot_of, members, n_nuclei, streng
     """
     inside = spot_of >= 0
     rows, observed, members = spot_of[inside], likelihood[inside], members[:, np.flatnonzero(inside)]
-    empty = n_nuclei == 0
+    empty, recalibrating = n_nuclei == 0, recalibrate and n_nuclei.sum() > 0
     weight = np.maximum(strength + n_nuclei, _EPS)[:, None]
 
     def reweighted(log_bias: np.ndarray) -> np.ndarray:
@@ -61,8 +62,8 @@ def composition_em_proportions(E, likelihood, spot_of, members, n_nuclei, streng
         return out / out.sum(axis=1, keepdims=True)
 
     def em_step(pi: np.ndarray, log_bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        posterior_counts = members @ _posterior(observed, pi[rows])
-        if recalibrate and n_nuclei.sum() > 0:
+        posterior_counts = members @ nucleus_posterior(observed, pi[rows])
+        if recalibrating:
             expected = np.maximum((n_nuclei[:, None] * reweighted(log_bias)).sum(axis=0), _EPS)
             log_bias = log_bias + np.log(np.maximum(posterior_counts.sum(axis=0), 1e-300) / expected)
             log_bias = log_bias - np.log(np.exp(log_bias).mean())
@@ -75,14 +76,8 @@ def composition_em_proportions(E, likelihood, spot_of, members, n_nuclei, streng
     pi = np.maximum(pi, 0)
     pi /= pi.sum(axis=1, keepdims=True)
     Q = np.zeros_like(likelihood)
-    Q[inside] = _posterior(observed, pi[rows])
+    Q[inside] = nucleus_posterior(observed, pi[rows])
     return pi, Q, n_iter
-
-
-def _posterior(likelihood: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    q = likelihood * prior
-    q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
-    return q
 
 
 def assign_nuclei(Q: np.ndarray, spot_of: np.ndarray, n_nuclei: np.ndarray, pi: np.ndarray, progress: bool) -> np.ndarray:
