@@ -10,6 +10,7 @@ import json
 import logging
 import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -328,6 +329,8 @@ def test_model_card_contents(model, checkpoint):
     assert summary["nuclei"] == 1572 and summary["seed"] == 0
     assert summary["spots_train"] + summary["spots_val"] == 49
     assert np.isfinite(summary["val_loss"]) and np.isfinite(summary["val_spot_pearson"])
+    for key in ("val_called_share", "val_label_share"):  # what the held-out spots' nuclei are called, and their labels
+        assert list(summary[key]) == model.cell_types and abs(sum(summary[key].values()) - 1) < 1e-3, key
     # weights are a safetensors file (8-byte header length + JSON header), not a pickle
     raw = (checkpoint / "weights.safetensors").read_bytes()
     header = int.from_bytes(raw[:8], "little")
@@ -335,6 +338,22 @@ def test_model_card_contents(model, checkpoint):
     assert not raw.startswith(b"\x80")  # pickle protocol marker
     with safe_open(str(checkpoint / "weights.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(model.net.state_dict())
+
+
+def test_fit_warns_when_a_labelled_type_is_hardly_ever_called(slide, monkeypatch):
+    from histocell_sd.models._trainer import Trainer, _warn_if_collapsed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_collapsed({"a": 0.6, "b": 0.38, "c": 0.02}, {"a": 0.5, "b": 0.3, "c": 0.2})  # rare calls, not none
+        _warn_if_collapsed({"a": 0.995, "b": 0.005}, {"a": 0.95, "b": 0.05})  # a rare type rarely called
+    with pytest.warns(UserWarning, match=r"hardly ever calls \['b'\].*b 40 % of the labels, 0.5 % of the calls"):
+        _warn_if_collapsed({"a": 0.995, "b": 0.005}, {"a": 0.6, "b": 0.4})
+    n = len(slide[0].tables["table"].obsm["proportions"].columns)
+    collapsed = (np.eye(n)[0], np.full(n, 1 / n))  # every held-out nucleus called the first type
+    monkeypatch.setattr(Trainer, "_called_shares", lambda self: collapsed)
+    with pytest.warns(UserWarning, match="collapsed towards the commoner types"):
+        _new_model(slide[0]).fit(slide[0], **TINY_FIT)
 
 
 def _broken(checkpoint, tmp_path, name="broken"):
