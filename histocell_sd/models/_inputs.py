@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
-from skimage.transform import rescale
 from spatialdata import SpatialData
 
 from .._constants import HISTOCELL_KEY, SPATIAL_KEY, SPOT_ID_KEY
@@ -17,6 +16,7 @@ from .._utils import progress_bar
 from ..io import get_image, get_mpp, resolve_key
 from ..io._schema_checks import check_nuclei_mpp
 from ..pp import nucleus_crops
+from ..pp._resample import rescale_uint8
 
 BAND_UM = 1024.0
 
@@ -38,8 +38,7 @@ class SampleInputs:
 def _rescale_band(band: np.ndarray, factor: float) -> np.ndarray:
     if np.isclose(factor, 1.0):
         return band
-    out = rescale(band, factor, order=1, anti_aliasing=factor < 1, channel_axis=2, preserve_range=True)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return rescale_uint8(band, factor)
 
 
 def neighbor_graph(xy_um: np.ndarray, k: int, radius_um: float) -> tuple[np.ndarray, np.ndarray]:

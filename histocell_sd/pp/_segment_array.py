@@ -14,7 +14,8 @@ from skimage.color import hed_from_rgb
 from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import relabel_sequential, watershed
-from skimage.transform import rescale
+
+from ._resample import rescale_rgb
 
 __all__ = ["segment_array"]
 
@@ -43,7 +44,7 @@ def _to_canonical(img: np.ndarray, mpp: float, canonical_mpp: float) -> np.ndarr
     scale = mpp / canonical_mpp
     if np.isclose(scale, 1.0):
         return img
-    return rescale(img, scale, order=1, channel_axis=-1, anti_aliasing=scale < 1).astype(np.float32)
+    return rescale_rgb(img, scale).astype(np.float32)
 
 
 def _hematoxylin(img: np.ndarray) -> np.ndarray:

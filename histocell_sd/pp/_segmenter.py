@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import relabel_sequential, watershed
-from skimage.transform import rescale
 from torch import nn
 
 from .._device import full_float32, resolve_device
@@ -25,6 +24,7 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._shipped import load_weights, shipped_dir
 from .._stain import to_optical_density
+from ._resample import rescale_uint8
 from ._segment_array import _filter_area, _resize_labels, is_padding
 
 __all__ = ["SegmenterNet", "check_scale", "load_segmenter", "segment_learnt"]
@@ -187,8 +187,7 @@ def segment_learnt(rgb, mpp: float, *, network=None, device: str | None = None, 
     if min(shape) * scale < 8:
         return np.zeros(shape, dtype=np.int32)
     if not np.isclose(scale, 1.0, rtol=0.02):
-        rgb = rescale(rgb, scale, order=1, channel_axis=-1, anti_aliasing=scale < 1, preserve_range=True)
-        rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+        rgb = rescale_uint8(rgb, scale)
     padding = is_padding(rgb.astype(np.float32) / 255.0)
     if padding.any():  # scanner padding is no tissue: show it to the network as glass
         rgb = rgb.copy()
