@@ -66,11 +66,11 @@ def rescale_rgb(image: np.ndarray, scale: float) -> np.ndarray:
     """
     h, w, c = image.shape
     out_h, out_w = (max(int(np.round(scale * n)), 1) for n in (h, w))
-    values = np.asarray(image, dtype=np.float64)
-    rows = _axis_operator(h, out_h, scale < 1) @ values.reshape(h, w * c)
+    image = np.asarray(image)
+    rows = _axis_operator(h, out_h, scale < 1) @ image.reshape(h, w * c).astype(np.float64)
     columns = rows.reshape(out_h, w, c).transpose(1, 0, 2).reshape(w, out_h * c)
     out = (_axis_operator(w, out_w, scale < 1) @ columns).reshape(out_w, out_h, c).transpose(1, 0, 2)
-    return np.clip(np.ascontiguousarray(out), values.min(), values.max())
+    return np.clip(np.ascontiguousarray(out), float(image.min()), float(image.max()))
 
 
 def rescale_uint8(image: np.ndarray, scale: float) -> np.ndarray:
