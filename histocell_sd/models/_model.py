@@ -251,7 +251,8 @@ class HistoCell:
             ``self``, with ``history_`` (one row per epoch), ``training_summary_`` and ``fit_timing_``;
             ``sdata`` is not modified. From proportions, the summary holds ``val_spot_pearson`` (mean per-type r
             over the held-out spots), and ``val_called_share`` beside ``val_label_share``: the share of those
-            spots' nuclei called each type against the type's mean share in their labels. A type that is at least
+            spots' nuclei called each type against the type's mean share in their labels (``train_called_share``
+            and ``train_label_share``, over the training spots, when ``val_fraction=0``). A type that is at least
             10 % of the labels but under 1 % of the calls is warned about (the model collapsed towards the
             commoner types: without morphology and from scratch, weak training on real H&E did so).
         """

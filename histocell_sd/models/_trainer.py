@@ -38,14 +38,18 @@ PRETRAINED_ENCODER_LR_FACTOR = 0.1
 COLLAPSE_LABEL_SHARE, COLLAPSE_CALLED_SHARE = 0.10, 0.01
 
 
-def _warn_if_collapsed(called: dict, labelled: dict) -> None:
-    """Warn when a type that is at least 10 % of the held-out spots' labels is called for under 1 % of their nuclei."""
+def _warn_if_collapsed(called: dict, labelled: dict, split: str = "val") -> None:
+    """Warn when a type that is at least 10 % of the spots' labels is called for under 1 % of their nuclei.
+
+    ``split`` names the spots the shares were taken on: ``"val"`` (held out) or ``"train"`` (when none are held out).
+    """
     never = {t: v for t, v in labelled.items() if v >= COLLAPSE_LABEL_SHARE and called[t] < COLLAPSE_CALLED_SHARE}
     if never:
         shares = ", ".join(f"{t} {100 * v:.0f} % of the labels, {100 * called[t]:.1f} % of the calls" for t, v in never.items())
+        spots = "held-out" if split == "val" else "training"
         warnings.warn(
-            f"The fitted model hardly ever calls {sorted(never)} on the held-out spots' nuclei ({shares}): it may have collapsed "
-            "towards the commoner types. The shares are in training_summary_['val_called_share'] and ['val_label_share']; "
+            f"The fitted model hardly ever calls {sorted(never)} on the {spots} spots' nuclei ({shares}): it may have collapsed "
+            f"towards the commoner types. The shares are in training_summary_['{split}_called_share'] and ['{split}_label_share']; "
             "the pretrained encoder, use_morphology=True or more epochs may help.", UserWarning, stacklevel=4)
 
 
@@ -174,12 +178,13 @@ class Trainer:
             "val_loss": float(last["val_loss"]),
             "val_spot_pearson": float(last["val_spot_pearson"]),  # mean over types of the Pearson r across held-out spots
         }
-        if not nucleus_labels_key and self.val:
-            called, labelled = self._called_shares()
+        if not nucleus_labels_key:  # on the held-out spots, or on the training spots when none are held out
+            split = "val" if self.val else "train"
+            called, labelled = self._called_shares(self.val or self.train)
             types = self.config.cell_types
-            summary["val_called_share"] = {t: round(float(c), 4) for t, c in zip(types, called)}
-            summary["val_label_share"] = {t: round(float(v), 4) for t, v in zip(types, labelled)}
-            _warn_if_collapsed(summary["val_called_share"], summary["val_label_share"])
+            summary[f"{split}_called_share"] = {t: round(float(c), 4) for t, c in zip(types, called)}
+            summary[f"{split}_label_share"] = {t: round(float(v), 4) for t, v in zip(types, labelled)}
+            _warn_if_collapsed(summary[f"{split}_called_share"], summary[f"{split}_label_share"], split)
         self.timing["fit_s"] = time.perf_counter() - start
         return FitResult(net=self.net.cpu(), history=history, summary=summary, timing=self.timing)
 
@@ -267,19 +272,20 @@ class Trainer:
         compartment = F.cross_entropy(self.net.compartment_head(spot_repr), self.net.tensor(sample.compartments[spots]))
         return total + self.compartment_weight * compartment
 
-    def _held_out(self):
-        """Per held-out tile: its sample and spots, the queried nuclei with their bag index and weights, and the heads' outputs (eval mode)."""
+    def _held_out(self, tiles=None):
+        """Per held-out tile (or per tile of ``tiles``): its sample and spots, the queried nuclei with their bag index and weights,
+        and the heads' outputs (eval mode)."""
         self.net.eval()
-        for sample_idx, spots in self.val:
+        for sample_idx, spots in self.val if tiles is None else tiles:
             sample = self.prepared[sample_idx]
             query, bag, weights, keys = self._batch(sample, spots, sample_nuclei=False)
             yield sample, spots, query, bag, weights, self.net.outputs(sample.inputs, query, keys, self.net.embed_nuclei(sample.inputs, keys))
 
     @torch.no_grad()
-    def _called_shares(self) -> tuple[np.ndarray, np.ndarray]:
-        """Share of the held-out spots' nuclei called (argmax) as each type, and each type's mean share in those spots' labels."""
+    def _called_shares(self, tiles) -> tuple[np.ndarray, np.ndarray]:
+        """Share of the spots' nuclei called (argmax) as each type, and each type's mean share in those spots' labels."""
         called, labelled = [], []
-        for sample, spots, *_, out in self._held_out():
+        for sample, spots, *_, out in self._held_out(tiles):
             called.append(out["type"].argmax(1).cpu().numpy())
             labelled.append(sample.targets[spots])
         called = np.concatenate(called)
