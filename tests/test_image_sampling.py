@@ -1,9 +1,11 @@
-"""The sparse resampler computes what skimage's anti-aliased bilinear rescale computes."""
+"""Image sampling the model relies on: the sparse resampler (what skimage's anti-aliased bilinear rescale computes)
+and nucleus crops."""
 
 import numpy as np
 import pytest
 from skimage.transform import rescale
 
+from histocell_sd.pp import nucleus_crops
 from histocell_sd.pp._resample import rescale_rgb, rescale_uint8
 
 SHAPES = [(37, 53), (300, 211), (5, 7), (1, 9)]
@@ -29,3 +31,22 @@ def test_uint8_rounding_and_range():
     assert np.abs(out.astype(int) - expected).max() <= 1 and (out != expected).mean() < 1e-5
     flat = np.full((40, 40, 3), 200, np.uint8)
     assert (rescale_uint8(flat, 0.3) == 200).all() and (rescale_uint8(flat, 2.5) == 200).all()
+
+
+def test_nucleus_crops_are_the_centred_windows_zero_padded():
+    rng = np.random.default_rng(2)
+    image = rng.integers(1, 256, (40, 50, 3), dtype=np.uint8)  # no zeros: padding is recognisable
+    xy = np.array([[25.0, 20.0], [0.0, 0.0], [49.4, 39.6], [3.2, 37.0], [-2.0, 60.0]])
+    size, half = 8, 4
+    crops = nucleus_crops(image, xy, size=size)
+    assert crops.shape == (len(xy), 3, size, size) and crops.dtype == np.uint8
+    for crop, (x, y) in zip(crops, xy):
+        expected = np.zeros((size, size, 3), np.uint8)
+        cx, cy = int(np.clip(np.round(x), 0, image.shape[1] + 1)), int(np.clip(np.round(y), 0, image.shape[0] + 1))  # centres clamped
+        for i in range(size):
+            for j in range(size):
+                r, c = cy - half + i, cx - half + j
+                if 0 <= r < image.shape[0] and 0 <= c < image.shape[1]:
+                    expected[i, j] = image[r, c]
+        np.testing.assert_array_equal(crop, expected.transpose(2, 0, 1))
+    assert (crops[0] > 0).all() and (crops[1][:, :half, :] == 0).all() and (crops[1][:, half:, half:] > 0).all()
