@@ -21,6 +21,15 @@ def test_matches_skimage_rescale(shape, scale):
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1 / 8, 0.5, 2.0])
+def test_blocks_do_not_change_the_result(scale):
+    image = np.random.default_rng(3).integers(0, 256, (129, 77, 3), dtype=np.uint8)
+    whole = rescale_rgb(image, scale, block_bytes=2**30)
+    for block_bytes in (1, 5000, 10**5):  # one output row at a time, a few rows, many
+        np.testing.assert_array_equal(rescale_rgb(image, scale, block_bytes=block_bytes), whole)
+        np.testing.assert_array_equal(rescale_uint8(image, scale, block_bytes=block_bytes), np.round(whole).astype(np.uint8))
+
+
 def test_uint8_rounding_and_range():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (512, 384, 3), dtype=np.uint8)

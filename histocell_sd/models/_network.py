@@ -179,21 +179,24 @@ class HistoCellNet(nn.Module):
                     m.train()
         n = h.shape[0]
         all_rows = np.arange(n)
-        types, states, mixed = [], [], []
-        for chunk in np.array_split(all_rows, -(-n // _CHUNK)):
+        chunks = np.array_split(all_rows, -(-n // _CHUNK))
+        types, states, mixed, compartments = [], [], [], []
+        for chunk in chunks:
             out = self.outputs(inputs, chunk, all_rows, h)
             types.append(torch.softmax(out["type"], 1))
             states.append(self.state_proba(out["type"], out["states"]))
             mixed.append(out["mixed"])
         self.eval()
         mixed = torch.cat(mixed)
-        neighbors = self.tensor(inputs.neighbors)
-        valid = (neighbors >= 0).float().unsqueeze(-1)
-        pooled = (mixed[neighbors.clamp(min=0)] * valid).sum(1) / valid.sum(1).clamp(min=1)
+        for chunk in chunks:  # the compartment pools each nucleus' neighbours: (chunk, k, dim) at a time, not (n, k, dim)
+            neighbors = self.tensor(inputs.neighbors[chunk])
+            valid = (neighbors >= 0).float().unsqueeze(-1)
+            pooled = (mixed[neighbors.clamp(min=0)] * valid).sum(1) / valid.sum(1).clamp(min=1)
+            compartments.append(torch.softmax(self.compartment_head(pooled), 1))
         return {
             "type": torch.cat(types).cpu().numpy(),
             "state": torch.cat(states).cpu().numpy(),
-            "compartment": torch.softmax(self.compartment_head(pooled), 1).cpu().numpy(),
+            "compartment": torch.cat(compartments).cpu().numpy(),
             "embedding": mixed.cpu().numpy().astype(np.float32),
         }
 
