@@ -9,7 +9,8 @@ Two parts, each timing both implementations in the same process:
 ``predict``
     ``tl.predict`` end to end with the shipped ``tumor_stromal_lymphocyte`` checkpoint on the ``"visium"``
     preset (seed 1, nuclei stored from the truth raster; generation not timed), twice with each
-    resampler, and whether the probabilities are bitwise identical.
+    resampler, the peak RSS above the RSS before each call (VmHWM, Linux), and whether the probabilities
+    are bitwise identical.
 
 Usage::
 
@@ -19,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -34,7 +36,7 @@ import histocell_sd.models._inputs as model_inputs
 from histocell_sd.pp._resample import rescale_rgb, rescale_uint8
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model import write_json  # noqa: E402
+from model import reset_peak_rss, vm_hwm_gib, write_json  # noqa: E402
 
 
 def skimage_rgb(image: np.ndarray, scale: float) -> np.ndarray:
@@ -43,6 +45,13 @@ def skimage_rgb(image: np.ndarray, scale: float) -> np.ndarray:
 
 def skimage_uint8(image: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.round(skimage_rgb(image, scale)), 0, 255).astype(np.uint8)
+
+
+def rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def best_of(fn, *args, repeats: int = 3) -> float:
@@ -74,15 +83,20 @@ def section_bands(width: int) -> dict:
 def section_predict(preset: str) -> dict:
     sdata, _ = hc.datasets.synthetic_visium(seed=1, preset=preset, progress=False)
     hc.pp.store_nuclei(sdata, sdata.labels["truth_labels"].data, method="truth")
+    del sdata.labels["truth_labels"]
     model = hc.models.pretrained("tumor_stromal_lymphocyte")
     out = {"preset": preset, "nuclei": int(sdata.tables["histocell"].n_obs)}
     probabilities = {}
     try:
         for name, implementation in [("skimage", skimage_uint8), ("sparse", rescale_uint8)] * 2:
             model_inputs.rescale_uint8 = implementation
+            gc.collect()
+            reset_peak_rss()
+            before = rss_gib()
             start = time.perf_counter()
             hc.tl.predict(sdata, model, progress=False)
             out.setdefault(f"{name}_s", []).append(round(time.perf_counter() - start, 2))
+            out.setdefault(f"{name}_peak_rss_above_start_gib", []).append(round(vm_hwm_gib() - before, 3))
             probabilities.setdefault(name, []).append(sdata.tables["histocell"].obsm["cell_type_proba"].to_numpy().copy())
             print(f"[predict] {name}: {out[f'{name}_s'][-1]} s", file=sys.stderr, flush=True)
     finally:
