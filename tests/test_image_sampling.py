@@ -8,7 +8,7 @@ from skimage.transform import rescale
 from histocell_sd.pp import nucleus_crops
 from histocell_sd.pp._resample import rescale_rgb, rescale_uint8
 
-SHAPES = [(37, 53), (300, 211), (5, 7), (1, 9)]
+SHAPES = [(37, 53), (300, 211), (5, 7), (1, 9), (9, 9), (3, 17)]  # small ones: the Gaussian is wider than the image
 SCALES = [1 / 8, 1 / 8.3, 0.5, 0.9, 1.1, 2.0, 3.7]
 
 
