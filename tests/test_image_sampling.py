@@ -59,3 +59,28 @@ def test_nucleus_crops_are_the_centred_windows_zero_padded():
                     expected[i, j] = image[r, c]
         np.testing.assert_array_equal(crop, expected.transpose(2, 0, 1))
     assert (crops[0] > 0).all() and (crops[1][:, :half, :] == 0).all() and (crops[1][:, half:, half:] > 0).all()
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.5, 1.0])  # crops resampled 2x down, as read, 2x up
+def test_crops_on_demand_are_the_held_crops(monkeypatch, mpp):
+    import histocell_sd as hc
+    from histocell_sd.models import _inputs
+
+    monkeypatch.setattr(_inputs, "BAND_UM", 32.0)  # many bands on a small image
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (300, 220, 3), dtype=np.uint8)
+    labels = np.zeros((300, 220), np.int32)
+    for i, (y, x) in enumerate(rng.integers(0, [300, 220], (60, 2)), start=1):  # edges included
+        labels[max(y - 3, 0) : y + 3, max(x - 3, 0) : x + 3] = i
+    sdata = hc.io.from_arrays(image, mpp=mpp)
+    hc.pp.store_nuclei(sdata, labels)
+    settings = {"crop_px": 16, "canonical_mpp": 0.5, "context_mpp": 4.0, "n_neighbors": 4, "radius_um": 20.0, "feature_names": None}
+    held = _inputs.sample_inputs(sdata, progress=False, **settings)
+    lazy = _inputs.sample_inputs(sdata, progress=False, crops_on_demand=True, **settings)
+    assert isinstance(lazy.crops, _inputs.ImageCrops) and lazy.crops.shape == held.crops.shape and len(lazy.crops) == len(held.crops)
+    assert len(np.unique(lazy.crops.band_of)) >= 3
+    np.testing.assert_array_equal(lazy.context, held.context)
+    order = rng.permutation(len(held.crops))  # any order, several bands at once, a slice
+    np.testing.assert_array_equal(lazy.crops[order], held.crops[order])
+    np.testing.assert_array_equal(lazy.crops[5:9], held.crops[5:9])
+    assert len(lazy.crops._canonical) <= 2

@@ -25,7 +25,7 @@ BAND_UM = 1024.0
 class SampleInputs:
     """Per-nucleus inputs of one sample (rows follow the nuclei table)."""
 
-    crops: np.ndarray  # (n, 3, crop, crop) uint8 at the canonical µm/px
+    crops: np.ndarray | ImageCrops  # (n, 3, crop, crop) uint8 at the canonical µm/px, held or cut when indexed
     context: np.ndarray  # (h, w, 3) uint8 image at the context µm/px
     context_xy: np.ndarray  # (n, 2) float32 nucleus positions in context pixels (x, y)
     features: np.ndarray  # (n, f) float32 morphology, raw (standardised by the model)
@@ -39,6 +39,56 @@ def _rescale_band(band: np.ndarray, factor: float) -> np.ndarray:
     if np.isclose(factor, 1.0):
         return band
     return rescale_uint8(band, factor)
+
+
+class ImageCrops:
+    """Nucleus crops cut from the image band by band: ``crops[rows]`` gives ``(len(rows), 3, crop, crop)`` uint8.
+
+    :func:`sample_inputs` reads the image through it; with ``crops_on_demand`` it hands it to the network
+    instead of holding every crop, and indexing cuts the crops from the same bands the same way (the last
+    two resampled bands are kept, so nuclei visited in spatial order read each band once).
+    """
+
+    def __init__(self, image, xy_px: np.ndarray, *, mpp: float, canonical_mpp: float, crop_px: int):
+        self.image, self.xy_px, self.crop_px = image, xy_px, crop_px
+        self.scale = mpp / canonical_mpp
+        self.band_px = max(int(BAND_UM / mpp), 64)
+        self.margin_px = int(np.ceil(crop_px * canonical_mpp / mpp)) + 2
+        self.starts = np.arange(0, image.sizes["y"], self.band_px)
+        self.band_of = np.searchsorted(self.starts, xy_px[:, 1], side="right") - 1
+        self.shape = (len(xy_px), 3, crop_px, crop_px)
+        self._canonical: dict[int, tuple[np.ndarray, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.xy_px)
+
+    def read(self, band: int) -> tuple[np.ndarray, int]:
+        """Band ``band`` of the image with ``margin_px`` rows above and below (as far as the image goes), and its first row."""
+        y0 = int(self.starts[band])
+        r0, r1 = max(y0 - self.margin_px, 0), min(y0 + self.band_px + self.margin_px, self.image.sizes["y"])
+        return np.asarray(self.image[:, r0:r1, :].transpose("y", "x", "c")), r0
+
+    def cut(self, canonical: np.ndarray, r0: int, rows: np.ndarray) -> np.ndarray:
+        """Crops of nuclei ``rows`` from a band already resampled to the canonical µm/px."""
+        return nucleus_crops(canonical, (self.xy_px[rows] - [0, r0]) * self.scale, size=self.crop_px)
+
+    def canonical(self, band: int) -> tuple[np.ndarray, int]:
+        """Band ``band`` (with margins) resampled to the canonical µm/px, and its first row in the image."""
+        if band not in self._canonical:
+            if len(self._canonical) == 2:
+                del self._canonical[next(iter(self._canonical))]
+            pixels, r0 = self.read(band)
+            self._canonical[band] = (_rescale_band(pixels, self.scale), r0)
+        return self._canonical[band]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), 3, self.crop_px, self.crop_px), dtype=np.uint8)
+        bands = self.band_of[rows]
+        for band in np.unique(bands):
+            inside = bands == band
+            out[inside] = self.cut(*self.canonical(int(band)), rows[inside])
+        return out
 
 
 def neighbor_graph(xy_um: np.ndarray, k: int, radius_um: float) -> tuple[np.ndarray, np.ndarray]:
@@ -70,11 +120,14 @@ def sample_inputs(
     image_key: str | None = None,
     nuclei_table_key: str = HISTOCELL_KEY,
     progress: bool = True,
+    crops_on_demand: bool = False,
 ) -> SampleInputs:
     """Crops, context, morphology and neighbours of every nucleus of ``sdata``'s nuclei table.
 
     The image is read band by band (lazily), resampled to ``canonical_mpp`` for the crops and to
-    ``context_mpp`` for the context image, so memory stays bounded on whole slides.
+    ``context_mpp`` for the context image, so memory stays bounded on whole slides. With
+    ``crops_on_demand`` the crops are cut when indexed (:class:`ImageCrops`) instead of held: the same
+    values, about 3 KB less per nucleus, the image read twice.
     """
     mpp = get_mpp(sdata)
     nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
@@ -100,21 +153,17 @@ def sample_inputs(
         raise InvalidInputError(
             f"The image is at {mpp} µm/px; the model works at {canonical_mpp} µm/px and cannot resample by a factor {scale:.3g}."
         )
-    crops = np.zeros((len(xy_px), 3, crop_px, crop_px), dtype=np.uint8)
-    band_px = max(int(BAND_UM / mpp), 64)
-    margin_px = int(np.ceil(crop_px * canonical_mpp / mpp)) + 2
+    reader = ImageCrops(image, xy_px, mpp=mpp, canonical_mpp=canonical_mpp, crop_px=crop_px)
+    crops = reader if crops_on_demand else np.zeros(reader.shape, dtype=np.uint8)
     context_bands = []
-    bands = range(0, height, band_px)
-    for y0 in progress_bar(bands, desc="reading image", disable=not progress or len(bands) < 3):
-        y1 = min(y0 + band_px, height)
-        r0, r1 = max(y0 - margin_px, 0), min(y1 + margin_px, height)
-        band = np.asarray(image[:, r0:r1, :].transpose("y", "x", "c"))
-        context_bands.append(_rescale_band(band[y0 - r0 : y0 - r0 + (y1 - y0)], mpp / context_mpp))
-        inside = np.flatnonzero((xy_px[:, 1] >= y0) & (xy_px[:, 1] < y1))
-        if len(inside):
-            canonical = _rescale_band(band, scale)
-            local = (xy_px[inside] - [0, r0]) * scale
-            crops[inside] = nucleus_crops(canonical, local, size=crop_px)
+    for band in progress_bar(range(len(reader.starts)), desc="reading image", disable=not progress or len(reader.starts) < 3):
+        pixels, r0 = reader.read(band)
+        y0 = int(reader.starts[band])
+        y1 = min(y0 + reader.band_px, height)
+        context_bands.append(_rescale_band(pixels[y0 - r0 : y1 - r0], mpp / context_mpp))
+        inside = np.flatnonzero(reader.band_of == band)
+        if len(inside) and not crops_on_demand:
+            crops[inside] = reader.cut(_rescale_band(pixels, scale), r0, inside)
     context = np.concatenate(context_bands, axis=0) if context_bands else np.zeros((1, 1, 3), np.uint8)
     xy_um = xy_px * mpp
     neighbors, distances = neighbor_graph(xy_um, n_neighbors, radius_um)

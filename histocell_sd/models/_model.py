@@ -275,7 +275,13 @@ class HistoCell:
     # ------------------------------------------------------------------ inference
     @inject_docs
     def sample_inputs(
-        self, sdata: SpatialData, *, image_key: str | None = None, nuclei_table_key: str = HISTOCELL_KEY, progress: bool = True
+        self,
+        sdata: SpatialData,
+        *,
+        image_key: str | None = None,
+        nuclei_table_key: str = HISTOCELL_KEY,
+        progress: bool = True,
+        crops_on_demand: bool = False,
     ) -> SampleInputs:
         """What the model sees of every nucleus of ``sdata``: crops, context image, morphology, neighbours.
 
@@ -289,13 +295,19 @@ class HistoCell:
         {nuclei_table_key}
             Read: centroids, morphology features and ``obs["spot_id"]``.
         {progress}
+        crops_on_demand
+            Cut each nucleus' crop from the image when the network asks for it instead of holding them all
+            (same values, about 3 KB less per nucleus; the image is read twice). :func:`histocell_sd.tl.predict`
+            uses it.
 
         Returns
         -------
         SampleInputs
             One row per nucleus of the nuclei table, in its order.
         """
-        return inputs_of(self._settings, sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
+        return inputs_of(
+            self._settings, sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress, crops_on_demand=crops_on_demand
+        )
 
     @inject_docs
     def predict_inputs(

@@ -44,7 +44,8 @@ class TrainingSample:
     spot_bags: str = "centroid"
 
 
-def inputs_of(config: HistoCellConfig, sdata: SpatialData, *, image_key=None, nuclei_table_key=HISTOCELL_KEY, progress=True) -> SampleInputs:
+def inputs_of(config: HistoCellConfig, sdata: SpatialData, *, image_key=None, nuclei_table_key=HISTOCELL_KEY, progress=True,
+              crops_on_demand=False) -> SampleInputs:
     """The inputs of every nucleus of ``sdata`` with the preprocessing of ``config``."""
     return sample_inputs(
         sdata,
@@ -57,6 +58,7 @@ def inputs_of(config: HistoCellConfig, sdata: SpatialData, *, image_key=None, nu
         image_key=image_key,
         nuclei_table_key=nuclei_table_key,
         progress=progress,
+        crops_on_demand=crops_on_demand,
     )
 
 

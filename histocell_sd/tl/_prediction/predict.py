@@ -94,7 +94,7 @@ def predict(
     if copy:
         sdata = copy_for_writing(sdata)
     table = sdata.tables[nuclei_table_key]
-    inputs = model.sample_inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress)
+    inputs = model.sample_inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress, crops_on_demand=True)
     out = model.predict_inputs(inputs, mc_samples=mc_samples, progress=progress, device=device)
     for key in [k for k in table.obs if k in _OBS_WRITTEN]:
         del table.obs[key]  # an earlier model's outputs (e.g. MC dropout, states) never linger
