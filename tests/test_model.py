@@ -351,13 +351,16 @@ def test_fit_warns_when_a_labelled_type_is_hardly_ever_called(slide, monkeypatch
         _warn_if_collapsed({"a": 0.995, "b": 0.005}, {"a": 0.6, "b": 0.4})
     n = len(slide[0].tables["table"].obsm["proportions"].columns)
     collapsed = (np.eye(n)[0], np.full(n, 1 / n))  # every held-out nucleus called the first type
-    monkeypatch.setattr(Trainer, "_called_shares", lambda self, tiles: collapsed)
+    checked = []  # the tiles the check ran on
+    monkeypatch.setattr(Trainer, "_called_shares", lambda self, tiles: (checked.append((tiles, self.val, self.train)), collapsed)[1])
     with pytest.warns(UserWarning, match="on the held-out spots' nuclei.*collapsed towards the commoner types"):
         _new_model(slide[0]).fit(slide[0], **TINY_FIT)
     # with no spot held out the check runs on the training spots, and says so
     with pytest.warns(UserWarning, match=r"on the training spots' nuclei.*training_summary_\['train_called_share'\]"):
         model = _new_model(slide[0]).fit(slide[0], val_fraction=0, **TINY_FIT)
     summary = model.training_summary_
+    (first, val, _), (second, no_val, train) = checked
+    assert first is val and val and second is train and train and not no_val
     assert summary["spots_val"] == 0 and "val_called_share" not in summary
     assert summary["train_called_share"] == dict(zip(model.cell_types, collapsed[0]))
     assert summary["train_label_share"] == dict(zip(model.cell_types, collapsed[1].round(4)))

@@ -272,11 +272,11 @@ class Trainer:
         compartment = F.cross_entropy(self.net.compartment_head(spot_repr), self.net.tensor(sample.compartments[spots]))
         return total + self.compartment_weight * compartment
 
-    def _held_out(self, tiles=None):
-        """Per held-out tile (or per tile of ``tiles``): its sample and spots, the queried nuclei with their bag index and weights,
-        and the heads' outputs (eval mode)."""
+    def _held_out(self, tiles: list):
+        """Per ``(sample, spots)`` tile: its sample and spots, the queried nuclei with their bag index and weights, and the
+        heads' outputs (eval mode, no sampling)."""
         self.net.eval()
-        for sample_idx, spots in self.val if tiles is None else tiles:
+        for sample_idx, spots in tiles:
             sample = self.prepared[sample_idx]
             query, bag, weights, keys = self._batch(sample, spots, sample_nuclei=False)
             yield sample, spots, query, bag, weights, self.net.outputs(sample.inputs, query, keys, self.net.embed_nuclei(sample.inputs, keys))
@@ -297,7 +297,7 @@ class Trainer:
         if not self.val:
             return float("nan"), float("nan")
         losses, predicted, target = [], [], []
-        for sample, spots, query, bag, weights, out in self._held_out():
+        for sample, spots, query, bag, weights, out in self._held_out(self.val):
             p_type = bag_mean(torch.softmax(out["type"], 1), bag, len(spots), weights)
             if stage == "supervised":
                 labels = self.net.tensor(sample.nucleus_labels[query])

@@ -71,6 +71,16 @@ def _rescaled_blocks(image: np.ndarray, scale: float, block_bytes: int):
         yield first, (horizontal @ columns).reshape(out_w, -1, c).transpose(1, 0, 2)
 
 
+def _rescale(image: np.ndarray, scale: float, block_bytes: int, dtype) -> np.ndarray:
+    image = np.asarray(image)
+    low, high = float(image.min()), float(image.max())
+    out = np.empty(_output_shape(image, scale), dtype=dtype)
+    for first, block in _rescaled_blocks(image, scale, block_bytes):
+        block = np.clip(block, low, high)
+        out[first : first + len(block)] = np.round(block) if dtype == np.uint8 else block
+    return out
+
+
 def rescale_rgb(image: np.ndarray, scale: float, *, block_bytes: int = 2**26) -> np.ndarray:
     """Resample an ``(h, w, c)`` image by ``scale`` (bilinear; Gaussian anti-aliasing when ``scale < 1``).
 
@@ -88,19 +98,9 @@ def rescale_rgb(image: np.ndarray, scale: float, *, block_bytes: int = 2**26) ->
     -------
     ``float64`` array of shape ``(round(scale * h), round(scale * w), c)``, clipped to the input's range.
     """
-    image = np.asarray(image)
-    low, high = float(image.min()), float(image.max())
-    out = np.empty(_output_shape(image, scale))
-    for first, block in _rescaled_blocks(image, scale, block_bytes):
-        out[first : first + len(block)] = np.clip(block, low, high)
-    return out
+    return _rescale(image, scale, block_bytes, np.float64)
 
 
 def rescale_uint8(image: np.ndarray, scale: float, *, block_bytes: int = 2**26) -> np.ndarray:
     """:func:`rescale_rgb` of a uint8 image, rounded back to uint8 block by block."""
-    image = np.asarray(image)
-    low, high = float(image.min()), float(image.max())
-    out = np.empty(_output_shape(image, scale), dtype=np.uint8)
-    for first, block in _rescaled_blocks(image, scale, block_bytes):
-        out[first : first + len(block)] = np.clip(np.round(np.clip(block, low, high)), 0, 255)
-    return out
+    return _rescale(image, scale, block_bytes, np.uint8)
