@@ -22,6 +22,12 @@ Sections (``--sections``):
     The weak model and its supervised twin of ``weak20x`` fitted with several seeds (``--fit-seeds``; a seed
     sets the spot split, sampling, augmentation and initialisation), beside the prior and morphology
     baselines, all in one run: the mean and spread of each F1 and of the weak / twin ratio.
+``holdout``
+    How ``fit`` holds out spots for early stopping (``holdout="spots"``, scattered over every tile, against
+    ``"tiles"``, whole 400 µm squares: here whole patches): the weak model of ``weak20x`` (and from scratch, with
+    ``weak_scratch_encoder`` in ``--models``) fitted with each over ``--fit-seeds`` on one data preparation;
+    nucleus F1 on the scored split, spot agreement on its pseudo-spots (mean per-type r against the true
+    proportions), and what ``fit`` reported on its held-out spots.
 ``st_like``
     Legacy-ST-like spots: 100 µm diameter (about four times the nuclei of a Visium spot) on a 110 µm hex
     pitch, proportions perturbed the way deconvolution errs (Dirichlet noise around the truth, concentration
@@ -53,6 +59,7 @@ says which run measured it, ``models_run`` which run measured each model).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -381,6 +388,39 @@ def section_weak_seeds(args) -> dict:
     return result
 
 
+def section_holdout(args) -> dict:
+    """The weak model fitted with each ``holdout`` of ``fit`` over ``--fit-seeds``: nucleus F1 and spot r on the scored split."""
+    network, encoder = lodo_weights("segmenter", "brca_m2c", args), lodo_weights("encoder", "brca_m2c", args)
+    spots = {"diameter_um": 55.0, "pitch_um": 100.0}
+    train = training_set(args, spots, network)
+    test = brca_samples(args, splits(args)[1], spots=spots, network=network)
+    for s in test:
+        s.tables["table"].obsm["true_proportions"] = s.tables["table"].obsm["proportions"].copy()
+    truth = matched_truth(test)
+    known = pd.notna(truth)
+    y = truth[known]
+    encoders = {"pretrained": encoder} | ({"scratch": "scratch"} if "weak_scratch_encoder" in args.models else {})
+    result = {"fit_seeds": list(args.fit_seeds), "test_nuclei_matched": int(known.sum()), "pseudo_spots": spots,
+              "weights": {"segmenter": card_summary(network), "encoder": card_summary(encoder)}, "per_seed": {}}
+    for seed in args.fit_seeds:
+        row = {}
+        for (name, enc), holdout in itertools.product(encoders.items(), ("spots", "tiles")):
+            start = time.perf_counter()
+            model = hc.HistoCell(TYPES, encoder=enc).fit(train, progress=False, seed=seed, holdout=holdout, **fit_kwargs(args))
+            pred, _ = predict_all(test, model)
+            fit = model.training_summary_
+            row[f"{name}_{holdout}"] = classification(y, pred[known], TYPES) | {
+                "spot_r": spot_agreement(test, "histocell_proportions", TYPES)["mean_per_type_r"], "fit_val_spot_r": round(fit["val_spot_pearson"], 4),
+                "spots_val": fit["spots_val"], "holdout_used": fit["holdout"], "epochs_run": fit["epochs_run"], "fit_s": round(time.perf_counter() - start, 1)}
+            print(f"  seed {seed} {name} holdout={holdout}: weighted F1 {row[f'{name}_{holdout}']['weighted_f1']}, "
+                  f"spot r {row[f'{name}_{holdout}']['spot_r']}", file=sys.stderr, flush=True)
+        result["per_seed"][str(seed)] = row
+    rows = list(result["per_seed"].values())
+    result["summary"] = {key: {kind: {"mean": round(float(np.mean([r[key][kind] for r in rows])), 4), "min": round(float(np.min([r[key][kind] for r in rows])), 4)}
+                               for kind in ("weighted_f1", "macro_f1", "spot_r", "fit_val_spot_r", "epochs_run")} for key in rows[0]}
+    return result
+
+
 def _spot_frames(samples: list, predicted_key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predicted and true proportions of the spots that have a prediction (rows aligned)."""
     pred = pd.concat([s.tables["table"].obsm[predicted_key] for s in samples])
@@ -555,7 +595,7 @@ def main() -> None:
     parser.add_argument("--sections", default="detection,weak20x,weak40x,st_like,nucls,speed")
     parser.add_argument("--lodo-dir", type=Path, default=ROOT / "benchmarks" / "results" / "lodo")
     parser.add_argument("--synthetic-seeds", type=int, nargs="+", default=[7, 11])
-    parser.add_argument("--fit-seeds", type=int, nargs="+", default=[0, 1, 2], help="fit seeds of the weak20x_seeds and st_like sections")
+    parser.add_argument("--fit-seeds", type=int, nargs="+", default=[0, 1, 2], help="fit seeds of the weak20x_seeds, holdout and st_like sections")
     parser.add_argument("--dirichlet", type=float, default=10.0, help="concentration of the Dirichlet noise (st_like)")
     parser.add_argument("--dev", action="store_true", help="train on train, score val (development only)")
     parser.add_argument("--quick", action="store_true")
@@ -572,7 +612,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     logging.getLogger("histocell_sd").setLevel(logging.ERROR)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"detection", "weak20x", "weak40x", "weak20x_seeds", "st_like", "nucls", "speed"}
+    unknown = set(sections) - {"detection", "weak20x", "weak40x", "weak20x_seeds", "holdout", "st_like", "nucls", "speed"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -604,6 +644,8 @@ def main() -> None:
             out[name] = {k: v for k, v in section_weak(args, factor=2.0).items() if not k.startswith("_")}
         elif name == "weak20x_seeds":
             out[name] = section_weak_seeds(args)
+        elif name == "holdout":
+            out[name] = section_holdout(args)
         elif name == "st_like":
             out[name] = section_st_like(args)
         elif name == "nucls":

@@ -366,6 +366,63 @@ def test_fit_warns_when_a_labelled_type_is_hardly_ever_called(slide, monkeypatch
     assert summary["train_label_share"] == dict(zip(model.cell_types, collapsed[1].round(4)))
 
 
+def _tiles(sizes, samples=2):
+    """(sample, spots) tiles of the given sizes, spread over ``samples`` samples, spot rows numbered per sample."""
+    tiles, start = [], [0] * samples
+    for i, n in enumerate(sizes):
+        sample = i % samples
+        tiles.append((sample, np.arange(start[sample], start[sample] + n)))
+        start[sample] += n
+    return tiles
+
+
+def _spot_set(tiles):
+    return {(sample, int(s)) for sample, spots in tiles for s in spots}
+
+
+def test_split_spots_holds_out_whole_tiles():
+    from histocell_sd.models._samples import split_spots
+
+    tiles = _tiles([10] * 20)
+    train, val, used = split_spots(tiles, 0.15, np.random.default_rng(0))
+    assert used == "tiles" and len(val) == 3 and len(train) == 17  # 30 of the 200 spots: three whole tiles
+    whole = {(sample, tuple(spots)) for sample, spots in tiles}
+    assert all((sample, tuple(spots)) in whole for sample, spots in train + val)
+    assert _spot_set(train) | _spot_set(val) == _spot_set(tiles) and not _spot_set(train) & _spot_set(val)
+    again = split_spots(tiles, 0.15, np.random.default_rng(0))[1]
+    assert [(a, list(b)) for a, b in again] == [(a, list(b)) for a, b in val]  # same seed, same split
+    assert {tuple(b) for _, b in split_spots(tiles, 0.15, np.random.default_rng(1))[1]} != {tuple(b) for _, b in val}
+    # tiles of unequal size: tiles are added until they hold the share, and one tile always trains
+    for seed in range(20):
+        train, val, _ = split_spots(_tiles([1, 1, 1, 100], samples=1), 0.5, np.random.default_rng(seed))
+        assert train and val and sum(len(s) for _, s in val) < 103
+    assert split_spots(tiles, 0.0, np.random.default_rng(0))[1:] == ([], "spots")
+
+
+def test_split_spots_falls_back_to_spots_with_few_tiles():
+    from histocell_sd.models._samples import split_spots
+
+    tiles = _tiles([50] * 4)  # 4 tiles × 0.15 < 1: a whole tile would be a quarter of the spots
+    train, val, used = split_spots(tiles, 0.15, np.random.default_rng(0))
+    assert used == "spots" and 10 <= sum(len(s) for _, s in val) <= 50
+    assert _spot_set(train) | _spot_set(val) == _spot_set(tiles) and not _spot_set(train) & _spot_set(val)
+    assert split_spots(tiles, 0.15, np.random.default_rng(0), "spots")[2] == "spots"
+    assert split_spots(_tiles([10] * 20), 0.15, np.random.default_rng(0), "spots")[2] == "spots"
+
+
+@pytest.mark.filterwarnings("ignore:The fitted model hardly ever calls")  # one epoch
+def test_fit_records_how_spots_were_held_out(slide):
+    from histocell_sd.datasets import CELL_TYPES
+
+    sdata = slide[0]
+    assert _new_model(sdata).fit(sdata, **TINY_FIT).training_summary_["holdout"] == "spots"  # too few 400 µm tiles
+    small_tiles = HistoCell(list(CELL_TYPES), states=sdata.attrs["cell_states"], tile_um=100.0)
+    summary = small_tiles.fit(sdata, **TINY_FIT).training_summary_
+    assert summary["holdout"] == "tiles" and summary["spots_val"] > 0 and summary["spots_train"] + summary["spots_val"] == 49
+    assert small_tiles.fit(sdata, holdout="spots", **TINY_FIT).training_summary_["holdout"] == "spots"
+    assert small_tiles.fit(sdata, val_fraction=0, **TINY_FIT).training_summary_["holdout"] is None
+
+
 def _broken(checkpoint, tmp_path, name="broken"):
     path = tmp_path / name
     shutil.copytree(checkpoint, path)
@@ -702,6 +759,7 @@ def test_constructor_refuses_degenerate_settings(kwargs, message):
         ({"epochs": 0, "self_training_epochs": 0, "state_epochs": 0}, "nothing to train"),
         ({"val_fraction": 1.0}, r"must lie in \[0, 1\)"),
         ({"val_fraction": -0.5}, r"must lie in \[0, 1\)"),
+        ({"holdout": "patients"}, r"holdout must be one of \['tiles', 'spots'\], got 'patients'"),
         ({"lr": 0.0}, "lr must be a positive number"),
         ({"lr": 1e6}, "Training diverged"),
     ],

@@ -180,6 +180,7 @@ class HistoCell:
         compartment_weight: float = 0.3,
         pseudo_label_weight: float = 0.5,
         val_fraction: float = 0.15,
+        holdout: str = "tiles",
         patience: int = 8,
         seed: int = 0,
         progress: bool = True,
@@ -219,7 +220,14 @@ class HistoCell:
             pretrained encoder (it is fine-tuned gently: a few hundred spots would otherwise wash out
             what it learnt), 1 from scratch.
         val_fraction, patience
-            Spots held out for early stopping, and epochs without improvement before stopping.
+            Share of the spots held out for early stopping, and epochs without improvement before stopping.
+        holdout
+            Which spots are held out: ``"tiles"`` (default), whole squares of ``tile_um`` (as many as hold
+            ``val_fraction`` of the spots; with fewer than ``1 / val_fraction`` tiles, ``"spots"``), so a held-out
+            spot's neighbours are held out with it and validation sees tissue training did not; ``"spots"``, spots
+            scattered over every tile, whose neighbours train. On real H&E (BRCA-M2C train split, 55 µm
+            pseudo-spots, scored on the patient-disjoint validation split) whole tiles stopped training earlier and
+            gave the better, steadier nucleus F1. ``training_summary_["holdout"]`` says which was used.
         seed
             Seeds the split, sampling, augmentation and initialisation: same seed, same model.
         {progress}
@@ -262,7 +270,7 @@ class HistoCell:
         trainer = Trainer(
             self._settings, encoder_state=self._encoder_state, epochs=epochs, self_training_epochs=self_training_epochs,
             state_epochs=state_epochs, lr=lr, encoder_lr_factor=encoder_lr_factor, compartment_weight=compartment_weight,
-            pseudo_label_weight=pseudo_label_weight, val_fraction=val_fraction, patience=patience, seed=seed, progress=progress,
+            pseudo_label_weight=pseudo_label_weight, val_fraction=val_fraction, holdout=holdout, patience=patience, seed=seed, progress=progress,
             device=resolve_device(device), spot_bags=spot_bags,
         )
         result = trainer.fit(

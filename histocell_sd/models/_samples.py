@@ -27,6 +27,8 @@ SPOT_BAGS = ("centroid", "overlap")
 nucleus whose polygon overlaps it, weighted by the share of the nucleus's area inside it."""
 DEFAULT_SPOT_BAGS = {"circle": "centroid", SQUARE: "overlap"}
 """``spot_bags=None``: overlap for squares, measured better on the synthetic Visium HD slide (``benchmarks/visium_hd.py``)."""
+HOLDOUTS = ("tiles", "spots")
+"""How fit holds out spots for early stopping: whole tiles (``tile_um`` squares), or spots scattered over every tile."""
 
 
 @dataclass
@@ -207,8 +209,22 @@ def spot_tiles(xy_um: np.ndarray, tile_um: float) -> list[np.ndarray]:
     return [np.flatnonzero(inverse.ravel() == t) for t in range(inverse.max() + 1)]
 
 
-def split_spots(tiles, val_fraction: float, rng: np.random.Generator):
-    """Hold out ``val_fraction`` of the spots of every ``(sample, spots)`` tile (spot-level split): ``(train, val)``."""
+def split_spots(tiles, val_fraction: float, rng: np.random.Generator, holdout: str = "tiles"):
+    """Hold out about ``val_fraction`` of the spots of the ``(sample, spots)`` tiles: ``(train, val, holdout used)``.
+
+    ``"tiles"`` holds out whole tiles, drawn in random order until they hold ``val_fraction`` of the spots (at least
+    one tile is kept for training), so the neighbours of a held-out spot are held out with it. With fewer than
+    ``1 / val_fraction`` tiles it falls back to ``"spots"``: every spot of every tile is held out with probability
+    ``val_fraction``.
+    """
+    if holdout == "tiles" and len(tiles) * val_fraction >= 1:
+        target, n_held = val_fraction * sum(len(s) for _, s in tiles), 0
+        held = np.zeros(len(tiles), dtype=bool)
+        for t in rng.permutation(len(tiles))[:-1]:
+            if n_held >= target:
+                break
+            held[t], n_held = True, n_held + len(tiles[t][1])
+        return [t for t, h in zip(tiles, held) if not h], [t for t, h in zip(tiles, held) if h], "tiles"
     train, val = [], []
     for sample_idx, spots in tiles:
         held = rng.random(len(spots)) < val_fraction
@@ -216,4 +232,4 @@ def split_spots(tiles, val_fraction: float, rng: np.random.Generator):
             train.append((sample_idx, spots[~held]))
         if held.any():
             val.append((sample_idx, spots[held]))
-    return train, val
+    return train, val, "spots"

@@ -27,7 +27,7 @@ from .._utils import mean_per_type_pearson, progress_bar
 from ._config import HistoCellConfig
 from ._losses import bag_mean, spot_posteriors, symmetric_kl
 from ._network import HistoCellNet
-from ._samples import TrainingSample, check_spot_bags, prepare_labelled_sample, prepare_sample, split_spots, spot_tiles
+from ._samples import HOLDOUTS, TrainingSample, check_spot_bags, prepare_labelled_sample, prepare_sample, split_spots, spot_tiles
 
 DEFAULT_EPOCHS = {"types": 40, "self-training": 10, "states": 15}
 """Maximum epochs of each stage for up to :data:`FULL_EPOCH_SPOTS` training spots."""
@@ -100,7 +100,7 @@ class Trainer:
 
     def __init__(self, config: HistoCellConfig, *, encoder_state: dict | None = None, epochs=None, self_training_epochs=None,
                  state_epochs=None, lr=2e-3, encoder_lr_factor=None, compartment_weight=0.3, pseudo_label_weight=0.5,
-                 val_fraction=0.15, patience=8, seed=0, progress=True, device=None, spot_bags=None):
+                 val_fraction=0.15, holdout="tiles", patience=8, seed=0, progress=True, device=None, spot_bags=None):
         if encoder_lr_factor is None:
             encoder_lr_factor = 1.0 if config.encoder["source"] == "scratch" else PRETRAINED_ENCODER_LR_FACTOR
         if not np.isfinite(encoder_lr_factor) or encoder_lr_factor < 0:
@@ -109,11 +109,14 @@ class Trainer:
             raise InvalidInputError(f"lr must be a positive number, got {lr}.")
         if not 0 <= val_fraction < 1:
             raise InvalidInputError(f"val_fraction is the share of spots held out and must lie in [0, 1), got {val_fraction}.")
+        if holdout not in HOLDOUTS:
+            raise InvalidInputError(f"holdout must be one of {list(HOLDOUTS)}, got {holdout!r}.")
         if all(e == 0 for e in (epochs, self_training_epochs, state_epochs)):
             raise InvalidInputError("epochs, self_training_epochs and state_epochs are all 0: there is nothing to train.")
         self.config, self.encoder_state = config, encoder_state
         self.epochs = {"epochs": epochs, "self_training_epochs": self_training_epochs, "state_epochs": state_epochs}
         self.lr, self.encoder_lr_factor, self.val_fraction, self.patience = lr, encoder_lr_factor, val_fraction, patience
+        self.holdout = holdout
         self.compartment_weight, self.pseudo_label_weight = compartment_weight, pseudo_label_weight
         check_spot_bags(spot_bags)
         self.seed, self.progress, self.spot_bags = seed, progress, spot_bags
@@ -147,7 +150,7 @@ class Trainer:
                 f"{sum(p.state_targets is None for p in self.prepared)} of {len(self.prepared)} samples: the state heads are not trained "
                 "and tl.predict will not write cell states.", UserWarning, stacklevel=3)
         tiles = [(i, spots) for i, p in enumerate(self.prepared) for spots in spot_tiles(p.spot_xy_um, self.config.tile_um)]
-        self.train, self.val = split_spots(tiles, self.val_fraction, self.rng)
+        self.train, self.val, holdout = split_spots(tiles, self.val_fraction, self.rng, self.holdout)
         if not self.train:
             raise InvalidInputError(f"val_fraction={self.val_fraction} holds out every one of the {sum(len(s) for _, s in tiles)} spots; lower it.")
         max_epochs = stage_epochs(sum(len(s) for _, s in self.train), **self.epochs)
@@ -168,6 +171,7 @@ class Trainer:
             "samples": len(samples),
             "spots_train": int(sum(len(s) for _, s in self.train)),
             "spots_val": int(sum(len(s) for _, s in self.val)),
+            "holdout": holdout if self.val else None,
             "nuclei": int(sum(len(p.inputs.obs_names) for p in self.prepared)),
             "epochs_run": int(len(history)),
             "max_epochs": max_epochs,
