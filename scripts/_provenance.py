@@ -14,5 +14,5 @@ def provenance(script: str, brca_m2c_path: str | None) -> dict:
                                 cwd=Path(script).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    argv = [a if a != brca_m2c_path else "BRCA_M2C_PATH" for a in sys.argv[1:]]  # no local paths in a card that ships
+    argv = [a if brca_m2c_path is None or a != str(brca_m2c_path) else "BRCA_M2C_PATH" for a in sys.argv[1:]]  # no local paths in a card that ships
     return {"script": f"scripts/{Path(script).name}", "commit": commit, "argv": argv}
