@@ -227,7 +227,8 @@ class HistoCell:
             spot's neighbours are held out with it and validation sees tissue training did not; ``"spots"``, spots
             scattered over every tile, whose neighbours train. On real H&E (BRCA-M2C train split, 55 µm
             pseudo-spots, scored on the patient-disjoint validation split) whole tiles stopped training earlier and
-            gave the better, steadier nucleus F1. ``training_summary_["holdout"]`` says which was used.
+            gave the better, steadier nucleus F1; on the test split the two were within seed noise (README).
+            ``training_summary_["holdout"]`` says which was used.
         seed
             Seeds the split, sampling, augmentation and initialisation: same seed, same model.
         {progress}
