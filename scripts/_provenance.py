@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def provenance(script: str, brca_m2c_path: str | None) -> dict:
+def provenance(script: str, brca_m2c_path: str | Path | None) -> dict:
     """``{"script", "commit", "argv"}`` recorded when training starts; the BRCA-M2C folder becomes ``BRCA_M2C_PATH``."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
