@@ -21,7 +21,8 @@ Sections (``--sections``):
 ``weak20x_seeds``
     The weak model and its supervised twin of ``weak20x`` fitted with several seeds (``--fit-seeds``; a seed
     sets the spot split, sampling, augmentation and initialisation), beside the prior and morphology
-    baselines, all in one run: the mean and spread of each F1 and of the weak / twin ratio.
+    baselines, all in one run: the mean and spread of each F1 and of the weak / twin ratio, and the fits of all
+    seeds predicting as one ensemble (``tl.predict`` with the list of models: mean probabilities).
 ``holdout``
     How ``fit`` holds out spots for early stopping (``holdout="spots"``, scattered over every tile, against
     ``"tiles"``, whole 400 µm squares: here whole patches): the weak model of ``weak20x`` (and from scratch, with
@@ -365,6 +366,7 @@ def section_weak_seeds(args) -> dict:
     y = truth[known]
     result = {"fit_seeds": list(args.fit_seeds), "test_nuclei_matched": int(known.sum()), "pseudo_spots": spots,
               "weights": {"segmenter": card_summary(network), "encoder": card_summary(encoder)}, "per_seed": {}}
+    fitted = {"weak": [], "supervised_twin": []}
     for seed in args.fit_seeds:
         row = {}
         for name, extra in (("weak", {}), ("supervised_twin", {"nucleus_labels_key": "true_cell_type", "self_training_epochs": 0})):
@@ -372,8 +374,16 @@ def section_weak_seeds(args) -> dict:
             model = hc.HistoCell(TYPES, encoder=encoder).fit(train, progress=False, seed=seed, **{**fit_kwargs(args), **extra})
             pred, _ = predict_all(test, model)
             row[name] = classification(y, pred[known], TYPES) | {"fit_s": round(time.perf_counter() - start, 1)}
+            fitted[name].append(model)
             print(f"  seed {seed} {name}: weighted F1 {row[name]['weighted_f1']}, macro {row[name]['macro_f1']}", file=sys.stderr, flush=True)
         result["per_seed"][str(seed)] = row
+    if len(args.fit_seeds) > 1:  # the fits of all seeds as one ensemble (tl.predict with a list of models)
+        result["ensemble"] = {}
+        for name, models in fitted.items():
+            pred, predict_s = predict_all(test, models)
+            result["ensemble"][name] = classification(y, pred[known], TYPES) | {"members": len(models), "predict_s": round(predict_s, 2)}
+            print(f"  ensemble {name}: weighted F1 {result['ensemble'][name]['weighted_f1']}, macro {result['ensemble'][name]['macro_f1']}",
+                  file=sys.stderr, flush=True)
     result["baselines"], _ = baseline_scores(train, test, y, known, TYPES)
 
     def spread(values):

@@ -717,6 +717,52 @@ def test_mc_dropout(slide, model, predicted):
     assert _in_eval_mode(model.net)
 
 
+@pytest.mark.filterwarnings("ignore:The fitted model hardly ever calls")  # one epoch: the second member may collapse
+def test_ensemble_averages_its_members(slide, model, predicted):
+    """Several fitted models predict as one: mean probabilities, embeddings side by side, their disagreement."""
+    other = _new_model(slide[0]).fit(slide[0], **(TINY_FIT | {"seed": 1}))
+    alone = _copy(slide[0])
+    hc.tl.predict(alone, other, progress=False)
+    sdata = _copy(slide[0])
+    hc.tl.predict(sdata, [model, other], progress=False)
+    table = sdata.tables["histocell"]
+    expected = (_proba(predicted) + _proba(alone)) / 2
+    pd.testing.assert_frame_equal(_proba(sdata), expected, check_exact=False, atol=1e-6)
+    assert (table.obs["cell_type"].astype(str).to_numpy() == expected.idxmax(axis=1).to_numpy()).all()
+    states = (predicted.tables["histocell"].obsm["cell_state_proba"] + alone.tables["histocell"].obsm["cell_state_proba"]) / 2
+    pd.testing.assert_frame_equal(table.obsm["cell_state_proba"], states, check_exact=False, atol=1e-6)
+    assert table.obsm["histocell_embedding"].shape == (table.n_obs, 2 * model.settings.dim)
+    spread = table.obs["cell_type_ensemble_std"]
+    assert (spread >= 0).all() and (spread > 0).any()
+    assert table.uns["histocell"]["ensemble_size"] == 2
+    mean = sdata.tables["table"].obsm["histocell_proportions"].dropna()
+    assert np.allclose(mean.sum(1), 1.0, atol=1e-5)
+    hc.tl.predict(sdata, [model], progress=False)  # a list of one is the model itself; the ensemble's columns go
+    pd.testing.assert_frame_equal(_proba(sdata), _proba(predicted), check_exact=True)
+    assert "cell_type_ensemble_std" not in sdata.tables["histocell"].obs
+    assert sdata.tables["histocell"].uns["histocell"]["ensemble_size"] == 1
+
+
+def test_ensemble_members_must_agree_and_nothing_is_written_otherwise(slide, model):
+    sdata = _copy(slide[0])
+    before = sdata.tables["histocell"].copy()
+    three = HistoCell(["tumor", "fibroblast", "lymphocyte"], encoder="scratch")
+    sub = _copy(slide[0])
+    props = sub.tables["table"].obsm["proportions"][["tumor", "fibroblast", "lymphocyte"]] + 1e-3
+    sub.tables["table"].obsm["proportions"] = props.div(props.sum(1), axis=0)
+    three.fit(sub, **TINY_FIT)
+    with pytest.raises(InvalidInputError, match=r"same cell types: model\[1\]"):
+        hc.tl.predict(sdata, [model, three], progress=False)
+    with pytest.raises(InvalidInputError, match=r"model\[1\] is untrained"):
+        hc.tl.predict(sdata, [model, _new_model(sdata)], progress=False)
+    with pytest.raises(InvalidInputError, match=r"model\[0\] must be a HistoCell"):
+        hc.tl.predict(sdata, ["model.safetensors", model], progress=False)
+    with pytest.raises(InvalidInputError, match="empty"):
+        hc.tl.predict(sdata, [], progress=False)
+    after = sdata.tables["histocell"]
+    assert list(after.obs.columns) == list(before.obs.columns) and list(after.obsm) == list(before.obsm)
+
+
 def test_default_epochs_scale_with_the_training_spots(model):
     assert list(stage_epochs(300).values()) == [40, 10, 15]
     assert list(stage_epochs(3000).values()) == [13, 3, 5]  # a Visium slide: about the same optimiser steps

@@ -49,7 +49,8 @@ METADATA = {
     "cell_types": "every cell type the model predicts, also those absent from obs['cell_type']",
     "states": "every cell state the model predicts",
     "compartments": "every tissue compartment the model predicts",
-    "encoder": "the nucleus encoder the predictions came from",
+    "encoder": "the nucleus encoder the predictions came from (a list: those of an ensemble's models)",
+    "ensemble_size": "how many models' probabilities were averaged (1: one model)",
 }
 """Keys of a nuclei table's ``uns["histocell"]``; producers merge into it and never replace it."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ from ...models import HistoCell
 @inject_docs
 def predict(
     sdata: SpatialData,
-    model: HistoCell,
+    model: HistoCell | Sequence[HistoCell],
     *,
     nuclei_table_key: str = HISTOCELL_KEY,
     image_key: str | None = None,
@@ -55,7 +56,11 @@ def predict(
         Sample with a nuclei table ``nuclei_table_key`` (from :func:`histocell_sd.pp.segment_nuclei` or
         :func:`histocell_sd.io.read_nuclei`).
     model
-        A trained :class:`~histocell_sd.models.HistoCell`.
+        A trained :class:`~histocell_sd.models.HistoCell`, or several with the same cell types, states
+        and compartments (e.g. fitted with different seeds): an ensemble, whose probabilities are the
+        mean of theirs. Each member's embedding is kept, side by side, in ``obsm["histocell_embedding"]``,
+        and ``obs["cell_type_ensemble_std"]`` receives how much the members disagree (standard deviation
+        of ``cell_type_proba`` over the members, averaged over types); ``mc_samples`` applies to each member.
     {nuclei_table_key}
         Read (morphology features, centroids, ``obs["spot_id"]``) and written: it receives
         ``obs["cell_type"]``, ``obsm["cell_type_proba"]``, ``obs["cell_type_entropy"]``,
@@ -81,10 +86,8 @@ def predict(
     """
     if not isinstance(sdata, SpatialData):
         raise InvalidInputError(f"sdata must be a SpatialData sample, got {type(sdata).__name__}.")
-    if not isinstance(model, HistoCell):
-        raise InvalidInputError(f"model must be a HistoCell, got {type(model).__name__}.")
-    if not model.training_summary_:
-        raise InvalidInputError("The model is untrained: call model.fit(...) or HistoCell.load(path) first.")
+    members = _ensemble_members(model)
+    model = members[0]
     if nuclei_table_key not in sdata.tables:
         raise InvalidInputError(f"No nuclei table {nuclei_table_key!r}; segment nuclei first (hc.pp.segment_nuclei).")
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)) or mc_samples < 0:
@@ -94,8 +97,7 @@ def predict(
     if copy:
         sdata = copy_for_writing(sdata)
     table = sdata.tables[nuclei_table_key]
-    inputs = model.sample_inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress, crops_on_demand=True)
-    out = model.predict_inputs(inputs, mc_samples=mc_samples, progress=progress, device=device)
+    out = _ensemble_outputs(members, sdata, image_key, nuclei_table_key, mc_samples, progress, device)
     for key in [k for k in table.obs if k in _OBS_WRITTEN]:
         del table.obs[key]  # an earlier model's outputs (e.g. MC dropout, states) never linger
     for key in [k for k in table.obsm if k in _OBSM_WRITTEN]:
@@ -116,10 +118,13 @@ def predict(
     table.obsm[EMBEDDING_KEY] = out["embedding"]
     if "type_std" in out:
         table.obs["cell_type_mc_std"] = out["type_std"]
+    if "type_ensemble_std" in out:
+        table.obs["cell_type_ensemble_std"] = out["type_ensemble_std"]
     # merged, never replaced: segmentation's mpp, method and feature definitions stay
+    sources = [m.config["encoder"]["source"] for m in members]
     merge_metadata(
         table, cell_types=list(model.cell_types), states=list(model.state_names), compartments=list(model.compartment_labels),
-        encoder=model.config["encoder"]["source"],
+        encoder=sources[0] if len(set(sources)) == 1 else sources, ensemble_size=len(members),
     )
     NucleiTableModel.validate(table, name=f"tables[{nuclei_table_key!r}]")
     if spots_table_key is not None:
@@ -127,8 +132,47 @@ def predict(
     return sdata if copy else None
 
 
-_OBS_WRITTEN = {CELL_TYPE_KEY, ENTROPY_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, "cell_type_mc_std"}
+_OBS_WRITTEN = {CELL_TYPE_KEY, ENTROPY_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, "cell_type_mc_std", "cell_type_ensemble_std"}
 _OBSM_WRITTEN = {CELL_TYPE_PROBA_KEY, CELL_STATE_PROBA_KEY, f"{COMPARTMENT_KEY}_proba", EMBEDDING_KEY}
+
+
+def _ensemble_members(model) -> list[HistoCell]:
+    """``model`` as a list of trained models with the same outputs, or an :class:`InvalidInputError` naming the problem."""
+    members = list(model) if isinstance(model, Sequence) and not isinstance(model, str) else [model]
+    if not members:
+        raise InvalidInputError("model is an empty list: give a trained HistoCell or several.")
+    for i, member in enumerate(members):
+        which = "model" if len(members) == 1 else f"model[{i}]"
+        if not isinstance(member, HistoCell):
+            raise InvalidInputError(f"{which} must be a HistoCell, got {type(member).__name__}.")
+        if not member.training_summary_:
+            raise InvalidInputError(f"{which} is untrained: call .fit(...) or HistoCell.load(path) first.")
+        for name in ("cell_types", "state_names", "compartment_labels"):
+            if list(getattr(member, name)) != list(getattr(members[0], name)):
+                raise InvalidInputError(
+                    f"The models of an ensemble must predict the same {name.replace('_', ' ')}: "
+                    f"model[{i}] has {list(getattr(member, name))}, model[0] {list(getattr(members[0], name))}."
+                )
+    return members
+
+
+def _ensemble_outputs(members, sdata, image_key, nuclei_table_key, mc_samples, progress, device) -> dict[str, np.ndarray]:
+    """The members' outputs averaged (embeddings side by side); the inputs are built once per preprocessing."""
+    outputs, inputs, preprocessing = [], None, None
+    for member in members:
+        reads = [member.config[k] for k in ("crop_px", "canonical_mpp", "context_mpp", "feature_names", "n_neighbors", "radius_um")]
+        if reads != preprocessing:
+            preprocessing = reads
+            inputs = member.sample_inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress, crops_on_demand=True)
+        outputs.append(member.predict_inputs(inputs, mc_samples=mc_samples, progress=progress, device=device))
+    if len(outputs) == 1:
+        return outputs[0]
+    out = {key: np.mean([o[key] for o in outputs], axis=0) for key in ("type", "state", "compartment")}
+    out["embedding"] = np.concatenate([o["embedding"] for o in outputs], axis=1)
+    out["type_ensemble_std"] = np.std([o["type"] for o in outputs], axis=0).mean(1)
+    if mc_samples > 0:
+        out["type_std"] = np.mean([o["type_std"] for o in outputs], axis=0)
+    return out
 
 
 def _spots_table(sdata, nuclei_table, spots_table_key, nuclei_key) -> str | None:
