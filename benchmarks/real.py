@@ -21,8 +21,8 @@ Sections (``--sections``):
 ``weak20x_seeds``
     The weak model and its supervised twin of ``weak20x`` fitted with several seeds (``--fit-seeds``; a seed
     sets the spot split, sampling, augmentation and initialisation), beside the prior and morphology
-    baselines, all in one run: the mean and spread of each F1 and of the weak / twin ratio, and the fits of all
-    seeds predicting as one ensemble (``tl.predict`` with the list of models: mean probabilities).
+    baselines, all in one run (those of ``--models``): the mean and spread of each F1 and of the weak / twin ratio,
+    and the fits of all seeds predicting as one ensemble (``tl.predict`` with the list of models: mean probabilities).
 ``holdout``
     How ``fit`` holds out spots for early stopping (``holdout="spots"``, scattered over every tile, against
     ``"tiles"``, whole 400 µm squares: here whole patches): the weak model of ``weak20x`` (and from scratch, with
@@ -366,10 +366,12 @@ def section_weak_seeds(args) -> dict:
     y = truth[known]
     result = {"fit_seeds": list(args.fit_seeds), "test_nuclei_matched": int(known.sum()), "pseudo_spots": spots,
               "weights": {"segmenter": card_summary(network), "encoder": card_summary(encoder)}, "per_seed": {}}
-    fitted = {"weak": [], "supervised_twin": []}
+    variants = {"weak": {}, "supervised_twin": {"nucleus_labels_key": "true_cell_type", "self_training_epochs": 0}}
+    fitted = {name: [] for name in variants if name in args.models}
     for seed in args.fit_seeds:
         row = {}
-        for name, extra in (("weak", {}), ("supervised_twin", {"nucleus_labels_key": "true_cell_type", "self_training_epochs": 0})):
+        for name in fitted:
+            extra = variants[name]
             start = time.perf_counter()
             model = hc.HistoCell(TYPES, encoder=encoder).fit(train, progress=False, seed=seed, **{**fit_kwargs(args), **extra})
             pred, _ = predict_all(test, model)
@@ -384,17 +386,18 @@ def section_weak_seeds(args) -> dict:
             result["ensemble"][name] = classification(y, pred[known], TYPES) | {"members": len(models), "predict_s": round(predict_s, 2)}
             print(f"  ensemble {name}: weighted F1 {result['ensemble'][name]['weighted_f1']}, macro {result['ensemble'][name]['macro_f1']}",
                   file=sys.stderr, flush=True)
-    result["baselines"], _ = baseline_scores(train, test, y, known, TYPES)
+    if "baselines" in args.models:
+        result["baselines"], _ = baseline_scores(train, test, y, known, TYPES)
 
     def spread(values):
         return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None,
                 "min": round(float(np.min(values)), 4), "max": round(float(np.max(values)), 4)}
 
     rows = result["per_seed"].values()
-    result["summary"] = {f"{name}_{kind}": spread([r[name][kind] for r in rows])
-                         for name in ("weak", "supervised_twin") for kind in ("weighted_f1", "macro_f1")}
+    result["summary"] = {f"{name}_{kind}": spread([r[name][kind] for r in rows]) for name in fitted for kind in ("weighted_f1", "macro_f1")}
     for kind in ("weighted_f1", "macro_f1"):
-        result["summary"][f"weak_over_supervised_{kind}"] = spread([r["weak"][kind] / r["supervised_twin"][kind] for r in rows])
+        if len(fitted) == 2:
+            result["summary"][f"weak_over_supervised_{kind}"] = spread([r["weak"][kind] / r["supervised_twin"][kind] for r in rows])
     return result
 
 
