@@ -112,6 +112,14 @@ class HistoCellConfig:
         return len(self.state_names) > len(self.cell_types)
 
     @property
+    def input_settings(self) -> dict:
+        """The settings that building a sample's inputs reads (crops, context, neighbours, morphology)."""
+        return {
+            "crop_px": self.crop_px, "canonical_mpp": self.canonical_mpp, "context_mpp": self.context_mpp,
+            "n_neighbors": self.n_neighbors, "radius_um": self.radius_um, "feature_names": list(self.feature_names) or None,
+        }  # fmt: skip
+
+    @property
     def preprocessing(self) -> dict:
         """Preprocessing and architecture, as the card's ``"preprocessing"`` (a new dict each time)."""
         structure = ("cell_types", "states", "compartments")

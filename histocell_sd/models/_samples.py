@@ -51,12 +51,7 @@ def inputs_of(config: HistoCellConfig, sdata: SpatialData, *, image_key=None, nu
     """The inputs of every nucleus of ``sdata`` with the preprocessing of ``config``."""
     return sample_inputs(
         sdata,
-        crop_px=config.crop_px,
-        canonical_mpp=config.canonical_mpp,
-        context_mpp=config.context_mpp,
-        n_neighbors=config.n_neighbors,
-        radius_um=config.radius_um,
-        feature_names=config.feature_names or None,
+        **config.input_settings,
         image_key=image_key,
         nuclei_table_key=nuclei_table_key,
         progress=progress,

@@ -157,12 +157,11 @@ def _ensemble_members(model) -> list[HistoCell]:
 
 
 def _ensemble_outputs(members, sdata, image_key, nuclei_table_key, mc_samples, progress, device) -> dict[str, np.ndarray]:
-    """The members' outputs averaged (embeddings side by side); the inputs are built once per preprocessing."""
-    outputs, inputs, preprocessing = [], None, None
+    """The members' outputs averaged (embeddings side by side); the inputs are built once per input settings."""
+    outputs, inputs, settings = [], None, None
     for member in members:
-        reads = [member.config[k] for k in ("crop_px", "canonical_mpp", "context_mpp", "feature_names", "n_neighbors", "radius_um")]
-        if reads != preprocessing:
-            preprocessing = reads
+        if member.settings.input_settings != settings:
+            settings = member.settings.input_settings
             inputs = member.sample_inputs(sdata, image_key=image_key, nuclei_table_key=nuclei_table_key, progress=progress, crops_on_demand=True)
         outputs.append(member.predict_inputs(inputs, mc_samples=mc_samples, progress=progress, device=device))
     if len(outputs) == 1:
