@@ -1,5 +1,6 @@
 """tl.run_cohort: segment → predict → indicators per slide, failures reported, resume, dask."""
 
+import os
 import time
 import warnings
 
@@ -58,9 +59,11 @@ def test_local_cluster_matches_synchronous(slides, tmp_path):
     paths, bad, model = slides
     sync, _ = tl.run_cohort(paths[:2], model, out_dir=tmp_path / "sync", client="synchronous", progress=False,
                             indicator_kwargs={"n_perms": 5})
-    t0 = time.perf_counter()
+    t0, environ = time.perf_counter(), dict(os.environ)
     ind, failures = tl.run_cohort([paths[1], bad, paths[0]], model, out_dir=tmp_path / "dask", progress=False,
                                   indicator_kwargs={"n_perms": 5})
+    # the cluster's OMP_NUM_THREADS=1 (for its workers) must not stay behind: it would pin later subprocesses to one thread
+    assert dict(os.environ) == environ
     print(f"run_cohort LocalCluster(2 workers), 2 slides + 1 broken: {time.perf_counter() - t0:.1f}s")
     assert list(ind.obs_names) == ["slide_22", "slide_21"]
     assert list(failures["sample"]) == ["broken"]

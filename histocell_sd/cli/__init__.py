@@ -7,6 +7,7 @@ A typical run on your own Visium sample::
     histocell-sd deconvolve sample.zarr --reference reference.h5ad
     histocell-sd train sample.zarr --out model/
     histocell-sd predict other.zarr --model model/        # or --model tumor_stromal_lymphocyte (shipped)
+                                                          # --model seed0/ seed1/ seed2/: one ensemble
     histocell-sd refine other.zarr --reference reference.h5ad
     histocell-sd export other.zarr --out other_nuclei.geojson
 
@@ -93,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("predict", "predict cell type, state and compartment of every nucleus of a segmented store")
     p.add_argument("store", type=Path, help="a segmented zarr store")
-    p.add_argument("--model", type=Path, required=True, help="a model folder, or the name of a shipped model (tumor_stromal_lymphocyte)")
+    p.add_argument("--model", type=Path, nargs="+", required=True,
+                   help="a model folder or the name of a shipped model (tumor_stromal_lymphocyte); several are predicted as one ensemble "
+                        "(the mean of their probabilities; their disagreement in obs['cell_type_ensemble_std'])")
     p.add_argument("--device", help=_DEVICE_HELP)
     _out(p, "write the predicted sample here instead of in place")
 
@@ -134,7 +137,7 @@ def _run(args) -> str | None:
         return _commands.train(args.stores, out=args.out, epochs=args.epochs, states=args.states, compartments=args.compartments,
                                seed=args.seed, device=args.device, progress=progress, overwrite=args.overwrite)
     if args.command == "predict":
-        return _commands.predict(args.store, model_dir=args.model, out=args.out, device=args.device, progress=progress, overwrite=args.overwrite)
+        return _commands.predict(args.store, models=args.model, out=args.out, device=args.device, progress=progress, overwrite=args.overwrite)
     if args.command == "refine":
         return _commands.refine(args.store, reference=args.reference, out=args.out, progress=progress, overwrite=args.overwrite)
     if args.command == "export":

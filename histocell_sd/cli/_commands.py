@@ -172,17 +172,17 @@ def train(stores: list[Path], *, out: Path, epochs: int | None, states: str | No
     return f"model saved to {out}: {json.dumps(model.training_summary_)}"
 
 
-def predict(store: Path, *, model_dir: Path, out: Path | None, device: str | None, progress: bool, overwrite: bool) -> str:
-    """Predict every nucleus of a segmented store with a saved (or a shipped) model."""
+def predict(store: Path, *, models: list[Path], out: Path | None, device: str | None, progress: bool, overwrite: bool) -> str:
+    """Predict every nucleus of a segmented store with one saved (or shipped) model, or several as one ensemble."""
     from .. import tl
     from ..models import HistoCell, pretrained
 
     if out is not None:
-        _check_out(out, [store, model_dir], overwrite, in_place=store)
-    model = HistoCell.load(model_dir) if model_dir.exists() or "/" in str(model_dir) else pretrained(str(model_dir))
+        _check_out(out, [store, *models], overwrite, in_place=store)
+    loaded = [HistoCell.load(m) if m.exists() or "/" in str(m) else pretrained(str(m)) for m in models]
     sdata = _read_store(store)
-    tl.predict(sdata, model, device=device, progress=progress)
-    target = _write_store(sdata, store, out, overwrite, [store, model_dir])
+    tl.predict(sdata, loaded[0] if len(loaded) == 1 else loaded, device=device, progress=progress)
+    target = _write_store(sdata, store, out, overwrite, [store, *models])
     counts = sdata.tables["histocell"].obs["cell_type"].value_counts().to_dict()
     return f"{target}: {counts}"
 

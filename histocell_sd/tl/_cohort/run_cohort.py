@@ -154,6 +154,7 @@ def _distributed(todo, kwargs, client):
     from distributed import Client, LocalCluster, as_completed
 
     own_cluster = own_client = None
+    environ = dict(os.environ)  # LocalCluster sets OMP_NUM_THREADS=1 etc. here for its workers and leaves them set
     if client is None:
         own_cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
         own_client = client = Client(own_cluster)
@@ -174,6 +175,16 @@ def _distributed(todo, kwargs, client):
             own_client.close()
         if own_cluster is not None:
             own_cluster.close()
+        _restore_environ(environ)
+
+
+def _restore_environ(environ: dict[str, str]) -> None:
+    """Put ``os.environ`` back as it was: later subprocesses (a Jupyter kernel, a worker pool) keep all their threads."""
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    for key, value in environ.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 @lru_cache(maxsize=2)
