@@ -58,7 +58,8 @@ def run_cohort(
     out_dir
         Folder of the results (created).
     client
-        ``None``: a ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`` for this call;
+        ``None``: a ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`` for this call
+        (the one-thread variables it sets in ``os.environ`` for its workers are put back afterwards);
         a scheduler address (``"tcp://host:8786"``) or a ``distributed.Client``: the same call on that
         cluster; ``"synchronous"``: a plain loop in this process (debugging, tests).
     segment_kwargs, indicator_kwargs
