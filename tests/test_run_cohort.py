@@ -55,10 +55,12 @@ def test_synchronous_failure_and_resume(slides, tmp_path):
     print(f"run_cohort synchronous: first {first:.1f}s, resume {second:.1f}s")
 
 
-def test_local_cluster_matches_synchronous(slides, tmp_path):
+def test_local_cluster_matches_synchronous(slides, tmp_path, monkeypatch):
     paths, bad, model = slides
     sync, _ = tl.run_cohort(paths[:2], model, out_dir=tmp_path / "sync", client="synchronous", progress=False,
                             indicator_kwargs={"n_perms": 5})
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)  # unset, as in a fresh shell: the cluster sets them to 1 for its workers
     t0, environ = time.perf_counter(), dict(os.environ)
     ind, failures = tl.run_cohort([paths[1], bad, paths[0]], model, out_dir=tmp_path / "dask", progress=False,
                                   indicator_kwargs={"n_perms": 5})
