@@ -158,9 +158,9 @@ def test_predict_with_a_shipped_model_and_import_errors(tmp_path, capsys):
     store = hc.io.write_zarr(sdata, tmp_path / "s.zarr")
     assert cli.main(["predict", str(store), "--model", "tumor_stromal_lymphocyte", "--quiet", "--device", "cpu"]) == 0
     assert "tumor" in capsys.readouterr().out
-    # several --model values: one ensemble (the same model twice agrees with itself)
+    # --model given twice: one ensemble (the same model twice agrees with itself); the store may follow the option
     both = tmp_path / "ensemble.zarr"
-    assert cli.main(["predict", str(store), "--model", "tumor_stromal_lymphocyte", "tumor_stromal_lymphocyte", "--quiet", "--out", str(both)]) == 0
+    assert cli.main(["predict", "--model", "tumor_stromal_lymphocyte", "--model", "tumor_stromal_lymphocyte", str(store), "--quiet", "--out", str(both)]) == 0
     single, ensemble = hc.io.read_zarr(store).tables["histocell"], hc.io.read_zarr(both).tables["histocell"]
     assert ensemble.uns["histocell"]["ensemble_size"] == 2 and "cell_type_ensemble_std" not in single.obs
     assert (ensemble.obs["cell_type"] == single.obs["cell_type"]).all() and np.allclose(ensemble.obs["cell_type_ensemble_std"], 0, atol=1e-6)

@@ -7,7 +7,7 @@ A typical run on your own Visium sample::
     histocell-sd deconvolve sample.zarr --reference reference.h5ad
     histocell-sd train sample.zarr --out model/
     histocell-sd predict other.zarr --model model/        # or --model tumor_stromal_lymphocyte (shipped)
-                                                          # --model seed0/ seed1/ seed2/: one ensemble
+                                                          # --model seed0/ --model seed1/: one ensemble
     histocell-sd refine other.zarr --reference reference.h5ad
     histocell-sd export other.zarr --out other_nuclei.geojson
 
@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("predict", "predict cell type, state and compartment of every nucleus of a segmented store")
     p.add_argument("store", type=Path, help="a segmented zarr store")
-    p.add_argument("--model", type=Path, nargs="+", required=True,
-                   help="a model folder or the name of a shipped model (tumor_stromal_lymphocyte); several are predicted as one ensemble "
-                        "(the mean of their probabilities; their disagreement in obs['cell_type_ensemble_std'])")
+    p.add_argument("--model", type=Path, action="append", required=True,
+                   help="a model folder or the name of a shipped model (tumor_stromal_lymphocyte); give --model several times to predict "
+                        "with the models as one ensemble (the mean of their probabilities; their disagreement in obs['cell_type_ensemble_std'])")
     p.add_argument("--device", help=_DEVICE_HELP)
     _out(p, "write the predicted sample here instead of in place")
 
