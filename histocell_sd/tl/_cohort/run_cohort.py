@@ -155,8 +155,8 @@ def _distributed(todo, kwargs, client):
     from distributed import Client, LocalCluster, as_completed
 
     own_cluster = own_client = None
-    environ = dict(os.environ)  # LocalCluster sets OMP_NUM_THREADS=1 etc. here for its workers and leaves them set
     if client is None:
+        environ = dict(os.environ)  # LocalCluster sets OMP_NUM_THREADS=1 etc. here for its workers and leaves them set
         own_cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
         own_client = client = Client(own_cluster)
     elif isinstance(client, str):
@@ -176,7 +176,7 @@ def _distributed(todo, kwargs, client):
             own_client.close()
         if own_cluster is not None:
             own_cluster.close()
-        _restore_environ(environ)
+            _restore_environ(environ)
 
 
 def _restore_environ(environ: dict[str, str]) -> None:
