@@ -1,5 +1,6 @@
 """The pretrained nucleus encoder HistoCell starts from (models.encoder_card, HistoCell(encoder=...))."""
 
+import json
 import shutil
 
 import numpy as np
@@ -83,6 +84,26 @@ def test_encoder_bad_inputs(tmp_path):
         hc.HistoCell(CELL_TYPES, encoder=copy)
     with pytest.raises(InvalidInputError, match="not a 'encoder' network"):
         hc.HistoCell(CELL_TYPES, encoder=shipped_dir("segmenter"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("architecture", {"width": 8, "out_dim": 64}, "weights do not fit the card's architecture"),
+        ("architecture", {"out_dim": 64}, "needs preprocessing crop_px .*KeyError: 'width'"),
+        ("preprocessing", [], "needs preprocessing crop_px"),
+        ("preprocessing", {"crop_px": "abc", "canonical_mpp": 0.5}, "needs preprocessing crop_px .*ValueError"),
+    ],
+)
+def test_encoder_card_that_does_not_fit_its_weights(tmp_path, key, value, message):
+    # own case: encoder_card_inconsistent (the checksum covers the weights, not the card)
+    folder = tmp_path / "encoder"
+    shutil.copytree(shipped_dir("encoder"), folder)
+    card = json.loads((folder / "card.json").read_text())
+    card[key] = value
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(InvalidInputError, match=message):
+        hc.HistoCell(CELL_TYPES, encoder=folder)
 
 
 def test_frozen_encoder_and_provenance_in_checkpoint(tmp_path):

@@ -851,6 +851,13 @@ def test_states_missing_or_inconsistent(slide):
     with pytest.warns(UserWarning, match="no cell states written"):
         hc.tl.predict(sdata, refit, progress=False)
     assert "cell_state" not in sdata.tables["histocell"].obs
+    trained = _new_model(slide[0]).fit(slide[0], **TINY_FIT)
+    assert trained.training_summary_["states_trained"] is True
+    for members, untrained in (([trained, refit], r"\[1\]"), ([refit, trained], r"\[0\]")):  # own case: ensemble_states_untrained
+        ensemble = _copy(slide[0])
+        with pytest.warns(UserWarning, match=rf"ensemble members {untrained} were not trained"):
+            hc.tl.predict(ensemble, members, progress=False)
+        assert "cell_state" not in ensemble.tables["histocell"].obs and "cell_state_proba" not in ensemble.tables["histocell"].obsm
     no_state_epochs = _new_model(slide[0]).fit(slide[0], **(TINY_FIT | {"state_epochs": 0}))
     assert no_state_epochs.training_summary_["states_trained"] is False
     skewed = _copy(slide[0])

@@ -61,6 +61,7 @@ def predict(
         mean of theirs. Each member's embedding is kept, side by side, in ``obsm["histocell_embedding"]``,
         and ``obs["cell_type_ensemble_std"]`` receives how much the members disagree (standard deviation
         of ``cell_type_proba`` over the members, averaged over types); ``mc_samples`` applies to each member.
+        Cell states are written only when every member's state heads were trained.
     {nuclei_table_key}
         Read (morphology features, centroids, ``obs["spot_id"]``) and written: it receives
         ``obs["cell_type"]``, ``obsm["cell_type_proba"]``, ``obs["cell_type_entropy"]``,
@@ -108,11 +109,13 @@ def predict(
     table.obsm[CELL_TYPE_PROBA_KEY] = type_proba
     set_categorical(table, CELL_TYPE_KEY, model.cell_types, out["type"].argmax(1))
     table.obs[ENTROPY_KEY] = -(out["type"] * np.log(np.clip(out["type"], 1e-12, None))).sum(1)
-    if model.training_summary_.get("states_trained", True) or len(model.state_names) == len(model.cell_types):
+    untrained = [i for i, m in enumerate(members) if not m.training_summary_.get("states_trained", True)]
+    if not untrained or len(model.state_names) == len(model.cell_types):
         table.obsm[CELL_STATE_PROBA_KEY] = pd.DataFrame(out["state"], index=table.obs_names, columns=model.state_names)
         set_categorical(table, CELL_STATE_KEY, model.state_names, out["state"].argmax(1))
-    else:
-        warnings.warn("The model's state heads were not trained (no state proportions at fit): no cell states written.", UserWarning, stacklevel=2)
+    else:  # one untrained head would mix random state probabilities into the ensemble's
+        who = "The model's state heads were" if len(members) == 1 else f"The state heads of ensemble members {untrained} were"
+        warnings.warn(f"{who} not trained (no state proportions at fit): no cell states written.", UserWarning, stacklevel=2)
     table.obsm[f"{COMPARTMENT_KEY}_proba"] = pd.DataFrame(out["compartment"], index=table.obs_names, columns=model.compartment_labels)
     set_categorical(table, COMPARTMENT_KEY, model.compartment_labels, out["compartment"].argmax(1))
     table.obsm[EMBEDDING_KEY] = out["embedding"]
