@@ -96,7 +96,7 @@ def test_encoder_bad_inputs(tmp_path):
     ],
 )
 def test_encoder_card_that_does_not_fit_its_weights(tmp_path, key, value, message):
-    # own case: encoder_card_inconsistent (the checksum covers the weights, not the card)
+    # own case encoder_card_inconsistent: the checksum covers the weights, not the card
     folder = tmp_path / "encoder"
     shutil.copytree(shipped_dir("encoder"), folder)
     card = json.loads((folder / "card.json").read_text())

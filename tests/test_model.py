@@ -853,7 +853,7 @@ def test_states_missing_or_inconsistent(slide):
     assert "cell_state" not in sdata.tables["histocell"].obs
     trained = _new_model(slide[0]).fit(slide[0], **TINY_FIT)
     assert trained.training_summary_["states_trained"] is True
-    for members, untrained in (([trained, refit], r"\[1\]"), ([refit, trained], r"\[0\]")):  # own case: ensemble_states_untrained
+    for members, untrained in (([trained, refit], r"\[1\]"), ([refit, trained], r"\[0\]")):  # own case ensemble_states_untrained
         ensemble = _copy(slide[0])
         with pytest.warns(UserWarning, match=rf"ensemble members {untrained} were not trained"):
             hc.tl.predict(ensemble, members, progress=False)

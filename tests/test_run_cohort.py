@@ -80,3 +80,41 @@ def test_invalid_inputs(slides, tmp_path):
         tl.run_cohort([paths[0], paths[0]], model, out_dir=tmp_path)
     with pytest.raises(hc.InvalidInputError, match="client"):
         tl.run_cohort(paths[:1], model, out_dir=tmp_path, client=3, progress=False)
+    out = tmp_path / "out"  # own case cohort_bad_inputs: each is refused before out_dir is created
+    with pytest.raises(hc.InvalidInputError, match="neither 'synchronous' nor a scheduler address"):
+        tl.run_cohort(paths[:1], model, out_dir=out, client="sync", progress=False)
+    with pytest.raises(hc.InvalidInputError, match="single path"):
+        tl.run_cohort(str(paths[0]), model, out_dir=out, progress=False)
+    with pytest.raises(hc.InvalidInputError, match="no folder at"):
+        tl.run_cohort(paths[:1], tmp_path / "missing_model", out_dir=out, progress=False)
+    with pytest.raises(hc.InvalidInputError, match="missing model_card.json"):  # a folder that is not a checkpoint
+        tl.run_cohort(paths[:1], paths[0].parent, out_dir=out, progress=False)
+    with pytest.raises(hc.InvalidInputError, match="a trained HistoCell or the folder"):
+        tl.run_cohort(paths[:1], [model, model], out_dir=out, progress=False)
+    with pytest.raises(hc.InvalidInputError, match="indicator_kwargs does not fit spatial_indicators"):
+        tl.run_cohort(paths[:1], model, out_dir=out, indicator_kwargs={"n_perm": 5}, progress=False)
+    with pytest.raises(hc.InvalidInputError, match="segment_kwargs must be a dict"):
+        tl.run_cohort(paths[:1], model, out_dir=out, segment_kwargs=["classical"], progress=False)
+    with pytest.raises(hc.InvalidInputError, match="would overwrite the input stores"):
+        tl.run_cohort(paths[:1], model, out_dir=paths[0].parent, save_predictions=True, progress=False)
+    assert not out.exists()
+
+
+def test_another_model_is_refused_on_resume_and_used_when_asked(slides, tmp_path):
+    # own case cohort_resume_other_model, own case cohort_model_cache_stale (workers cached models by folder)
+    paths, _, model = slides
+    kwargs = {"out_dir": tmp_path, "client": "synchronous", "progress": False, "indicator_kwargs": {"n_perms": 5}}
+    first, _ = tl.run_cohort(paths[:1], model, **kwargs)
+    assert "frac_fibroblast" in first.var_names
+    result = tmp_path / "slide_21.h5ad"
+    stamp = result.stat().st_mtime_ns
+    other = hc.models.pretrained("tumor_stromal_lymphocyte")
+    with pytest.raises(hc.InvalidInputError, match="results of another model"):
+        tl.run_cohort(paths[:1], other, **kwargs)
+    assert result.stat().st_mtime_ns == stamp
+    assert HistoCell.load(tmp_path / "model").cell_types == model.cell_types  # the saved model is left as it was
+    again, failures = tl.run_cohort(paths[:1], other, overwrite=True, **kwargs)
+    assert failures.empty and (again.obs["status"] == "computed").all()
+    assert "frac_stromal" in again.var_names and "frac_fibroblast" not in again.var_names
+    resumed, _ = tl.run_cohort(paths[:1], tmp_path / "model", **kwargs)  # the folder now holds that same model
+    assert (resumed.obs["status"] == "resumed").all()

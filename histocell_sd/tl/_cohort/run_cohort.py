@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 
 from ..._errors import InvalidInputError
@@ -17,6 +21,7 @@ from ..._utils import atomic_write, progress_bar
 __all__ = ["run_cohort", "sample_name"]
 
 _MODEL_DIR = "model"
+_RESULT_KEY = "run_cohort"
 
 
 def sample_name(path: str | os.PathLike) -> str:
@@ -43,7 +48,10 @@ def run_cohort(
     segmented (:func:`~histocell_sd.pp.segment_nuclei`), predicted (:func:`~histocell_sd.tl.predict`)
     and summarised (:func:`~histocell_sd.tl.spatial_indicators`) by a dask worker. The 1-row
     indicators of a slide are written atomically to ``out_dir/<sample>.h5ad`` as soon as it is done,
-    so a rerun skips finished slides (resume). A failing slide is reported, the others are kept.
+    so a rerun with the same model skips finished slides (resume; each result records a fingerprint of
+    its model, and results of another model are refused unless ``overwrite``). A failing slide is
+    reported, the others are kept. The paths, model, client and keyword arguments are checked before
+    anything is written.
 
     The model travels as a checkpoint, not as a pickled torch module: it is saved once to
     ``out_dir/model`` (:meth:`~histocell_sd.models.HistoCell.save`, safetensors) and every worker process loads it
@@ -65,9 +73,9 @@ def run_cohort(
     segment_kwargs, indicator_kwargs
         Passed to :func:`~histocell_sd.pp.segment_nuclei` and :func:`~histocell_sd.tl.spatial_indicators`.
     save_predictions
-        Also write each predicted slide to ``out_dir/<sample>.zarr``.
+        Also write each predicted slide to ``out_dir/<sample>.zarr`` (refused where that is an input store).
     overwrite
-        Recompute slides that already have a result.
+        Recompute slides that already have a result (needed when another model made it).
     progress
         Show a progress bar over finished slides.
 
@@ -78,8 +86,8 @@ def run_cohort(
         order of ``paths``; ``obs`` gains ``path`` and ``status`` ``"computed"`` / ``"resumed"``), and a
         DataFrame of the failed slides (``sample``, ``path``, ``error``).
     """
-    from ...models import HistoCell
-
+    if isinstance(paths, (str, os.PathLike)):
+        raise InvalidInputError(f"paths must be a list of zarr stores, got the single path {str(paths)!r}: pass [{str(paths)!r}].")
     paths = [str(p) for p in paths]
     if not paths:
         raise InvalidInputError("run_cohort needs at least one path.")
@@ -87,28 +95,40 @@ def run_cohort(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InvalidInputError(f"Slide names must be unique; duplicated: {dupes}.")
+    _check_client(client)
+    loaded = _trained_model(model)
+    fingerprint = model_fingerprint(loaded)
+    segment_kwargs, indicator_kwargs = _checked_kwargs(segment_kwargs, indicator_kwargs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, HistoCell):
-        if not model.training_summary_:
-            raise InvalidInputError("The model is untrained: call model.fit(...) or HistoCell.load(path) first.")
-        model_dir = out / _MODEL_DIR
-        model.save(model_dir, overwrite=True)
-    elif isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+    if save_predictions:
+        inside = [p for n, p in zip(names, paths) if (out / f"{n}.zarr").resolve() == Path(p).resolve()]
+        if inside:
+            raise InvalidInputError(f"save_predictions would overwrite the input stores {inside}: choose an out_dir that does not hold them.")
+    resumed = [] if overwrite else [n for n in names if (out / f"{n}.h5ad").exists()]
+    other = [n for n in resumed if _result_fingerprint(out / f"{n}.h5ad") != fingerprint]
+    if other:
+        raise InvalidInputError(
+            f"out_dir {str(out)!r} holds results of another model (or of an older histocell-sd) for {other[:3]}"
+            f"{' …' if len(other) > 3 else ''}; pass overwrite=True to recompute them, or use another out_dir."
+        )
+    out.mkdir(parents=True, exist_ok=True)  # everything above is checked before anything is written
+    if isinstance(model, (str, os.PathLike)):
         model_dir = Path(model)
     else:
-        raise InvalidInputError(f"model must be a trained HistoCell or the folder of a saved one, got {model!r}.")
+        model_dir = out / _MODEL_DIR
+        model.save(model_dir, overwrite=True)
     kwargs = {
         "model_dir": str(model_dir.resolve()),
+        "model_fingerprint": fingerprint,
         "out_dir": str(out.resolve()),
-        "segment_kwargs": dict(segment_kwargs or {}),
-        "indicator_kwargs": dict(indicator_kwargs or {}),
+        "segment_kwargs": segment_kwargs,
+        "indicator_kwargs": indicator_kwargs,
         "save_predictions": bool(save_predictions),
     }
     status = {}
     todo = []
     for name, path in zip(names, paths):
-        if not overwrite and (out / f"{name}.h5ad").exists():
+        if name in resumed:
             status[name] = "resumed"
         else:
             todo.append((name, path))
@@ -140,6 +160,68 @@ def run_cohort(
         columns=["sample", "path", "error"],
     )
     return indicators, failures
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of what a model predicts with: its outputs, preprocessing, weights and morphology standardisation."""
+    digest = hashlib.sha256(json.dumps(model.config, sort_keys=True, default=str).encode())
+    for key, value in sorted(model.net.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    for stats in (model.net.feature_mean, model.net.feature_std):
+        digest.update(np.ascontiguousarray(stats, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _trained_model(model):
+    """``model`` (a HistoCell or the folder of a saved one) as a trained HistoCell, or an error naming the problem."""
+    from ...models import HistoCell
+
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_dir():
+            raise InvalidInputError(f"model must be a trained HistoCell or the folder of a saved one; there is no folder at {str(model)!r}.")
+        return HistoCell.load(model)  # a folder that is not a checkpoint is refused here, not by every slide
+    if not isinstance(model, HistoCell):
+        raise InvalidInputError(f"model must be a trained HistoCell or the folder of a saved one, got {model!r}.")
+    if not model.training_summary_:
+        raise InvalidInputError("The model is untrained: call model.fit(...) or HistoCell.load(path) first.")
+    return model
+
+
+def _check_client(client) -> None:
+    if client is None or client == "synchronous":
+        return
+    if isinstance(client, str):
+        if ":" not in client:  # dask addresses are "tcp://host:port" or "host:port"
+            raise InvalidInputError(f"client {client!r} is neither 'synchronous' nor a scheduler address such as 'tcp://host:8786'.")
+        return
+    from distributed import Client
+
+    if not isinstance(client, Client):
+        raise InvalidInputError(f"client must be None, 'synchronous', a scheduler address or a distributed.Client, got {client!r}.")
+
+
+def _checked_kwargs(segment_kwargs, indicator_kwargs) -> tuple[dict, dict]:
+    from ...pp import segment_nuclei
+    from .._spatial.indicators import spatial_indicators
+
+    checked = []
+    for name, kwargs, function in (("segment_kwargs", segment_kwargs, segment_nuclei), ("indicator_kwargs", indicator_kwargs, spatial_indicators)):
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(kwargs, Mapping):
+            raise InvalidInputError(f"{name} must be a dict of keyword arguments, got {type(kwargs).__name__}.")
+        try:
+            inspect.signature(function).bind(None, **kwargs)
+        except TypeError as error:
+            raise InvalidInputError(f"{name} does not fit {function.__name__}: {error}.") from None
+        checked.append(dict(kwargs))
+    return checked[0], checked[1]
+
+
+def _result_fingerprint(path: Path) -> str | None:
+    """The model fingerprint recorded in a slide's result (None for a result written without one)."""
+    return ad.read_h5ad(path).uns.get(_RESULT_KEY, {}).get("model_fingerprint")
 
 
 def _record(name: str, result: tuple[str, str], status: dict, errors: dict) -> None:
@@ -189,17 +271,23 @@ def _restore_environ(environ: dict[str, str]) -> None:
 
 
 @lru_cache(maxsize=2)
-def _load_model(model_dir: str):
+def _load_model(model_dir: str, fingerprint: str):
+    """The model saved at ``model_dir``, loaded once per process and per fingerprint (a folder replaced by another model reloads)."""
     from ...models import HistoCell
 
-    return HistoCell.load(model_dir)
+    model = HistoCell.load(model_dir)
+    if model_fingerprint(model) != fingerprint:
+        raise InvalidInputError(f"The model at {model_dir} changed after run_cohort started.")
+    return model
 
 
 def process_slide(
-    path: str, *, model_dir: str, out_dir: str, segment_kwargs: dict, indicator_kwargs: dict, save_predictions: bool = False
+    path: str, *, model_dir: str, model_fingerprint: str, out_dir: str, segment_kwargs: dict, indicator_kwargs: dict,
+    save_predictions: bool = False,
 ) -> tuple[str, str]:
     """Segment → predict → indicators for one slide; writes ``out_dir/<sample>.h5ad`` atomically.
 
+    The result records ``model_fingerprint`` in ``uns["run_cohort"]``, so a resume can tell which model made it.
     Returns ``("ok", path)`` or ``("error", message)``; never raises for a bad slide.
     """
     from ... import io, pp
@@ -211,9 +299,10 @@ def process_slide(
     try:
         sdata = io.read_zarr(path)
         pp.segment_nuclei(sdata, **({"progress": False} | segment_kwargs))
-        predict(sdata, _load_model(model_dir), progress=False)
+        predict(sdata, _load_model(model_dir, model_fingerprint), progress=False)
         sdata.attrs["sample_id"] = name
         indicators = spatial_indicators({name: sdata}, **({"progress": False} | indicator_kwargs))
+        indicators.uns[_RESULT_KEY] = {"model_fingerprint": model_fingerprint}
         if save_predictions:
             io.write_zarr(sdata, Path(out_dir) / f"{name}.zarr", overwrite=True)
         atomic_write(target, indicators.write_h5ad, overwrite=True)
