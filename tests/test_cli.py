@@ -173,6 +173,12 @@ def test_predict_with_a_shipped_model_and_import_errors(tmp_path, capsys):
     _one_line_error(capsys, "lies inside the input")
     assert cli.main(["predict", str(store), "--model", "tumor_stromal_lymphocyte", "--device", "tpu"]) == 2
     _one_line_error(capsys, "device must be")
+    # own case cli_model_not_found: a relative folder that does not exist was reported as an unknown shipped model
+    assert cli.main(["predict", str(store), "--model", "./mymodel/"]) == 2
+    _one_line_error(capsys, "No checkpoint folder at mymodel. Nor is 'mymodel' a shipped model (tumor_stromal_lymphocyte)")
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["predict", str(store), "--model", str(tmp_path / "afile")]) == 2
+    _one_line_error(capsys, "is a file; a checkpoint is the folder")
 
 
 def test_import_a_space_ranger_folder(tmp_path, capsys):

@@ -175,11 +175,21 @@ def train(stores: list[Path], *, out: Path, epochs: int | None, states: str | No
 def predict(store: Path, *, models: list[Path], out: Path | None, device: str | None, progress: bool, overwrite: bool) -> str:
     """Predict every nucleus of a segmented store with one saved (or shipped) model, or several as one ensemble."""
     from .. import tl
-    from ..models import HistoCell, pretrained
+    from ..models import PRETRAINED, HistoCell, pretrained
 
     if out is not None:
         _check_out(out, [store, *models], overwrite, in_place=store)
-    loaded = [HistoCell.load(m) if m.exists() or "/" in str(m) else pretrained(str(m)) for m in models]
+    def load(m: Path) -> HistoCell:
+        if not m.exists() and str(m) in PRETRAINED:
+            return pretrained(str(m))
+        try:
+            return HistoCell.load(m)
+        except InvalidInputError as error:
+            if m.exists():
+                raise
+            raise InvalidInputError(f"{error} Nor is {str(m)!r} a shipped model ({', '.join(sorted(PRETRAINED))}).") from None
+
+    loaded = [load(m) for m in models]
     sdata = _read_store(store)
     tl.predict(sdata, loaded[0] if len(loaded) == 1 else loaded, device=device, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store, *models])

@@ -91,6 +91,8 @@ def load_checkpoint(path) -> Checkpoint:
         backup = stale_backup(path)
         hint = f" A save to it was interrupted; the previous model is intact at {backup} (the next save to {path.name} restores it)." if backup else ""
         raise InvalidInputError(f"No checkpoint folder at {path}.{hint}")
+    if not path.is_dir():
+        raise InvalidInputError(f"{path} is a file; a checkpoint is the folder HistoCell.save writes.")
     for name in (CARD, WEIGHTS):
         if not (path / name).is_file():
             raise InvalidInputError(f"Checkpoint {path} is missing {name}.")
