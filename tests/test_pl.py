@@ -60,7 +60,7 @@ def segmented():
     """Tiny slide with the nucleus polygons of a window (``pp.store_nuclei``) predicted by the pretrained model."""
     sdata, _ = hc.datasets.synthetic_visium(seed=3, preset="tiny", progress=False)
     y0, y1, x0, x1 = WINDOW
-    hc.pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"])[y0:y1, x0:x1], origin=(y0, x0))
+    hc.pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"])[y0:y1, x0:x1], offset=(x0, y0))
     hc.tl.predict(sdata, hc.models.pretrained("tumor_stromal_lymphocyte"), progress=False)
     return sdata
 

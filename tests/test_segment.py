@@ -106,14 +106,23 @@ def test_features_in_um_and_spot_ids():
     validate(sdata)
 
 
-def test_store_nuclei_window_origin():
+def test_store_nuclei_window_offset():
     sdata, labels = _disk_sample()
-    store_nuclei(sdata, labels[50:250, 50:200], origin=(50, 50))
+    store_nuclei(sdata, labels[50:250, 30:200], offset=(30, 50))  # (x, y), as read_nuclei's offset
     table = sdata.tables["histocell"]
     assert table.n_obs == 1
     np.testing.assert_allclose(table.obsm["spatial"], [[100.5, 100.5]])
     x0, y0, x1, y1 = sdata.shapes["nuclei"].total_bounds
     assert 79 <= x0 <= 82 and 119 <= x1 <= 122 and 79 <= y0 <= 82
+    # the former origin=(y, x) still works, with a FutureWarning; both at once are refused
+    again, _ = _disk_sample()
+    with pytest.warns(FutureWarning, match="use offset=\\(x, y\\)"):
+        store_nuclei(again, labels[50:250, 30:200], origin=(50, 30))
+    np.testing.assert_allclose(again.tables["histocell"].obsm["spatial"], [[100.5, 100.5]])
+    with pytest.raises(InvalidInputError, match="not both"):
+        store_nuclei(again, labels[50:250, 30:200], offset=(30, 50), origin=(50, 30))
+    with pytest.raises(InvalidInputError, match="offset must be"):
+        store_nuclei(again, labels, offset=5)
 
 
 def test_segment_nuclei_on_drawn_disks_and_labels_key():
@@ -156,7 +165,7 @@ def test_bad_inputs():
     with pytest.raises(InvalidInputError, match="tile_size_px"):
         segment_nuclei(sdata, tile_size_px=20, progress=False)
     with pytest.raises(InvalidInputError, match="outside"):
-        store_nuclei(sdata, np.zeros((300, 400), dtype=np.int32), origin=(10, 0))
+        store_nuclei(sdata, np.zeros((300, 400), dtype=np.int32), offset=(0, 10))
     float_image = SpatialData(
         images={"he": Image2DModel.parse(np.zeros((3, 64, 64), dtype=np.float32), dims=("c", "y", "x"))}, attrs={"mpp": 0.5}
     )

@@ -108,7 +108,7 @@ def read_nuclei(
     labels, origin, parsed = _to_raster(path, format, shape, scale, offset)
 
     store_nuclei(
-        sdata, labels, origin=origin, image_key=image_key, spots_key=spots_key, key_added=key_added,
+        sdata, labels, offset=origin[::-1], image_key=image_key, spots_key=spots_key, key_added=key_added,
         nuclei_table_key=nuclei_table_key, method=f"imported ({format})",
     )
     if parsed is not None:

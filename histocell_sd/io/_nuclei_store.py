@@ -6,10 +6,12 @@ are never held for the whole image at once.
 
 Coordinates follow the ``global`` system: pixel ``(row, col)`` covers ``[col, col + 1) ×
 [row, row + 1)``, so a centroid or contour vertex at array index ``(r, c)`` is stored at
-``(x, y) = (c + 0.5, r + 0.5)`` (plus the window ``origin``).
+``(x, y) = (c + 0.5, r + 0.5)`` (plus the window ``offset``).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import anndata as ad
 import geopandas as gpd
@@ -67,7 +69,7 @@ def store_nuclei(
     sdata: SpatialData,
     labels,
     *,
-    origin: tuple[int, int] = (0, 0),
+    offset: tuple[int, int] = (0, 0),
     image_key: str | None = None,
     spots_key: str | None = None,
     key_added: str = NUCLEI_KEY,
@@ -75,6 +77,7 @@ def store_nuclei(
     labels_key: str | None = None,
     method: str = "external",
     overwrite: bool = False,
+    origin: tuple[int, int] | None = None,
 ) -> None:
     """Store an instance label raster as nucleus polygons and their feature table.
 
@@ -85,8 +88,8 @@ def store_nuclei(
     labels
         Integer label raster (numpy or dask), 0 = background, one positive id per nucleus, in
         pixels of the full-resolution image. It may cover only a window of the image.
-    origin
-        ``(y0, x0)``: image pixel of ``labels[0, 0]``.
+    offset
+        ``(x, y)``: the full-resolution image pixel of ``labels[0, 0]`` (as in :func:`~histocell_sd.io.read_nuclei`).
     {image_key}
     spots_key
         Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
@@ -100,6 +103,8 @@ def store_nuclei(
     overwrite
         Replace elements under these names that an earlier segmentation did not write (refused otherwise;
         nuclei this package stored there before are always replaced).
+    origin
+        Deprecated: the same position as ``(y, x)``; use ``offset=(x, y)``.
 
     Returns
     -------
@@ -116,6 +121,7 @@ def store_nuclei(
     nothing is written (a SpatialData shapes element cannot be empty) and elements left under
     these keys by an earlier run are removed; callers warn.
     """
+    origin = _window_origin(offset, origin)
     mpp = get_mpp(sdata)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     ours = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
@@ -171,6 +177,20 @@ def _remove(sdata: SpatialData, *keys: str | None) -> None:
     for key in keys:
         if key is not None and key in sdata:
             del sdata[key]
+
+
+def _window_origin(offset, origin) -> tuple:
+    """``(y0, x0)`` of the label window from ``offset=(x, y)`` or the deprecated ``origin=(y, x)``."""
+    try:
+        x0, y0 = offset
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"offset must be (x, y) in image pixels, got {offset!r}.") from None
+    if origin is None:
+        return y0, x0
+    if (x0, y0) != (0, 0):
+        raise InvalidInputError("Give offset=(x, y) or the deprecated origin=(y, x), not both.")
+    warnings.warn("store_nuclei(origin=(y, x)) is deprecated; use offset=(x, y), the order of read_nuclei.", FutureWarning, stacklevel=3)
+    return origin
 
 
 def _check_labels(labels, origin, image_shape) -> tuple[np.ndarray, tuple[int, int]]:

@@ -94,7 +94,7 @@ def _cached_on(path: str, stamp: tuple, device: str) -> SegmenterNet:
 
 
 @inject_docs
-def load_segmenter(*, network=None, device: str | None = "cpu") -> tuple[SegmenterNet, dict]:
+def load_segmenter(*, network=None, device: str | None = None) -> tuple[SegmenterNet, dict]:
     """The segmenter network (eval mode) and its card: the shipped one, or the folder ``network``.
 
     Parameters

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import pandas as pd
 from spatialdata import SpatialData
 
-from ..._constants import HISTOCELL_KEY, SPATIAL_KEY
+from ..._constants import HISTOCELL_KEY, SPATIAL_KEY, TABLE_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
 from ..._utils import mean_per_type_pearson
-from ...io import get_mpp
+from ...io import get_mpp, resolve_key
 from ...pp import detection_scores, match_points
 
 
@@ -101,12 +101,13 @@ def classification_scores(y_true, y_pred, *, labels: Sequence[str] | None = None
     }
 
 
+@inject_docs
 def spot_pearson(
     sdata: SpatialData,
     *,
     predicted_key: str = "histocell_proportions",
     true_key: str = "true_proportions",
-    spots_table_key: str = "table",
+    spots_table_key: str | None = None,
 ) -> float:
     """Spot agreement: the mean over cell types of the Pearson r across spots with nuclei.
 
@@ -122,14 +123,16 @@ def spot_pearson(
         nuclei, skipped), e.g. written by :func:`~histocell_sd.tl.predict`.
     true_key
         ``obsm`` key of the true spot proportions.
-    spots_table_key
-        Name of the spots table in ``sdata.tables`` (read).
+    {spots_table_key}
 
     Returns
     -------
     float
         The mean per-type Pearson r (NaN when every type is constant).
     """
+    if not isinstance(sdata, SpatialData):
+        raise InvalidInputError(f"sdata must be a SpatialData sample, got {type(sdata).__name__}.")
+    spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
     table = sdata.tables[spots_table_key]
     for key in (predicted_key, true_key):
         if key not in table.obsm:
