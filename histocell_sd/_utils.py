@@ -32,6 +32,20 @@ def mean_per_type_pearson(predicted: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(rs)) if rs else float("nan")
 
 
+def check_key_added(key_added, protected, where: str) -> None:
+    """Refuse a ``key_added`` that is not a name or would overwrite ``where[key]`` for a key in ``protected``
+    (what the call reads or the data layout defines)."""
+    from ._errors import InvalidInputError
+
+    if not isinstance(key_added, str) or not key_added:
+        raise InvalidInputError(f"key_added must be a non-empty string, got {key_added!r}.")
+    if key_added in protected:
+        raise InvalidInputError(
+            f"key_added={key_added!r} would overwrite {where}[{key_added!r}], which this call reads or the data layout "
+            "defines; choose another name."
+        )
+
+
 def copy_for_writing(sdata):
     """A new SpatialData for ``copy=True``: every table deep-copied, the other elements shared.
 

@@ -393,6 +393,21 @@ def test_refine_expression_key_must_not_overwrite_other_elements(tiny_predicted)
     assert sdata.tables["imputed"].uns["imputation"]["seed"] == 1
 
 
+@pytest.mark.parametrize("key", ["spatial", "spatial_um", "state_proportions", "histocell_proportions"])
+def test_key_added_must_not_overwrite_the_spots_layout(tiny_predicted, key):
+    # own case dc_key_added_layout: key_added="spatial" replaced the spot centroids with proportions
+    sdata, reference = tiny_predicted
+    before = {k: (v.copy() if hasattr(v, "copy") else v) for k, v in sdata.tables["table"].obsm.items()}
+    with pytest.raises(InvalidInputError, match=f"key_added='{key}' would overwrite obsm"):
+        tl.deconvolve(sdata, reference, method="poisson", key_added=key, progress=False)
+    with pytest.raises(InvalidInputError, match=f"key_added='{key}' would overwrite obsm"):
+        tl.refine_deconvolution(sdata, reference, key_added=key, progress=False)
+    after = sdata.tables["table"].obsm
+    assert set(after) == set(before)
+    for k, v in before.items():
+        np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(v))
+
+
 @pytest.mark.parametrize("method", ["poisson", "tangram"])
 @pytest.mark.parametrize("side", ["reference", "spots"])
 @pytest.mark.parametrize("case", [str.lower, lambda g: g[:1].upper() + g[1:].lower()], ids=["lower", "title"])

@@ -141,6 +141,18 @@ def test_tissue_architecture_rejects_bad_input(slide):
         tl.tissue_architecture(slide, cluster_key="missing")
     with pytest.raises(InvalidInputError, match="radius_um"):
         tl.tissue_architecture(slide, radius_um=0)
+    # own case ta_bad_settings: these wrote the niches and then failed on the regions (half-written), or truncated
+    table = slide.tables["histocell"]
+    before = (list(table.obs.columns), list(table.obsm), list(slide.shapes))
+    for kwargs, message in [({"region_buffer_um": 0}, "region_buffer_um"), ({"simplify_um": -1}, "simplify_um"),
+                            ({"smooth": -1}, "smooth"), ({"n_niches": 2.7}, "n_niches")]:
+        with pytest.raises(InvalidInputError, match=message):
+            tl.tissue_architecture(slide, **kwargs)
+    # own case ta_key_added_collision: key_added="cell_type" replaced the predictions with niche names
+    for key in ("cell_type", "spot_id", "nucleus_id"):
+        with pytest.raises(InvalidInputError, match=f"key_added='{key}' would overwrite obs"):
+            tl.tissue_architecture(slide, key_added=key)
+    assert (list(table.obs.columns), list(table.obsm), list(slide.shapes)) == before
 
 
 def test_indicators_on_a_hand_made_layout():
@@ -161,6 +173,18 @@ def test_indicators_on_a_hand_made_layout():
     assert "niche_frac_tumor-rich" not in ind.var_names
     assert set(ind.var["family"]) >= {"fraction", "density", "nhood_z", "cooccurrence", "nn_distance", "infiltration"}
     assert "hull" in tl.spatial_indicators(adata, progress=False, area_method="hull").uns["spatial_indicators"]["area_method"]
+
+
+def test_a_state_named_like_its_type_leaves_the_type_fraction():
+    # own case indicator_state_shadows_type: frac_<state> of a type's own state overwrote frac_<type>
+    adata = _hand_made()
+    states = adata.obs["cell_state"].astype(str).to_numpy()
+    quiescent = (states == "tumor_quiescent").sum()
+    states[np.flatnonzero(adata.obs["cell_type"] == "macrophage")[:10]] = "tumor_quiescent"  # state argmax need not follow type
+    adata.obs["cell_state"] = pd.Categorical(states)
+    ind = tl.spatial_indicators({"a": adata}, n_perms=0, progress=False)
+    assert ind.to_df().loc["a", "frac_macrophage"] == pytest.approx(20 / 10000)  # was 10 / 10000, the state's share
+    assert ind.to_df().loc["a", "frac_tumor_quiescent"] == pytest.approx((quiescent + 10) / 10000)
 
 
 def test_infiltration_matches_reference():

@@ -12,11 +12,19 @@ import pandas as pd
 from scipy import sparse
 from spatialdata import SpatialData
 
-from ..._constants import CELL_TYPE_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY, TABLE_KEY
+from ..._constants import (
+    CELL_TYPE_KEY,
+    PREDICTED_PROPORTIONS_KEY,
+    PROPORTIONS_KEY,
+    SPATIAL_KEY,
+    SPATIAL_UM_KEY,
+    STATE_PROPORTIONS_KEY,
+    TABLE_KEY,
+)
 from ..._device import resolve_device
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import copy_for_writing, progress_bar
+from ..._utils import check_key_added, copy_for_writing, progress_bar
 from ...io import check_proportions, resolve_key
 from ...io._spots import SIDE_KEY, SQUARE, spot_geometry
 from .poisson import composition_em, type_signatures
@@ -117,6 +125,7 @@ def deconvolve(
         raise InvalidInputError(f"method must be one of {_METHODS}, got {method!r}.")
     if n_markers < 1 or epochs < 1:
         raise InvalidInputError(f"n_markers and epochs must be positive, got {n_markers} and {epochs}.")
+    check_key_added(key_added, {SPATIAL_KEY, SPATIAL_UM_KEY, STATE_PROPORTIONS_KEY, PREDICTED_PROPORTIONS_KEY}, "obsm")
     check_reference(reference)
     torch_device = str(resolve_device(device))
     spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)

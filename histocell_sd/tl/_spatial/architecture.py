@@ -9,12 +9,14 @@ import shapely
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
 
-from ..._constants import CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, COMPARTMENT_KEY, HISTOCELL_KEY, NUCLEUS_ID_KEY, REGION_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import copy_for_writing
+from ..._utils import check_key_added, copy_for_writing
 from ...io._elements import pixel_transformations
 from .graph import get_table, radius_adjacency, require_obs, table_mpp
+
+_LAYOUT_OBS = {CELL_TYPE_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, SPOT_ID_KEY, NUCLEUS_ID_KEY, REGION_KEY}  # the data model's columns
 
 __all__ = ["tissue_architecture"]
 
@@ -90,10 +92,21 @@ def tissue_architecture(
         raise InvalidInputError(f"Unknown niche method {method!r}; choose 'kmeans' or 'leiden'.")
     if not np.isfinite(radius_um) or radius_um <= 0:
         raise InvalidInputError(f"radius_um must be a positive number of µm, got {radius_um!r}.")
+    if region_buffer_um is not None and not (np.isfinite(region_buffer_um) and region_buffer_um > 0):
+        raise InvalidInputError(f"region_buffer_um must be a positive number of µm, got {region_buffer_um!r}.")
+    if not (np.isfinite(simplify_um) and simplify_um >= 0):
+        raise InvalidInputError(f"simplify_um must be a non-negative number of µm, got {simplify_um!r}.")
+    for name, value in (("smooth", smooth), ("n_niches", n_niches)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise InvalidInputError(f"{name} must be a whole number, got {value!r}.")
     if copy:
         sdata = copy_for_writing(sdata)
     table = get_table(sdata, nuclei_table_key)
     require_obs(table, cluster_key, "column of cell types")
+    # the nuclei table's own columns and the cell types read here are not niches to overwrite
+    earlier = table.uns.get(key_added) if isinstance(key_added, str) else None
+    ours = isinstance(earlier, dict) and "composition" in earlier  # an earlier tissue_architecture wrote it
+    check_key_added(key_added, {cluster_key, *_LAYOUT_OBS} | (set() if ours else set(table.obs.columns)), "obs")
     mpp = table_mpp(sdata)
     labels = table.obs[cluster_key]
     types = list(labels.cat.categories) if isinstance(labels.dtype, pd.CategoricalDtype) else sorted(labels.dropna().astype(str).unique())

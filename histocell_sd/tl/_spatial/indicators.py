@@ -79,7 +79,8 @@ def spatial_indicators(
     ``density_<type>``, ``nhood_z_<a>__<b>``, ``cooc_<a>__<b>_<r>um``, ``nn_dist_<a>__<b>_um``,
     ``niche_frac_<niche>``, ``infiltration_lymphocyte_in_tumor``). Types and states are the union
     of the categories over all samples; a fraction or density of an absent type is 0, a
-    statistic that needs the type (z-score, ratio, distance) is NaN.
+    statistic that needs the type (z-score, ratio, distance) is NaN. A state named like a type (a type
+    without states is its own state) gives no ``frac_<state>``: ``frac_<type>`` counts that type.
 
     Parameters
     ----------
@@ -254,7 +255,8 @@ def _one_sample(table, mpp, types, states, cluster_key, state_key, niche_key, ra
         s = _codes(table.obs[state_key], states)[ok] if state_key in table.obs else np.full(n, -1)
         sc = np.bincount(s[s >= 0], minlength=len(states)).astype(float)
         for b, name in enumerate(states):
-            out[f"frac_{name}"] = sc[b] / n if n else np.nan
+            if name not in types:  # a type without states is its own state: frac_<type> already counts it
+                out[f"frac_{name}"] = sc[b] / n if n else np.nan
     for a, name in enumerate(types):
         out[f"density_{name}"] = counts[a] / area if area and np.isfinite(area) else np.nan
     out |= _nhood_z(xy, t, types, graph_radius_um, n_perms, rng, counts)
