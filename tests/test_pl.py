@@ -306,6 +306,21 @@ def test_niches_legend_and_scale_bar(slide):
     x0, x1, y0, y1 = 200, 900, 300, 1000
     ax = pl.niches(slide, extent=(x0, x1, y0, y1))
     assert ax.get_xlim() == (x0, x1) and ax.get_ylim() == (y1, y0)
+    # own case pl_extent_zoom: a window where a niche region's centroid lies outside crashed in spatialdata-plot
+    x0, x1, y0, y1 = 200, 600, 200, 600
+    ax = pl.niches(slide, extent=(x0, x1, y0, y1))
+    assert ax.get_xlim() == (x0, x1) and ax.get_ylim() == (y1, y0)
+
+
+def test_windows_without_nuclei_spots_or_image(slide, segmented):
+    # own case pl_extent_empty: an empty or outside window gave KeyError / AssertionError from spatialdata-plot
+    with pytest.raises(hc.InvalidInputError, match="No 'nuclei' lie within extent"):
+        pl.cell_types(segmented, extent=(0, 3, 0, 3))
+    far = (90000, 91000, 90000, 91000)
+    for call in (lambda: pl.cell_types(segmented, extent=far), lambda: pl.niches(slide, extent=far),
+                 lambda: pl.spot_proportions(slide, cell_type="tumor", extent=far)):
+        with pytest.raises(hc.InvalidInputError, match="Nothing of the sample lies within extent"):
+            call()
 
 
 def survival_frame():

@@ -89,8 +89,8 @@ def niches(
     else:
         x0, y0, x1, y1 = regions.total_bounds
         bounds = (float(x0), float(x1), float(y0), float(y1))
-    if extent is not None:
-        view = crop(view, extent)
+    if extent is not None and images:  # regions are large: keep them whole, the view limits show the window
+        view = SpatialData(images=dict(crop(SpatialData(images=images), extent).images), shapes={regions_key: regions})
     fig, ax = axes_or_new(ax, figsize or (5, 5.2))
     render = view.pl.render_images(image_key) if images else view.pl
     render = render.pl.render_shapes(regions_key, color=niche_key, fill_alpha=fill_alpha, outline_alpha=1.0, groups=names, palette=colours)

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
-from spatialdata import SpatialData, bounding_box_query
+from spatialdata import SpatialData, bounding_box_query, get_extent
 
 from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, PALETTE
 from .._errors import InvalidInputError
@@ -82,14 +82,24 @@ def check_extent(extent) -> tuple[float, float, float, float] | None:
 
 
 def crop(view: SpatialData, extent) -> SpatialData:
-    """The elements of ``view`` within ``extent`` (px, ``global``); shapes whose centroid lies outside are dropped."""
+    """The elements of ``view`` within ``extent`` (px, ``global``); shapes whose centroid lies outside are dropped.
+
+    A shapes element with nothing in ``extent`` is an :class:`~histocell_sd.InvalidInputError` naming it.
+    """
     x0, x1, y0, y1 = extent
+    box = get_extent(view, coordinate_system=COORDINATE_SYSTEM)
+    nothing = InvalidInputError(f"Nothing of the sample lies within extent {extent} (x_min, x_max, y_min, y_max in px).")
+    if x1 <= box["x"][0] or x0 >= box["x"][1] or y1 <= box["y"][0] or y0 >= box["y"][1]:
+        raise nothing  # spatialdata's query asserts when nothing intersects
     out = bounding_box_query(view, axes=("x", "y"), min_coordinate=[x0, y0], max_coordinate=[x1, y1], target_coordinate_system=COORDINATE_SYSTEM)
-    if out is None:
-        raise InvalidInputError(f"Nothing of the sample lies within extent {extent}.")
-    for key, shapes in list(out.shapes.items()):
-        c = shapes.geometry.centroid
-        inside = ((c.x >= x0) & (c.x <= x1) & (c.y >= y0) & (c.y <= y1)).to_numpy()
+    if out is None or any(key not in out.images for key in view.images):
+        raise nothing
+    for key in view.shapes:
+        shapes = out.shapes.get(key)
+        c = shapes.geometry.centroid if shapes is not None else None
+        inside = ((c.x >= x0) & (c.x <= x1) & (c.y >= y0) & (c.y <= y1)).to_numpy() if c is not None else np.zeros(0, bool)
+        if not inside.any():
+            raise InvalidInputError(f"No {key!r} lie within extent {extent} (x_min, x_max, y_min, y_max in px); choose a window that holds some.")
         if inside.all():
             continue
         out.shapes[key] = shapes[inside]
@@ -115,8 +125,6 @@ def view_limits(ax, extent, default) -> tuple[float, float, float, float]:
 
 def image_bounds(sdata: SpatialData, image_key: str) -> tuple[float, float, float, float]:
     """``(0, width, 0, height)`` of an image in ``global`` pixels."""
-    from spatialdata import get_extent
-
     box = get_extent(sdata.images[image_key], coordinate_system=COORDINATE_SYSTEM)
     return float(box["x"][0]), float(box["x"][1]), float(box["y"][0]), float(box["y"][1])
 
