@@ -83,21 +83,28 @@ def atomic_write(path, write, *, overwrite: bool = False):
     from ._errors import InvalidInputError
 
     path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise InvalidInputError(f"The path to write must name a file or folder, got {str(path)!r}.")
     _recover(path)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise InvalidInputError(f"{path} already exists; pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp, old = path.with_name(f".{path.name}.tmp-{tag}"), path.with_name(f".{path.name}.old-{tag}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        if path.exists() and tmp.is_dir() != path.is_dir():  # e.g. a CSV over a zarr store: never what was meant
+            kind = "folder" if path.is_dir() else "file"
+            raise InvalidInputError(f"{path} is a {kind}; overwrite=True replaces it only by another {kind}.")
         if path.exists() or path.is_symlink():
             os.rename(path, old)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as error:
         _remove(tmp)
         if (old.exists() or old.is_symlink()) and not path.exists():
             os.rename(old, path)
+        if isinstance(error, PermissionError):  # it names the hidden temporary sibling, not what the user gave
+            raise InvalidInputError(f"Cannot write {path}: permission denied in {path.parent}.") from None
         raise
     _remove(old)
     return path

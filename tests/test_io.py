@@ -256,11 +256,13 @@ def test_write_failure_while_swapping_restores_old_store(sdata, tmp_path, monkey
     assert read_zarr(path).attrs["mpp"] == MPP
 
 
-def test_overwrite_plain_file(sdata, tmp_path):
+def test_overwrite_refuses_a_plain_file(sdata, tmp_path):
+    # a store replaces only a folder (own case write_kind_mismatch): a file of that name is left as it is
     (tmp_path / "sample.zarr").write_text("not a store")
-    write_zarr(sdata, tmp_path / "sample.zarr", overwrite=True)
+    with pytest.raises(InvalidInputError, match="is a file; overwrite=True replaces it only by another file"):
+        write_zarr(sdata, tmp_path / "sample.zarr", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
-    assert read_zarr(tmp_path / "sample.zarr").attrs["mpp"] == MPP
+    assert (tmp_path / "sample.zarr").read_text() == "not a store"
 
 
 def test_write_without_mpp_refused(sdata, tmp_path):

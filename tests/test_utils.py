@@ -28,6 +28,29 @@ def test_atomic_write_creates_replaces_and_refuses(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["store"]
 
 
+def test_overwrite_replaces_only_the_same_kind_and_errors_name_the_target(tmp_path):
+    # own case write_kind_mismatch: write_csv(..., "store.zarr", overwrite=True) deleted a whole zarr store
+    store, table = tmp_path / "store.zarr", tmp_path / "cells.csv"
+    atomic_write(store, _write_text("zarr"))
+    table.write_text("csv")
+    with pytest.raises(InvalidInputError, match="store.zarr is a folder; overwrite=True replaces it only by another folder"):
+        atomic_write(store, lambda tmp: tmp.write_text("a csv"), overwrite=True)
+    with pytest.raises(InvalidInputError, match="cells.csv is a file; overwrite=True replaces it only by another file"):
+        atomic_write(table, _write_text("a store"), overwrite=True)
+    assert (store / "data.txt").read_text() == "zarr" and table.read_text() == "csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.csv", "store.zarr"]
+    for name in ("", "."):  # own case write_empty_name: '' was reported as '. already exists'
+        with pytest.raises(InvalidInputError, match="must name a file or folder"):
+            atomic_write(name, _write_text("x"), overwrite=True)
+
+    def denied(tmp):  # own case write_permission: the PermissionError named the hidden temporary sibling
+        raise PermissionError(13, "Permission denied", str(tmp))
+
+    with pytest.raises(InvalidInputError, match=f"Cannot write {table}: permission denied in {tmp_path}"):
+        atomic_write(table, denied, overwrite=True)
+    assert table.read_text() == "csv"
+
+
 def test_failed_write_keeps_the_old_version_and_leaves_nothing(tmp_path):
     # cases.md: kill_write_zarr_overwrite, kill_model_save (the shared atomic write)
     target = tmp_path / "store"
