@@ -40,3 +40,13 @@ def test_spot_pearson_bad_inputs():
         hc.tl.spot_pearson(sdata, true_key="cell2location")
     with pytest.raises(InvalidInputError, match="SpatialData"):
         hc.tl.spot_pearson(sdata.tables["table"])
+
+
+def test_labels_of_two_series_are_paired_by_their_index():
+    # own case cm_index_order: two Series of the same nuclei in another order were compared by position
+    y_true = pd.Series(["a", "b", "a", None], index=["n1", "n2", "n3", "n4"])
+    y_pred = pd.Series(["b", "a", "a", "b"], index=["n2", "n1", "n3", "n4"])  # all right, other order
+    assert hc.tl.classification_scores(y_true, y_pred)["accuracy"] == 1.0
+    assert hc.tl.classification_scores(y_true.to_numpy(), ["a", "b", "a", "b"])["accuracy"] == 1.0
+    with pytest.raises(InvalidInputError, match="y_true has 4 labels and y_pred 3"):
+        hc.tl.classification_scores(y_true, ["a", "b", "a"])

@@ -286,6 +286,15 @@ def test_confusion_matrix_range_and_labels_inside(slide):
     assert inside_figure(fig, fig.axes[0].get_tightbbox())
 
 
+def test_confusion_matrix_pairs_series_by_index_and_refuses_nothing_to_show():
+    # own case cm_index_order: two Series of the same nuclei in another order were paired by position
+    ax = pl.confusion_matrix(pd.Series(["a", "b"], index=[0, 1]), pd.Series(["b", "a"], index=[1, 0]), normalize=False)
+    np.testing.assert_array_equal(ax.collections[0].get_array().reshape(2, 2), [[1, 0], [0, 1]])
+    for y_true, y_pred, labels in ([[], [], None], [[None, None], ["a", "b"], None], [["a"], ["a"], ["x", "y"]]):
+        with pytest.raises(hc.InvalidInputError, match="nothing to show"):
+            pl.confusion_matrix(y_true, y_pred, labels=labels)
+
+
 def test_training_curve_one_legend_outside_the_data(slide):
     ax = pl.training_curve(history_model())
     fig = ax.figure

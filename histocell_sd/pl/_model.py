@@ -16,6 +16,7 @@ from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
+from ..tl._prediction.evaluate import paired_labels
 from ._utils import axes_or_new, category_colors, check_extent, crop, finish, image_bounds, legend_outside, new_figure, scale_bar, view_limits
 
 
@@ -92,7 +93,7 @@ def confusion_matrix(
     y_true
         True labels, missing (NaN / None) where unknown.
     y_pred
-        Predicted labels, same length.
+        Predicted labels of the same nuclei (two Series whose indexes hold the same nuclei are paired by index).
     labels
         Rows and columns, in order; default: every label occurring (sorted).
     normalize
@@ -110,12 +111,12 @@ def confusion_matrix(
     matplotlib.axes.Axes or matplotlib.figure.Figure
         The axes drawn on (its figure with ``return_fig=True``).
     """
-    y_true, y_pred = pd.Series(y_true, dtype=object), pd.Series(y_pred, dtype=object)
-    if len(y_true) != len(y_pred):
-        raise InvalidInputError(f"y_true has {len(y_true)} labels and y_pred {len(y_pred)}.")
+    y_true, y_pred = paired_labels(y_true, y_pred)
     known = y_true.notna().to_numpy()
     labels = list(labels) if labels is not None else sorted(set(y_true[known].astype(str)) | set(y_pred[known].astype(str)))
     table = pd.crosstab(pd.Categorical(y_true[known].astype(str), labels), pd.Categorical(y_pred[known].astype(str), labels), dropna=False)
+    if not table.to_numpy().any():
+        raise InvalidInputError(f"No nucleus has a known true label among {labels} with a prediction among them: nothing to show.")
     if normalize:
         table = table.div(table.sum(axis=1).replace(0, 1), axis=0)
     n = len(labels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
@@ -68,6 +69,20 @@ def transfer_truth(
     return detection_scores(table.obsm[SPATIAL_KEY], truth.obsm[SPATIAL_KEY], max_dist=max_px)
 
 
+def paired_labels(y_true, y_pred) -> tuple[pd.Series, pd.Series]:
+    """``y_true`` and ``y_pred`` as object Series paired nucleus by nucleus.
+
+    Two Series indexed by the same nuclei in another order are paired by index; anything else by position.
+    """
+    if (isinstance(y_true, pd.Series) and isinstance(y_pred, pd.Series) and not y_true.index.equals(y_pred.index)
+            and y_true.index.is_unique and y_pred.index.is_unique and set(y_true.index) == set(y_pred.index)):
+        y_pred = y_pred.reindex(y_true.index)
+    y_true, y_pred = pd.Series(np.asarray(y_true, dtype=object)), pd.Series(np.asarray(y_pred, dtype=object))
+    if y_true.ndim != 1 or len(y_true) != len(y_pred):
+        raise InvalidInputError(f"y_true has {len(y_true)} labels and y_pred {len(y_pred)}.")
+    return y_true, y_pred
+
+
 def classification_scores(y_true, y_pred, *, labels: Sequence[str] | None = None) -> dict[str, float]:
     """Accuracy, macro-F1 and weighted-F1 over the nuclei whose truth is known.
 
@@ -76,7 +91,7 @@ def classification_scores(y_true, y_pred, *, labels: Sequence[str] | None = None
     y_true
         True labels, missing (NaN / None) where unknown; e.g. ``obs["true_cell_type"]``.
     y_pred
-        Predicted labels, same length; e.g. ``obs["cell_type"]``.
+        Predicted labels of the same nuclei; e.g. ``obs["cell_type"]`` (two Series whose indexes hold the same nuclei are paired by index).
     labels
         The classes averaged over by the F1 scores; default: those occurring in ``y_true``.
 
@@ -87,7 +102,7 @@ def classification_scores(y_true, y_pred, *, labels: Sequence[str] | None = None
     """
     from sklearn.metrics import accuracy_score, f1_score
 
-    y_true, y_pred = pd.Series(y_true, dtype=object), pd.Series(y_pred, dtype=object)
+    y_true, y_pred = paired_labels(y_true, y_pred)
     known = y_true.notna().to_numpy()
     if not known.any():
         raise InvalidInputError("No nucleus has a known true label.")
