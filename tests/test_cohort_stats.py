@@ -97,6 +97,16 @@ def test_kaplan_meier_plot(cohort):
     ax = pl.kaplan_meier(ind, indicator=truth["prognostic_indicator"], duration_key="duration", event_key="event")
     assert ax.logrank_p < 0.05 and "log-rank p" in ax.get_title()
     assert len(ax.get_lines()) >= 2
+    # own case km_bad_clinical: NaN or negative follow-up and text events raised lifelines errors or plotted silently
+    ind_plain = ind.copy()
+    ind_plain.obs = ind_plain.obs.drop(columns=["duration", "event"])
+    clinical = ind.obs[["duration", "event"]]
+    for bad, message in [(clinical.assign(duration=np.nan), "missing values"), (clinical.assign(duration=-clinical["duration"]), "positive"),
+                         (clinical.assign(event="yes"), "0/1 or boolean")]:
+        with pytest.raises(hc.InvalidInputError, match=message):
+            pl.kaplan_meier(ind_plain, indicator=truth["prognostic_indicator"], clinical=bad)
+    with pytest.raises(hc.InvalidInputError, match="what tl.screen_phenotype returns"):  # own case screen_crops_not_a_screen
+        pl.screen_crops(ind)
 
 
 def _null_hits(seed: int, n_samples: int) -> dict[str, bool]:

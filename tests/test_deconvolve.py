@@ -393,6 +393,21 @@ def test_refine_expression_key_must_not_overwrite_other_elements(tiny_predicted)
     assert sdata.tables["imputed"].uns["imputation"]["seed"] == 1
 
 
+def test_deconvolution_settings_are_checked_before_anything_runs(tiny_predicted):
+    # own case dc_bad_settings: torch / numpy / sklearn errors (NaN or negative learning rate, a float n_markers or
+    # epochs, min_shared_genes=0 with no shared gene, top_k=0, tol=nan accepted)
+    sdata, reference = tiny_predicted
+    before = set(sdata.tables["table"].obsm)
+    for kwargs, message in [({"learning_rate": float("nan")}, "learning_rate"), ({"learning_rate": -1}, "learning_rate"),
+                            ({"n_markers": 2.5}, "n_markers"), ({"epochs": 2.5}, "epochs"), ({"min_shared_genes": 0}, "min_shared_genes")]:
+        with pytest.raises(InvalidInputError, match=message):
+            tl.deconvolve(sdata, reference, key_added="checked", progress=False, **kwargs)
+    for kwargs, message in [({"top_k": 0}, "top_k"), ({"tol": float("nan")}, "tol")]:
+        with pytest.raises(InvalidInputError, match=message):
+            tl.refine_deconvolution(sdata, reference, key_added="checked", progress=False, **kwargs)
+    assert set(sdata.tables["table"].obsm) == before
+
+
 @pytest.mark.parametrize("key", ["spatial", "spatial_um", "state_proportions", "histocell_proportions"])
 def test_key_added_must_not_overwrite_the_spots_layout(tiny_predicted, key):
     # own case dc_key_added_layout: key_added="spatial" replaced the spot centroids with proportions

@@ -201,6 +201,16 @@ def test_geojson_refuses_bad_input(predicted, tmp_path):
         empty = copy_for_writing(predicted)
         empty.labels["empty"] = hc.io.get_image(empty).isel(c=0).astype(np.int32) * 0  # no nucleus in it
         hc.io.write_geojson(empty, tmp_path / "x.geojson", labels_key="empty")
+    # own case export_not_nuclei: an AnnData raised AttributeError; the spots table was written as nuclei; a bad mpp gave NaN µm
+    for write in (hc.io.write_geojson, hc.io.write_csv):
+        with pytest.raises(InvalidInputError, match="Expected a SpatialData sample, got AnnData"):
+            write(predicted.tables["histocell"], tmp_path / "x.geojson")
+        with pytest.raises(InvalidInputError, match="'table' is not a nuclei table"):
+            write(predicted, tmp_path / "x.geojson", nuclei_table_key="table")
+    bad = copy_for_writing(predicted)
+    bad.tables["histocell"].uns["histocell"]["mpp"] = float("nan")
+    with pytest.raises(InvalidInputError, match="records mpp nan"):
+        hc.io.write_csv(bad, tmp_path / "x.geojson")
     assert not (tmp_path / "x.geojson").exists()
 
 

@@ -227,6 +227,20 @@ def test_indicators_samples_forms_and_niches(slide):
         tl.spatial_indicators([], progress=False)
     with pytest.raises(InvalidInputError, match="area_method"):
         tl.spatial_indicators(slide, area_method="alpha", progress=False)
+    # own case si_bad_settings: these gave all-NaN z-scores or skipped the states without a word
+    for kwargs, message in [({"graph_radius_um": 0}, "graph_radius_um"), ({"graph_radius_um": float("nan")}, "graph_radius_um"),
+                            ({"n_perms": -3}, "n_perms"), ({"n_perms": 2.5}, "n_perms"), ({"state_key": "nope"}, "obs\\['nope'\\]")]:
+        with pytest.raises(InvalidInputError, match=message):
+            tl.spatial_indicators(slide, progress=False, **kwargs)
+
+
+def test_cell_graph_on_coincident_or_collinear_nuclei():
+    # own case cg_degenerate_points: Qhull raised QhullError
+    for xy in (np.full((10, 2), 100.0), np.c_[np.arange(10.0), 2 * np.arange(10.0)]):
+        adata = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(10)]), obsm={"spatial": xy}, uns={"mpp": 0.5})
+        with pytest.raises(InvalidInputError, match="coincide or lie on one line"):
+            tl.cell_graph(adata)
+        assert tl.cell_graph(adata, method="knn", n_neighbors=3, copy=True).obsp["spatial_connectivities"].nnz > 0
 
 
 # ------------------------------------------------------------- replicas of library functions, pinned to the library

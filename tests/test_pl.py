@@ -325,6 +325,10 @@ def test_windows_without_nuclei_spots_or_image(slide, segmented):
     # own case pl_extent_empty: an empty or outside window gave KeyError / AssertionError from spatialdata-plot
     with pytest.raises(hc.InvalidInputError, match="No 'nuclei' lie within extent"):
         pl.cell_types(segmented, extent=(0, 3, 0, 3))
+    with pytest.raises(hc.InvalidInputError, match="extent must be four numbers"):
+        pl.cell_types(segmented, extent=(0, 100, 0))
+    with pytest.raises(hc.InvalidInputError, match="No table 'nope'"):
+        pl.cell_types(segmented, nuclei_table_key="nope")
     far = (90000, 91000, 90000, 91000)
     for call in (lambda: pl.cell_types(segmented, extent=far), lambda: pl.niches(slide, extent=far),
                  lambda: pl.spot_proportions(slide, cell_type="tumor", extent=far)):

@@ -168,7 +168,10 @@ def write_csv(
     table, names, _ = _nuclei_table(sdata, nuclei_table_key, None)
     if SPATIAL_KEY not in table.obsm:
         raise InvalidInputError(f"The nuclei table {nuclei_table_key!r} has no obsm[{SPATIAL_KEY!r}] (centroids in px).")
-    mpp = float(table.uns.get("histocell", {}).get("mpp") or get_mpp(sdata))
+    mpp = table.uns["histocell"].get("mpp") or get_mpp(sdata)
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.number)) or not (np.isfinite(mpp) and mpp > 0):
+        raise InvalidInputError(f"The nuclei table {nuclei_table_key!r} records mpp {mpp!r} in uns['histocell']; it must be a positive µm/px.")
+    mpp = float(mpp)
     xy = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
     instance_key = get_table_keys(table)[2]
     out = pd.DataFrame({"nucleus_id": names, "x_px": xy[:, 0], "y_px": xy[:, 1], "x_um": xy[:, 0] * mpp, "y_um": xy[:, 1] * mpp})
@@ -198,12 +201,16 @@ def write_csv(
 
 def _nuclei_table(sdata: SpatialData, table_key: str, nuclei_key: str | None):
     """``(table, nucleus names, raster ids or None)``, after checking the table annotates ``nuclei_key``."""
+    if not isinstance(sdata, SpatialData):
+        raise InvalidInputError(f"Expected a SpatialData sample, got {type(sdata).__name__}.")
     if table_key not in sdata.tables:
         raise InvalidInputError(
             f"The SpatialData has no nuclei table {table_key!r} (tables: {sorted(sdata.tables)}); segment or store "
             "nuclei first (pp.segment_nuclei, pp.store_nuclei or io.read_nuclei)."
         )
     table = sdata.tables[table_key]
+    if not isinstance(table.uns.get("histocell"), dict):
+        raise InvalidInputError(f"Table {table_key!r} is not a nuclei table (no uns['histocell']; the spots table?).")
     if "spatialdata_attrs" not in table.uns:
         raise InvalidInputError(f"The nuclei table {table_key!r} annotates no element (no uns['spatialdata_attrs']).")
     region, _, instance_key = get_table_keys(table)

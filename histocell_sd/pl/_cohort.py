@@ -56,7 +56,7 @@ def kaplan_meier(
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
 
-    from ..tl._cohort.stats import _cohort_frame
+    from ..tl._cohort.stats import _cohort_frame, survival_columns
 
     values, clin = _cohort_frame(indicators, [duration_key, event_key], clinical, [indicator])
     x = values[indicator]
@@ -65,8 +65,7 @@ def kaplan_meier(
     high = (x > x.median()).to_numpy()
     if high.all() or not high.any():
         raise InvalidInputError(f"Indicator {indicator!r} cannot be split at its median (too few distinct values).")
-    duration = clin[duration_key].astype(float).to_numpy()
-    event = clin[event_key].astype(float).to_numpy()
+    duration, event = survival_columns(clin, duration_key, event_key)
     fig, ax = axes_or_new(ax, figsize or (4.5, 3.5))
     for mask, label, color in ((~high, "≤ median", "tab:blue"), (high, "> median", "tab:red")):
         KaplanMeierFitter(label=f"{label} (n={mask.sum()})").fit(duration[mask], event[mask]).plot_survival_function(ax=ax, ci_show=True, color=color)
@@ -110,6 +109,8 @@ def screen_crops(
     matplotlib.axes.Axes or matplotlib.figure.Figure
         The axes drawn on (its figure with ``return_fig=True``).
     """
+    if not all(hasattr(result, name) for name in ("crops", "table")):
+        raise InvalidInputError(f"result must be what tl.screen_phenotype returns, got {type(result).__name__}.")
     if result.crops is None:
         raise InvalidInputError("The screen has no crops (the samples have no image).")
     crops = result.crops[:n]

@@ -271,7 +271,9 @@ def cell_types(
     """
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     extent = check_extent(extent)
-    if nuclei_table_key not in sdata.tables or color not in sdata.tables[nuclei_table_key].obs:
+    if nuclei_table_key not in sdata.tables:
+        raise InvalidInputError(f"No table {nuclei_table_key!r}; it has {list(sdata.tables)}.")
+    if color not in sdata.tables[nuclei_table_key].obs:
         raise InvalidInputError(f"No obs[{color!r}] in table {nuclei_table_key!r}; run hc.tl.predict first.")
     if nuclei_key not in sdata.shapes:
         raise InvalidInputError(f"No shapes element {nuclei_key!r}; it has {list(sdata.shapes)}.")

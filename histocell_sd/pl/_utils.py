@@ -75,7 +75,10 @@ def check_extent(extent) -> tuple[float, float, float, float] | None:
     """``extent`` as four floats ``(x_min, x_max, y_min, y_max)`` (None stays None)."""
     if extent is None:
         return None
-    x0, x1, y0, y1 = (float(v) for v in extent)
+    try:
+        x0, x1, y0, y1 = (float(v) for v in extent)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"extent must be four numbers (x_min, x_max, y_min, y_max) in px, got {extent!r}.") from None
     if not (x1 > x0 and y1 > y0):
         raise InvalidInputError(f"extent must be (x_min, x_max, y_min, y_max) with x_max > x_min and y_max > y_min, got {extent}.")
     return x0, x1, y0, y1

@@ -103,6 +103,22 @@ def _standardise(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- survival
+def survival_columns(clin: pd.DataFrame, duration_key: str, event_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Follow-up times (positive) and events (0/1) as float arrays, or an error naming the column."""
+    duration = pd.to_numeric(clin[duration_key], errors="coerce").to_numpy(dtype=float)
+    try:
+        event = clin[event_key].astype(float).to_numpy()
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"{event_key!r} must be 0/1 or boolean: {error}") from error
+    if np.isnan(duration).any() or np.isnan(event).any():
+        raise InvalidInputError(f"{duration_key!r} and {event_key!r} must have no missing values.")
+    if (duration <= 0).any():
+        raise InvalidInputError(f"{duration_key!r} must be positive.")
+    if not set(np.unique(event)) <= {0.0, 1.0}:
+        raise InvalidInputError(f"{event_key!r} must be 0/1 or boolean, got values {sorted(set(np.unique(event)))[:5]}.")
+    return duration, event
+
+
 def _cox_univariate(x: np.ndarray, duration: np.ndarray, event: np.ndarray, n_iter: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """Univariate Cox fits (Breslow ties) of every column of ``x`` at once: coefficients and SEs.
 
@@ -204,17 +220,7 @@ def survival(
         ``indicators`` and ``excluded`` (indicators with NaN), or ``error`` when it could not be fit.
     """
     values, clin = _cohort_frame(indicators, [duration_key, event_key], clinical, indicators_subset)
-    duration = pd.to_numeric(clin[duration_key], errors="coerce").to_numpy(dtype=float)
-    try:
-        event = clin[event_key].astype(float).to_numpy()
-    except (TypeError, ValueError) as error:
-        raise InvalidInputError(f"{event_key!r} must be 0/1 or boolean: {error}") from error
-    if np.isnan(duration).any() or np.isnan(event).any():
-        raise InvalidInputError(f"{duration_key!r} and {event_key!r} must have no missing values.")
-    if (duration <= 0).any():
-        raise InvalidInputError(f"{duration_key!r} must be positive.")
-    if not set(np.unique(event)) <= {0.0, 1.0}:
-        raise InvalidInputError(f"{event_key!r} must be 0/1 or boolean, got values {sorted(set(np.unique(event)))[:5]}.")
+    duration, event = survival_columns(clin, duration_key, event_key)
     if event.sum() < 2:
         raise InvalidInputError(f"At least two events are needed, got {int(event.sum())}.")
     values, dropped = _usable(values)

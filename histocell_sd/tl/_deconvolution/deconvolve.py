@@ -123,8 +123,11 @@ def deconvolve(
     """
     if method not in _METHODS:
         raise InvalidInputError(f"method must be one of {_METHODS}, got {method!r}.")
-    if n_markers < 1 or epochs < 1:
-        raise InvalidInputError(f"n_markers and epochs must be positive, got {n_markers} and {epochs}.")
+    for name, value in (("n_markers", n_markers), ("epochs", epochs), ("min_shared_genes", min_shared_genes)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidInputError(f"{name} must be a whole number ≥ 1, got {value!r}.")
+    if not (np.isfinite(learning_rate) and learning_rate > 0):
+        raise InvalidInputError(f"learning_rate must be a positive number, got {learning_rate!r}.")
     check_key_added(key_added, {SPATIAL_KEY, SPATIAL_UM_KEY, STATE_PROPORTIONS_KEY, PREDICTED_PROPORTIONS_KEY}, "obsm")
     check_reference(reference)
     torch_device = str(resolve_device(device))

@@ -180,6 +180,10 @@ def refine_deconvolution(
     for name, value in (("strength", strength), ("umi_weight", umi_weight)):
         if value < 0 or not np.isfinite(value):
             raise InvalidInputError(f"{name} must be a non-negative number, got {value!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise InvalidInputError(f"top_k must be a whole number ≥ 1, got {top_k!r}.")
+    if not (np.isfinite(tol) and tol > 0):
+        raise InvalidInputError(f"tol must be a positive number, got {tol!r}.")
     if missing_types not in _MISSING:
         raise InvalidInputError(f"missing_types must be one of {_MISSING}, got {missing_types!r}.")
     if match not in _MATCHES:

@@ -124,6 +124,10 @@ def cell_graph(
     if table.n_obs < (4 if method == "delaunay" else 2):
         raise InvalidInputError(f"Too few nuclei ({table.n_obs}) for a {method} graph.")
     radius_px = None if radius_um is None else float(radius_um) / scale
+    if method == "delaunay":  # Qhull needs the nuclei to span an area
+        xy = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
+        if np.linalg.matrix_rank(xy - xy.mean(0), tol=1e-9) < 2:
+            raise InvalidInputError("The nuclei's centroids all coincide or lie on one line: no Delaunay graph; use method='radius' or 'knn'.")
     with quiet_logger(SPATIALDATA_LOGGER):  # squidpy logs "Creating graph using ..." through spatialdata's logger
         if method == "delaunay":
             sq.gr.spatial_neighbors_delaunay(table, spatial_key=SPATIAL_KEY, radius=radius_px, key_added=key_added)

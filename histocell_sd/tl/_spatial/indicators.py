@@ -92,7 +92,8 @@ def spatial_indicators(
         Read (prediction layout) in each SpatialData; nothing is written into the samples.
     {cluster_key}
     state_key
-        ``obs`` column of the cell states (skipped when None or absent).
+        ``obs`` column of the cell states (skipped when None, or when the default is absent: a model
+        whose states were not trained writes none; another name must exist in some sample).
     niche_key
         ``obs`` column of niches (skipped when None or absent).
     cooc_radius_um
@@ -105,7 +106,7 @@ def spatial_indicators(
     infiltration_radius_um
         Neighbourhood radius of the infiltration indicator, µm.
     n_perms
-        Label permutations of the neighbourhood-enrichment z-scores.
+        Label permutations of the neighbourhood-enrichment z-scores (0: no z-scores, NaN).
     area_method
         Tissue area for the densities: ``"grid"`` (area of the ``grid_um`` × ``grid_um`` squares
         holding at least one nucleus; follows holes and concave outlines) or ``"hull"`` (convex hull
@@ -130,9 +131,12 @@ def spatial_indicators(
     if area_method not in ("grid", "hull"):
         raise InvalidInputError(f"Unknown area_method {area_method!r}; choose 'grid' or 'hull'.")
     radii = [float(r) for r in np.atleast_1d(cooc_radius_um)]
-    for what, r in [("cooc_radius_um", r) for r in radii] + [("infiltration_radius_um", infiltration_radius_um), ("grid_um", grid_um)]:
+    checked = [("cooc_radius_um", r) for r in radii] + [("infiltration_radius_um", infiltration_radius_um), ("grid_um", grid_um)]
+    for what, r in checked + ([("graph_radius_um", graph_radius_um)] if graph_radius_um is not None else []):
         if not np.isfinite(r) or r <= 0:
             raise InvalidInputError(f"{what} must be a positive number of µm, got {r!r}.")
+    if isinstance(n_perms, bool) or not isinstance(n_perms, (int, np.integer)) or n_perms < 0:
+        raise InvalidInputError(f"n_perms must be a whole number ≥ 0 (0: no neighbourhood z-scores), got {n_perms!r}.")
     tables = {}
     for name, data in named.items():
         table = get_table(data, nuclei_table_key)
@@ -142,6 +146,8 @@ def spatial_indicators(
     types = _categories([*(pd.Series(pd.Categorical([], categories=_model_labels(t, cluster_key))) for t, _ in tables.values()),
                          *(t.obs[cluster_key] for t, _ in tables.values())])
     infiltration = _check_infiltration(infiltration, types, cluster_key)
+    if state_key not in (None, CELL_STATE_KEY) and not any(state_key in t.obs for t, _ in tables.values()):
+        raise InvalidInputError(f"No sample's nuclei table has obs[{state_key!r}] (state_key); use state_key=None to leave states out.")
     states = _categories([*(pd.Series(pd.Categorical([], categories=_model_labels(t, state_key))) for t, _ in tables.values()),
                           *(t.obs[state_key] for t, _ in tables.values() if state_key in t.obs)]) if state_key else []
     rows, meta = {}, {}
