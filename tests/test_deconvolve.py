@@ -408,6 +408,26 @@ def test_deconvolution_settings_are_checked_before_anything_runs(tiny_predicted)
     assert set(sdata.tables["table"].obsm) == before
 
 
+def test_spot_counts_with_nan_are_refused_and_normalised_ones_warned(tiny_predicted):
+    # own case dc_spot_counts: NaN counts gave a spot uniform proportions; log-normalised spots ran without a word
+    sdata, reference = tiny_predicted
+    table = sdata.tables["table"]
+    raw = table.X.copy()
+    before = set(table.obsm)
+    dense = np.asarray(raw.toarray() if hasattr(raw, "toarray") else raw, dtype=np.float32)
+    try:
+        table.X = np.where(np.arange(dense.shape[0])[:, None] == 0, np.nan, dense)
+        with pytest.raises(InvalidInputError, match="NaN or infinite values in X"):
+            tl.deconvolve(sdata, reference, method="poisson", key_added="checked", progress=False)
+        assert set(table.obsm) == before
+        table.X = np.log1p(dense)
+        with pytest.warns(UserWarning, match="non-integer values .* expects raw counts"):
+            tl.deconvolve(sdata, reference, method="poisson", key_added="checked", progress=False)
+    finally:
+        table.X = raw
+        table.obsm.pop("checked", None)
+
+
 @pytest.mark.parametrize("key", ["spatial", "spatial_um", "state_proportions", "histocell_proportions"])
 def test_key_added_must_not_overwrite_the_spots_layout(tiny_predicted, key):
     # own case dc_key_added_layout: key_added="spatial" replaced the spot centroids with proportions

@@ -296,10 +296,15 @@ def _spot_counts(table: ad.AnnData, table_key: str, warn_empty: bool = True) -> 
     if X is None:
         raise InvalidInputError(f"Spots table {table_key!r} has no counts in X.")
     X = sparse.csr_matrix(X, dtype=np.float32)
+    if X.data.size and not np.isfinite(X.data).all():
+        raise InvalidInputError(f"Spots table {table_key!r} has NaN or infinite values in X; raw counts are needed.")
     if X.nnz == 0 or X.sum() == 0:
         raise InvalidInputError(f"Spots table {table_key!r} has only zero counts.")
     if X.data.size and (X.data < 0).any():
         raise InvalidInputError(f"Spots table {table_key!r} has negative values in X; raw counts are needed.")
+    problem = _count_problem(X)
+    if problem is not None:  # e.g. ambient-corrected counts are fractional, log-normalised ones are wrong
+        warnings.warn(f"The X of spots table {table_key!r} {problem}; deconvolution expects raw counts.", UserWarning, stacklevel=5)
     empty = np.asarray(X.sum(axis=1)).ravel() == 0
     if empty.all():
         raise InvalidInputError(f"Spots table {table_key!r} has only zero counts.")
