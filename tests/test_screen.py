@@ -53,6 +53,28 @@ def test_crops_and_plot(screen):
     assert screen.top in ax.get_title()
 
 
+def test_crops_are_cut_in_um_whatever_the_slide_resolution(cohort, screen):
+    # own case screen_crop_px_meaning: crop_px was the slides' own pixels (elsewhere: pixels at a model's µm/px)
+    from histocell_sd.tl._cohort.screen import _crops
+
+    samples, _, _ = cohort
+    name = screen.crop_info["sample"].iloc[0]
+    pooled = pd.DataFrame({"sample": [name], "row": [samples[name].tables["histocell"].obs_names.get_loc(screen.crop_info["nucleus"].iloc[0])],
+                           "population": [screen.top]})
+    tables = {name: samples[name].tables["histocell"]}
+    crops, _ = _crops(samples, tables, pooled, screen.top, 1, 16.0, None, 0)
+    np.testing.assert_array_equal(crops[0], screen.crops[0])  # 0.5 µm/px: 32 px cut, nothing resampled
+    fine = hc.io.from_arrays(np.asarray(hc.io.get_image(samples[name]).data).transpose(1, 2, 0).repeat(2, 0).repeat(2, 1), 0.25)
+    table = tables[name].copy()
+    table.obsm["spatial"] = np.asarray(table.obsm["spatial"]) * 2 + 0.5  # the same nuclei in the 0.25 µm/px image
+    crops_fine, _ = _crops({name: fine}, {name: table}, pooled, screen.top, 1, 16.0, None, 0)
+    assert crops_fine.shape == crops.shape  # 16 µm at 0.5 µm/px, from 64 px of the finer slide
+    assert np.abs(crops_fine[0].astype(int) - crops[0].astype(int)).mean() < 12
+    with pytest.warns(FutureWarning, match="use crop_um"):
+        with pytest.raises(hc.InvalidInputError, match="crop_um must be"):
+            tl.screen_phenotype(samples, phenotype_key="phenotype", clinical=cohort[1], crop_px=-4, progress=False)
+
+
 def test_deterministic_and_no_image_fallback(cohort, screen):
     samples, clinical, _ = cohort
     tables = {k: s.tables["histocell"].copy() for k, s in list(samples.items())}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from .stats import _associate, _response_kind
 
 __all__ = ["PhenotypeScreen", "screen_phenotype"]
 
+CROP_MPP = 0.5  # µm/px of the example crops, whatever the slides' µm/px
+
 
 @dataclass(kw_only=True)
 class PhenotypeScreen:
@@ -36,7 +39,8 @@ class PhenotypeScreen:
         Per pooled nucleus: ``sample``, ``population``, ``attention`` (MIL attention × bag size,
         1 = uniform), or None without MIL.
     crops
-        Array ``(n, crop_px, crop_px, 3)`` uint8 of example nuclei of the top population, or None
+        Array ``(n, side, side, 3)`` uint8 of example nuclei of the top population (``side`` =
+        ``crop_um`` / 0.5 µm/px), or None
         when the samples have no image.
     crop_info
         ``sample``, ``nucleus`` and centre ``x``/``y`` (px) of each crop.
@@ -79,10 +83,11 @@ def screen_phenotype(
     mil_bag_size: int = 64,
     rank_by: str = "p",
     n_crops: int = 16,
-    crop_px: int = 32,
+    crop_um: float = 16.0,
     image_key: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    crop_px: int | None = None,
 ) -> PhenotypeScreen:
     """Screen the cell populations whose abundance is associated with a phenotype.
 
@@ -125,11 +130,14 @@ def screen_phenotype(
         (the first ``mil_bag_size`` pooled nuclei of each sample, a random subsample).
     rank_by
         ``"p"`` (association test; ties by attention) or ``"mil_attention"``.
-    n_crops, crop_px, image_key
-        Example image crops of the top population (skipped when the samples have no image).
+    n_crops, crop_um, image_key
+        Example image crops of the top population: ``crop_um`` µm square around each nucleus, at
+        0.5 µm/px whatever the slides' µm/px (skipped when the samples have no image).
     {seed}
         Here of the subsampling and clustering.
     {progress}
+    crop_px
+        Deprecated: the crop side in each slide's own pixels; use ``crop_um``.
 
     Returns
     -------
@@ -140,6 +148,11 @@ def screen_phenotype(
         ``p``, ``fdr`` and ``mil_attention``; ``table.attrs`` ``kind`` and ``effect``.
     """
     named = _named(samples)
+    if crop_px is not None:  # it meant the slides' own pixels; crop_px elsewhere means pixels at a model's canonical µm/px
+        warnings.warn("screen_phenotype(crop_px=...) is deprecated; use crop_um (µm).", FutureWarning, stacklevel=2)
+        crop_um = crop_px * CROP_MPP
+    if not (np.isfinite(crop_um) and crop_um > 0):
+        raise InvalidInputError(f"crop_um must be a positive number of µm, got {crop_um!r}.")
     if rank_by not in ("p", "mil_attention"):
         raise InvalidInputError(f"rank_by must be 'p' or 'mil_attention', got {rank_by!r}.")
     if rank_by == "mil_attention" and not mil:
@@ -202,7 +215,7 @@ def screen_phenotype(
         attention=attention,
         mil=mil_summary,
     )
-    result.crops, result.crop_info = _crops(named, tables, pooled, result.top, n_crops, crop_px, image_key, seed)
+    result.crops, result.crop_info = _crops(named, tables, pooled, result.top, n_crops, crop_um, image_key, seed)
     return result
 
 
@@ -345,15 +358,17 @@ def _fit_mil_seeds(xt, mt, target, kind, seeds, epochs, dim, progress, total, lo
         total += att.numpy() * mask.sum(1, keepdims=True)
 
 
-def _crops(named, tables, pooled, top, n_crops, crop_px, image_key, seed):
-    """Example crops (RGB uint8) of the top population's nuclei, highest attention first."""
+def _crops(named, tables, pooled, top, n_crops, crop_um, image_key, seed):
+    """Example crops (RGB uint8, ``crop_um`` at ``CROP_MPP``) of the top population's nuclei, highest attention first."""
     if n_crops <= 0:
         return None, None
-    from ...io._elements import get_image, resolve_key
+    from ...io._elements import get_image, get_mpp, resolve_key
+    from ...pp._resample import rescale_uint8
 
+    side = max(int(round(crop_um / CROP_MPP)), 1)
     cand = pooled[pooled["population"] == top]
     cand = cand.sort_values("attention", ascending=False, na_position="last") if "attention" in cand else cand.sample(frac=1.0, random_state=seed)
-    crops, info, half = [], [], crop_px // 2
+    crops, info = [], []
     for _, row in cand.iterrows():
         data = named[row["sample"]]
         if not isinstance(data, SpatialData) or not data.images:
@@ -362,15 +377,20 @@ def _crops(named, tables, pooled, top, n_crops, crop_px, image_key, seed):
             key = resolve_key(data, "images", key=image_key, default="he")
         except InvalidInputError:
             continue
-        image = get_image(data, image_key=key)
+        image, mpp = get_image(data, image_key=key), get_mpp(data)
+        native = max(int(round(crop_um / mpp)), 1)  # the crop's side in this slide's pixels
+        half = native // 2
         table = tables[row["sample"]]
         x, y = np.asarray(table.obsm[SPATIAL_KEY])[row["row"]]
         xi, yi = int(round(x)), int(round(y))
         h, w = image.shape[1:]
         if not (half <= xi < w - half and half <= yi < h - half):
             continue
-        patch = np.asarray(image[:3, yi - half : yi - half + crop_px, xi - half : xi - half + crop_px]).transpose(1, 2, 0)
-        crops.append(patch.astype(np.uint8))
+        patch = np.asarray(image[:3, yi - half : yi - half + native, xi - half : xi - half + native]).transpose(1, 2, 0).astype(np.uint8)
+        if native != side:
+            patch = rescale_uint8(patch, side / native)[:side, :side]
+            patch = np.pad(patch, ((0, side - patch.shape[0]), (0, side - patch.shape[1]), (0, 0)), mode="edge")
+        crops.append(patch)
         info.append({"sample": row["sample"], "nucleus": table.obs_names[row["row"]], "x": x, "y": y})
         if len(crops) >= n_crops:
             break
