@@ -428,6 +428,22 @@ def test_spot_counts_with_nan_are_refused_and_normalised_ones_warned(tiny_predic
         table.obsm.pop("checked", None)
 
 
+def test_a_reference_type_without_counts_is_named(tiny_predicted):
+    # own case dc_silent_type: a type whose reference cells have no counts got proportion 0 with no word naming it
+    sdata, reference = tiny_predicted
+    reference = reference.copy()
+    keep = (reference.obs["cell_type"].astype(str) != "endothelial").to_numpy()[:, None]
+
+    def zeroed(m):
+        return m.multiply(keep).tocsr() if hasattr(m, "multiply") else m * keep
+
+    reference.X = zeroed(reference.X)
+    if "counts" in reference.layers:
+        reference.layers["counts"] = zeroed(reference.layers["counts"])
+    with pytest.warns(UserWarning, match=r"reference cells of \['endothelial'\] have no counts"):
+        tl.deconvolve(sdata, reference, method="poisson", key_added="checked", progress=False)
+
+
 @pytest.mark.parametrize("key", ["spatial", "spatial_um", "state_proportions", "histocell_proportions"])
 def test_key_added_must_not_overwrite_the_spots_layout(tiny_predicted, key):
     # own case dc_key_added_layout: key_added="spatial" replaced the spot centroids with proportions
