@@ -32,6 +32,14 @@ def mean_per_type_pearson(predicted: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(rs)) if rs else float("nan")
 
 
+def check_whole_number(name: str, value, minimum: int, hint: str = "") -> None:
+    """Refuse a ``value`` that is not a whole number ≥ ``minimum`` (a bool or a float such as 2.5 included)."""
+    from ._errors import InvalidInputError
+
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidInputError(f"{name} must be a whole number ≥ {minimum}{hint}, got {value!r}.")
+
+
 def check_key_added(key_added, protected, where: str) -> None:
     """Refuse a ``key_added`` that is not a name or would overwrite ``where[key]`` for a key in ``protected``
     (what the call reads or the data layout defines)."""

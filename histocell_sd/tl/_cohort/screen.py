@@ -137,7 +137,7 @@ def screen_phenotype(
         Here of the subsampling and clustering.
     {progress}
     crop_px
-        Deprecated: the crop side in each slide's own pixels; use ``crop_um``.
+        Deprecated (it counted each slide's own pixels): read as ``crop_um = crop_px × 0.5``; use ``crop_um``.
 
     Returns
     -------

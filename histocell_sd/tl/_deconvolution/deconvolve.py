@@ -24,7 +24,7 @@ from ..._constants import (
 from ..._device import resolve_device
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import check_key_added, copy_for_writing, progress_bar
+from ..._utils import check_key_added, check_whole_number, copy_for_writing, progress_bar
 from ...io import check_proportions, resolve_key
 from ...io._spots import SIDE_KEY, SQUARE, spot_geometry
 from .poisson import composition_em, type_signatures
@@ -124,8 +124,7 @@ def deconvolve(
     if method not in _METHODS:
         raise InvalidInputError(f"method must be one of {_METHODS}, got {method!r}.")
     for name, value in (("n_markers", n_markers), ("epochs", epochs), ("min_shared_genes", min_shared_genes)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InvalidInputError(f"{name} must be a whole number ≥ 1, got {value!r}.")
+        check_whole_number(name, value, 1)
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise InvalidInputError(f"learning_rate must be a positive number, got {learning_rate!r}.")
     check_key_added(key_added, {SPATIAL_KEY, SPATIAL_UM_KEY, STATE_PROPORTIONS_KEY, PREDICTED_PROPORTIONS_KEY}, "obsm")

@@ -48,7 +48,7 @@ from ..._constants import (
 )
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import check_key_added, copy_for_writing
+from ..._utils import check_key_added, check_whole_number, copy_for_writing
 from ...io import check_proportions, resolve_key
 from ...io._schema import REFINED_TYPE_KEY, set_categorical
 from .deconvolve import _labels, _log_normalise, _markers, check_reference, shared_data
@@ -180,8 +180,7 @@ def refine_deconvolution(
     for name, value in (("strength", strength), ("umi_weight", umi_weight)):
         if value < 0 or not np.isfinite(value):
             raise InvalidInputError(f"{name} must be a non-negative number, got {value!r}.")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise InvalidInputError(f"top_k must be a whole number ≥ 1, got {top_k!r}.")
+    check_whole_number("top_k", top_k, 1)
     if not (np.isfinite(tol) and tol > 0):
         raise InvalidInputError(f"tol must be a positive number, got {tol!r}.")
     if missing_types not in _MISSING:

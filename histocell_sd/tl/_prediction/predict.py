@@ -26,7 +26,7 @@ from ..._constants import (
 from ..._device import resolve_device
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import copy_for_writing
+from ..._utils import check_whole_number, copy_for_writing
 from ...io import resolve_key
 from ...io._schema import NucleiTableModel, merge_metadata, set_categorical
 from ...models import HistoCell
@@ -91,8 +91,7 @@ def predict(
     model = members[0]
     if nuclei_table_key not in sdata.tables:
         raise InvalidInputError(f"No nuclei table {nuclei_table_key!r}; segment nuclei first (hc.pp.segment_nuclei).")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)) or mc_samples < 0:
-        raise InvalidInputError(f"mc_samples must be a whole number ≥ 0, got {mc_samples!r}.")
+    check_whole_number("mc_samples", mc_samples, 0)
     resolve_device(device)  # an unusable device is refused before anything is written
     spots_table_key = _spots_table(sdata, sdata.tables[nuclei_table_key], spots_table_key, nuclei_table_key)  # validated before anything is written
     if copy:

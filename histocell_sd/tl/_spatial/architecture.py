@@ -12,7 +12,7 @@ from spatialdata.models import ShapesModel
 from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, COMPARTMENT_KEY, HISTOCELL_KEY, NUCLEUS_ID_KEY, REGION_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import check_key_added, copy_for_writing
+from ..._utils import check_key_added, check_whole_number, copy_for_writing
 from ...io._elements import pixel_transformations
 from .graph import get_table, radius_adjacency, require_obs, table_mpp
 
@@ -97,8 +97,8 @@ def tissue_architecture(
     if not (np.isfinite(simplify_um) and simplify_um >= 0):
         raise InvalidInputError(f"simplify_um must be a non-negative number of µm, got {simplify_um!r}.")
     for name, value in (("smooth", smooth), ("n_niches", n_niches)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-            raise InvalidInputError(f"{name} must be a whole number, got {value!r}.")
+        if value is not None:
+            check_whole_number(name, value, 0)
     if copy:
         sdata = copy_for_writing(sdata)
     table = get_table(sdata, nuclei_table_key)

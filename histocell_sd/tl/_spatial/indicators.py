@@ -13,7 +13,7 @@ from spatialdata import SpatialData
 from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import progress_bar
+from ..._utils import check_whole_number, progress_bar
 from .graph import delaunay_edges, get_table, require_obs, table_mpp
 
 __all__ = ["INDICATORS", "spatial_indicators"]
@@ -135,8 +135,7 @@ def spatial_indicators(
     for what, r in checked + ([("graph_radius_um", graph_radius_um)] if graph_radius_um is not None else []):
         if not np.isfinite(r) or r <= 0:
             raise InvalidInputError(f"{what} must be a positive number of µm, got {r!r}.")
-    if isinstance(n_perms, bool) or not isinstance(n_perms, (int, np.integer)) or n_perms < 0:
-        raise InvalidInputError(f"n_perms must be a whole number ≥ 0 (0: no neighbourhood z-scores), got {n_perms!r}.")
+    check_whole_number("n_perms", n_perms, 0, " (0: no neighbourhood z-scores)")
     tables = {}
     for name, data in named.items():
         table = get_table(data, nuclei_table_key)
