@@ -98,9 +98,9 @@ def crop(view: SpatialData, extent) -> SpatialData:
     if out is None or any(key not in out.images for key in view.images):
         raise nothing
     for key in view.shapes:
-        shapes = out.shapes.get(key)
-        c = shapes.geometry.centroid if shapes is not None else None
-        inside = ((c.x >= x0) & (c.x <= x1) & (c.y >= y0) & (c.y <= y1)).to_numpy() if c is not None else np.zeros(0, bool)
+        shapes = out.shapes[key] if key in out.shapes else view.shapes[key].iloc[:0]  # the query drops an element it empties
+        c = shapes.geometry.centroid
+        inside = ((c.x >= x0) & (c.x <= x1) & (c.y >= y0) & (c.y <= y1)).to_numpy()
         if not inside.any():
             raise InvalidInputError(f"No {key!r} lie within extent {extent} (x_min, x_max, y_min, y_max in px); choose a window that holds some.")
         if inside.all():

@@ -104,8 +104,8 @@ def run_cohort(
         inside = [p for n, p in zip(names, paths) if (out / f"{n}.zarr").resolve() == Path(p).resolve()]
         if inside:
             raise InvalidInputError(f"save_predictions would overwrite the input stores {inside}: choose an out_dir that does not hold them.")
-    resumed = [] if overwrite else [n for n in names if (out / f"{n}.h5ad").exists()]
-    other = [n for n in resumed if _result_fingerprint(out / f"{n}.h5ad") != fingerprint]
+    resumed = {} if overwrite else {n: ad.read_h5ad(out / f"{n}.h5ad") for n in names if (out / f"{n}.h5ad").exists()}
+    other = [n for n, part in resumed.items() if part.uns.get(_RESULT_KEY, {}).get("model_fingerprint") != fingerprint]
     if other:
         raise InvalidInputError(
             f"out_dir {str(out)!r} holds results of another model (or of an older histocell-sd) for {other[:3]}"
@@ -146,7 +146,7 @@ def run_cohort(
     done = [n for n in names if status.get(n) in ("computed", "resumed")]
     parts = []
     for name in done:
-        part = ad.read_h5ad(out / f"{name}.h5ad")
+        part = resumed[name] if name in resumed else ad.read_h5ad(out / f"{name}.h5ad")  # each result is read once
         part.obs["status"] = status[name]
         parts.append(part)
     path_of = dict(zip(names, paths))
@@ -217,11 +217,6 @@ def _checked_kwargs(segment_kwargs, indicator_kwargs) -> tuple[dict, dict]:
             raise InvalidInputError(f"{name} does not fit {function.__name__}: {error}.") from None
         checked.append(dict(kwargs))
     return checked[0], checked[1]
-
-
-def _result_fingerprint(path: Path) -> str | None:
-    """The model fingerprint recorded in a slide's result (None for a result written without one)."""
-    return ad.read_h5ad(path).uns.get(_RESULT_KEY, {}).get("model_fingerprint")
 
 
 def _record(name: str, result: tuple[str, str], status: dict, errors: dict) -> None:

@@ -150,8 +150,8 @@ def deconvolve(
         pooled, pool_bins = pool_low_counts(sp.X, geometry, min_counts)
         sp = ad.AnnData(pooled, obs=sp.obs, var=sp.var)
     n_empty = int((np.asarray(sp.X.sum(axis=1)).ravel() == 0).sum())  # no counts (within 3 rings when pooled): uniform proportions
-    per_cell = np.asarray(ref.X.sum(axis=1)).ravel()
-    silent = sorted(t for t in labels["cell types"].unique() if per_cell[(labels["cell types"] == t).to_numpy()].sum() == 0)
+    per_type = pd.Series(np.asarray(ref.X.sum(axis=1)).ravel()).groupby(labels["cell types"].to_numpy()).sum()
+    silent = sorted(per_type.index[per_type == 0])
     if silent:
         warnings.warn(f"The reference cells of {silent} have no counts on the {ref.n_vars} genes shared with the spots: "
                       "deconvolution cannot see these types (their proportions come out 0).", UserWarning, stacklevel=2)
