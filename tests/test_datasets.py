@@ -128,9 +128,11 @@ def test_resolution_changes_pixels_not_microns():
     assert area_hi == pytest.approx(area_lo, rel=0.1)
 
 
-def test_unknown_preset():
-    with pytest.raises(ValueError, match="preset"):
+def test_unknown_preset_split_and_proportions():
+    with pytest.raises(hc.InvalidInputError, match="preset"):
         synthetic_visium(preset="huge")
+    with pytest.raises(hc.InvalidInputError, match="split must be"):
+        hc.datasets.nucls_tile_names("val")
 
 
 def test_nucls_tiles():

@@ -36,3 +36,16 @@ def test_imports_flow_one_way():
             if LAYERS.get(target, 0) > layer:
                 upward.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
     assert upward == []
+
+
+def test_bad_input_is_an_invalid_input_error():
+    """Public functions report bad input as InvalidInputError, never as a bare ValueError or TypeError."""
+    import ast
+
+    bare = []
+    for path in sorted((ROOT / "histocell_sd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+                if node.exc.func.id in ("ValueError", "TypeError"):
+                    bare.append(f"{path.relative_to(ROOT)}:{node.lineno} raises {node.exc.func.id}")
+    assert bare == []

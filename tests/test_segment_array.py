@@ -5,6 +5,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.transform import rescale
 
+import histocell_sd as hc
 from histocell_sd.datasets import NUCLS_MPP, read_nucls_tile
 from histocell_sd.pp._metrics import aggregated_jaccard_index, detection_scores, match_points
 from histocell_sd.pp._segment_array import segment_array
@@ -94,6 +95,10 @@ def test_aggregated_jaccard_index():
     truth[2:5, 2:5] = 1
     truth[6:9, 6:9] = 2
     assert aggregated_jaccard_index(truth, truth * 7) == 1.0
+    with pytest.raises(hc.InvalidInputError, match="same shape, got \\(10, 10\\) and \\(10, 9\\)"):
+        aggregated_jaccard_index(truth, truth[:, :9])
+    with pytest.raises(hc.InvalidInputError, match=r"rgb must have shape \(H, W, 3\)"):
+        hc.pp.segment_array(truth.astype(float), mpp=0.5)
     # one nucleus missed: 9 / (9 + 9)
     assert aggregated_jaccard_index(truth, np.where(truth == 1, 1, 0)) == pytest.approx(0.5)
     # both nuclei merged into one prediction: each true pairs with it, union counted twice

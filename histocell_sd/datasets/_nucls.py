@@ -11,6 +11,7 @@ from skimage.io import imread
 from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel, TableModel
 
+from .._errors import InvalidInputError
 from ..io import from_arrays
 from ..io._elements import pixel_transformations
 from ._synthetic import TRUTH_LABELS_KEY, TRUTH_TABLE_KEY
@@ -38,7 +39,7 @@ def nucls_tile_names(split: str = "test") -> list[str]:
     if split == "all":
         return nucls_tile_names("train") + nucls_tile_names("test")
     if split not in _SPLITS:
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}.")
+        raise InvalidInputError(f"split must be 'train', 'test' or 'all', got {split!r}.")
     return [f"{split}_{i}" for i in range(1, _SPLITS[split] + 1)]
 
 

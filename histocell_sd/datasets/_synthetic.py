@@ -16,6 +16,7 @@ from .._constants import (
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
 )
+from .._errors import InvalidInputError
 from .._utils import progress_bar
 from ..io import from_arrays
 from ..io._elements import pixel_transformations
@@ -88,9 +89,9 @@ def synthetic_visium(
         ``obs["cell_state"]``.
     """
     if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
+        raise InvalidInputError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
     if proportions not in ("truth", None):
-        raise ValueError(f"proportions must be 'truth' or None, got {proportions!r}.")
+        raise InvalidInputError(f"proportions must be 'truth' or None, got {proportions!r}.")
     params = PRESETS[preset] | {k: v for k, v in {"mpp": mpp, "width_um": width_um, "height_um": height_um}.items() if v is not None}
     mpp, width_um, height_um = params["mpp"], params["width_um"], params["height_um"]
     rng = np.random.default_rng(seed)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import InvalidInputError
+
 
 def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     # No batch norm: it is slow on CPU and the nets are shallow enough to train without it.
@@ -73,7 +75,7 @@ class NeighbourAttention(nn.Module):
     def __init__(self, dim: int, heads: int = 4, radius_um: float = 30.0):
         super().__init__()
         if dim % heads:
-            raise ValueError("dim must be divisible by heads")
+            raise InvalidInputError(f"dim must be a multiple of heads, got dim={dim} and heads={heads}.")
         self.heads, self.radius_um = heads, radius_um
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)

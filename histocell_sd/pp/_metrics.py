@@ -8,6 +8,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from .._errors import InvalidInputError
+
 __all__ = ["match_points", "detection_scores", "aggregated_jaccard_index"]
 
 
@@ -123,7 +125,7 @@ def aggregated_jaccard_index(true_labels, pred_labels) -> float:
     """
     true_labels, pred_labels = np.asarray(true_labels), np.asarray(pred_labels)
     if true_labels.shape != pred_labels.shape:
-        raise ValueError("true_labels and pred_labels must have the same shape")
+        raise InvalidInputError(f"true_labels and pred_labels must have the same shape, got {true_labels.shape} and {pred_labels.shape}.")
     has_true, has_pred = bool(true_labels.any()), bool(pred_labels.any())
     if not (has_true and has_pred):
         return float(has_true == has_pred)

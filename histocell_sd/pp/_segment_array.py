@@ -15,6 +15,7 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import relabel_sequential, watershed
 
+from .._errors import InvalidInputError
 from ._resample import rescale_rgb
 
 __all__ = ["segment_array"]
@@ -32,7 +33,7 @@ def _as_float_rgb(rgb) -> np.ndarray:
     """Return an (H, W, 3) float32 image scaled to [0, 1]."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
-        raise ValueError(f"rgb must have shape (H, W, 3) or (H, W, 4), got {rgb.shape}")
+        raise InvalidInputError(f"rgb must have shape (H, W, 3) or (H, W, 4), got {rgb.shape}.")
     rgb = rgb[..., :3]
     if np.issubdtype(rgb.dtype, np.integer):
         return rgb.astype(np.float32) / np.iinfo(rgb.dtype).max
