@@ -318,7 +318,7 @@ def section_detection(args) -> dict:
             return [(rgb, hc.datasets.NUCLS_MPP, pts[["x", "y"]].to_numpy()) for rgb, _, pts in tiles]
         synthetic = []
         for seed in args.synthetic_seeds:
-            sdata, _ = hc.datasets.synthetic_visium(seed=seed, preset="tiny", proportions=None, progress=False)
+            sdata, _ = hc.datasets.synthetic_visium(seed=seed, preset="tiny", weak_labels=False, progress=False)
             synthetic.append((np.asarray(hc.io.get_image(sdata).data).transpose(1, 2, 0), sdata.attrs["mpp"], np.asarray(sdata.tables["truth_nuclei"].obsm["spatial"])))
         return synthetic
 
@@ -344,7 +344,7 @@ def section_weak(args, factor: float = 1.0) -> dict:
     network = lodo_weights("segmenter", "brca_m2c", args)
     uses_encoder = bool({"weak", "supervised_twin"} & set(args.models))  # the others start from scratch
     encoder = lodo_weights("encoder", "brca_m2c", args) if uses_encoder else None
-    spots = {"diameter_um": 55.0, "pitch_um": 100.0}
+    spots = {"spot_diameter_um": 55.0, "pitch_um": 100.0}
     train = training_set(args, spots, network, factor)
     _, test_split = splits(args)
     test = brca_samples(args, test_split, spots=None, network=network, factor=factor)
@@ -358,7 +358,7 @@ def section_weak(args, factor: float = 1.0) -> dict:
 def section_weak_seeds(args) -> dict:
     """``weak`` and ``supervised_twin`` at 20x over ``--fit-seeds``, with the baselines, on one data preparation."""
     network, encoder = lodo_weights("segmenter", "brca_m2c", args), lodo_weights("encoder", "brca_m2c", args)
-    spots = {"diameter_um": 55.0, "pitch_um": 100.0}
+    spots = {"spot_diameter_um": 55.0, "pitch_um": 100.0}
     train = training_set(args, spots, network)
     test = brca_samples(args, splits(args)[1], spots=None, network=network)
     truth = matched_truth(test)
@@ -404,7 +404,7 @@ def section_weak_seeds(args) -> dict:
 def section_holdout(args) -> dict:
     """The weak model fitted with each ``holdout`` of ``fit`` over ``--fit-seeds``: nucleus F1 and spot r on the scored split."""
     network, encoder = lodo_weights("segmenter", "brca_m2c", args), lodo_weights("encoder", "brca_m2c", args)
-    spots = {"diameter_um": 55.0, "pitch_um": 100.0}
+    spots = {"spot_diameter_um": 55.0, "pitch_um": 100.0}
     train = training_set(args, spots, network)
     test = brca_samples(args, splits(args)[1], spots=spots, network=network)
     for s in test:
@@ -463,7 +463,7 @@ def section_st_like(args) -> dict:
     """Legacy-ST-like spots, two label regimes; the weak model over ``--fit-seeds`` against the spot-level ridge."""
     network = lodo_weights("segmenter", "brca_m2c", args)
     encoder = lodo_weights("encoder", "brca_m2c", args)
-    spots = {"diameter_um": ST_DIAMETER_UM, "pitch_um": ST_PITCH_UM}
+    spots = {"spot_diameter_um": ST_DIAMETER_UM, "pitch_um": ST_PITCH_UM}
     _, test_split = splits(args)
     out = {"spots": spots, "dirichlet_concentration": args.dirichlet, "fit_seeds": list(args.fit_seeds),
            "weights": {"segmenter": card_summary(network), "encoder": card_summary(encoder)}}
@@ -555,7 +555,7 @@ def section_nucls(args) -> dict:
         for sdata in hc.datasets.nucls(split).values():
             if with_spots:
                 try:
-                    hc.datasets.pseudo_spots(sdata, diameter_um=NUCLS_SPOT_UM, pitch_um=NUCLS_SPOT_UM, cell_types=classes)
+                    hc.datasets.pseudo_spots(sdata, spot_diameter_um=NUCLS_SPOT_UM, pitch_um=NUCLS_SPOT_UM, cell_types=classes)
                 except hc.InvalidInputError:
                     continue
             pp.segment_nuclei(sdata, network=network, progress=False)

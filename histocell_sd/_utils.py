@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -52,6 +53,18 @@ def check_key_added(key_added, protected, where: str) -> None:
             f"key_added={key_added!r} would overwrite {where}[{key_added!r}], which this call reads or the data layout "
             "defines; choose another name."
         )
+
+
+def renamed(call: str, old: str, old_value, new: str, new_value, new_default):
+    """The value of parameter ``new``, or of its deprecated name ``old`` (given: not None) with a FutureWarning."""
+    from ._errors import InvalidInputError
+
+    if old_value is None:
+        return new_value
+    if new_value != new_default:
+        raise InvalidInputError(f"Give {new}= or the deprecated {old}=, not both.")
+    warnings.warn(f"{call}({old}=...) is deprecated; use {new}=.", FutureWarning, stacklevel=3)
+    return old_value
 
 
 def copy_for_writing(sdata):

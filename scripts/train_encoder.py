@@ -95,7 +95,7 @@ def load_sets(brca_path: str, exclude: str) -> tuple[dict, dict]:
         labelled["nucls"] = (np.concatenate([p["crops"] for p in parts]), np.concatenate([p["labels"] for p in parts]), list(hc.datasets.NUCLS_CLASSES))
     parts = []
     for seed in SYNTHETIC_SEEDS:
-        sdata, _ = hc.datasets.synthetic_visium(seed=seed, preset="tiny", proportions=None, progress=False)
+        sdata, _ = hc.datasets.synthetic_visium(seed=seed, preset="tiny", weak_labels=False, progress=False)
         rgb = np.asarray(hc.io.get_image(sdata).data).transpose(1, 2, 0)
         truth = sdata.tables[hc.datasets.TRUTH_TABLE_KEY]
         codes = truth.obs["cell_type"].astype(str).map({t: i for i, t in enumerate(hc.datasets.CELL_TYPES)}).to_numpy()

@@ -146,7 +146,7 @@ def nucls_items(split: str) -> list[dict]:
 def synthetic_items(seeds) -> list[dict]:
     items = []
     for seed in seeds:
-        sdata, _ = hc.datasets.synthetic_visium(seed=seed, preset="tiny", proportions=None, progress=False)
+        sdata, _ = hc.datasets.synthetic_visium(seed=seed, preset="tiny", weak_labels=False, progress=False)
         rgb = np.asarray(hc.io.get_image(sdata).data).transpose(1, 2, 0)
         labels = np.asarray(sdata.labels["truth_labels"].data)
         items.append(make_item(rgb, None, labels, f"synthetic_{seed}"))

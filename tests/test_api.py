@@ -161,6 +161,27 @@ def test_key_names_have_one_meaning():
     assert defaults["nuclei_key"] <= {"nuclei", None}
 
 
+DEPRECATED = {
+    ("pp.store_nuclei", "origin"), ("tl.screen_phenotype", "crop_px"), ("datasets.pseudo_spots", "diameter_um"),
+    ("datasets.synthetic_visium", "proportions"), ("HistoCell.fit", "lr"),
+}  # fmt: skip
+"""Old parameter names that still work with a FutureWarning (README "Migrating")."""
+
+
+def test_deprecated_parameters_are_documented_last_and_default_to_not_given():
+    found = set()
+    for name, obj, sig in PUBLIC:
+        entries = _documented(_sections(inspect.getdoc(obj) or "").get("Parameters", ""))
+        params = list(sig.parameters.values())
+        for i, p in enumerate(params):
+            if not entries.get(p.name, "").strip().startswith("Deprecated"):
+                continue
+            found.add((name, p.name))
+            assert p.default is None or repr(p.default) == "<not given>", (name, p.name)
+            assert all(entries.get(q.name, "").strip().startswith("Deprecated") for q in params[i:]), (name, p.name)
+    assert found == DEPRECATED
+
+
 def test_n_neighbors_everywhere():
     takers = {name for name, _, sig in PUBLIC if "n_neighbors" in sig.parameters}
     assert {"tl.cell_graph", "tl.screen_phenotype", "HistoCell"} <= takers

@@ -135,6 +135,20 @@ def test_unknown_preset_split_and_proportions():
         hc.datasets.nucls_tile_names("val")
 
 
+def test_weak_labels_and_the_deprecated_proportions_switch():
+    small = {"seed": 3, "preset": "tiny", "width_um": 300.0, "height_um": 300.0, "progress": False}
+    without, _ = synthetic_visium(weak_labels=False, **small)
+    table = without.tables["table"]
+    assert "proportions" not in table.obsm and "state_proportions" not in table.obsm and "true_proportions" in table.obsm
+    with pytest.warns(FutureWarning, match=r"synthetic_visium\(proportions=...\) is deprecated; use weak_labels="):
+        old, _ = synthetic_visium(proportions=None, **small)
+    assert set(old.tables["table"].obsm) == set(table.obsm)
+    with pytest.raises(hc.InvalidInputError, match="not both"):
+        synthetic_visium(proportions="truth", weak_labels=False, **small)
+    with pytest.raises(hc.InvalidInputError, match="weak_labels must be True or False, got 'truth'"):
+        synthetic_visium(weak_labels="truth", **small)
+
+
 def test_nucls_tiles():
     tiles = hc.datasets.nucls("test")
     assert list(tiles) == [f"test_{i}" for i in range(1, 6)]
@@ -193,8 +207,14 @@ def test_pseudo_spots_hold_the_shares_of_annotated_cells():
     assert table.obs["n_cells"].iloc[0] == inside.sum()
     with pytest.raises(hc.InvalidInputError, match="overwrite=True"):
         hc.datasets.pseudo_spots(sdata)
-    hc.datasets.pseudo_spots(sdata, diameter_um=100.0, pitch_um=110.0, overwrite=True)
+    hc.datasets.pseudo_spots(sdata, spot_diameter_um=100.0, pitch_um=110.0, overwrite=True)
     assert table is not sdata.tables["table"] and sdata.tables["table"].obs["n_cells"].mean() > 3 * table.obs["n_cells"].mean()
+    large = sdata.tables["table"]
+    with pytest.warns(FutureWarning, match=r"pseudo_spots\(diameter_um=...\) is deprecated; use spot_diameter_um="):
+        hc.datasets.pseudo_spots(sdata, diameter_um=100.0, pitch_um=110.0, overwrite=True)  # the old name
+    assert sdata.tables["table"].obs["n_cells"].equals(large.obs["n_cells"])
+    with pytest.raises(hc.InvalidInputError, match="not both"):
+        hc.datasets.pseudo_spots(sdata, diameter_um=100.0, spot_diameter_um=80.0, overwrite=True)
 
 
 def test_pseudo_spots_refuse_when_none_qualifies():

@@ -799,6 +799,17 @@ def test_constructor_refuses_degenerate_settings(kwargs, message):
         HistoCell(kwargs.pop("cell_types"), **kwargs, encoder="scratch")
 
 
+def test_fit_takes_the_old_name_of_learning_rate_with_a_warning(slide):
+    sdata, _ = slide
+    model = _new_model(sdata)
+    with pytest.warns(FutureWarning, match=r"HistoCell.fit\(lr=...\) is deprecated; use learning_rate="):
+        with pytest.raises(InvalidInputError, match="learning_rate must be a positive number, got 0.0"):
+            model.fit(sdata, lr=0.0, **TINY_FIT)  # the old name still reaches the check
+    with pytest.raises(InvalidInputError, match="not both"):
+        model.fit(sdata, lr=1e-3, learning_rate=1e-2, **TINY_FIT)
+    assert model.training_summary_ == {}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -806,8 +817,8 @@ def test_constructor_refuses_degenerate_settings(kwargs, message):
         ({"val_fraction": 1.0}, r"must lie in \[0, 1\)"),
         ({"val_fraction": -0.5}, r"must lie in \[0, 1\)"),
         ({"holdout": "patients"}, r"holdout must be one of \['tiles', 'spots'\], got 'patients'"),
-        ({"lr": 0.0}, "lr must be a positive number"),
-        ({"lr": 1e6}, "Training diverged"),
+        ({"learning_rate": 0.0}, "learning_rate must be a positive number"),
+        ({"learning_rate": 1e6}, "Training diverged"),
     ],
 )
 def test_fit_refuses_degenerate_settings_and_keeps_the_trained_model(slide, model, kwargs, message):

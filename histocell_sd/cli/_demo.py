@@ -30,8 +30,8 @@ def demo(out: Path, seed: int, preset: str, epochs: int, deconvolution: str, pro
         return float(np.sqrt((error[keep] ** 2).mean()))
 
     start = time.perf_counter()
-    train, reference = datasets.synthetic_visium(seed=seed, preset=preset, proportions=None, progress=progress)
-    test, test_reference = datasets.synthetic_visium(seed=seed + 1000, preset=preset, proportions=None, progress=progress)
+    train, reference = datasets.synthetic_visium(seed=seed, preset=preset, weak_labels=False, progress=progress)
+    test, test_reference = datasets.synthetic_visium(seed=seed + 1000, preset=preset, weak_labels=False, progress=progress)
     print(
         f"synthetic slides ({preset}; seeds {seed} for training, {seed + 1000} held out): "
         f"{train.tables['table'].n_obs} + {test.tables['table'].n_obs} spots, mpp {train.attrs['mpp']} µm/px "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -35,6 +37,16 @@ TRUTH_LABELS_KEY = "truth_labels"
 TRUTH_TABLE_KEY = "truth_nuclei"
 """Name of the ground-truth nuclei table in ``sdata.tables`` (type, state, compartment, spot per nucleus; for scoring only)."""
 BLOCK_PX = 2048
+
+
+class _NotGiven:
+    """Default of a deprecated parameter whose old values include None."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_NOT_GIVEN = _NotGiven()
 MIXED = "mixed"
 MIXED_THRESHOLD = 0.6
 
@@ -46,9 +58,10 @@ def synthetic_visium(
     mpp: float | None = None,
     width_um: float | None = None,
     height_um: float | None = None,
-    proportions: str | None = "truth",
+    weak_labels: bool = True,
     umi_per_cell: float = 2500.0,
     progress: bool = True,
+    proportions: str | None | _NotGiven = _NOT_GIVEN,
 ) -> tuple[SpatialData, ad.AnnData]:
     """Generate a synthetic Visium slide with its H&E and a matching single-cell reference.
 
@@ -68,14 +81,17 @@ def synthetic_visium(
         ``"visium"`` (6.5 mm capture area, ≈ 4,000 spots, ≈ 150k nuclei, rendered block by block).
     mpp, width_um, height_um
         Override the preset's resolution (µm per pixel) and tissue size.
-    proportions
-        ``"truth"`` stores the true spot proportions as ``obsm["proportions"]`` and
-        ``obsm["state_proportions"]`` (the weak labels the model learns from, as if deconvolution
-        were perfect); ``None`` leaves them out.
+    weak_labels
+        Store the true spot proportions as ``obsm["proportions"]`` and ``obsm["state_proportions"]``,
+        the weak labels the model learns from, as if deconvolution were perfect. ``False`` leaves them
+        out (deconvolve the counts to get them).
     umi_per_cell
         Mean UMIs a cell contributes to its spot (sequencing depth).
     progress
         Show a progress bar while rendering.
+    proportions
+        Deprecated: ``"truth"`` is ``weak_labels=True``, ``None`` is ``weak_labels=False``
+        (``proportions`` elsewhere is a table of proportions, as in :func:`~histocell_sd.io.from_arrays`).
 
     Returns
     -------
@@ -90,8 +106,7 @@ def synthetic_visium(
     """
     if preset not in PRESETS:
         raise InvalidInputError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
-    if proportions not in ("truth", None):
-        raise InvalidInputError(f"proportions must be 'truth' or None, got {proportions!r}.")
+    weak_labels = _weak_labels(weak_labels, proportions)
     params = PRESETS[preset] | {k: v for k, v in {"mpp": mpp, "width_um": width_um, "height_um": height_um}.items() if v is not None}
     mpp, width_um, height_um = params["mpp"], params["width_um"], params["height_um"]
     rng = np.random.default_rng(seed)
@@ -120,12 +135,12 @@ def synthetic_visium(
         spot_centers=centers,
         spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
         counts=counts,
-        proportions=true_props if proportions == "truth" else None,
+        proportions=true_props if weak_labels else None,
         sample_id=f"synthetic_{preset}_seed{seed}",
     )
     table = sdata.tables[TABLE_KEY]
     table.obsm["true_proportions"] = true_props
-    if proportions == "truth":
+    if weak_labels:
         table.obsm[STATE_PROPORTIONS_KEY] = true_state_props
     table.obsm["true_state_proportions"] = true_state_props
     table.obs["true_compartment"] = _spot_compartment(in_spot, spots.index)
@@ -173,6 +188,20 @@ def _spot_compartment(in_spot: pd.DataFrame, index: pd.Index) -> pd.Categorical:
     share = _fractions(pd.crosstab(in_spot["spot_id"], in_spot["compartment"]), index, COMPARTMENTS)
     label = np.where(share.max(axis=1) >= MIXED_THRESHOLD, share.idxmax(axis=1), MIXED)
     return pd.Categorical(label, categories=[*COMPARTMENTS, MIXED])
+
+
+def _weak_labels(weak_labels, proportions) -> bool:
+    """``weak_labels``, or the deprecated ``proportions`` (``"truth"`` / None) with a FutureWarning."""
+    if not isinstance(weak_labels, bool):
+        raise InvalidInputError(f"weak_labels must be True or False, got {weak_labels!r}.")
+    if proportions is _NOT_GIVEN:
+        return weak_labels
+    if proportions not in ("truth", None):
+        raise InvalidInputError(f"proportions (deprecated) must be 'truth' or None, got {proportions!r}; use weak_labels=True or False.")
+    if weak_labels is not True:
+        raise InvalidInputError("Give weak_labels= or the deprecated proportions=, not both.")
+    warnings.warn("synthetic_visium(proportions=...) is deprecated; use weak_labels=True ('truth') or False (None).", FutureWarning, stacklevel=3)
+    return proportions == "truth"
 
 
 def _render(renderer: BlockRenderer, width_um, height_um, mpp, progress) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from .._constants import HISTOCELL_KEY, PROPORTIONS_KEY, STATE_PROPORTIONS_KEY
 from .._device import full_float32, resolve_device
 from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import renamed
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._config import DEFAULT_FEATURES, HistoCellConfig
 from ._encoder import resolve_encoder
@@ -175,7 +176,7 @@ class HistoCell:
         epochs: int | None = None,
         state_epochs: int | None = None,
         self_training_epochs: int | None = None,
-        lr: float = 2e-3,
+        learning_rate: float = 2e-3,
         encoder_lr_factor: float | None = None,
         compartment_weight: float = 0.3,
         pseudo_label_weight: float = 0.5,
@@ -190,6 +191,7 @@ class HistoCell:
         nucleus_labels_key: str | None = None,
         spot_bags: str | None = None,
         device: str | None = None,
+        lr: float | None = None,
     ) -> HistoCell:
         """Train from spot proportions only.
 
@@ -213,10 +215,10 @@ class HistoCell:
             above, so a stage takes about the same number of optimiser steps on any slide (a
             Visium capture area of ~3,500 spots trains in under 10 min on 2 CPU cores); see
             :func:`~histocell_sd.models.stage_epochs`.
-        lr, compartment_weight, pseudo_label_weight
+        learning_rate, compartment_weight, pseudo_label_weight
             AdamW learning rate; weights of the spot compartment loss and of the self-training loss.
         encoder_lr_factor
-            The nucleus encoder learns at ``lr × encoder_lr_factor``; 0 freezes it. Default: 0.1 for a
+            The nucleus encoder learns at ``learning_rate × encoder_lr_factor``; 0 freezes it. Default: 0.1 for a
             pretrained encoder (it is fine-tuned gently: a few hundred spots would otherwise wash out
             what it learnt), 1 from scratch.
         val_fraction, patience
@@ -253,6 +255,8 @@ class HistoCell:
             nucleus macro-F1 over three seed pairs, 0.642 vs 0.623 (``benchmarks/measured/visium_hd.json``).
         {device}
             Training runs there; the trained network is returned to the CPU.
+        lr
+            Deprecated name of ``learning_rate`` (as in :func:`~histocell_sd.tl.deconvolve`).
 
         Returns
         -------
@@ -270,7 +274,8 @@ class HistoCell:
             raise InvalidInputError(f"fit needs a SpatialData or a non-empty list of them, got {type(sdata).__name__}.")
         trainer = Trainer(
             self._settings, encoder_state=self._encoder_state, epochs=epochs, self_training_epochs=self_training_epochs,
-            state_epochs=state_epochs, lr=lr, encoder_lr_factor=encoder_lr_factor, compartment_weight=compartment_weight,
+            state_epochs=state_epochs, learning_rate=renamed("HistoCell.fit", "lr", lr, "learning_rate", learning_rate, 2e-3),
+            encoder_lr_factor=encoder_lr_factor, compartment_weight=compartment_weight,
             pseudo_label_weight=pseudo_label_weight, val_fraction=val_fraction, holdout=holdout, patience=patience, seed=seed, progress=progress,
             device=resolve_device(device), spot_bags=spot_bags,
         )

@@ -99,14 +99,14 @@ class Trainer:
     """
 
     def __init__(self, config: HistoCellConfig, *, encoder_state: dict | None = None, epochs=None, self_training_epochs=None,
-                 state_epochs=None, lr=2e-3, encoder_lr_factor=None, compartment_weight=0.3, pseudo_label_weight=0.5,
+                 state_epochs=None, learning_rate=2e-3, encoder_lr_factor=None, compartment_weight=0.3, pseudo_label_weight=0.5,
                  val_fraction=0.15, holdout="tiles", patience=8, seed=0, progress=True, device=None, spot_bags=None):
         if encoder_lr_factor is None:
             encoder_lr_factor = 1.0 if config.encoder["source"] == "scratch" else PRETRAINED_ENCODER_LR_FACTOR
         if not np.isfinite(encoder_lr_factor) or encoder_lr_factor < 0:
             raise InvalidInputError(f"encoder_lr_factor must be ≥ 0, got {encoder_lr_factor}.")
-        if not (np.isfinite(lr) and lr > 0):
-            raise InvalidInputError(f"lr must be a positive number, got {lr}.")
+        if not (np.isfinite(learning_rate) and learning_rate > 0):
+            raise InvalidInputError(f"learning_rate must be a positive number, got {learning_rate}.")
         if not 0 <= val_fraction < 1:
             raise InvalidInputError(f"val_fraction is the share of spots held out and must lie in [0, 1), got {val_fraction}.")
         if holdout not in HOLDOUTS:
@@ -115,7 +115,7 @@ class Trainer:
             raise InvalidInputError("epochs, self_training_epochs and state_epochs are all 0: there is nothing to train.")
         self.config, self.encoder_state = config, encoder_state
         self.epochs = {"epochs": epochs, "self_training_epochs": self_training_epochs, "state_epochs": state_epochs}
-        self.lr, self.encoder_lr_factor, self.val_fraction, self.patience = lr, encoder_lr_factor, val_fraction, patience
+        self.learning_rate, self.encoder_lr_factor, self.val_fraction, self.patience = learning_rate, encoder_lr_factor, val_fraction, patience
         self.holdout = holdout
         self.compartment_weight, self.pseudo_label_weight = compartment_weight, pseudo_label_weight
         check_spot_bags(spot_bags)
@@ -155,12 +155,12 @@ class Trainer:
             raise InvalidInputError(f"val_fraction={self.val_fraction} holds out every one of the {sum(len(s) for _, s in tiles)} spots; lower it.")
         max_epochs = stage_epochs(sum(len(s) for _, s in self.train), **self.epochs)
         self.history: list[dict] = []
-        self._stage("supervised" if nucleus_labels_key else "types", max_epochs["types"], self.lr)
+        self._stage("supervised" if nucleus_labels_key else "types", max_epochs["types"], self.learning_rate)
         if max_epochs["self-training"] > 0 and not nucleus_labels_key:
-            self._stage("self-training", max_epochs["self-training"], self.lr / 2)
+            self._stage("self-training", max_epochs["self-training"], self.learning_rate / 2)
         use_states = use_states and max_epochs["states"] > 0
         if use_states:
-            self._stage("states", max_epochs["states"], self.lr / 2)
+            self._stage("states", max_epochs["states"], self.learning_rate / 2)
         self.net.eval()
         if not self.history:
             raise InvalidInputError("No training stage ran: give epochs > 0 (or state_epochs > 0 with state proportions).")
