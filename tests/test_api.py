@@ -182,6 +182,12 @@ def test_deprecated_parameters_are_documented_last_and_default_to_not_given():
     assert found == DEPRECATED
 
 
+def test_progress_is_on_by_default_everywhere():
+    """One switch silences every bar (hc.settings.progress); a call's progress= defaults to on everywhere."""
+    defaults = {name: sig.parameters["progress"].default for name, _, sig in PUBLIC if "progress" in sig.parameters}
+    assert len(defaults) >= 8 and set(defaults.values()) == {True}, defaults
+
+
 def test_n_neighbors_everywhere():
     takers = {name for name, _, sig in PUBLIC if "n_neighbors" in sig.parameters}
     assert {"tl.cell_graph", "tl.screen_phenotype", "HistoCell"} <= takers

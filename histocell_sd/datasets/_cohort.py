@@ -48,7 +48,7 @@ def synthetic_cohort(
     image: bool = False,
     hazard_ratio: float = 2.7,
     censoring: float = 0.3,
-    progress: bool = False,
+    progress: bool = True,
 ) -> tuple[dict[str, SpatialData], pd.DataFrame, dict]:
     """Generate a cohort of small synthetic slides with planted prognostic and phenotype effects.
 
@@ -91,7 +91,7 @@ def synthetic_cohort(
     censoring
         Approximate fraction of censored samples.
     progress
-        Show a progress bar.
+        Show a progress bar (after a second of work; ``hc.settings.progress = False`` silences it).
 
     Returns
     -------
