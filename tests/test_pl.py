@@ -336,6 +336,26 @@ def test_windows_without_nuclei_spots_or_image(slide, segmented):
             call()
 
 
+def test_look_settings_are_checked_before_anything_is_drawn(slide, segmented):
+    # own case pl_look_settings: scale_bar_um="abc" gave float()'s ValueError after the image was drawn, fill_alpha=2 a
+    # matplotlib error, a list as cell_type "unhashable type"
+    before = plt.get_fignums()
+    calls = {
+        "cell_types": lambda **kw: pl.cell_types(segmented, extent=EXTENT, **kw),
+        "niches": lambda **kw: pl.niches(slide, **kw),
+        "spot_proportions": lambda **kw: pl.spot_proportions(slide, cell_type="tumor", **kw),
+    }
+    for call in calls.values():
+        for bad, message in (({"scale_bar_um": "abc"}, "scale_bar_um must be"), ({"scale_bar_um": -5}, "scale_bar_um must be"),
+                             ({"scale_bar_um": True}, "scale_bar_um must be"), ({"fill_alpha": 2.0}, r"fill_alpha must be a number in \[0, 1\]"),
+                             ({"fill_alpha": "0.5"}, "fill_alpha must be")):
+            with pytest.raises(hc.InvalidInputError, match=message):
+                call(**bad)
+    with pytest.raises(hc.InvalidInputError, match="cell_type must be one column name"):
+        pl.spot_proportions(slide, cell_type=["tumor", "stroma"])
+    assert plt.get_fignums() == before  # no half-drawn figure left behind
+
+
 def survival_frame():
     rng = np.random.default_rng(0)
     x = rng.normal(size=60)

@@ -11,7 +11,7 @@ from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, PALETTE
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
-from ._utils import axes_or_new, category_colors, check_extent, crop, finish, image_bounds, legend_outside, scale_bar, view_limits
+from ._utils import axes_or_new, category_colors, check_extent, check_look, crop, finish, image_bounds, legend_outside, scale_bar, view_limits
 
 
 @inject_docs
@@ -67,6 +67,7 @@ def niches(
     if regions_key not in sdata.shapes:
         raise InvalidInputError(f"No shapes element {regions_key!r}: run tl.tissue_architecture(sdata, key_added={niche_key!r}) first.")
     extent = check_extent(extent)
+    check_look(fill_alpha=fill_alpha, scale_bar_um=scale_bar_um)
     regions = sdata.shapes[regions_key]
     if niche_key not in regions:
         raise InvalidInputError(f"The shapes element {regions_key!r} has no column {niche_key!r}.")

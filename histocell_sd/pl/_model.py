@@ -17,7 +17,19 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
 from ..tl._prediction.evaluate import paired_labels
-from ._utils import axes_or_new, category_colors, check_extent, crop, finish, image_bounds, legend_outside, new_figure, scale_bar, view_limits
+from ._utils import (
+    axes_or_new,
+    category_colors,
+    check_extent,
+    check_look,
+    crop,
+    finish,
+    image_bounds,
+    legend_outside,
+    new_figure,
+    scale_bar,
+    view_limits,
+)
 
 
 @inject_docs
@@ -271,6 +283,7 @@ def cell_types(
     """
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     extent = check_extent(extent)
+    check_look(fill_alpha=fill_alpha, scale_bar_um=scale_bar_um)
     if nuclei_table_key not in sdata.tables:
         raise InvalidInputError(f"No table {nuclei_table_key!r}; it has {list(sdata.tables)}.")
     if color not in sdata.tables[nuclei_table_key].obs:

@@ -11,7 +11,7 @@ from .._constants import COORDINATE_SYSTEM, IMAGE_KEY, PROPORTIONS_KEY, SPOTS_KE
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
-from ._utils import axes_or_new, check_extent, colorbar, crop, finish, image_bounds, norm, scale_bar, view_limits
+from ._utils import axes_or_new, check_extent, check_look, colorbar, crop, finish, image_bounds, norm, scale_bar, view_limits
 
 
 @inject_docs
@@ -80,10 +80,13 @@ def spot_proportions(
     spots_key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
     spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
     extent = check_extent(extent)
+    check_look(fill_alpha=fill_alpha, scale_bar_um=scale_bar_um)
     table = sdata.tables[spots_table_key]
     if proportions_key not in table.obsm:
         raise InvalidInputError(f"Table {spots_table_key!r} has no obsm[{proportions_key!r}]; it has {list(table.obsm)}.")
     proportions = table.obsm[proportions_key]
+    if not isinstance(cell_type, str):
+        raise InvalidInputError(f"cell_type must be one column name of obsm[{proportions_key!r}], got {cell_type!r}.")
     if cell_type not in proportions.columns:
         raise InvalidInputError(f"Unknown cell type {cell_type!r}; obsm[{proportions_key!r}] has {list(proportions.columns)}.")
     column = f"{proportions_key}.{cell_type}"

@@ -84,6 +84,17 @@ def check_extent(extent) -> tuple[float, float, float, float] | None:
     return x0, x1, y0, y1
 
 
+def check_look(*, fill_alpha, scale_bar_um) -> None:
+    """Refuse, before anything is drawn, a ``fill_alpha`` outside [0, 1] or a ``scale_bar_um`` that is not
+    ``"auto"``, None/False or a positive number of µm."""
+    if isinstance(fill_alpha, bool) or not isinstance(fill_alpha, (int, float, np.number)) or not 0 <= fill_alpha <= 1:
+        raise InvalidInputError(f"fill_alpha must be a number in [0, 1], got {fill_alpha!r}.")
+    if scale_bar_um is None or scale_bar_um is False or scale_bar_um == "auto":
+        return
+    if isinstance(scale_bar_um, bool) or not isinstance(scale_bar_um, (int, float, np.number)) or not scale_bar_um > 0:
+        raise InvalidInputError(f'scale_bar_um must be "auto", None or a positive length in µm, got {scale_bar_um!r}.')
+
+
 def crop(view: SpatialData, extent) -> SpatialData:
     """The elements of ``view`` within ``extent`` (px, ``global``); shapes whose centroid lies outside are dropped.
 
@@ -155,9 +166,7 @@ def scale_bar(ax, sdata: SpatialData, scale_bar_um, view: tuple[float, float, fl
     if scale_bar_um == "auto":
         length_um = round_length((view[1] - view[0]) * mpp / 5)
     else:
-        length_um = float(scale_bar_um)
-        if not length_um > 0:
-            raise InvalidInputError(f'scale_bar_um must be "auto", None or a positive length in µm, got {scale_bar_um!r}.')
+        length_um = float(scale_bar_um)  # checked by check_look
     bar = AnchoredSizeBar(
         ax.transData, length_um / mpp, f"{length_um:g} µm", "lower right", pad=0.3, borderpad=0.6, sep=3, color="black",
         frameon=True, size_vertical=max((view[3] - view[2]) / 120, 1e-9), fontproperties={"size": 8},
