@@ -91,6 +91,14 @@ def test_every_option_has_help_and_version_prints(capsys):
                for a in p._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
     assert missing == []
     assert set(commands) == {"import", "segment", "deconvolve", "train", "predict", "refine", "export", "demo"}
+    # a command's default is the Python function's: the shell and the notebook give the same result
+    import inspect
+
+    import histocell_sd as hc
+
+    deconvolve = inspect.signature(hc.tl.deconvolve).parameters
+    parsed = parser.parse_args(["deconvolve", "s.zarr", "--reference", "r.h5ad"])
+    assert parsed.method == deconvolve["method"].default and parsed.cell_type_key == deconvolve["cell_type_key"].default
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("histocell-sd ")

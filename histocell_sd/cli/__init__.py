@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("deconvolve", "spot cell-type proportions from expression against a single-cell reference")
     p.add_argument("store", type=Path, help="a zarr store with spot counts")
     p.add_argument("--reference", type=Path, required=True, help="single-cell reference .h5ad (counts in X)")
-    p.add_argument("--method", default="poisson", choices=["poisson", "tangram"], help="Poisson mixture (default) or Tangram")
+    p.add_argument("--method", default="tangram", choices=["tangram", "poisson"],
+                   help="Tangram (default, as hc.tl.deconvolve) or a Poisson mixture of the reference's marker profiles")
     p.add_argument("--cell-type-key", default="cell_type", help="obs column of the reference with the cell types")
     p.add_argument("--state-key", help="obs column of the reference with cell states (also deconvolved)")
     p.add_argument("--device", help=_DEVICE_HELP + " (Tangram)")
