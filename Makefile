@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/histocell-sd demo
 
 test: $(STAMP)
-	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -p nbval --nbval-lax -q tests tutorials notebooks
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -p nbval --nbval-lax -q --durations=15 tests tutorials notebooks
 
 clean:
 	rm -rf $(VENV) histocell_demo docs/_build docs/generated
