@@ -37,6 +37,8 @@ TRUTH_LABELS_KEY = "truth_labels"
 TRUTH_TABLE_KEY = "truth_nuclei"
 """Name of the ground-truth nuclei table in ``sdata.tables`` (type, state, compartment, spot per nucleus; for scoring only)."""
 BLOCK_PX = 2048
+MIXED = "mixed"
+MIXED_THRESHOLD = 0.6
 
 
 class _NotGiven:
@@ -47,8 +49,6 @@ class _NotGiven:
 
 
 _NOT_GIVEN = _NotGiven()
-MIXED = "mixed"
-MIXED_THRESHOLD = 0.6
 
 
 def synthetic_visium(
