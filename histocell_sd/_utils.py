@@ -41,6 +41,17 @@ def check_whole_number(name: str, value, minimum: int, hint: str = "") -> None:
         raise InvalidInputError(f"{name} must be a whole number ≥ {minimum}{hint}, got {value!r}.")
 
 
+def check_storable_names(names, what: str) -> None:
+    """Refuse names holding ``/``: each becomes a column (a zarr key) of the proportions and probabilities written."""
+    from ._errors import InvalidInputError
+
+    bad = [str(n) for n in names if "/" in str(n)]
+    if bad:
+        raise InvalidInputError(
+            f"{what} {bad} contain '/', which a zarr store cannot hold in a column name; rename them (e.g. {bad[0].replace('/', '-')!r})."
+        )
+
+
 def check_key_added(key_added, protected, where: str) -> None:
     """Refuse a ``key_added`` that is not a name or would overwrite ``where[key]`` for a key in ``protected``
     (what the call reads or the data layout defines)."""

@@ -30,6 +30,11 @@ def test_validates_like_the_model():
         HistoCellConfig(TYPES, compartments={"immune": ["monocyte"]})
     with pytest.raises(InvalidInputError, match="tile_um must be above 0"):
         dataclasses.replace(HistoCellConfig(TYPES), tile_um=0)  # a changed copy is validated again
+    # own case names_with_slash: "CD4/CD8 T" trained, then write_zarr failed on the probability columns
+    with pytest.raises(InvalidInputError, match=r"cell_types \['CD4/CD8 T'\] contain '/'.*'CD4-CD8 T'"):
+        HistoCellConfig(["CD4/CD8 T", "tumor"])
+    with pytest.raises(InvalidInputError, match="contain '/'"):
+        HistoCellConfig(TYPES, states={TYPES[0]: ["a/b", "c"]})
 
 
 def test_card_round_trip():

@@ -163,6 +163,16 @@ def test_reference_without_raw_counts(tiny_predicted):
     tl.deconvolve(sdata, with_raw, epochs=5, progress=False)
 
 
+def test_reference_labels_with_a_slash_are_refused(tiny_predicted):
+    sdata, reference = tiny_predicted
+    slashed = reference.copy()
+    slashed.obs["cell_type"] = slashed.obs["cell_type"].astype(str).replace({"lymphocyte": "T/NK"})
+    before = set(sdata.tables["table"].obsm)
+    with pytest.raises(InvalidInputError, match=r"reference.obs\['cell_type'\}?\] \['T/NK'\] contain '/'"):
+        tl.deconvolve(sdata, slashed, epochs=5, progress=False)
+    assert set(sdata.tables["table"].obsm) == before
+
+
 def test_too_few_shared_genes(tiny_predicted):
     sdata, reference = tiny_predicted
     renamed = reference[:, :300].copy()

@@ -40,8 +40,9 @@ def _hand_made(spacing_um=10.0, n=100, mpp=0.5):
 
 
 @pytest.mark.parametrize("method", ["delaunay", "radius", "knn"])
-def test_cell_graph_is_um_aware(slide, method):
+def test_cell_graph_is_um_aware(slide, method, tmp_path):
     table = tl.cell_graph(slide, method=method, radius_um=25.0, copy=True)
+    table.write_h5ad(tmp_path / "graph.h5ad")  # own case graph_write: delaunay's params held a tuple anndata cannot write
     dist = table.obsp["spatial_distances"]
     assert table.obsp["spatial_connectivities"].nnz > table.n_obs
     if method != "knn":
@@ -153,6 +154,22 @@ def test_tissue_architecture_rejects_bad_input(slide):
         with pytest.raises(InvalidInputError, match=f"key_added='{key}' would overwrite obs"):
             tl.tissue_architecture(slide, key_added=key)
     assert (list(table.obs.columns), list(table.obsm), list(slide.shapes)) == before
+
+
+def test_niche_names_and_cell_types_can_be_written(slide, tmp_path):
+    # own case niche_slash: a "tumor/lymphocyte-mixed" niche named a key of uns[...]["composition"]: write_zarr failed
+    from histocell_sd.io import write_zarr
+    from histocell_sd.tl._spatial.architecture import _names
+
+    names, _ = _names(np.array([[0.4, 0.35, 0.25]]), np.array([0]), ["tumor", "lymphocyte", "fibroblast"])
+    assert list(names) == ["tumor+lymphocyte-mixed"]
+    out = tl.tissue_architecture(slide, n_niches=6, copy=True)
+    assert not any("/" in name for name in out.tables["histocell"].obs["niche"].cat.categories)
+    write_zarr(SpatialData(tables={"histocell": out.tables["histocell"]}, attrs=dict(slide.attrs)), tmp_path / "niches.zarr")
+    slashed = out.tables["histocell"].copy()
+    slashed.obs["cell_type"] = slashed.obs["cell_type"].cat.rename_categories({"lymphocyte": "T/NK"})
+    with pytest.raises(InvalidInputError, match=r"cell types in obs\['cell_type'\] \['T/NK'\] contain '/'"):
+        tl.tissue_architecture(SpatialData(tables={"histocell": slashed}, attrs=dict(slide.attrs)), key_added="niche2")
 
 
 def test_indicators_on_a_hand_made_layout():

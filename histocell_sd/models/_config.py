@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import InvalidInputError
+from .._utils import check_storable_names
 from ._encoder import SCRATCH
 
 MIXED = "mixed"
@@ -159,6 +160,7 @@ def _names(values, what: str) -> list[str]:
     if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, pd.Index, np.ndarray)):
         raise InvalidInputError(f"{what} must be a list of names, got {values!r}.")
     names = [str(v) for v in values]
+    check_storable_names(names, what)
     if len(set(names)) != len(names):
         raise InvalidInputError(f"{what} repeats names: {sorted({n for n in names if names.count(n) > 1})}.")
     return names

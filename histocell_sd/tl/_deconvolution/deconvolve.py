@@ -24,7 +24,7 @@ from ..._constants import (
 from ..._device import resolve_device
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import check_key_added, check_whole_number, copy_for_writing, progress_bar
+from ..._utils import check_key_added, check_storable_names, check_whole_number, copy_for_writing, progress_bar
 from ...io import check_proportions, resolve_key
 from ...io._spots import SIDE_KEY, SQUARE, spot_geometry
 from .poisson import composition_em, type_signatures
@@ -324,6 +324,7 @@ def _labels(reference: ad.AnnData, key: str) -> pd.Series:
     if labels.isna().any():
         raise InvalidInputError(f"reference.obs[{key!r}] has {int(labels.isna().sum())} missing labels.")
     labels = labels.astype(str)
+    check_storable_names(labels.unique(), f"The labels of reference.obs[{key!r}]")
     if labels.nunique() < 2:
         raise InvalidInputError(f"reference.obs[{key!r}] has fewer than two labels ({labels.unique().tolist()}).")
     small = labels.value_counts()

@@ -12,7 +12,7 @@ from spatialdata.models import ShapesModel
 from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, COMPARTMENT_KEY, HISTOCELL_KEY, NUCLEUS_ID_KEY, REGION_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import check_key_added, check_whole_number, copy_for_writing
+from ..._utils import check_key_added, check_storable_names, check_whole_number, copy_for_writing
 from ...io._elements import pixel_transformations
 from .graph import get_table, radius_adjacency, require_obs, table_mpp
 
@@ -46,7 +46,7 @@ def tissue_architecture(
     (itself included), averaged ``smooth`` times over the same neighbourhoods (a smoother
     field, fewer speckles at boundaries). The composition vectors are clustered (KMeans with a fixed seed, or
     scanpy's leiden) into niches, named by their dominant composition (``"tumor-rich"``, or
-    ``"fibroblast/lymphocyte-mixed"`` when no type reaches half).
+    ``"fibroblast+lymphocyte-mixed"`` when no type reaches half; names hold no ``/``, which zarr keys cannot).
 
     Parameters
     ----------
@@ -110,6 +110,7 @@ def tissue_architecture(
     mpp = table_mpp(sdata)
     labels = table.obs[cluster_key]
     types = list(labels.cat.categories) if isinstance(labels.dtype, pd.CategoricalDtype) else sorted(labels.dropna().astype(str).unique())
+    check_storable_names(types, f"The cell types in obs[{cluster_key!r}]")  # they name the composition's columns
     codes = pd.Categorical(labels.astype(object), categories=types).codes
     if table.n_obs < 10:
         raise InvalidInputError(f"Too few nuclei ({table.n_obs}) to find niches.")
@@ -186,7 +187,7 @@ def _names(comp: np.ndarray, idx: np.ndarray, types: list) -> tuple[np.ndarray, 
     names, seen = [], {}
     for row in mean:
         order = np.argsort(row)[::-1]
-        name = f"{types[order[0]]}-rich" if row[order[0]] >= _DOMINANT or len(order) < 2 else f"{types[order[0]]}/{types[order[1]]}-mixed"
+        name = f"{types[order[0]]}-rich" if row[order[0]] >= _DOMINANT or len(order) < 2 else f"{types[order[0]]}+{types[order[1]]}-mixed"
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name} {seen[name]}")
     return np.asarray(names, dtype=object), mean

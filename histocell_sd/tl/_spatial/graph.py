@@ -136,6 +136,10 @@ def cell_graph(
         else:
             sq.gr.spatial_neighbors_knn(table, spatial_key=SPATIAL_KEY, n_neighs=int(n_neighbors), key_added=key_added)
     params = table.uns.setdefault(f"{key_added}_neighbors", {})
+    squidpy_params = params.get("params", {})
+    for name, value in squidpy_params.items():  # squidpy records radius=(0, r) as a tuple, which anndata cannot write
+        if isinstance(value, tuple):
+            squidpy_params[name] = list(value)
     params["histocell"] = {"method": method, "radius_um": radius_um, "n_neighbors": int(n_neighbors), "mpp": scale}
     return table if copy else None
 
