@@ -173,6 +173,10 @@ def test_predict_with_a_shipped_model_and_import_errors(tmp_path, capsys):
     assert ensemble.uns["histocell"]["ensemble_size"] == 2 and "cell_type_ensemble_std" not in single.obs
     assert (ensemble.obs["cell_type"] == single.obs["cell_type"]).all() and np.allclose(ensemble.obs["cell_type_ensemble_std"], 0, atol=1e-6)
     capsys.readouterr()
+    # own case cli_segment_wipes: segmenting a predicted store in place replaced its nuclei and predictions, exit 0
+    assert cli.main(["segment", str(store), "--quiet"]) == 2
+    _one_line_error(capsys, "already has", "nuclei with predictions", "--overwrite")
+    assert "cell_type" in hc.io.read_zarr(store).tables["histocell"].obs
     assert cli.main(["import", str(tmp_path / "x.zarr"), "--image", str(tmp_path / "missing.png"), "--mpp", "0.5"]) == 2
     _one_line_error(capsys, "does not exist")
     assert cli.main(["import", str(tmp_path / "x.zarr"), "--visium", str(tmp_path / "outs"), "--image", str(tmp_path / "he.png")]) == 2

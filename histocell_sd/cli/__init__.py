@@ -34,9 +34,9 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _out(p: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+def _out(p: argparse.ArgumentParser, what: str, required: bool = False, overwrite: str = "replace an existing --out (never an input)") -> None:
     p.add_argument("--out", type=Path, required=required, help=what)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="default", choices=["default", "classical"], help="learnt segmenter (default) or classical")
     p.add_argument("--n-jobs", type=int, default=2, help="tiles segmented in parallel (default: 2)")
     p.add_argument("--device", help=_DEVICE_HELP)
-    _out(p, "write the segmented sample here instead of in place")
+    _out(p, "write the segmented sample here instead of in place",
+         overwrite="segment in place a store that already has nuclei (they and everything predicted from them are replaced), or replace an existing --out")
 
     p = command("deconvolve", "spot cell-type proportions from expression against a single-cell reference")
     p.add_argument("store", type=Path, help="a zarr store with spot counts")

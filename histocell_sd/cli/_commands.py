@@ -137,6 +137,11 @@ def segment(store: Path, *, out: Path | None, n_jobs: int, method: str, device: 
     from .. import pp
 
     sdata = _read_store(store)
+    nuclei = sdata.tables.get("histocell")
+    if nuclei is not None and out is None and not overwrite:  # in place: the store's nuclei would be lost
+        predicted = " with predictions" if "cell_type" in nuclei.obs else ""
+        raise InvalidInputError(f"{store} already has {nuclei.n_obs} nuclei{predicted}; segmenting again replaces them and everything "
+                                "computed from them: pass --overwrite to do so.")
     pp.segment_nuclei(sdata, method=method, n_jobs=n_jobs, device=device, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store])
     return f"{target}: {sdata.tables['histocell'].n_obs} nuclei"
