@@ -89,6 +89,25 @@ def test_image_rgba_converted_with_warning(image, centers):
 # --------------------------------------------------------------------------- mpp
 
 
+def test_an_image_off_the_origin_is_refused_by_everything_that_reads_its_pixels(image):
+    # own case image_offset: a bounding_box_query crop (Translation) or a Scale(2) copy was segmented in its own pixels,
+    # so the nuclei sat off the H&E (no spot_id, empty overlays, shifted exports) and io.validate passed
+    import histocell_sd as hc
+    from spatialdata.transformations import Scale
+
+    sample = from_arrays(image, MPP)
+    crop = sample.query.bounding_box(min_coordinate=[10, 20], max_coordinate=[50, 60], axes=("x", "y"), target_coordinate_system="global")
+    scaled = from_arrays(image, MPP)
+    set_transformation(scaled.images["he"], Scale([2.0, 2.0], axes=("x", "y")), to_coordinate_system="global")
+    for bad, where in ((crop, "offset 10, 20; scale 1, 1"), (scaled, "offset 0, 0; scale 2, 2")):
+        for call in (lambda s: validate(s), lambda s: hc.pp.segment_nuclei(s, method="classical"),
+                     lambda s: hc.pp.store_nuclei(s, np.ones((4, 4), dtype=np.int32))):
+            with pytest.raises(InvalidInputError, match=f"Image 'he' is placed in 'global' with an offset or scale \\(x, y {where}\\)"):
+                call(bad)
+        assert "histocell" not in bad.tables
+    validate(sample)  # the image at the origin
+
+
 def test_mpp_missing(image, centers):
     with pytest.raises(InvalidInputError, match="mpp"):
         from_arrays(image, None, spot_centers=centers)

@@ -117,8 +117,30 @@ def get_image(sdata: SpatialData, *, image_key: str | None = None):
     """
     from .._constants import IMAGE_KEY
 
-    image = sdata.images[resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)]
+    key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
+    image = sdata.images[key]
+    _check_at_origin(image, key)
     return image["scale0"].image if hasattr(image, "children") and "scale0" in image.children else image
+
+
+def _check_at_origin(image, key: str) -> None:
+    """Refuse an image whose pixels are not the ``global`` units (a translated crop, a scaled copy, another system)."""
+    import numpy as np
+
+    systems = get_transformation(image, get_all=True)
+    if COORDINATE_SYSTEM not in systems:
+        raise InvalidInputError(
+            f"Image {key!r} is not in the {COORDINATE_SYSTEM!r} coordinate system (it has {sorted(systems)}): read the sample with "
+            "hc.io.read_visium / read_zarr, or build it with hc.io.from_arrays, so that 'global' is its full-resolution pixels."
+        )
+    matrix = systems[COORDINATE_SYSTEM].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    if not np.allclose(matrix, np.eye(3)):
+        raise InvalidInputError(
+            f"Image {key!r} is placed in {COORDINATE_SYSTEM!r} with an offset or scale (x, y offset {matrix[0, 2]:g}, {matrix[1, 2]:g}; "
+            f"scale {matrix[0, 0]:g}, {matrix[1, 1]:g}), so its pixels "
+            "are not the sample's coordinates (a bounding_box_query crop, a downsampled copy): nuclei and crops would be misplaced. "
+            "Segment and predict on the full image and crop afterwards, or make the crop a sample of its own with hc.io.from_arrays."
+        )
 
 
 def pixel_transformations(mpp: float, *, origin: tuple[float, float] = (0.0, 0.0)) -> dict:
