@@ -30,8 +30,8 @@ __all__ = ["PARAMS", "inject_docs"]
 
 PARAMS: dict[str, str] = {
     "image_key": (
-        'Name of the H&E image element in ``sdata.images`` (read). None: ``"he"`` when present, else the '
-        "only image."
+        'Name of the H&E image element in ``sdata.images`` (read). None: the image the nuclei were segmented on '
+        '(recorded in the nuclei table\'s ``uns["histocell"]``) where nuclei are read, else ``"he"`` when present, else the only image.'
     ),
     "spots_key": (
         'Name of the spots in ``sdata.shapes`` (read): circles (Visium) or squares (Visium HD bins). None: ``"spots"`` when present, else the only '

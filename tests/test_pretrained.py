@@ -55,6 +55,22 @@ def test_any_resolution(model):
     np.testing.assert_allclose(shares[0], shares[1], atol=0.1)
 
 
+def test_predict_reads_the_image_the_nuclei_were_segmented_on(model):
+    # own case predict_other_image: nuclei segmented on image_key="faded" were typed from crops of "he", silently
+    rgb, mpp, _ = hc.datasets.read_brca_m2c_patch(hc.datasets.brca_m2c_names("test")[0])
+    sdata = hc.io.from_arrays(rgb, mpp)
+    faded = (255 - (255 - rgb.astype(np.float32)) * 0.6).astype(np.uint8)
+    sdata.images["faded"] = hc.io.from_arrays(faded, mpp).images["he"]
+    hc.pp.segment_nuclei(sdata, image_key="faded", progress=False)
+    assert sdata.tables["histocell"].uns["histocell"]["image_key"] == "faded"
+    calls = {}
+    for key in (None, "faded", "he"):
+        hc.tl.predict(sdata, model, image_key=key, progress=False)
+        calls[key] = sdata.tables["histocell"].obsm["cell_type_proba"].to_numpy().copy()
+    np.testing.assert_array_equal(calls[None], calls["faded"])
+    assert not np.allclose(calls[None], calls["he"])  # an explicit image_key is still honoured
+
+
 @pytest.mark.parametrize("name", ["everything", None, ["tumor_stromal_lymphocyte"], {"name": 1}, 3])
 def test_unknown_name(name):
     # own case pretrained_bad_name: a list or dict as the name crashed with "unhashable type"

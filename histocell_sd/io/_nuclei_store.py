@@ -139,7 +139,7 @@ def store_nuclei(
     names = pd.Index([f"nucleus_{i}" for i in ids], name=NUCLEUS_ID_KEY)
     spot_ids = None if spots is None else _spot_ids(spots, centroids)
     table = _table(features, centroids, names, spot_ids, key_added, mpp, method)
-    merge_metadata(table, labels_key=labels_key)
+    merge_metadata(table, labels_key=labels_key, image_key=image_key)
     _remove(sdata, *ours)
     sdata.shapes[key_added] = _shapes_element(polygons, names, mpp)
     sdata.tables[nuclei_table_key] = table

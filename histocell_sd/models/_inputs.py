@@ -137,6 +137,9 @@ def sample_inputs(
         raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obsm['spatial']; segment nuclei first (hc.pp.segment_nuclei).")
     features = _features(table, feature_names)
     xy_px = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
+    if image_key is None:  # the image the nuclei were segmented on, when recorded and still there
+        recorded = table.uns.get(HISTOCELL_KEY, {}).get("image_key")
+        image_key = recorded if recorded in sdata.images else None
     image = get_image(sdata, image_key=image_key)
     height = image.sizes["y"]
     bad = ~np.isfinite(xy_px).all(1)
