@@ -51,7 +51,7 @@ FEATURES = {
     "h_std": "standard deviation of the hematoxylin density",
     "e_mean": "mean eosin optical density",
     "e_std": "standard deviation of the eosin density",
-    "h_contrast": "mean squared hematoxylin difference of 4-neighbour pixel pairs inside the nucleus (GLCM contrast, d=1)",
+    "h_contrast": "mean squared hematoxylin difference of pixel pairs 0.5 µm apart (row or column) inside the nucleus (GLCM contrast)",
     "h_entropy": "Shannon entropy (bits) of the hematoxylin histogram (32 bins over [0, 0.4])",
     "h_skewness": "skewness of the hematoxylin density",
 }
@@ -60,7 +60,8 @@ FEATURES = {
 _BAND_ROWS = 512
 _ENTROPY_BINS = 32
 _ENTROPY_MAX = 0.4
-_SIMPLIFY_PX = 1.0
+_SIMPLIFY_UM = 0.25  # contour simplification tolerance (half a pixel at 0.5 µm/px)
+_PAIR_UM = 0.5  # distance of the pixel pairs of h_contrast (one pixel at 0.5 µm/px)
 _MIN_VARIANCE = 1e-8  # below this the hematoxylin is flat (rounding noise) and skewness is 0
 
 
@@ -132,8 +133,8 @@ def store_nuclei(
     if len(ids) == 0:
         _remove(sdata, *ours)  # an earlier segmentation's nuclei would no longer describe this image
         return
-    stats = _pixel_stats(labels, get_image(sdata, image_key=image_key), origin, ids)
-    polygons = _polygons(labels, ids, origin)
+    stats = _pixel_stats(labels, get_image(sdata, image_key=image_key), origin, ids, pair_px=max(1, round(_PAIR_UM / mpp)))
+    polygons = _polygons(labels, ids, origin, tolerance_px=_SIMPLIFY_UM / mpp)
     features = _features(stats, polygons, mpp)
     centroids = stats["centroid"][:, ::-1] + np.asarray(origin[::-1], dtype=float) + 0.5
     names = pd.Index([f"nucleus_{i}" for i in ids], name=NUCLEUS_ID_KEY)
@@ -208,8 +209,8 @@ def _check_labels(labels, origin, image_shape) -> tuple[np.ndarray, tuple[int, i
     return labels, (y0, x0)
 
 
-def _pixel_stats(labels: np.ndarray, image, origin: tuple[int, int], ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-nucleus sums (moments, stain densities, histogram, neighbour contrast), band by band."""
+def _pixel_stats(labels: np.ndarray, image, origin: tuple[int, int], ids: np.ndarray, pair_px: int = 1) -> dict[str, np.ndarray]:
+    """Per-nucleus sums (moments, stain densities, histogram, contrast of pixel pairs ``pair_px`` apart), band by band."""
     n = len(ids)
     lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int64)
     lut[ids] = np.arange(1, n + 1)
@@ -219,16 +220,16 @@ def _pixel_stats(labels: np.ndarray, image, origin: tuple[int, int], ids: np.nda
     height, width = labels.shape
     for r0 in range(0, height, _BAND_ROWS) if n else ():
         r1 = min(r0 + _BAND_ROWS, height)
-        r_ext = min(r1 + 1, height)  # one extra row for vertical pixel pairs
+        r_ext = min(r1 + pair_px, height)  # extra rows for vertical pixel pairs
         lab = lut[labels[r0:r_ext]]
         rgb = np.asarray(image[:, y0 + r0 : y0 + r_ext, x0 : x0 + width]).transpose(1, 2, 0)
         hed = rgb2hed(rgb).astype(np.float32)
-        _accumulate_band(acc, lab, hed, r0, r1 - r0, n + 1)
+        _accumulate_band(acc, lab, hed, r0, r1 - r0, n + 1, pair_px)
     return _finish_stats(acc, n)
 
 
-def _accumulate_band(acc: dict, lab: np.ndarray, hed: np.ndarray, r0: int, rows: int, size: int) -> None:
-    """Add the sums of one band (its first ``rows`` rows; one more row only for vertical pairs)."""
+def _accumulate_band(acc: dict, lab: np.ndarray, hed: np.ndarray, r0: int, rows: int, size: int, d: int = 1) -> None:
+    """Add the sums of one band (its first ``rows`` rows; ``d`` more rows only for vertical pairs ``d`` apart)."""
     core, h_full = lab[:rows], hed[..., 0]
     mask = core > 0
     lid = core[mask]
@@ -247,8 +248,8 @@ def _accumulate_band(acc: dict, lab: np.ndarray, hed: np.ndarray, r0: int, rows:
     bins = np.clip((h / _ENTROPY_MAX * _ENTROPY_BINS).astype(np.int64), 0, _ENTROPY_BINS - 1)
     acc["hist"] += np.bincount(lid * _ENTROPY_BINS + bins, minlength=size * _ENTROPY_BINS)
     for a, b, ha, hb in (
-        (core[:, :-1], core[:, 1:], h_full[:rows, :-1], h_full[:rows, 1:]),
-        (lab[:-1][:rows], lab[1:][:rows], h_full[:-1][:rows], h_full[1:][:rows]),
+        (core[:, :-d], core[:, d:], h_full[:rows, :-d], h_full[:rows, d:]),
+        (lab[:-d][:rows], lab[d:][:rows], h_full[:-d][:rows], h_full[d:][:rows]),
     ):
         same = (a == b) & (a > 0)
         acc["dh2"] += np.bincount(a[same], (ha[same].astype(np.float64) - hb[same]) ** 2, minlength=size)
@@ -284,8 +285,8 @@ def _finish_stats(acc: dict, n: int) -> dict[str, np.ndarray]:
     }
 
 
-def _polygons(labels: np.ndarray, ids: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
-    """One simplified polygon per id (outer contour of its largest part), in global pixels."""
+def _polygons(labels: np.ndarray, ids: np.ndarray, origin: tuple[int, int], tolerance_px: float = 0.5) -> np.ndarray:
+    """One polygon per id (outer contour of its largest part, simplified within ``tolerance_px``), in global pixels."""
     slices = ndi.find_objects(labels)
     offset = np.asarray(origin, dtype=float) + 0.5
     out = np.empty(len(ids), dtype=object)
@@ -299,7 +300,7 @@ def _polygons(labels: np.ndarray, ids: np.ndarray, origin: tuple[int, int]) -> n
     if not len(ids):
         return out
     polys = shapely.polygons([shapely.linearrings(c) if len(c) >= 4 else _square(c) for c in out])
-    return shapely.simplify(polys, _SIMPLIFY_PX / 2, preserve_topology=True)
+    return shapely.simplify(polys, tolerance_px, preserve_topology=True)
 
 
 def _square(xy: np.ndarray):
