@@ -92,8 +92,9 @@ def test_image_rgba_converted_with_warning(image, centers):
 def test_an_image_off_the_origin_is_refused_by_everything_that_reads_its_pixels(image):
     # own case image_offset: a bounding_box_query crop (Translation) or a Scale(2) copy was segmented in its own pixels,
     # so the nuclei sat off the H&E (no spot_id, empty overlays, shifted exports) and io.validate passed
-    import histocell_sd as hc
     from spatialdata.transformations import Scale
+
+    import histocell_sd as hc
 
     sample = from_arrays(image, MPP)
     crop = sample.query.bounding_box(min_coordinate=[10, 20], max_coordinate=[50, 60], axes=("x", "y"), target_coordinate_system="global")

@@ -327,7 +327,29 @@ def test_features_equal_skimage_regionprops(monkeypatch):
     np.testing.assert_allclose(df["h_skewness"], skew, rtol=1e-3, atol=1e-4)
 
 
-def test_polygons_equal_spatialdata_to_polygons(monkeypatch):
+def test_features_keep_their_physical_scale_at_twice_the_resolution(monkeypatch):
+    """The same nuclei scanned at 0.25 µm/px (each pixel repeated 2 × 2) keep their texture and outline features.
+
+    Own case features_per_pixel: h_contrast paired neighbouring *pixels* (0.2× at 0.25 µm/px) and contours were
+    simplified by a pixel tolerance (solidity −5 %, perimeter +8 %), so calls shifted with the scanner's magnification.
+    """
+    import histocell_sd.io._nuclei_store as nuclei_module
+
+    monkeypatch.setattr(nuclei_module, "_BAND_ROWS", 7)  # pairs two rows apart straddle band edges
+    sdata, labels, image = _ellipse_sample(mpp=0.5)
+    fine = from_arrays(np.repeat(np.repeat(image, 2, 0), 2, 1), 0.25)
+    store_nuclei(sdata, labels)
+    store_nuclei(fine, np.repeat(np.repeat(labels, 2, 0), 2, 1))
+    big = (sdata.tables["histocell"].to_df()["area_um2"] > 50).to_numpy()  # the ellipses, not the lines and dots
+    coarse_df, fine_df = sdata.tables["histocell"].to_df()[big], fine.tables["histocell"].to_df()[big]
+    np.testing.assert_allclose(fine_df["area_um2"], coarse_df["area_um2"], rtol=1e-6)
+    np.testing.assert_allclose(fine_df["h_contrast"], coarse_df["h_contrast"], rtol=1e-3)  # was 0.48×
+    # the 2-pixel staircase of the repeated raster stays: the perimeter comes out a little longer (median was 1.07×)
+    assert np.median(fine_df["perimeter_um"] / coarse_df["perimeter_um"]) < 1.05
+    np.testing.assert_allclose(fine_df["solidity"], coarse_df["solidity"], atol=0.05)
+
+
+def test_polygons_equal_spatialdata_to_polygons():
     """The nucleus polygons are spatialdata.to_polygons' contours (largest part, +0.5 px to the pixel-area
     convention); unsimplified they are the same rings, simplified they stay within the 1 px tolerance."""
     import shapely
@@ -343,12 +365,11 @@ def test_polygons_equal_spatialdata_to_polygons(monkeypatch):
     largest = np.array([max(g.geoms, key=lambda p: p.area) if g.geom_type == "MultiPolygon" else g for g in ref])
     assert sum(g.geom_type == "MultiPolygon" for g in ref) == 3  # the two-part nucleus and the diagonal lines (4-connected contours)
     simplified = nuclei_module._polygons(labels, ids, (0, 0))
-    assert shapely.hausdorff_distance(simplified, largest, densify=0.05).max() <= nuclei_module._SIMPLIFY_PX
-    monkeypatch.setattr(nuclei_module, "_SIMPLIFY_PX", 0.0)  # simplify(0) only drops collinear vertices
-    raw = nuclei_module._polygons(labels, ids, (0, 0))
+    assert shapely.hausdorff_distance(simplified, largest, densify=0.05).max() <= 2 * 0.5  # tolerance 0.5 px (default)
+    raw = nuclei_module._polygons(labels, ids, (0, 0), tolerance_px=0.0)  # simplify(0) only drops collinear vertices
     assert shapely.equals(raw, largest).all()
     # in a window at an origin, the same rings shifted by the origin
-    window = nuclei_module._polygons(labels[40:, 30:], np.unique(labels[40:, 30:])[1:], (40, 30))
+    window = nuclei_module._polygons(labels[40:, 30:], np.unique(labels[40:, 30:])[1:], (40, 30), tolerance_px=0.0)
     inside = np.isin(ids, np.unique(labels[40:, 30:])) & ~np.isin(ids, np.unique(np.r_[labels[:40].ravel(), labels[:, :30].ravel()]))
     kept = np.isin(np.unique(labels[40:, 30:])[1:], ids[inside])
     assert inside.sum() >= 5
