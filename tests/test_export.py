@@ -181,6 +181,23 @@ def test_geojson_from_circles_and_foreign_ids(tiny_slide, tmp_path):
     assert back.tables["histocell"].obs_names[:2].tolist() == ["nucleus_1", "nucleus_2"]
 
 
+def test_nuclei_under_other_names_are_found_by_their_table(tiny_slide, tmp_path):
+    # own case nuclei_key_default: nuclei stored as key_added="nuc", nuclei_table_key="nuc_tab": pl.cell_types raised
+    # spatialdata-plot's KeyError "Table 'nuc_tab' does not annotate element 'nuclei'" and write_geojson needed nuclei_key=
+    import matplotlib.pyplot as plt
+
+    sdata = _fresh(tiny_slide)
+    hc.pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]), key_added="nuc", nuclei_table_key="nuc_tab", labels_key=None)
+    hc.tl.predict(sdata, hc.models.pretrained("tumor_stromal_lymphocyte"), nuclei_table_key="nuc_tab", progress=False)
+    features = _load(hc.io.write_geojson(sdata, tmp_path / "nuc.geojson", nuclei_table_key="nuc_tab"))["features"]
+    assert len(features) == sdata.tables["nuc_tab"].n_obs
+    ax = hc.pl.cell_types(sdata, nuclei_table_key="nuc_tab", extent=(0, 300, 0, 300))
+    assert ax.collections or ax.patches  # nuclei drawn
+    plt.close(ax.figure)
+    with pytest.raises(InvalidInputError, match=r"annotates \['nuc'\], not the shapes 'spots'"):
+        hc.pl.cell_types(sdata, nuclei_table_key="nuc_tab", nuclei_key="spots")
+
+
 def test_geojson_refuses_bad_input(predicted, tmp_path):
     path = hc.io.write_geojson(predicted, tmp_path / "cells.geojson")
     with pytest.raises(InvalidInputError, match="already exists"):

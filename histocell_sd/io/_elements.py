@@ -143,6 +143,30 @@ def _check_at_origin(image, key: str) -> None:
         )
 
 
+def annotated_shapes(sdata: SpatialData, nuclei_table_key: str, nuclei_key: str | None = None) -> str:
+    """The nucleus polygons of ``nuclei_table_key``: ``nuclei_key`` when given (the table must annotate it), else the
+    shapes element the table annotates."""
+    from spatialdata.models import get_table_keys
+
+    table = sdata.tables[nuclei_table_key]
+    if "spatialdata_attrs" not in table.uns:
+        raise InvalidInputError(f"The nuclei table {nuclei_table_key!r} annotates no element (no uns['spatialdata_attrs']).")
+    region = get_table_keys(table)[0]
+    regions = [region] if isinstance(region, str) else list(region)
+    if nuclei_key is None:
+        if len(regions) != 1 or regions[0] not in sdata.shapes:
+            raise InvalidInputError(
+                f"The nuclei table {nuclei_table_key!r} annotates {regions}, not one shapes element of the sample "
+                f"(shapes: {sorted(sdata.shapes)}); pass nuclei_key=."
+            )
+        return regions[0]
+    if nuclei_key not in sdata.shapes:
+        raise InvalidInputError(f"The SpatialData has no nuclei shapes {nuclei_key!r} (shapes: {sorted(sdata.shapes)}).")
+    if regions != [nuclei_key]:
+        raise InvalidInputError(f"The nuclei table {nuclei_table_key!r} annotates {regions}, not the shapes {nuclei_key!r}.")
+    return nuclei_key
+
+
 def pixel_transformations(mpp: float, *, origin: tuple[float, float] = (0.0, 0.0)) -> dict:
     """Transformations of an element in image pixels: ``global`` (pixels, shifted by ``origin`` = (y0, x0)) and
     ``um`` (the same scaled by ``mpp``, so queries, plots and distances can work in µm)."""

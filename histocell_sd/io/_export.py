@@ -23,7 +23,6 @@ from .._constants import (
     CELL_TYPE_PROBA_KEY,
     COORDINATE_SYSTEM,
     HISTOCELL_KEY,
-    NUCLEI_KEY,
     PALETTE,
     REGION_KEY,
     SPATIAL_KEY,
@@ -31,7 +30,7 @@ from .._constants import (
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import atomic_write
-from ._elements import get_mpp
+from ._elements import annotated_shapes, get_mpp
 from ._nuclei_parse import PROBA_PREFIX
 from ._outlines import pixel_outlines
 
@@ -45,7 +44,7 @@ def write_geojson(
     sdata: SpatialData,
     path,
     *,
-    nuclei_key: str = NUCLEI_KEY,
+    nuclei_key: str | None = None,
     nuclei_table_key: str = HISTOCELL_KEY,
     cluster_key: str | None = CELL_TYPE_KEY,
     proba_key: str | None = CELL_TYPE_PROBA_KEY,
@@ -62,6 +61,7 @@ def write_geojson(
     path
         The ``.geojson`` file to create.
     {nuclei_key}
+        None: the shapes element the nuclei table annotates.
     {nuclei_table_key}
     {cluster_key}
         It becomes each nucleus' QuPath classification; None writes none.
@@ -95,7 +95,8 @@ def write_geojson(
     a closed ``Polygon`` ring (a ``MultiPolygon`` if the shapes hold one; circles become 64-gons) in
     ``global`` pixels.
     """
-    table, names, ids = _nuclei_table(sdata, nuclei_table_key, nuclei_key)
+    table, names, ids = _nuclei_table(sdata, nuclei_table_key)
+    nuclei_key = annotated_shapes(sdata, nuclei_table_key, nuclei_key)
     geoms = _geometries(sdata, table, names, ids, nuclei_key, nuclei_table_key, labels_key)
     classes, colors = _classes(table, nuclei_table_key, cluster_key)
     proba = _proba(table, nuclei_table_key, proba_key)
@@ -165,7 +166,7 @@ def write_csv(
     ``cell_type_entropy``, ``cell_state``, ``compartment``, ...; empty where missing), the
     probabilities and the features.
     """
-    table, names, _ = _nuclei_table(sdata, nuclei_table_key, None)
+    table, names, _ = _nuclei_table(sdata, nuclei_table_key)
     if SPATIAL_KEY not in table.obsm:
         raise InvalidInputError(f"The nuclei table {nuclei_table_key!r} has no obsm[{SPATIAL_KEY!r}] (centroids in px).")
     mpp = table.uns["histocell"].get("mpp") or get_mpp(sdata)
@@ -199,8 +200,8 @@ def write_csv(
 # ------------------------------------------------------------------------------------- checks
 
 
-def _nuclei_table(sdata: SpatialData, table_key: str, nuclei_key: str | None):
-    """``(table, nucleus names, raster ids or None)``, after checking the table annotates ``nuclei_key``."""
+def _nuclei_table(sdata: SpatialData, table_key: str):
+    """``(table, nucleus names, raster ids or None)`` of a nuclei table."""
     if not isinstance(sdata, SpatialData):
         raise InvalidInputError(f"Expected a SpatialData sample, got {type(sdata).__name__}.")
     if table_key not in sdata.tables:
@@ -213,13 +214,7 @@ def _nuclei_table(sdata: SpatialData, table_key: str, nuclei_key: str | None):
         raise InvalidInputError(f"Table {table_key!r} is not a nuclei table (no uns['histocell']; the spots table?).")
     if "spatialdata_attrs" not in table.uns:
         raise InvalidInputError(f"The nuclei table {table_key!r} annotates no element (no uns['spatialdata_attrs']).")
-    region, _, instance_key = get_table_keys(table)
-    regions = [region] if isinstance(region, str) else list(region)
-    if nuclei_key is not None:
-        if nuclei_key not in sdata.shapes:
-            raise InvalidInputError(f"The SpatialData has no nuclei shapes {nuclei_key!r} (shapes: {sorted(sdata.shapes)}).")
-        if regions != [nuclei_key]:
-            raise InvalidInputError(f"The nuclei table {table_key!r} annotates {regions}, not the shapes {nuclei_key!r}.")
+    instance_key = get_table_keys(table)[2]
     if instance_key not in table.obs:
         raise InvalidInputError(f"The nuclei table {table_key!r} has no obs[{instance_key!r}] (the nucleus ids).")
     names = table.obs[instance_key].astype(str).tolist()

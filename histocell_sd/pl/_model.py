@@ -12,10 +12,11 @@ import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
 from matplotlib.patches import Patch
 from spatialdata import SpatialData
 
-from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PREDICTED_PROPORTIONS_KEY
+from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, PREDICTED_PROPORTIONS_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
+from ..io._elements import annotated_shapes
 from ..tl._prediction.evaluate import paired_labels
 from ._utils import (
     axes_or_new,
@@ -230,7 +231,7 @@ def cell_types(
     *,
     color: str = CELL_TYPE_KEY,
     nuclei_table_key: str = HISTOCELL_KEY,
-    nuclei_key: str = NUCLEI_KEY,
+    nuclei_key: str | None = None,
     image_key: str | None = None,
     extent: tuple[float, float, float, float] | None = None,
     palette: Sequence[str] | None = None,
@@ -257,6 +258,7 @@ def cell_types(
         ``obs`` column of the nuclei table to colour by (categorical), e.g. ``"cell_state"``.
     {nuclei_table_key}
     {nuclei_key}
+        None: the shapes element the nuclei table annotates.
     {image_key}
     {extent}
     palette
@@ -288,8 +290,7 @@ def cell_types(
         raise InvalidInputError(f"No table {nuclei_table_key!r}; it has {list(sdata.tables)}.")
     if color not in sdata.tables[nuclei_table_key].obs:
         raise InvalidInputError(f"No obs[{color!r}] in table {nuclei_table_key!r}; run hc.tl.predict first.")
-    if nuclei_key not in sdata.shapes:
-        raise InvalidInputError(f"No shapes element {nuclei_key!r}; it has {list(sdata.shapes)}.")
+    nuclei_key = annotated_shapes(sdata, nuclei_table_key, nuclei_key)
     table = sdata.tables[nuclei_table_key]
     column = table.obs[color]
     if not hasattr(column, "cat"):
