@@ -172,6 +172,21 @@ def test_niche_names_and_cell_types_can_be_written(slide, tmp_path):
         tl.tissue_architecture(SpatialData(tables={"histocell": slashed}, attrs=dict(slide.attrs)), key_added="niche2")
 
 
+def test_resegmenting_removes_the_niche_regions_drawn_from_the_old_nuclei(tiny_slide):
+    # own case stale_niches: segment -> predict -> tissue_architecture -> segment again kept shapes["niche_regions"]
+    # (pl.niches drew the old regions over the new nuclei, io.validate passed)
+    from histocell_sd import pp
+
+    sdata = predicted_slide(tiny_slide[0])
+    pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]), overwrite=True)
+    sdata.tables["histocell"].obs["cell_type"] = sdata.tables["truth_nuclei"].obs["cell_type"].to_numpy()
+    tl.tissue_architecture(sdata, n_niches=3)
+    assert "niche_regions" in sdata.shapes
+    with pytest.warns(UserWarning, match=r"Removed the niche regions \['niche_regions'\]"):
+        pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]))
+    assert "niche_regions" not in sdata.shapes and "niche" not in sdata.tables["histocell"].obs
+
+
 def test_indicators_on_a_hand_made_layout():
     adata = _hand_made()
     ind = tl.spatial_indicators({"a": adata}, n_perms=20, progress=False, area_method="grid", grid_um=50.0)

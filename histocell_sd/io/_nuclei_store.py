@@ -126,12 +126,13 @@ def store_nuclei(
     mpp = get_mpp(sdata)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     ours = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
+    stale = _stale_regions(sdata, nuclei_table_key if nuclei_table_key in ours else None)
     labels, origin = _check_labels(labels, origin, get_image(sdata, image_key=image_key).shape[1:])
     spots = _spots(sdata, spots_key)
     ids = np.unique(labels)
     ids = ids[ids > 0]
     if len(ids) == 0:
-        _remove(sdata, *ours)  # an earlier segmentation's nuclei would no longer describe this image
+        _remove_with_regions(sdata, ours, stale)  # an earlier segmentation's nuclei would no longer describe this image
         return
     stats = _pixel_stats(labels, get_image(sdata, image_key=image_key), origin, ids, pair_px=max(1, round(_PAIR_UM / mpp)))
     polygons = _polygons(labels, ids, origin, tolerance_px=_SIMPLIFY_UM / mpp)
@@ -141,7 +142,7 @@ def store_nuclei(
     spot_ids = None if spots is None else _spot_ids(spots, centroids)
     table = _table(features, centroids, names, spot_ids, key_added, mpp, method)
     merge_metadata(table, labels_key=labels_key, image_key=image_key)
-    _remove(sdata, *ours)
+    _remove_with_regions(sdata, ours, stale)
     sdata.shapes[key_added] = _shapes_element(polygons, names, mpp)
     sdata.tables[nuclei_table_key] = table
     if labels_key is not None:
@@ -171,6 +172,22 @@ def claim_nuclei_keys(sdata: SpatialData, key_added: str, nuclei_table_key: str,
             "(key_added=, nuclei_table_key=, labels_key=) or pass overwrite=True to replace them."
         )
     return ours | set(clash)
+
+
+def _stale_regions(sdata: SpatialData, nuclei_table_key: str | None) -> set[str]:
+    """The niche regions (shapes) tl.tissue_architecture drew from the nuclei of ``nuclei_table_key``."""
+    if nuclei_table_key is None:
+        return set()
+    uns = sdata.tables[nuclei_table_key].uns
+    return {f"{k}_regions" for k, v in uns.items() if isinstance(v, dict) and "composition" in v and f"{k}_regions" in sdata.shapes}
+
+
+def _remove_with_regions(sdata: SpatialData, nuclei: set[str], regions: set[str]) -> None:
+    """Delete an earlier segmentation's elements and the niche regions drawn from them (with a warning)."""
+    if regions:
+        warnings.warn(f"Removed the niche regions {sorted(regions)}, drawn from the nuclei replaced; run tl.tissue_architecture again.",
+                      UserWarning, stacklevel=4)
+    _remove(sdata, *nuclei, *regions)
 
 
 def _remove(sdata: SpatialData, *keys: str | None) -> None:
