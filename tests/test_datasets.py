@@ -163,7 +163,13 @@ def test_nucls_tiles():
 
 def test_brca_m2c_embedded_patches():
     patches = hc.datasets.brca_m2c("test")
-    assert len(patches) == 4 and len(hc.datasets.brca_m2c_names("train")) == 2 and hc.datasets.brca_m2c_names("val") == []
+    assert len(patches) == 4 and len(hc.datasets.brca_m2c_names("train")) == 2
+    # own case brca_embedded_val: brca_m2c("val") without path gave {} silently; a name string was split into characters
+    with pytest.raises(hc.InvalidInputError, match="The embedded patches hold no 'val' patch .* pass path="):
+        hc.datasets.brca_m2c("val")
+    name = hc.datasets.brca_m2c_names("test")[0]
+    with pytest.raises(hc.InvalidInputError, match=f"names must be a list of patch names.*use names=\\['{name}'\\]"):
+        hc.datasets.brca_m2c(names=name)
     for sdata in patches.values():
         hc.io.validate(sdata)
         assert sdata.attrs["mpp"] == pytest.approx(0.5, abs=0.01)

@@ -164,7 +164,10 @@ def test_niche_names_and_cell_types_can_be_written(slide, tmp_path):
     names, _ = _names(np.array([[0.4, 0.35, 0.25]]), np.array([0]), ["tumor", "lymphocyte", "fibroblast"])
     assert list(names) == ["tumor+lymphocyte-mixed"]
     out = tl.tissue_architecture(slide, n_niches=6, copy=True)
-    assert not any("/" in name for name in out.tables["histocell"].obs["niche"].cat.categories)
+    niches = out.tables["histocell"]
+    assert not any("/" in name for name in niches.obs["niche"].cat.categories)
+    # own case niche_colors: no uns["niche_colors"], so scanpy and spatialdata-plot coloured niches unlike pl.niches
+    assert len(niches.uns["niche_colors"]) == len(niches.obs["niche"].cat.categories)
     write_zarr(SpatialData(tables={"histocell": out.tables["histocell"]}, attrs=dict(slide.attrs)), tmp_path / "niches.zarr")
     slashed = out.tables["histocell"].copy()
     slashed.obs["cell_type"] = slashed.obs["cell_type"].cat.rename_categories({"lymphocyte": "T/NK"})

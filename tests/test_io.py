@@ -62,10 +62,12 @@ def test_image_wrong_dims(shape, centers):
         from_arrays(np.zeros(shape, dtype=np.uint8), MPP, spot_centers=centers)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
-def test_image_wrong_dtype(dtype, centers):
-    with pytest.raises(InvalidInputError, match="uint8"):
-        from_arrays(np.zeros((SIZE, SIZE, 3), dtype=dtype), MPP, spot_centers=centers)
+@pytest.mark.parametrize(("dtype", "top", "hint"), [(np.float32, 1.0, r"\(image \* 255\)"), (np.float32, 255.0, r"np.clip\(image, 0, 255\)"),
+                                                  (np.uint16, 4000, "rescale its range")])
+def test_image_wrong_dtype(dtype, top, hint, centers):
+    # own case uint8_hint: a uint16 or 0-255 float image was told to multiply by 255
+    with pytest.raises(InvalidInputError, match=f"must be uint8.*{hint}"):
+        from_arrays(np.full((SIZE, SIZE, 3), top, dtype=dtype), MPP, spot_centers=centers)
 
 
 def test_image_grayscale(centers):

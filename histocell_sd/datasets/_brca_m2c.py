@@ -62,7 +62,12 @@ def brca_m2c_names(split: str = "test", *, path=None) -> list[str]:
         raise InvalidInputError(f"split must be one of {[*_SPLITS, 'all']}, got {split!r}.")
     wanted = _SPLITS if split == "all" else (split,)
     if path is None:
-        return [name for name, s in _EMBEDDED.items() if s in wanted]
+        names = [name for name, s in _EMBEDDED.items() if s in wanted]
+        if not names:
+            raise InvalidInputError(
+                f"The embedded patches hold no {split!r} patch (they are {sorted(set(_EMBEDDED.values()))}); pass path= a full BRCA-M2C folder."
+            )
+        return names
     root = _root(path)
     names = []
     for s in wanted:
@@ -124,6 +129,8 @@ def brca_m2c(split: str = "test", *, path=None, names=None) -> dict[str, Spatial
     dict
         Patch name → SpatialData.
     """
+    if isinstance(names, str):
+        raise InvalidInputError(f"names must be a list of patch names, got the string {names!r}; use names=[{names!r}].")
     names = brca_m2c_names(split, path=path) if names is None else list(names)
     out = {}
     for name in names:

@@ -185,10 +185,7 @@ def _check_image(image):
     if image.shape[2] != 3:
         raise InvalidInputError(f"image must have 3 colour channels (RGB), got {image.shape[2]}.")
     if image.dtype != np.uint8:
-        raise InvalidInputError(
-            f"image must be uint8 (0-255), got {image.dtype}; convert e.g. with (image * 255).round().astype('uint8') "
-            "or skimage.util.img_as_ubyte."
-        )
+        raise InvalidInputError(f"image must be uint8 (0-255), got {image.dtype}; {_to_uint8_hint(image)}")
     if min(image.shape[:2]) < 2:
         raise InvalidInputError(f"image is too small: {image.shape}.")
     return image
@@ -235,3 +232,12 @@ def _check_spot_centers(spot_centers, counts, proportions, shape) -> tuple[np.nd
             f"{outside.sum()} spot centres lie outside the {width}×{height} px image, e.g. {spot_ids[outside][:3].tolist()}."
         )
     return xy, spot_ids
+
+
+def _to_uint8_hint(image: np.ndarray) -> str:
+    """How to convert ``image`` to uint8, from its dtype and range (a hint only; nothing is converted)."""
+    if np.issubdtype(image.dtype, np.integer):
+        return "rescale its range to 0-255 (e.g. skimage.util.img_as_ubyte for the full uint16 range, or np.round(image / image.max() * 255))."
+    if image.size and np.nanmax(image) <= 1.0:
+        return "values in [0, 1]: convert with (image * 255).round().astype('uint8')."
+    return "values beyond 1 (0-255 floats?): convert with np.clip(image, 0, 255).round().astype('uint8')."

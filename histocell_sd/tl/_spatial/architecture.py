@@ -14,6 +14,7 @@ from ..._docs import inject_docs
 from ..._errors import InvalidInputError
 from ..._utils import check_key_added, check_storable_names, check_whole_number, copy_for_writing
 from ...io._elements import pixel_transformations
+from ...io._schema import set_categorical
 from .graph import get_table, radius_adjacency, require_obs, table_mpp
 
 _LAYOUT_OBS = {CELL_TYPE_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, SPOT_ID_KEY, NUCLEUS_ID_KEY, REGION_KEY}  # the data model's columns
@@ -121,7 +122,7 @@ def tissue_architecture(
     niche_idx = _cluster(comp, n_niches, method, max_niches, seed)
     names, mean_comp = _names(comp, niche_idx, types)
     cats = list(dict.fromkeys(names[i] for i in np.unique(niche_idx)))
-    table.obs[key_added] = pd.Categorical(names[niche_idx], categories=cats)
+    set_categorical(table, key_added, cats, pd.Index(cats).get_indexer(names[niche_idx]))  # obs and uns[f"{key_added}_colors"]
     table.obsm[f"{key_added}_composition"] = pd.DataFrame(comp, index=table.obs_names, columns=[str(t) for t in types])
     table.uns[key_added] = {
         "radius_um": float(radius_um),
