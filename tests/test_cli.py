@@ -193,7 +193,7 @@ def test_predict_with_a_shipped_model_and_import_errors(tmp_path, capsys):
     _one_line_error(capsys, "is a file; a checkpoint is the folder")
 
 
-def test_import_a_space_ranger_folder(tmp_path, capsys):
+def test_import_a_space_ranger_folder(tmp_path, capsys, monkeypatch):
     from test_visium import make_spaceranger_outs
 
     import histocell_sd as hc
@@ -206,6 +206,16 @@ def test_import_a_space_ranger_folder(tmp_path, capsys):
     back = hc.io.read_zarr(store)
     hc.io.validate(back)
     assert back.tables["table"].n_obs > 0 and "spatial_um" in back.tables["table"].obsm
+    # own case cli_messages: the positional store was called "--out"; a relative --fullres-image was looked up only
+    # inside the Space Ranger folder; predict on an unsegmented store pointed to hc.pp.segment_nuclei
+    assert cli.main(["import", str(store), "--visium", str(outs), "--fullres-image", "image.tif"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{store} already exists; pass --overwrite" in err and "--out" not in err, err
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["import", "b.zarr", "--visium", str(outs), "--fullres-image", "sampleA/outs/image.tif", "--quiet"]) == 0  # from here
+    assert cli.main(["import", "c.zarr", "--visium", str(outs), "--fullres-image", "image.tif", "--quiet"]) == 0  # inside the folder
+    assert cli.main(["predict", "b.zarr", "--model", "tumor_stromal_lymphocyte"]) == 2
+    _one_line_error(capsys, "b.zarr has no nuclei; run `histocell-sd segment b.zarr` first")
 
 
 def test_import_a_visium_hd_folder(tmp_path, capsys):

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visium", type=Path, help="Space Ranger outs/ folder (spatial/, filtered_feature_bc_matrix.h5)")
     p.add_argument("--visium-hd", type=Path, help="Space Ranger Visium HD outs/ folder (binned_outputs/square_<XXX>um/)")
     p.add_argument("--bin-size-um", type=int, default=8, help="Visium HD bin side in µm to read (2, 8 or 16; default: 8)")
-    p.add_argument("--fullres-image", type=Path, help="the full-resolution H&E given to Space Ranger (with --visium or --visium-hd)")
+    p.add_argument("--fullres-image", type=Path, help="the full-resolution H&E given to Space Ranger (with --visium or --visium-hd): a path, or a file name inside the Space Ranger folder")
     p.add_argument("--image", type=Path, help="an H&E image file (TIFF, PNG, JPEG) instead of --visium")
     p.add_argument("--mpp", type=float, help="µm per pixel of --image")
     p.add_argument("--spots", type=Path, help="CSV of spot centres: barcode, x, y (pixels of --image)")

@@ -14,17 +14,21 @@ from pathlib import Path
 from .._errors import InvalidInputError
 
 
-def _check_out(out: Path, inputs: list[Path], overwrite: bool, *, in_place: Path | None = None) -> None:
-    """Refuse an output that is, contains or lies in an input (``in_place`` excepted), or exists without ``overwrite``."""
+def _check_out(out: Path, inputs: list[Path], overwrite: bool, *, in_place: Path | None = None, option: str = "--out ") -> None:
+    """Refuse an output that is, contains or lies in an input (``in_place`` excepted), or exists without ``overwrite``.
+
+    ``option`` names the output in messages (``""`` for the positional store of ``import``).
+    """
     target = out.resolve()
     if in_place is not None and target == in_place.resolve():
         return
     for source in inputs:
         source_r = source.resolve()
         if target == source_r or target in source_r.parents or source_r in target.parents:
-            raise InvalidInputError(f"--out {out} is, contains or lies inside the input {source}; writing it would destroy that input. Choose another --out.")
+            raise InvalidInputError(f"{option}{out} is, contains or lies inside the input {source}; writing it would destroy that input. "
+                                    f"Choose another {option.strip() or 'store'}.")
     if (out.exists() or out.is_symlink()) and not overwrite:
-        raise InvalidInputError(f"--out {out} already exists; pass --overwrite to replace it.")
+        raise InvalidInputError(f"{option}{out} already exists; pass --overwrite to replace it.")
 
 
 def _json_option(text: str | None, option: str) -> dict | None:
@@ -79,8 +83,10 @@ def import_sample(out: Path, *, visium: Path | None, image: Path | None, spots: 
     if len(sources) > 1 or (sources and sources[0] != "--image" and image_options):
         raise InvalidInputError("Give either --visium or --visium-hd (a Space Ranger folder) or --image with --mpp (and --spots, --counts), "
                                 f"not several; got {', '.join(sources + image_options)}.")
+    if fullres_image is not None and not fullres_image.is_absolute() and fullres_image.exists():
+        fullres_image = fullres_image.resolve()  # a path from here; otherwise a file name inside the Space Ranger folder
     inputs = [p for p in (visium, visium_hd, image, spots, counts, proportions, fullres_image) if p is not None]
-    _check_out(out, inputs, overwrite)
+    _check_out(out, inputs, overwrite, option="")
     if visium is not None:
         sdata = io.read_visium(visium, fullres_image_file=fullres_image, sample_id=sample_id)
     elif visium_hd is not None:
@@ -196,6 +202,8 @@ def predict(store: Path, *, models: list[Path], out: Path | None, device: str | 
 
     loaded = [load(m) for m in models]
     sdata = _read_store(store)
+    if "histocell" not in sdata.tables:
+        raise InvalidInputError(f"{store} has no nuclei; run `histocell-sd segment {store}` first.")
     tl.predict(sdata, loaded[0] if len(loaded) == 1 else loaded, device=device, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store, *models])
     counts = sdata.tables["histocell"].obs["cell_type"].value_counts().to_dict()
