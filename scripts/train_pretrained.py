@@ -29,7 +29,7 @@ from _provenance import provenance
 import histocell_sd as hc
 
 TYPES = list(hc.datasets.BRCA_M2C_CLASSES)
-COMPARTMENTS = {"tumour": ["tumor"], "stroma": ["stromal"], "immune": ["lymphocyte"]}
+COMPARTMENTS = {"tumor": ["tumor"], "stroma": ["stromal"], "immune": ["lymphocyte"]}
 NUCLS_TO_TYPES = {"tumor_any": "tumor", "nonTIL_stromal": "stromal", "sTIL": "lymphocyte"}
 
 
