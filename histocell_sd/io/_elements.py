@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from spatialdata import SpatialData
+from spatialdata.models import get_table_keys
 from spatialdata.transformations import Identity, Scale, Sequence, Translation, get_transformation, set_transformation
 
 from .._constants import COORDINATE_SYSTEM, MICRON_SYSTEM
@@ -125,8 +127,6 @@ def get_image(sdata: SpatialData, *, image_key: str | None = None):
 
 def _check_at_origin(image, key: str) -> None:
     """Refuse an image whose pixels are not the ``global`` units (a translated crop, a scaled copy, another system)."""
-    import numpy as np
-
     systems = get_transformation(image, get_all=True)
     if COORDINATE_SYSTEM not in systems:
         raise InvalidInputError(
@@ -146,8 +146,6 @@ def _check_at_origin(image, key: str) -> None:
 def annotated_shapes(sdata: SpatialData, nuclei_table_key: str, nuclei_key: str | None = None) -> str:
     """The nucleus polygons of ``nuclei_table_key``: ``nuclei_key`` when given (the table must annotate it), else the
     shapes element the table annotates."""
-    from spatialdata.models import get_table_keys
-
     table = sdata.tables[nuclei_table_key]
     if "spatialdata_attrs" not in table.uns:
         raise InvalidInputError(f"The nuclei table {nuclei_table_key!r} annotates no element (no uns['spatialdata_attrs']).")

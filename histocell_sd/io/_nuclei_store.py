@@ -127,14 +127,15 @@ def store_nuclei(
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     ours = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     stale = _stale_regions(sdata, nuclei_table_key if nuclei_table_key in ours else None)
-    labels, origin = _check_labels(labels, origin, get_image(sdata, image_key=image_key).shape[1:])
+    image = get_image(sdata, image_key=image_key)
+    labels, origin = _check_labels(labels, origin, image.shape[1:])
     spots = _spots(sdata, spots_key)
     ids = np.unique(labels)
     ids = ids[ids > 0]
     if len(ids) == 0:
         _remove_with_regions(sdata, ours, stale)  # an earlier segmentation's nuclei would no longer describe this image
         return
-    stats = _pixel_stats(labels, get_image(sdata, image_key=image_key), origin, ids, pair_px=max(1, round(_PAIR_UM / mpp)))
+    stats = _pixel_stats(labels, image, origin, ids, pair_px=max(1, round(_PAIR_UM / mpp)))
     polygons = _polygons(labels, ids, origin, tolerance_px=_SIMPLIFY_UM / mpp)
     features = _features(stats, polygons, mpp)
     centroids = stats["centroid"][:, ::-1] + np.asarray(origin[::-1], dtype=float) + 0.5

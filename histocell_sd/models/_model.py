@@ -25,7 +25,7 @@ from ._encoder import resolve_encoder
 from ._inputs import SampleInputs
 from ._network import HistoCellNet
 from ._samples import inputs_of
-from ._trainer import Trainer
+from ._trainer import LEARNING_RATE, Trainer
 
 
 @inject_docs
@@ -176,7 +176,7 @@ class HistoCell:
         epochs: int | None = None,
         state_epochs: int | None = None,
         self_training_epochs: int | None = None,
-        learning_rate: float = 2e-3,
+        learning_rate: float = LEARNING_RATE,
         encoder_lr_factor: float | None = None,
         compartment_weight: float = 0.3,
         pseudo_label_weight: float = 0.5,
@@ -274,7 +274,7 @@ class HistoCell:
             raise InvalidInputError(f"fit needs a SpatialData or a non-empty list of them, got {type(sdata).__name__}.")
         trainer = Trainer(
             self._settings, encoder_state=self._encoder_state, epochs=epochs, self_training_epochs=self_training_epochs,
-            state_epochs=state_epochs, learning_rate=renamed("HistoCell.fit", "lr", lr, "learning_rate", learning_rate, 2e-3),
+            state_epochs=state_epochs, learning_rate=renamed("HistoCell.fit", "lr", lr, "learning_rate", learning_rate, LEARNING_RATE),
             encoder_lr_factor=encoder_lr_factor, compartment_weight=compartment_weight,
             pseudo_label_weight=pseudo_label_weight, val_fraction=val_fraction, holdout=holdout, patience=patience, seed=seed, progress=progress,
             device=resolve_device(device), spot_bags=spot_bags,

@@ -92,6 +92,10 @@ class FitResult:
     timing: dict
 
 
+LEARNING_RATE = 2e-3
+"""Default AdamW learning rate of :meth:`HistoCell.fit`."""
+
+
 class Trainer:
     """Trains a new :class:`HistoCellNet` for ``config``; the fit settings are those of :meth:`HistoCell.fit`.
 
@@ -99,7 +103,7 @@ class Trainer:
     """
 
     def __init__(self, config: HistoCellConfig, *, encoder_state: dict | None = None, epochs=None, self_training_epochs=None,
-                 state_epochs=None, learning_rate=2e-3, encoder_lr_factor=None, compartment_weight=0.3, pseudo_label_weight=0.5,
+                 state_epochs=None, learning_rate=LEARNING_RATE, encoder_lr_factor=None, compartment_weight=0.3, pseudo_label_weight=0.5,
                  val_fraction=0.15, holdout="tiles", patience=8, seed=0, progress=True, device=None, spot_bags=None):
         if encoder_lr_factor is None:
             encoder_lr_factor = 1.0 if config.encoder["source"] == "scratch" else PRETRAINED_ENCODER_LR_FACTOR
