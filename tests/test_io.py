@@ -235,6 +235,29 @@ def test_write_overwrite_replaces(sdata, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
 
 
+def test_write_stores_uns_tuples_as_lists(sdata, tmp_path):
+    # own case: squidpy's spatial_neighbors(radius=(0, r)) records a tuple in uns, which anndata cannot write
+    import squidpy as sq
+
+    table = sdata.tables["table"]
+    sq.gr.spatial_neighbors(table, radius=(0, 30), coord_type="generic")
+    table.uns["nested"] = {"pairs": ((1, 2), (3, 4)), "array": np.arange(3)}
+    uns = table.uns
+    path = write_zarr(sdata, tmp_path / "sample.zarr")
+    assert table.uns is uns and table.uns["spatial_neighbors"]["params"]["radius"] == (0, 30)
+    assert table.uns["nested"]["pairs"] == ((1, 2), (3, 4))
+    back = read_zarr(path).tables["table"].uns
+    assert list(back["spatial_neighbors"]["params"]["radius"]) == [0, 30]
+    assert np.asarray(back["nested"]["pairs"]).tolist() == [[1, 2], [3, 4]] and back["nested"]["array"].tolist() == [0, 1, 2]
+
+
+def test_write_unstorable_uns_named_and_nothing_written(sdata, tmp_path):
+    sdata.tables["table"].uns["ragged"] = [1, [2, 3]]
+    with pytest.raises(InvalidInputError, match="ragged"):
+        write_zarr(sdata, tmp_path / "sample.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_write_failure_leaves_nothing_behind(sdata, tmp_path, monkeypatch, existing):
     # cases.md: kill_write_zarr_new, kill_write_zarr_overwrite (a failure that runs the clean-up)

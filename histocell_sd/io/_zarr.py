@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
 import spatialdata as sd
+from anndata._io.specs.registry import IORegistryError
 from spatialdata import SpatialData
 
 from .._errors import InvalidInputError
@@ -20,7 +23,9 @@ def write_zarr(sdata: SpatialData, path: str | PathLike, *, overwrite: bool = Fa
     The store is written next to ``path`` under a temporary name and swapped in only when complete
     (``histocell_sd._utils.atomic_write``), so a failure or a kill never leaves a half-written or
     missing store, and debris of killed writes is cleaned by the next one. An existing ``path`` is
-    refused unless ``overwrite=True``.
+    refused unless ``overwrite=True``. Tuples in a table's ``uns`` (squidpy records
+    ``radius=(0, r)`` as one), which anndata cannot write, are stored as lists; ``sdata`` itself is
+    left as it is.
 
     Parameters
     ----------
@@ -39,13 +44,48 @@ def write_zarr(sdata: SpatialData, path: str | PathLike, *, overwrite: bool = Fa
     get_mpp(sdata)
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _tuples_stored_as_lists(sdata):
             warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
-            sdata.write(tmp)
+            try:
+                sdata.write(tmp)
+            except (ValueError, TypeError, IORegistryError) as error:  # anndata names the element it could not write
+                where = " ".join(getattr(error, "__notes__", []))
+                raise InvalidInputError(f"The sample cannot be stored as zarr: {error} {where}".strip()) from error
 
     path = atomic_write(path, write, overwrite=overwrite)
     sdata.path = path
     return path
+
+
+@contextmanager
+def _tuples_stored_as_lists(sdata: SpatialData):
+    """While open, each table whose ``uns`` holds a tuple (at any depth) has it as a list instead."""
+    swapped = {}
+    for name, table in sdata.tables.items():
+        if _holds_tuple(table.uns):
+            swapped[name] = table.uns
+            table.uns = _tuples_as_lists(table.uns)
+    try:
+        yield
+    finally:
+        for name, uns in swapped.items():
+            sdata.tables[name].uns = uns
+
+
+def _holds_tuple(value) -> bool:
+    if isinstance(value, tuple):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tuple(v) for v in value.values())
+    return isinstance(value, list) and any(_holds_tuple(v) for v in value)
+
+
+def _tuples_as_lists(value):
+    if isinstance(value, (tuple, list)):
+        return [_tuples_as_lists(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _tuples_as_lists(v) for k, v in value.items()}
+    return value
 
 
 def read_zarr(path: str | PathLike) -> SpatialData:
