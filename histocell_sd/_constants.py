@@ -26,6 +26,8 @@ COMPARTMENT_KEY = "compartment"  # obs, categorical
 ENTROPY_KEY = "cell_type_entropy"  # obs, float (nats)
 EMBEDDING_KEY = "histocell_embedding"  # obsm, float32 array
 SPATIAL_KEY = "spatial"  # obsm, px centroids (x, y)
+NUCLEI_OBS_LAYOUT = frozenset({CELL_TYPE_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, SPOT_ID_KEY, NUCLEUS_ID_KEY, REGION_KEY})
+"""The nuclei table's ``obs`` columns the data model defines: no ``key_added`` may overwrite them."""
 PREDICTED_PROPORTIONS_KEY = "histocell_proportions"  # spots table obsm, DataFrame
 STATE_PROPORTIONS_KEY = "state_proportions"  # spots table obsm, DataFrame (columns = states)
 

@@ -115,3 +115,27 @@ def test_errors(cohort):
         tl.screen_phenotype(dict(list(samples.items())[:2]), phenotype_key="phenotype", clinical=clinical)
     with pytest.raises(hc.InvalidInputError, match="fewer than 2 classes"):
         tl.screen_phenotype(samples, phenotype_key="one", clinical=clinical.assign(one=1))
+
+
+def test_key_added_never_overwrites_the_data_model_and_a_failed_screen_writes_nothing(monkeypatch):
+    # probe: key_added="cell_type" replaced the predictions with population names, and the screen's own
+    # dominant_cell_type column then read "P5", "P3", ...
+    samples, clinical, _ = synthetic_cohort(n_samples=6, n_nuclei=200, seed=0)
+    before = {k: s.tables["histocell"].obs.copy() for k, s in samples.items()}
+    for key in ("cell_type", "spot_id", ""):
+        with pytest.raises(hc.InvalidInputError, match="key_added"):
+            tl.screen_phenotype(samples, phenotype_key="phenotype", clinical=clinical, key_added=key, mil=False, n_crops=0, progress=False)
+    from histocell_sd.tl._cohort import screen as screen_module
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("crops failed")
+
+    with monkeypatch.context() as patch:  # the last step fails: the populations were computed but are not written
+        patch.setattr(screen_module, "_crops", fail)
+        with pytest.raises(RuntimeError, match="crops failed"):
+            tl.screen_phenotype(samples, phenotype_key="phenotype", clinical=clinical, n_cells_per_sample=100, mil=False, progress=False)
+    for key, sample in samples.items():
+        pd.testing.assert_frame_equal(sample.tables["histocell"].obs, before[key])
+    res = tl.screen_phenotype(samples, phenotype_key="phenotype", clinical=clinical, n_cells_per_sample=100, mil=False, n_crops=0, progress=False)
+    assert set(res.table["dominant_cell_type"]) <= set(before[next(iter(samples))]["cell_type"].cat.categories)
+    assert all(s.tables["histocell"].obs["population"].notna().all() for s in samples.values())

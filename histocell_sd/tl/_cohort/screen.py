@@ -12,10 +12,10 @@ import pandas as pd
 import scanpy as sc
 from spatialdata import SpatialData
 
-from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, CELL_TYPE_PROBA_KEY, EMBEDDING_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, CELL_TYPE_PROBA_KEY, EMBEDDING_KEY, HISTOCELL_KEY, NUCLEI_OBS_LAYOUT, SPATIAL_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import progress_bar
+from ..._utils import check_key_added, progress_bar
 from .._spatial.graph import get_table
 from .stats import _associate, _response_kind
 
@@ -124,7 +124,8 @@ def screen_phenotype(
     {key_added}
         when set, every nucleus's population is written to ``obs[key_added]`` of its nuclei table
         (in place; None writes nothing), so :func:`~histocell_sd.tl.spatial_indicators` with ``cluster_key=key_added``
-        gives per-population spatial indicators.
+        gives per-population spatial indicators; written once the screen has succeeded. The data model's
+        columns (``cell_type``, ``cell_state``, ``compartment``, ``spot_id``, ...) are refused.
     mil, mil_seeds, mil_epochs, mil_bag_size
         Train the attention-MIL model, its seeds (attention averaged), epochs and nuclei per bag
         (the first ``mil_bag_size`` pooled nuclei of each sample, a random subsample).
@@ -157,6 +158,8 @@ def screen_phenotype(
         raise InvalidInputError(f"rank_by must be 'p' or 'mil_attention', got {rank_by!r}.")
     if rank_by == "mil_attention" and not mil:
         raise InvalidInputError("rank_by='mil_attention' needs mil=True.")
+    if key_added is not None:
+        check_key_added(key_added, NUCLEI_OBS_LAYOUT, "obs")
     y = _phenotype(named, phenotype_key, clinical)
     kind, target = _response_kind(y, phenotype_key)
     rng = np.random.default_rng(seed)
@@ -177,12 +180,10 @@ def screen_phenotype(
     from sklearn.neighbors import KNeighborsClassifier
 
     knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(x_pool))).fit(x_pool, labels)
-    abundance = {}
+    abundance, assigned = {}, {}
     for name in progress_bar(named, desc="population abundance", disable=not progress):
-        assigned = knn.predict(reps[name])
-        abundance[name] = np.bincount(assigned, minlength=len(names)) / len(assigned)
-        if key_added:
-            tables[name].obs[key_added] = pd.Categorical(np.asarray(names, dtype=object)[assigned], categories=names)
+        assigned[name] = knn.predict(reps[name])
+        abundance[name] = np.bincount(assigned[name], minlength=len(names)) / len(assigned[name])
     ab = pd.DataFrame.from_dict(abundance, orient="index", columns=names)
     table = _describe(pooled, tables, names)
     table["mean_abundance"] = ab.mean().to_numpy()
@@ -216,6 +217,9 @@ def screen_phenotype(
         mil=mil_summary,
     )
     result.crops, result.crop_info = _crops(named, tables, pooled, result.top, n_crops, crop_um, image_key, seed)
+    if key_added is not None:  # written last: a screen that fails changes no sample
+        for name, rows in assigned.items():
+            tables[name].obs[key_added] = pd.Categorical(np.asarray(names, dtype=object)[rows], categories=names)
     return result
 
 

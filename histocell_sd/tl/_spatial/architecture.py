@@ -9,15 +9,18 @@ import shapely
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
 
-from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, COMPARTMENT_KEY, HISTOCELL_KEY, NUCLEUS_ID_KEY, REGION_KEY, SPATIAL_KEY, SPOT_ID_KEY
+from ..._constants import (
+    CELL_TYPE_KEY,
+    HISTOCELL_KEY,
+    NUCLEI_OBS_LAYOUT,
+    SPATIAL_KEY,
+)
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
 from ..._utils import check_key_added, check_storable_names, check_whole_number, copy_for_writing
 from ...io._elements import pixel_transformations
 from ...io._schema import set_categorical
 from .graph import get_table, radius_adjacency, require_obs, table_mpp
-
-_LAYOUT_OBS = {CELL_TYPE_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, SPOT_ID_KEY, NUCLEUS_ID_KEY, REGION_KEY}  # the data model's columns
 
 __all__ = ["tissue_architecture"]
 
@@ -107,7 +110,7 @@ def tissue_architecture(
     # the nuclei table's own columns and the cell types read here are not niches to overwrite
     earlier = table.uns.get(key_added) if isinstance(key_added, str) else None
     ours = isinstance(earlier, dict) and "composition" in earlier  # an earlier tissue_architecture wrote it
-    check_key_added(key_added, {cluster_key, *_LAYOUT_OBS} | (set() if ours else set(table.obs.columns)), "obs")
+    check_key_added(key_added, {cluster_key, *NUCLEI_OBS_LAYOUT} | (set() if ours else set(table.obs.columns)), "obs")
     mpp = table_mpp(sdata)
     labels = table.obs[cluster_key]
     types = list(labels.cat.categories) if isinstance(labels.dtype, pd.CategoricalDtype) else sorted(labels.dropna().astype(str).unique())
