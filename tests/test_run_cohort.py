@@ -47,7 +47,8 @@ def test_synchronous_failure_and_resume(slides, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.h5ad")}
     assert len(stamps) == 3
     t0 = time.perf_counter()
-    again, failures2 = tl.run_cohort([*paths, bad], model, out_dir=tmp_path, client="synchronous", progress=False)
+    again, failures2 = tl.run_cohort([*paths, bad], model, out_dir=tmp_path, client="synchronous", progress=False,
+                                     indicator_kwargs={"n_perms": 5, "area_method": "grid"})  # the default given: the same settings
     second = time.perf_counter() - t0
     assert (again.obs["status"] == "resumed").all() and len(failures2) == 1
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.h5ad")} == stamps
@@ -118,3 +119,21 @@ def test_another_model_is_refused_on_resume_and_used_when_asked(slides, tmp_path
     assert "frac_stromal" in again.var_names and "frac_fibroblast" not in again.var_names
     resumed, _ = tl.run_cohort(paths[:1], tmp_path / "model", **kwargs)  # the folder now holds that same model
     assert (resumed.obs["status"] == "resumed").all()
+
+
+def test_resume_refuses_results_of_other_settings(slides, tmp_path):
+    # probe: a resume with area_method="hull" kept the grid areas of finished slides and computed the others with
+    # the hull, so density_* mixed two definitions in one column
+    paths, _, model = slides
+    kwargs = {"out_dir": tmp_path, "client": "synchronous", "progress": False}
+    tl.run_cohort(paths[:1], model, indicator_kwargs={"n_perms": 0}, **kwargs)
+    stamp = (tmp_path / "slide_21.h5ad").stat().st_mtime_ns
+    with pytest.raises(hc.InvalidInputError, match=r"other settings .*area_method.*'grid' then, 'hull' now"):
+        tl.run_cohort(paths[:2], model, indicator_kwargs={"n_perms": 0, "area_method": "hull"}, **kwargs)
+    with pytest.raises(hc.InvalidInputError, match="min_area_um2"):
+        tl.run_cohort(paths[:1], model, segment_kwargs={"min_area_um2": 5.0}, indicator_kwargs={"n_perms": 0}, **kwargs)
+    assert sorted(p.name for p in tmp_path.glob("*.h5ad")) == ["slide_21.h5ad"]
+    assert (tmp_path / "slide_21.h5ad").stat().st_mtime_ns == stamp
+    redone, _ = tl.run_cohort(paths[:2], model, indicator_kwargs={"n_perms": 0, "area_method": "hull"}, overwrite=True, **kwargs)
+    assert (redone.obs["status"] == "computed").all()
+    assert redone.uns["run_cohort"]["settings"] and '"area_method": "hull"' in redone.uns["run_cohort"]["settings"]

@@ -48,8 +48,9 @@ def run_cohort(
     segmented (:func:`~histocell_sd.pp.segment_nuclei`), predicted (:func:`~histocell_sd.tl.predict`)
     and summarised (:func:`~histocell_sd.tl.spatial_indicators`) by a dask worker. The 1-row
     indicators of a slide are written atomically to ``out_dir/<sample>.h5ad`` as soon as it is done,
-    so a rerun with the same model skips finished slides (resume; each result records a fingerprint of
-    its model, and results of another model are refused unless ``overwrite``). A failing slide is
+    so a rerun with the same model and settings skips finished slides (resume; each result records a
+    fingerprint of its model and the segmentation and indicator settings, defaults filled in, and results
+    of another model or other settings are refused unless ``overwrite``). A failing slide is
     reported, the others are kept. The paths, model, client and keyword arguments are checked before
     anything is written.
 
@@ -111,6 +112,15 @@ def run_cohort(
             f"out_dir {str(out)!r} holds results of another model (or of an older histocell-sd) for {other[:3]}"
             f"{' …' if len(other) > 3 else ''}; pass overwrite=True to recompute them, or use another out_dir."
         )
+    settings = _settings_record(segment_kwargs, indicator_kwargs)
+    for name, part in resumed.items():
+        if part.uns[_RESULT_KEY].get("settings") != settings:
+            raise InvalidInputError(
+                f"out_dir {str(out)!r} holds a result for {name!r} made with other settings "
+                f"({_settings_difference(part.uns[_RESULT_KEY].get('settings'), settings)}): resuming would mix two "
+                "definitions in one table. Pass the same segment_kwargs and indicator_kwargs, overwrite=True to "
+                "recompute, or another out_dir."
+            )
     out.mkdir(parents=True, exist_ok=True)  # everything above is checked before anything is written
     if isinstance(model, (str, os.PathLike)):
         model_dir = Path(model)
@@ -123,6 +133,7 @@ def run_cohort(
         "out_dir": str(out.resolve()),
         "segment_kwargs": segment_kwargs,
         "indicator_kwargs": indicator_kwargs,
+        "settings": settings,
         "save_predictions": bool(save_predictions),
     }
     status = {}
@@ -160,6 +171,45 @@ def run_cohort(
         columns=["sample", "path", "error"],
     )
     return indicators, failures
+
+
+def _settings_record(segment_kwargs: dict, indicator_kwargs: dict) -> str:
+    """The segmentation and indicator settings of a result as JSON, every default filled in (progress left out)."""
+    from ...pp import segment_nuclei
+    from .._spatial.indicators import spatial_indicators
+
+    record = {}
+    for name, kwargs, function in (("segment_kwargs", segment_kwargs, segment_nuclei), ("indicator_kwargs", indicator_kwargs, spatial_indicators)):
+        signature = inspect.signature(function)
+        bound = signature.bind(None, **kwargs)
+        bound.apply_defaults()
+        settings = {}
+        for key, value in list(bound.arguments.items())[1:]:
+            if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+                settings.update(value)  # segment_nuclei's method options
+            elif key not in ("progress", "n_jobs"):  # they change how fast, not what
+                settings[key] = value
+        record[name] = settings
+    return json.dumps(record, sort_keys=True, default=_jsonable)
+
+
+def _jsonable(value):
+    """A stable JSON stand-in: paths as strings, numpy values as numbers or lists, other objects by type name."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return type(value).__name__
+
+
+def _settings_difference(stored: str | None, now: str) -> str:
+    """What differs between two settings records, for a message."""
+    if not stored:
+        return "not recorded: an older histocell-sd"
+    old, new = json.loads(stored), json.loads(now)
+    diff = [f"{group}[{key!r}] {old[group].get(key)!r} then, {new[group].get(key)!r} now"
+            for group in new for key in sorted(set(old.get(group, {})) | set(new[group])) if old.get(group, {}).get(key) != new[group].get(key)]
+    return "; ".join(diff[:3]) or "recorded differently"
 
 
 def model_fingerprint(model) -> str:
@@ -278,11 +328,12 @@ def _load_model(model_dir: str, fingerprint: str):
 
 def process_slide(
     path: str, *, model_dir: str, model_fingerprint: str, out_dir: str, segment_kwargs: dict, indicator_kwargs: dict,
-    save_predictions: bool = False,
+    settings: str = "", save_predictions: bool = False,
 ) -> tuple[str, str]:
     """Segment → predict → indicators for one slide; writes ``out_dir/<sample>.h5ad`` atomically.
 
-    The result records ``model_fingerprint`` in ``uns["run_cohort"]``, so a resume can tell which model made it.
+    The result records ``model_fingerprint`` and ``settings`` in ``uns["run_cohort"]``, so a resume can tell which model
+    and settings made it.
     Returns ``("ok", path)`` or ``("error", message)``; never raises for a bad slide.
     """
     from ... import io, pp
@@ -297,7 +348,7 @@ def process_slide(
         predict(sdata, _load_model(model_dir, model_fingerprint), progress=False)
         sdata.attrs["sample_id"] = name
         indicators = spatial_indicators({name: sdata}, **({"progress": False} | indicator_kwargs))
-        indicators.uns[_RESULT_KEY] = {"model_fingerprint": model_fingerprint}
+        indicators.uns[_RESULT_KEY] = {"model_fingerprint": model_fingerprint, "settings": settings}
         if save_predictions:
             io.write_zarr(sdata, Path(out_dir) / f"{name}.zarr", overwrite=True)
         atomic_write(target, indicators.write_h5ad, overwrite=True)
