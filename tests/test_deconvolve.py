@@ -50,6 +50,19 @@ def test_poisson_deconvolution(tiny_predicted):
     assert np.sqrt(((props.to_numpy() - truth)[occupied] ** 2).mean()) < 0.05
     tl.deconvolve(sdata, reference, method="poisson", key_added="again", progress=False)
     pd.testing.assert_frame_equal(props, table.obsm["again"])
+    assert table.obsm["state_proportions"] is states  # they belong to obsm["proportions"], which was not replaced
+
+
+def test_redeconvolving_without_states_removes_the_earlier_states(tiny_predicted):
+    # probe: deconvolve(state_key="cell_state") then deconvolve() kept the old state proportions, and fit then
+    # refused them as disagreeing with proportions the user had just written
+    sdata, reference = tiny_predicted
+    table = sdata.tables["table"]
+    tl.deconvolve(sdata, reference, state_key="cell_state", method="poisson", progress=False)
+    assert "state_proportions" in table.obsm
+    with pytest.warns(UserWarning, match="Removed obsm\\['state_proportions'\\]"):
+        tl.deconvolve(sdata, reference, method="poisson", progress=False)
+    assert "state_proportions" not in table.obsm and table.uns["deconvolution"]["state_key"] is None
 
 
 def test_copy_leaves_the_input_unchanged(tiny_predicted):

@@ -168,12 +168,17 @@ def deconvolve(
         steps.update()
     steps.close()
 
+    earlier = table.uns.get("deconvolution") or {}
     checked = {what: check_proportions(frame, spot_ids=table.obs_names, name=f"{method} {what} proportions") for what, frame in results.items()}
     table.obsm[key_added] = checked["cell types"]
     if pool_bins is not None:
         table.obs[pool_key] = pool_bins
     if state_key is not None:
         table.obsm[STATE_PROPORTIONS_KEY] = checked["states"]
+    elif STATE_PROPORTIONS_KEY in table.obsm and earlier.get("state_key") is not None and earlier.get("key_added") == key_added:
+        del table.obsm[STATE_PROPORTIONS_KEY]  # the states of the proportions just replaced would disagree with the new ones
+        warnings.warn(f"Removed obsm[{STATE_PROPORTIONS_KEY!r}], written with the obsm[{key_added!r}] this call replaced "
+                      f"(state_key={earlier['state_key']!r}); pass state_key= to estimate states again.", UserWarning, stacklevel=2)
     table.uns["deconvolution"] = {
         "method": method,
         "mode": "clusters" if method == "tangram" else "mixture",
