@@ -72,8 +72,8 @@ PARAMS: dict[str, str] = {
     "n_neighbors": "Number of nearest neighbours.",
     "seed": "Seed of every random draw: same seed, same result.",
     "mpp": (
-        'Microns per pixel; by default ``sdata.attrs["mpp"]`` or, for an AnnData, ``uns["mpp"]`` / '
-        '``uns["histocell"]["mpp"]``.'
+        'Microns per pixel, for data without its own (``sdata.attrs["mpp"]`` or, for an AnnData, ``uns["mpp"]`` / '
+        "``uns['histocell']['mpp']``); a value that disagrees with the data's own is refused."
     ),
     # plots (hc.pl)
     "ax": "Matplotlib Axes to draw on; None: a new figure of ``figsize`` (constrained layout, ≥ 100 dpi).",

@@ -39,16 +39,28 @@ def get_table(data: SpatialData | ad.AnnData, nuclei_table_key: str = HISTOCELL_
     return table
 
 
-def table_mpp(data: SpatialData | ad.AnnData, mpp: float | None = None) -> float:
-    """µm per pixel: ``mpp`` when given, else ``sdata.attrs["mpp"]`` or the table's ``uns``."""
-    if mpp is not None:
-        return check_mpp(mpp)
+def table_mpp(data: SpatialData | ad.AnnData, mpp: float | None = None, name: str = "The sample") -> float:
+    """µm per pixel: the sample's own (``sdata.attrs["mpp"]`` or the table's ``uns``), else ``mpp``.
+
+    A given ``mpp`` that disagrees with the sample's own is refused (it would rescale every distance silently).
+    """
+    given = None if mpp is None else check_mpp(mpp)
+    own = None
     if isinstance(data, SpatialData):
-        return get_mpp(data)
-    uns = data.uns
-    for value in (uns.get("mpp"), (uns.get("histocell") or {}).get("mpp") if isinstance(uns.get("histocell"), dict) else None):
-        if value is not None:
-            return check_mpp(value)
+        own = get_mpp(data) if given is None or "mpp" in data.attrs else None
+    else:
+        uns = data.uns
+        for value in (uns.get("mpp"), (uns.get("histocell") or {}).get("mpp") if isinstance(uns.get("histocell"), dict) else None):
+            if value is not None:
+                own = check_mpp(value)
+                break
+    if own is not None and given is not None and not np.isclose(own, given, rtol=1e-6):
+        raise InvalidInputError(
+            f"{name} declares {own} µm per pixel, but mpp={given} was given: mpp= is only for samples without one. "
+            "Leave mpp= out, or correct the sample's own value (sdata.attrs['mpp'] or the table's uns['histocell']['mpp'])."
+        )
+    if own is not None or given is not None:
+        return own if own is not None else given
     raise InvalidInputError(
         "No µm per pixel for this AnnData: pass mpp=..., or set adata.uns['mpp'] (or adata.uns['histocell']['mpp'])."
     )

@@ -114,7 +114,7 @@ def spatial_indicators(
     grid_um
         Square size of ``area_method="grid"``.
     mpp
-        µm per pixel for AnnData inputs without one in ``uns``.
+        µm per pixel of the AnnData inputs without one in ``uns``; a sample whose own value differs is refused.
     {seed}
         Here of the permutations (the same for every sample, so a sample's values do not depend
         on the others).
@@ -140,7 +140,7 @@ def spatial_indicators(
     for name, data in named.items():
         table = get_table(data, nuclei_table_key)
         require_obs(table, cluster_key, "column of cell types")
-        tables[name] = (table, table_mpp(data, mpp))
+        tables[name] = (table, table_mpp(data, mpp, f"Sample {name!r}"))
     # a model's full list first (tl.predict keeps only the types that occur in obs): absent types count as 0
     types = _categories([*(pd.Series(pd.Categorical([], categories=_model_labels(t, cluster_key))) for t, _ in tables.values()),
                          *(t.obs[cluster_key] for t, _ in tables.values())])
