@@ -152,6 +152,13 @@ def test_pipeline_from_an_image_and_spots_csv(tmp_path, capsys):
     # nothing is overwritten without --overwrite
     assert cli.main(["import", str(store), "--image", str(tmp_path / "he.png"), "--mpp", "0.5"]) == 2
     _one_line_error(capsys, "already exists", "--overwrite")
+    # probe: deconvolve, predict and refine in place replaced what the store had (e.g. imported proportions), exit 0
+    for step, what in ((["deconvolve", str(store), "--reference", str(tmp_path / "reference.h5ad")], "spot proportions"),
+                       (["predict", str(store), "--model", str(model)], "predictions"), (["refine", str(store)], "refined proportions")):
+        assert cli.main(step) == 2
+        _one_line_error(capsys, f"already has {what}", "--overwrite", "--out")
+    assert hc.io.read_zarr(store).tables["table"].obsm["proportions"].equals(back.tables["table"].obsm["proportions"])
+    assert cli.main(["--quiet", "predict", str(store), "--model", str(model), "--overwrite"]) == 0
     assert cli.main(["export", str(store), "--out", str(tmp_path / "nuclei.csv")]) == 2
     _one_line_error(capsys, "already exists")
 

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-type-key", default="cell_type", help="obs column of the reference with the cell types")
     p.add_argument("--state-key", help="obs column of the reference with cell states (also deconvolved)")
     p.add_argument("--device", help=_DEVICE_HELP + " (Tangram)")
-    _out(p, "write the result here instead of in place")
+    _out(p, "write the result here instead of in place",
+         overwrite="deconvolve in place a store that already has spot proportions (they are replaced), or replace an existing --out")
 
     p = command("train", "train a model on segmented stores with spot proportions")
     p.add_argument("stores", type=Path, nargs="+", help="segmented zarr stores with obsm['proportions']")
@@ -100,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model folder or the name of a shipped model (tumor_stromal_lymphocyte); give --model several times to predict "
                         "with the models as one ensemble (the mean of their probabilities; their disagreement in obs['cell_type_ensemble_std'])")
     p.add_argument("--device", help=_DEVICE_HELP)
-    _out(p, "write the predicted sample here instead of in place")
+    _out(p, "write the predicted sample here instead of in place",
+         overwrite="predict in place a store that already has predictions (they are replaced), or replace an existing --out")
 
     p = command("refine", "histology-refined deconvolution: spot counts (or proportions) × nucleus predictions")
     p.add_argument("store", type=Path, help="a predicted zarr store")
     p.add_argument("--reference", type=Path, help="single-cell reference .h5ad (default: refine the stored proportions)")
-    _out(p, "write the result here instead of in place")
+    _out(p, "write the result here instead of in place",
+         overwrite="refine in place a store that already has refined proportions (they are replaced), or replace an existing --out")
 
     p = command("export", "export the nuclei with their predictions as QuPath GeoJSON or CSV")
     p.add_argument("store", type=Path, help="a segmented (and predicted) zarr store")

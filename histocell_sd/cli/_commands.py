@@ -1,8 +1,8 @@
 """The pipeline commands of ``histocell-sd``: import, segment, deconvolve, train, predict, refine, export.
 
 Each reads a zarr store (``import`` builds one), runs one step of the package and writes the result: into
-the store itself (``segment``, ``deconvolve``, ``predict``, ``refine``, which add or replace only their own
-elements), or to ``--out`` (refused when it exists unless ``--overwrite``, and always refused when it is,
+the store itself (``segment``, ``deconvolve``, ``predict``, ``refine``, which add only their own elements and
+replace what the store already has of them only with ``--overwrite``), or to ``--out`` (refused when it exists unless ``--overwrite``, and always refused when it is,
 contains or lies inside an input).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._device import resolve_device
 from .._errors import InvalidInputError
 
 
@@ -48,6 +49,12 @@ def _read_store(store: Path):
     from .. import io
 
     return io.read_zarr(store)
+
+
+def _keep_in_place(store: Path, out: Path | None, overwrite: bool, what: str, how: str) -> None:
+    """Refuse to replace ``what`` in ``store`` itself (no ``--out``) unless ``--overwrite``."""
+    if out is None and not overwrite:
+        raise InvalidInputError(f"{store} already has {what}; {how}: pass --overwrite to do so, or --out to write a new store.")
 
 
 def _write_store(sdata, store: Path, out: Path | None, overwrite: bool, inputs: list[Path]) -> Path:
@@ -140,14 +147,14 @@ def _read_counts(path: Path):
 
 def segment(store: Path, *, out: Path | None, n_jobs: int, method: str, device: str | None, progress: bool, overwrite: bool) -> str:
     """Segment the nuclei of a store."""
+    resolve_device(device)  # a bad --device is reported before anything else
     from .. import pp
 
     sdata = _read_store(store)
     nuclei = sdata.tables.get("histocell")
-    if nuclei is not None and out is None and not overwrite:  # in place: the store's nuclei would be lost
+    if nuclei is not None:
         predicted = " with predictions" if "cell_type" in nuclei.obs else ""
-        raise InvalidInputError(f"{store} already has {nuclei.n_obs} nuclei{predicted}; segmenting again replaces them and everything "
-                                "computed from them: pass --overwrite to do so.")
+        _keep_in_place(store, out, overwrite, f"{nuclei.n_obs} nuclei{predicted}", "segmenting again replaces them and everything computed from them")
     pp.segment_nuclei(sdata, method=method, n_jobs=n_jobs, device=device, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store])
     return f"{target}: {sdata.tables['histocell'].n_obs} nuclei"
@@ -156,9 +163,13 @@ def segment(store: Path, *, out: Path | None, n_jobs: int, method: str, device: 
 def deconvolve(store: Path, *, reference: Path, out: Path | None, method: str, cell_type_key: str, state_key: str | None,
                device: str | None, progress: bool, overwrite: bool) -> str:
     """Spot proportions from expression against a single-cell reference."""
+    resolve_device(device)  # a bad --device is reported before anything else
     from .. import tl
 
     sdata, ref = _read_store(store), _read_reference(reference)
+    spots = sdata.tables.get("table")
+    if spots is not None and "proportions" in spots.obsm:
+        _keep_in_place(store, out, overwrite, "spot proportions (tables['table'].obsm['proportions'])", "deconvolving again replaces them")
     tl.deconvolve(sdata, ref, method=method, cell_type_key=cell_type_key, state_key=state_key, device=device, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store, reference])
     return f"{target}: obsm['proportions'] of {sdata.tables['table'].n_obs} spots ({method})"
@@ -185,6 +196,7 @@ def train(stores: list[Path], *, out: Path, epochs: int | None, states: str | No
 
 def predict(store: Path, *, models: list[Path], out: Path | None, device: str | None, progress: bool, overwrite: bool) -> str:
     """Predict every nucleus of a segmented store with one saved (or shipped) model, or several as one ensemble."""
+    resolve_device(device)  # a bad --device is reported before anything else
     from .. import tl
     from ..models import PRETRAINED, HistoCell, pretrained
 
@@ -204,6 +216,8 @@ def predict(store: Path, *, models: list[Path], out: Path | None, device: str | 
     sdata = _read_store(store)
     if "histocell" not in sdata.tables:
         raise InvalidInputError(f"{store} has no nuclei; run `histocell-sd segment {store}` first.")
+    if "cell_type" in sdata.tables["histocell"].obs:
+        _keep_in_place(store, out, overwrite, "predictions (tables['histocell'].obs['cell_type'], ...)", "predicting again replaces them")
     tl.predict(sdata, loaded[0] if len(loaded) == 1 else loaded, device=device, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store, *models])
     counts = sdata.tables["histocell"].obs["cell_type"].value_counts().to_dict()
@@ -215,6 +229,9 @@ def refine(store: Path, *, reference: Path | None, out: Path | None, progress: b
     from .. import tl
 
     sdata = _read_store(store)
+    spots = sdata.tables.get("table")
+    if spots is not None and "refined_proportions" in spots.obsm:
+        _keep_in_place(store, out, overwrite, "refined proportions (tables['table'].obsm['refined_proportions'])", "refining again replaces them")
     ref = _read_reference(reference) if reference is not None else None
     tl.refine_deconvolution(sdata, ref, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store] + ([reference] if reference else []))
