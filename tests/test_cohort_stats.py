@@ -60,9 +60,33 @@ def test_univariate_matches_lifelines(cohort):
 def test_constant_and_nan_indicators_dropped(cohort):
     ind, clinical, _ = cohort
     df = ind.to_df()[["frac_tumor", "frac_macrophage"]].assign(constant=1.0, empty=np.nan)
-    res = tl.survival(df, clinical=clinical, multivariate=False)
+    with pytest.warns(UserWarning, match=r"\['constant', 'empty'\] are not spatial indicators"):
+        res = tl.survival(df, clinical=clinical, multivariate=False)
     assert set(res.index) == {"frac_tumor", "frac_macrophage"}
     assert res.attrs["dropped"] == {"constant": "constant", "empty": "NaN in (almost) all samples"}
+
+
+def test_clinical_columns_of_a_dataframe_are_not_tested(cohort):
+    # probe: survival(ind.to_df().join(clinical)) tested response, responder and phenotype as indicators
+    ind, clinical, _ = cohort
+    joined = ind.to_df().join(clinical)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = tl.survival(joined, clinical=clinical, multivariate=False)  # clinical columns named by clinical=
+    assert not set(clinical.columns) & set(res.index) and len(res) + len(res.attrs["dropped"]) == ind.n_vars
+    with pytest.warns(UserWarning, match="are not spatial indicators but are tested as such"):
+        tl.response_association(joined, response_key="response")  # clinical columns in the frame itself: named
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tl.response_association(joined, response_key="response", indicators_subset=["frac_tumor", "density_tumor"])
+
+
+def test_undefined_effect_has_no_direction():
+    # probe: an indicator with a single value among the non-missing samples got AUC NaN and direction "lower"
+    ind = pd.DataFrame({"x": [np.nan, np.nan, 1, 2, 3, np.nan], "y": [5, 6, 1, 2, 3, 4.0]}, index=list("abcdef"))
+    res = tl.response_association(ind, response_key="r", clinical=pd.DataFrame({"r": [1, 1, 0, 0, 0, 1]}, index=list("abcdef")))
+    assert res.loc["y", "direction"] == "higher"
+    assert np.isnan(res.loc["x", "auc"]) and res.loc["x", "direction"] == "n/a"
 
 
 def test_response_association_recovers_truth(cohort):

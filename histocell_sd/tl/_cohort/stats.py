@@ -11,6 +11,7 @@ import pandas as pd
 from scipy import stats
 
 from ..._errors import InvalidInputError
+from .._spatial.indicators import indicator_family
 
 __all__ = ["benjamini_hochberg", "response_association", "survival"]
 
@@ -77,8 +78,16 @@ def _cohort_frame(
             where = "clinical" if clinical is not None else "indicators.obs (or pass clinical=DataFrame)"
             raise InvalidInputError(f"Column {key!r} not found in {where}; available: {list(clin.columns)}.")
     if isinstance(indicators, pd.DataFrame):
-        values = values.drop(columns=[k for k in keys if k in values.columns])
+        clinical_columns = set(keys) | (set(clinical.columns) if clinical is not None else set())
+        values = values.drop(columns=[c for c in values.columns if c in clinical_columns])
     values = values.select_dtypes(include=[np.number, bool]).astype(float)
+    if isinstance(indicators, pd.DataFrame) and subset is None:
+        other = [c for c in values.columns if indicator_family(str(c)) == "other"]
+        if other and len(other) < values.shape[1]:
+            warnings.warn(
+                f"Columns {other[:5]}{' …' if len(other) > 5 else ''} are not spatial indicators but are tested as such; if they "
+                "are clinical, pass them in clinical= (or an AnnData with them in obs), or choose the indicators with indicators_subset=.",
+                UserWarning, stacklevel=3)
     if values.shape[1] == 0:
         raise InvalidInputError("No numeric indicators to test.")
     return values, clin[list(keys)]
@@ -192,7 +201,8 @@ def survival(
     ----------
     indicators
         Samples × indicators, from :func:`~histocell_sd.tl.spatial_indicators` (clinical columns in
-        ``obs``) or a DataFrame.
+        ``obs``) or a DataFrame, whose numeric columns are tested except the clinical ones (the keys and the
+        columns of ``clinical``); other columns that are not spatial indicators are tested with a warning.
     duration_key, event_key
         Clinical columns of the follow-up time and of the event indicator (1/True = event).
     clinical
@@ -352,7 +362,8 @@ def _associate(values: pd.DataFrame, y: pd.Series, key: str) -> pd.DataFrame:
     effect = "auc" if kind == "binary" else "spearman_rho"
     res = pd.DataFrame.from_dict(rows, orient="index", columns=[effect, "p", "n"])
     res["fdr"] = benjamini_hochberg(res["p"])
-    res["direction"] = np.where(res[effect] > (0.5 if kind == "binary" else 0.0), "higher", "lower")
+    null, value = (0.5 if kind == "binary" else 0.0), res[effect].to_numpy(dtype=float)
+    res["direction"] = pd.Series(np.select([value > null, value < null, value == null], ["higher", "lower", "none"], "n/a"), index=res.index)
     res["n"] = res["n"].astype(int)
     res = res[[effect, "direction", "p", "fdr", "n"]].sort_values(["p"], kind="stable", na_position="last")
     res.attrs["kind"] = kind
@@ -378,7 +389,8 @@ def response_association(
     ----------
     indicators
         Samples × indicators (:func:`~histocell_sd.tl.spatial_indicators` output, response in
-        ``obs``) or a DataFrame.
+        ``obs``) or a DataFrame, whose numeric columns are tested except the clinical ones (the keys and the
+        columns of ``clinical``); other columns that are not spatial indicators are tested with a warning.
     response_key
         Column of the response.
     clinical
@@ -390,7 +402,7 @@ def response_association(
     -------
     pandas.DataFrame
         DataFrame indexed by indicator, ranked by p: ``auc`` or ``spearman_rho``, ``direction``
-        (higher / lower with response), ``p``, ``fdr``, ``n``; ``attrs`` ``kind`` (binary /
+        (higher / lower with response; "none" at no effect, "n/a" where it is undefined), ``p``, ``fdr``, ``n``; ``attrs`` ``kind`` (binary /
         continuous), ``effect`` (the effect column) and ``dropped`` (constant / NaN indicators).
     """
     values, clin = _cohort_frame(indicators, [response_key], clinical, indicators_subset)

@@ -160,7 +160,7 @@ def spatial_indicators(
     df[niche_cols] = df[niche_cols].fillna(0.0)
     obs = pd.DataFrame.from_dict(meta, orient="index")
     var = pd.DataFrame(index=df.columns.astype(str))
-    var["family"] = [_family(c) for c in var.index]
+    var["family"] = [indicator_family(c) for c in var.index]
     var["description"] = [_describe(c) for c in var.index]
     return ad.AnnData(
         X=df.to_numpy(dtype=np.float64),
@@ -357,7 +357,7 @@ def _infiltration(pairs, t, types, infiltration) -> dict:
     return {name: float(inside[is_imm].mean())}
 
 
-def _family(name: str) -> str:
+def indicator_family(name: str) -> str:
     for prefix in sorted(_FAMILIES, key=len, reverse=True):
         if name.startswith(prefix):
             return _FAMILIES[prefix]
@@ -365,7 +365,7 @@ def _family(name: str) -> str:
 
 
 def _describe(name: str) -> str:
-    fam = _family(name)
+    fam = indicator_family(name)
     pattern = {
         "fraction": "frac_<type>",
         "density": "density_<type>",
