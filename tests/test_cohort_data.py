@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from histocell_sd import tl
+from histocell_sd import InvalidInputError, tl
 from histocell_sd._constants import CELL_TYPE_PROBA_KEY, EMBEDDING_KEY
 from histocell_sd.datasets import CELL_TYPES, synthetic_cohort
 
@@ -89,3 +89,14 @@ def test_truth_as_predictions_with_given_probabilities(tiny_predicted):
     assert means.drop(index=held).isna().all().all()  # spots without nuclei: undefined, as in tl.predict
     with pytest.raises(InvalidInputError, match="one row per truth nucleus"):
         truth_as_predictions(sdata, proba=proba.iloc[:10])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"n_samples": 3.5}, "n_samples must be a whole number"), ({"n_nuclei": 50}, "n_nuclei must be a whole number ≥ 100"),
+    ({"mpp": 0}, "mpp"), ({"hazard_ratio": 0}, "hazard_ratio must be a positive number"),
+    ({"censoring": 1.0}, r"censoring .* \[0, 1\)"), ({"censoring": -0.1}, "censoring"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    # probe: n_samples=3.5 TypeError, mpp=0 ZeroDivisionError; hazard_ratio=0 gave durations of 0, censoring=1 no events
+    with pytest.raises(InvalidInputError, match=message):
+        synthetic_cohort(**kwargs)

@@ -19,8 +19,8 @@ from .._constants import (
     NUCLEI_KEY,
 )
 from .._errors import InvalidInputError
-from .._utils import progress_bar
-from ..io._elements import pixel_transformations
+from .._utils import check_whole_number, progress_bar
+from ..io._elements import check_mpp, pixel_transformations
 from ._stand_in import EMBEDDING_DIM, NUCLEUS_RADIUS_UM, nucleus_circles, prediction_table
 from ._synthetic_cells import CELL_STATES, CELL_TYPES, COMPARTMENTS
 
@@ -107,10 +107,13 @@ def synthetic_cohort(
         ``null_indicators``, ``effect``, ``hazard`` (per-sample Series) and ``latent`` (DataFrame of
         the per-sample latent variables and realised driver values).
     """
-    if int(n_samples) < 2:
-        raise InvalidInputError(f"n_samples must be at least 2, got {n_samples!r}.")
-    if int(n_nuclei) < 100:
-        raise InvalidInputError(f"n_nuclei must be at least 100, got {n_nuclei!r}.")
+    check_whole_number("n_samples", n_samples, 2)
+    check_whole_number("n_nuclei", n_nuclei, 100)
+    mpp = check_mpp(mpp)
+    if isinstance(hazard_ratio, bool) or not (isinstance(hazard_ratio, (int, float, np.number)) and np.isfinite(hazard_ratio) and hazard_ratio > 0):
+        raise InvalidInputError(f"hazard_ratio must be a positive number (1: no effect), got {hazard_ratio!r}.")
+    if isinstance(censoring, bool) or not (isinstance(censoring, (int, float, np.number)) and 0 <= censoring < 1):
+        raise InvalidInputError(f"censoring is the share of censored samples and must lie in [0, 1), got {censoring!r}.")
     rng = np.random.default_rng(seed)
     states = [s for t in CELL_TYPES for s in CELL_STATES[t]]
     centres = rng.normal(0, 1.6, size=(len(states), EMBEDDING_DIM))
