@@ -121,6 +121,8 @@ def test_kaplan_meier_plot(cohort):
     ax = pl.kaplan_meier(ind, indicator=truth["prognostic_indicator"], duration_key="duration", event_key="event")
     assert ax.logrank_p < 0.05 and "log-rank p" in ax.get_title()
     assert len(ax.get_lines()) >= 2
+    ax.figure.canvas.draw()  # probe: the legend sat over the confidence bands; it is right of the axes now
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
     # own case km_bad_clinical: NaN or negative follow-up and text events raised lifelines errors or plotted silently
     ind_plain = ind.copy()
     ind_plain.obs = ind_plain.obs.drop(columns=["duration", "event"])

@@ -9,7 +9,7 @@ import pandas as pd
 
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._utils import axes_or_new, finish
+from ._utils import axes_or_new, finish, legend_outside
 
 __all__ = ["kaplan_meier", "screen_crops"]
 
@@ -45,7 +45,7 @@ def kaplan_meier(
     {title}
         Default: the indicator; the log-rank p is added below it.
     {figsize}
-        Default (4.5, 3.5).
+        Default (5.8, 3.5); the legend is right of the axes.
     {return_fig}
 
     Returns
@@ -66,7 +66,7 @@ def kaplan_meier(
     if high.all() or not high.any():
         raise InvalidInputError(f"Indicator {indicator!r} cannot be split at its median (too few distinct values).")
     duration, event = survival_columns(clin, duration_key, event_key)
-    fig, ax = axes_or_new(ax, figsize or (4.5, 3.5))
+    fig, ax = axes_or_new(ax, figsize or (5.8, 3.5))
     for mask, label, color in ((~high, "≤ median", "tab:blue"), (high, "> median", "tab:red")):
         KaplanMeierFitter(label=f"{label} (n={mask.sum()})").fit(duration[mask], event[mask]).plot_survival_function(ax=ax, ci_show=True, color=color)
     p = logrank_test(duration[high], duration[~high], event[high], event[~high]).p_value
@@ -74,7 +74,8 @@ def kaplan_meier(
     ax.set_xlabel(duration_key)
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.05)
-    ax.legend(loc="lower left", fontsize=8, frameon=False)
+    handles, labels = ax.get_legend_handles_labels()
+    legend_outside(ax, handles, labels)
     ax.logrank_p = float(p)
     return finish(fig, ax, return_fig)
 
