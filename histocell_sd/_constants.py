@@ -24,10 +24,10 @@ CELL_STATE_KEY = "cell_state"  # obs, categorical
 CELL_STATE_PROBA_KEY = "cell_state_proba"  # obsm, DataFrame (columns = states)
 COMPARTMENT_KEY = "compartment"  # obs, categorical
 ENTROPY_KEY = "cell_type_entropy"  # obs, float (nats)
+REFINED_TYPE_KEY = "refined_cell_type"  # obs, categorical (tl.refine_deconvolution)
 EMBEDDING_KEY = "histocell_embedding"  # obsm, float32 array
 SPATIAL_KEY = "spatial"  # obsm, px centroids (x, y)
-NUCLEI_OBS_LAYOUT = frozenset({CELL_TYPE_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, SPOT_ID_KEY, NUCLEUS_ID_KEY, REGION_KEY})
-"""The nuclei table's ``obs`` columns the data model defines: no ``key_added`` may overwrite them."""
+
 PREDICTED_PROPORTIONS_KEY = "histocell_proportions"  # spots table obsm, DataFrame
 STATE_PROPORTIONS_KEY = "state_proportions"  # spots table obsm, DataFrame (columns = states)
 
@@ -38,3 +38,6 @@ PALETTE = (
     "#ffe119", "#00e5ff", "#3cb44b", "#ff7f00", "#ff1f1f", "#b8ff2e", "#ffffff", "#000000",
     "#8b4513", "#00a087", "#ffb3c7", "#7f7f7f",
 )  # fmt: skip
+
+NUCLEI_OBS_LAYOUT = frozenset({CELL_TYPE_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, ENTROPY_KEY, REFINED_TYPE_KEY, SPOT_ID_KEY, NUCLEUS_ID_KEY, REGION_KEY})
+"""The nuclei table's ``obs`` columns the data model defines: no ``key_added`` may overwrite them."""

@@ -73,7 +73,7 @@ PARAMS: dict[str, str] = {
     "seed": "Seed of every random draw: same seed, same result.",
     "mpp": (
         'Microns per pixel, for data without its own (``sdata.attrs["mpp"]`` or, for an AnnData, ``uns["mpp"]`` / '
-        "``uns['histocell']['mpp']``); a value that disagrees with the data's own is refused."
+        "``uns[\"histocell\"][\"mpp\"]``); a value that disagrees with the data's own is refused."
     ),
     # plots (hc.pl)
     "ax": "Matplotlib Axes to draw on; None: a new figure of ``figsize`` (constrained layout, ≥ 100 dpi).",

@@ -157,8 +157,13 @@ def test_pipeline_from_an_image_and_spots_csv(tmp_path, capsys):
                        (["predict", str(store), "--model", str(model)], "predictions"), (["refine", str(store)], "refined proportions")):
         assert cli.main(step) == 2
         _one_line_error(capsys, f"already has {what}", "--overwrite", "--out")
-    assert hc.io.read_zarr(store).tables["table"].obsm["proportions"].equals(back.tables["table"].obsm["proportions"])
+    after = hc.io.read_zarr(store)
+    assert after.tables["table"].obsm["proportions"].equals(back.tables["table"].obsm["proportions"])
+    assert after.tables["table"].obsm["refined_proportions"].equals(back.tables["table"].obsm["refined_proportions"])
+    assert (after.tables["histocell"].obs["cell_type"] == back.tables["histocell"].obs["cell_type"]).all()
     assert cli.main(["--quiet", "predict", str(store), "--model", str(model), "--overwrite"]) == 0
+    assert cli.main(["--quiet", "refine", str(store), "--out", str(tmp_path / "refined.zarr")]) == 0  # a new store: allowed
+    assert "refined_proportions" in hc.io.read_zarr(tmp_path / "refined.zarr").tables["table"].obsm
     assert cli.main(["export", str(store), "--out", str(tmp_path / "nuclei.csv")]) == 2
     _one_line_error(capsys, "already exists")
 

@@ -79,13 +79,20 @@ def test_clinical_columns_of_a_dataframe_are_not_tested(cohort):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tl.response_association(joined, response_key="response", indicators_subset=["frac_tumor", "density_tumor"])
+    named = tl.response_association(joined, response_key="responder", clinical=clinical, indicators_subset=["response", "frac_tumor"])
+    assert set(named.index) == {"response", "frac_tumor"}  # a clinical column named as an indicator is tested
+    with pytest.raises(hc.InvalidInputError, match="are clinical"):
+        tl.survival(clinical, clinical=clinical)
 
 
 def test_undefined_effect_has_no_direction():
-    # probe: an indicator with a single value among the non-missing samples got AUC NaN and direction "lower"
+    # probe: an indicator missing where the response is 1 (one response class left) got AUC NaN and direction "lower"
     ind = pd.DataFrame({"x": [np.nan, np.nan, 1, 2, 3, np.nan], "y": [5, 6, 1, 2, 3, 4.0]}, index=list("abcdef"))
     res = tl.response_association(ind, response_key="r", clinical=pd.DataFrame({"r": [1, 1, 0, 0, 0, 1]}, index=list("abcdef")))
     assert res.loc["y", "direction"] == "higher"
+    even = tl.response_association(pd.DataFrame({"z": [1, 2, 2, 1.0]}, index=list("abcd")), response_key="r",
+                                   clinical=pd.DataFrame({"r": [1, 1, 0, 0]}, index=list("abcd")))
+    assert even.loc["z", "auc"] == 0.5 and even.loc["z", "direction"] == "none"
     assert np.isnan(res.loc["x", "auc"]) and res.loc["x", "direction"] == "n/a"
 
 

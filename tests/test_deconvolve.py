@@ -60,9 +60,12 @@ def test_redeconvolving_without_states_removes_the_earlier_states(tiny_predicted
     table = sdata.tables["table"]
     tl.deconvolve(sdata, reference, state_key="cell_state", method="poisson", progress=False)
     assert "state_proportions" in table.obsm
+    tl.deconvolve(sdata, reference, method="poisson", key_added="poisson_proportions", progress=False)  # beside: kept
+    assert "state_proportions" in table.obsm and table.uns["deconvolution"]["state_proportions_of"] == "proportions"
     with pytest.warns(UserWarning, match="Removed obsm\\['state_proportions'\\]"):
         tl.deconvolve(sdata, reference, method="poisson", progress=False)
     assert "state_proportions" not in table.obsm and table.uns["deconvolution"]["state_key"] is None
+    assert table.uns["deconvolution"]["state_proportions_of"] is None
 
 
 def test_copy_leaves_the_input_unchanged(tiny_predicted):

@@ -255,7 +255,7 @@ def test_indicators_samples_forms_and_niches(slide):
     assert both.obs_names.tolist() == ["x", "y"]
     np.testing.assert_allclose(both.X[0], both.X[1], equal_nan=True)  # same seed, same permutations
     # probe: mpp= meant for an AnnData rescaled every sample (density ×4 at mpp=0.25 on a 0.5 µm/px slide)
-    with pytest.raises(InvalidInputError, match=r"Sample 'x' declares 0\.5 µm per pixel, but mpp=0\.25"):
+    with pytest.raises(InvalidInputError, match=r"Sample 'x' declares 0\.5 µm per pixel \(sdata\.attrs\['mpp'\]\), but mpp=0\.25"):
         tl.spatial_indicators({"x": slide, "y": slide.tables["histocell"]}, mpp=0.25, progress=False, n_perms=0)
     with pytest.raises(InvalidInputError, match="declares"):
         tl.cell_graph(slide, mpp=0.25)

@@ -252,10 +252,12 @@ def test_write_stores_uns_tuples_as_lists(sdata, tmp_path):
 
 
 def test_write_unstorable_uns_named_and_nothing_written(sdata, tmp_path):
-    sdata.tables["table"].uns["ragged"] = [1, [2, 3]]
+    uns = sdata.tables["table"].uns
+    uns["ragged"], uns["pair"] = [1, [2, 3]], (0, 30)
     with pytest.raises(InvalidInputError, match="ragged"):
         write_zarr(sdata, tmp_path / "sample.zarr")
     assert list(tmp_path.iterdir()) == []
+    assert sdata.tables["table"].uns is uns and uns["pair"] == (0, 30)  # the tuple is back after the failed write
 
 
 @pytest.mark.parametrize("existing", [False, True])

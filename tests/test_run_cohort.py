@@ -134,6 +134,8 @@ def test_resume_refuses_results_of_other_settings(slides, tmp_path):
         tl.run_cohort(paths[:1], model, segment_kwargs={"min_area_um2": 5.0}, indicator_kwargs={"n_perms": 0}, **kwargs)
     assert sorted(p.name for p in tmp_path.glob("*.h5ad")) == ["slide_21.h5ad"]
     assert (tmp_path / "slide_21.h5ad").stat().st_mtime_ns == stamp
+    same, _ = tl.run_cohort(paths[:1], model, indicator_kwargs={"n_perms": 0, "cooc_radius_um": 30, "grid_um": 50}, **kwargs)
+    assert (same.obs["status"] == "resumed").all()  # defaults given explicitly, as whole numbers: the same settings
     redone, _ = tl.run_cohort(paths[:2], model, indicator_kwargs={"n_perms": 0, "area_method": "hull"}, overwrite=True, **kwargs)
     assert (redone.obs["status"] == "computed").all()
     assert redone.uns["run_cohort"]["settings"] and '"area_method": "hull"' in redone.uns["run_cohort"]["settings"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .._device import resolve_device
+from .._constants import CELL_TYPE_KEY, HISTOCELL_KEY, PROPORTIONS_KEY, TABLE_KEY
+from .._device import check_device, resolve_device
 from .._errors import InvalidInputError
 
 
@@ -67,12 +68,16 @@ def _write_store(sdata, store: Path, out: Path | None, overwrite: bool, inputs: 
     return io.write_zarr(sdata, out, overwrite=True)
 
 
+def _check_reference_path(path: Path) -> None:
+    if not path.is_file():
+        raise InvalidInputError(f"--reference {path} does not exist (an .h5ad single-cell reference with counts in X).")
+
+
 def _read_reference(path: Path):
     """The single-cell reference (.h5ad, counts in X)."""
     import anndata as ad
 
-    if not path.is_file():
-        raise InvalidInputError(f"--reference {path} does not exist (an .h5ad single-cell reference with counts in X).")
+    _check_reference_path(path)
     try:
         return ad.read_h5ad(path)
     except (OSError, KeyError, ValueError) as error:
@@ -147,7 +152,8 @@ def _read_counts(path: Path):
 
 def segment(store: Path, *, out: Path | None, n_jobs: int, method: str, device: str | None, progress: bool, overwrite: bool) -> str:
     """Segment the nuclei of a store."""
-    resolve_device(device)  # a bad --device is reported before anything else
+    if device is not None:
+        check_device(device)  # a bad --device is reported before anything else
     from .. import pp
 
     sdata = _read_store(store)
@@ -166,10 +172,12 @@ def deconvolve(store: Path, *, reference: Path, out: Path | None, method: str, c
     resolve_device(device)  # a bad --device is reported before anything else
     from .. import tl
 
-    sdata, ref = _read_store(store), _read_reference(reference)
-    spots = sdata.tables.get("table")
-    if spots is not None and "proportions" in spots.obsm:
-        _keep_in_place(store, out, overwrite, "spot proportions (tables['table'].obsm['proportions'])", "deconvolving again replaces them")
+    _check_reference_path(reference)
+    sdata = _read_store(store)
+    spots = sdata.tables.get(TABLE_KEY)
+    if spots is not None and PROPORTIONS_KEY in spots.obsm:
+        _keep_in_place(store, out, overwrite, f"spot proportions (tables[{TABLE_KEY!r}].obsm[{PROPORTIONS_KEY!r}])", "deconvolving again replaces them")
+    ref = _read_reference(reference)
     tl.deconvolve(sdata, ref, method=method, cell_type_key=cell_type_key, state_key=state_key, device=device, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store, reference])
     return f"{target}: obsm['proportions'] of {sdata.tables['table'].n_obs} spots ({method})"
@@ -212,12 +220,12 @@ def predict(store: Path, *, models: list[Path], out: Path | None, device: str | 
                 raise
             raise InvalidInputError(f"{error} Nor is {str(m)!r} a shipped model ({', '.join(sorted(PRETRAINED))}).") from None
 
-    loaded = [load(m) for m in models]
+    loaded = [load(m) for m in models]  # small; a wrong --model is reported before the store's state
     sdata = _read_store(store)
-    if "histocell" not in sdata.tables:
+    if HISTOCELL_KEY not in sdata.tables:
         raise InvalidInputError(f"{store} has no nuclei; run `histocell-sd segment {store}` first.")
-    if "cell_type" in sdata.tables["histocell"].obs:
-        _keep_in_place(store, out, overwrite, "predictions (tables['histocell'].obs['cell_type'], ...)", "predicting again replaces them")
+    if CELL_TYPE_KEY in sdata.tables[HISTOCELL_KEY].obs:
+        _keep_in_place(store, out, overwrite, f"predictions (tables[{HISTOCELL_KEY!r}].obs[{CELL_TYPE_KEY!r}], ...)", "predicting again replaces them")
     tl.predict(sdata, loaded[0] if len(loaded) == 1 else loaded, device=device, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store, *models])
     counts = sdata.tables["histocell"].obs["cell_type"].value_counts().to_dict()
@@ -228,10 +236,12 @@ def refine(store: Path, *, reference: Path | None, out: Path | None, progress: b
     """Histology-refined deconvolution: spot counts (or proportions) × nucleus predictions."""
     from .. import tl
 
+    if reference is not None:
+        _check_reference_path(reference)
     sdata = _read_store(store)
-    spots = sdata.tables.get("table")
+    spots = sdata.tables.get(TABLE_KEY)
     if spots is not None and "refined_proportions" in spots.obsm:
-        _keep_in_place(store, out, overwrite, "refined proportions (tables['table'].obsm['refined_proportions'])", "refining again replaces them")
+        _keep_in_place(store, out, overwrite, f"refined proportions (tables[{TABLE_KEY!r}].obsm['refined_proportions'])", "refining again replaces them")
     ref = _read_reference(reference) if reference is not None else None
     tl.refine_deconvolution(sdata, ref, progress=progress)
     target = _write_store(sdata, store, out, overwrite, [store] + ([reference] if reference else []))

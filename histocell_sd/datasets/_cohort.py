@@ -75,21 +75,21 @@ def synthetic_cohort(
     Parameters
     ----------
     n_samples
-        Number of slides.
+        Number of slides (≥ 2).
     seed
         Seed of every random draw (same seed, same cohort).
     effect
         Plant the effects above, or none.
     n_nuclei
-        Approximate number of nuclei per slide.
+        Approximate number of nuclei per slide (≥ 100).
     mpp
         Microns per pixel of the slides' ``global`` coordinate system.
     image
         Also render a cheap H&E-like image ``"he"`` (dark discs on pink) for image crops.
     hazard_ratio
-        Hazard ratio per standard deviation of lymphocyte *exclusion* (``effect=True``).
+        Hazard ratio per standard deviation of lymphocyte *exclusion* (``effect=True``; > 0, 1: none).
     censoring
-        Approximate fraction of censored samples.
+        Approximate fraction of censored samples, in [0, 1).
     progress
         Show a progress bar (after a second of work; ``hc.settings.progress = False`` silences it).
 

@@ -15,14 +15,13 @@ from .._constants import (
     CELL_TYPE_PROBA_KEY,
     COMPARTMENT_KEY,
     HISTOCELL_KEY,
+    REFINED_TYPE_KEY,
     REGION_KEY,
     SPATIAL_KEY,
     SPOT_ID_KEY,
 )
 from .._errors import InvalidInputError
 from ._proportions import SUM_TOLERANCE
-
-REFINED_TYPE_KEY = "refined_cell_type"
 
 # obs column -> (obsm probabilities, uns["histocell"] key with the full label list)
 _PREDICTIONS = {

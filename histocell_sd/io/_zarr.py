@@ -9,7 +9,6 @@ from os import PathLike
 from pathlib import Path
 
 import spatialdata as sd
-from anndata._io.specs.registry import IORegistryError
 from spatialdata import SpatialData
 
 from .._errors import InvalidInputError
@@ -48,9 +47,12 @@ def write_zarr(sdata: SpatialData, path: str | PathLike, *, overwrite: bool = Fa
             warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
             try:
                 sdata.write(tmp)
-            except (ValueError, TypeError, IORegistryError) as error:  # anndata names the element it could not write
-                where = " ".join(getattr(error, "__notes__", []))
-                raise InvalidInputError(f"The sample cannot be stored as zarr: {error} {where}".strip()) from error
+            except Exception as error:
+                where = [note for note in getattr(error, "__notes__", []) if "while writing key" in note]
+                if not where:
+                    raise
+                # anndata could not write a value (it names the key): the user's data, not a fault of the write
+                raise InvalidInputError(f"The sample cannot be stored as zarr: {error} {' '.join(where)}") from error
 
     path = atomic_write(path, write, overwrite=overwrite)
     sdata.path = path

@@ -50,7 +50,8 @@ def run_cohort(
     indicators of a slide are written atomically to ``out_dir/<sample>.h5ad`` as soon as it is done,
     so a rerun with the same model and settings skips finished slides (resume; each result records a
     fingerprint of its model and the segmentation and indicator settings, defaults filled in, and results
-    of another model or other settings are refused unless ``overwrite``). A failing slide is
+    of another model or other settings, or from a histocell-sd that recorded no settings, are refused unless
+    ``overwrite``). A failing slide is
     reported, the others are kept. The paths, model, client and keyword arguments are checked before
     anything is written.
 
@@ -114,7 +115,7 @@ def run_cohort(
         )
     settings = _settings_record(segment_kwargs, indicator_kwargs)
     for name, part in resumed.items():
-        if part.uns[_RESULT_KEY].get("settings") != settings:
+        if not _same_settings(part.uns[_RESULT_KEY].get("settings"), settings):
             raise InvalidInputError(
                 f"out_dir {str(out)!r} holds a result for {name!r} made with other settings "
                 f"({_settings_difference(part.uns[_RESULT_KEY].get('settings'), settings)}): resuming would mix two "
@@ -174,7 +175,8 @@ def run_cohort(
 
 
 def _settings_record(segment_kwargs: dict, indicator_kwargs: dict) -> str:
-    """The segmentation and indicator settings of a result as JSON, every default filled in (progress left out)."""
+    """The segmentation and indicator settings of a result as JSON, every default filled in (n_jobs, progress, overwrite and
+    device left out: they change how fast, where or whether, not what)."""
     from ...pp import segment_nuclei
     from .._spatial.indicators import spatial_indicators
 
@@ -187,19 +189,27 @@ def _settings_record(segment_kwargs: dict, indicator_kwargs: dict) -> str:
         for key, value in list(bound.arguments.items())[1:]:
             if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
                 settings.update(value)  # segment_nuclei's method options
-            elif key not in ("progress", "n_jobs"):  # they change how fast, not what
+            elif key not in ("progress", "n_jobs", "overwrite", "device"):  # how fast, where and whether to replace; not what
                 settings[key] = value
         record[name] = settings
     return json.dumps(record, sort_keys=True, default=_jsonable)
 
 
 def _jsonable(value):
-    """A stable JSON stand-in: paths as strings, numpy values as numbers or lists, other objects by type name."""
+    """A stable JSON stand-in: paths as strings, numpy values as numbers or lists, functions by qualified name,
+    other objects by type name."""
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     return type(value).__name__
+
+
+def _same_settings(stored: str | None, now: str) -> bool:
+    """Whether two settings records hold the same values (``30`` and ``30.0`` alike)."""
+    return bool(stored) and json.loads(stored) == json.loads(now)
 
 
 def _settings_difference(stored: str | None, now: str) -> str:

@@ -78,8 +78,11 @@ def _cohort_frame(
             where = "clinical" if clinical is not None else "indicators.obs (or pass clinical=DataFrame)"
             raise InvalidInputError(f"Column {key!r} not found in {where}; available: {list(clin.columns)}.")
     if isinstance(indicators, pd.DataFrame):
-        clinical_columns = set(keys) | (set(clinical.columns) if clinical is not None else set())
-        values = values.drop(columns=[c for c in values.columns if c in clinical_columns])
+        clinical_columns = set(keys) | (set(clinical.columns) if clinical is not None and subset is None else set())
+        dropped = [c for c in values.columns if c in clinical_columns]
+        values = values.drop(columns=dropped)
+        if values.shape[1] == 0 and dropped:
+            raise InvalidInputError(f"No indicators to test: the columns {dropped[:5]} are clinical (keys or columns of clinical=).")
     values = values.select_dtypes(include=[np.number, bool]).astype(float)
     if isinstance(indicators, pd.DataFrame) and subset is None:
         other = [c for c in values.columns if indicator_family(str(c)) == "other"]
@@ -201,8 +204,9 @@ def survival(
     ----------
     indicators
         Samples × indicators, from :func:`~histocell_sd.tl.spatial_indicators` (clinical columns in
-        ``obs``) or a DataFrame, whose numeric columns are tested except the clinical ones (the keys and the
-        columns of ``clinical``); other columns that are not spatial indicators are tested with a warning.
+        ``obs``) or a DataFrame, whose numeric columns are tested except the clinical ones (the keys and,
+        unless ``indicators_subset`` names the columns, those of ``clinical``); other columns that are not
+        spatial indicators are tested with a warning.
     duration_key, event_key
         Clinical columns of the follow-up time and of the event indicator (1/True = event).
     clinical
@@ -389,8 +393,9 @@ def response_association(
     ----------
     indicators
         Samples × indicators (:func:`~histocell_sd.tl.spatial_indicators` output, response in
-        ``obs``) or a DataFrame, whose numeric columns are tested except the clinical ones (the keys and the
-        columns of ``clinical``); other columns that are not spatial indicators are tested with a warning.
+        ``obs``) or a DataFrame, whose numeric columns are tested except the clinical ones (the keys and,
+        unless ``indicators_subset`` names the columns, those of ``clinical``); other columns that are not
+        spatial indicators are tested with a warning.
     response_key
         Column of the response.
     clinical

@@ -173,18 +173,23 @@ def deconvolve(
     table.obsm[key_added] = checked["cell types"]
     if pool_bins is not None:
         table.obs[pool_key] = pool_bins
+    # which proportions obsm["state_proportions"] were estimated with (kept across calls that estimate no states)
+    states_of = earlier.get("state_proportions_of", earlier.get("key_added") if earlier.get("state_key") is not None else None)
     if state_key is not None:
         table.obsm[STATE_PROPORTIONS_KEY] = checked["states"]
-    elif STATE_PROPORTIONS_KEY in table.obsm and earlier.get("state_key") is not None and earlier.get("key_added") == key_added:
+        states_of = key_added
+    elif STATE_PROPORTIONS_KEY in table.obsm and states_of == key_added:
         del table.obsm[STATE_PROPORTIONS_KEY]  # the states of the proportions just replaced would disagree with the new ones
-        warnings.warn(f"Removed obsm[{STATE_PROPORTIONS_KEY!r}], written with the obsm[{key_added!r}] this call replaced "
-                      f"(state_key={earlier['state_key']!r}); pass state_key= to estimate states again.", UserWarning, stacklevel=2)
+        states_of = None
+        warnings.warn(f"Removed obsm[{STATE_PROPORTIONS_KEY!r}], estimated with the obsm[{key_added!r}] this call replaced; "
+                      "pass state_key= to estimate states again.", UserWarning, stacklevel=2)
     table.uns["deconvolution"] = {
         "method": method,
         "mode": "clusters" if method == "tangram" else "mixture",
         "key_added": key_added,
         "cell_type_key": cell_type_key,
         "state_key": state_key,
+        "state_proportions_of": states_of,
         "n_shared_genes": int(ref.n_vars),
         "markers": list(markers_used["cell types"]),
         "epochs": int(epochs),

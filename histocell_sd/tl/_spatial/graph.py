@@ -45,19 +45,20 @@ def table_mpp(data: SpatialData | ad.AnnData, mpp: float | None = None, name: st
     A given ``mpp`` that disagrees with the sample's own is refused (it would rescale every distance silently).
     """
     given = None if mpp is None else check_mpp(mpp)
-    own = None
+    own, source = None, None
     if isinstance(data, SpatialData):
-        own = get_mpp(data) if given is None or "mpp" in data.attrs else None
+        own, source = (get_mpp(data), "sdata.attrs['mpp']") if given is None or "mpp" in data.attrs else (None, None)
     else:
         uns = data.uns
-        for value in (uns.get("mpp"), (uns.get("histocell") or {}).get("mpp") if isinstance(uns.get("histocell"), dict) else None):
+        histocell = uns.get("histocell") if isinstance(uns.get("histocell"), dict) else {}
+        for value, where in ((uns.get("mpp"), "uns['mpp']"), (histocell.get("mpp"), "uns['histocell']['mpp']")):
             if value is not None:
-                own = check_mpp(value)
+                own, source = check_mpp(value), f"the table's {where}"
                 break
     if own is not None and given is not None and not np.isclose(own, given, rtol=1e-6):
         raise InvalidInputError(
-            f"{name} declares {own} µm per pixel, but mpp={given} was given: mpp= is only for samples without one. "
-            "Leave mpp= out, or correct the sample's own value (sdata.attrs['mpp'] or the table's uns['histocell']['mpp'])."
+            f"{name} declares {own} µm per pixel ({source}), but mpp={given} was given: mpp= is only for samples without one. "
+            f"Leave mpp= out, or correct {source}."
         )
     if own is not None or given is not None:
         return own if own is not None else given

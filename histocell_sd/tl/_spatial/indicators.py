@@ -114,7 +114,8 @@ def spatial_indicators(
     grid_um
         Square size of ``area_method="grid"``.
     mpp
-        µm per pixel of the AnnData inputs without one in ``uns``; a sample whose own value differs is refused.
+        µm per pixel of the samples without one (a SpatialData without ``attrs["mpp"]``, an AnnData without it in
+        ``uns``); a sample whose own value differs is refused.
     {seed}
         Here of the permutations (the same for every sample, so a sample's values do not depend
         on the others).
