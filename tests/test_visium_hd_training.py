@@ -178,12 +178,15 @@ def test_deconvolve_pools_zero_count_bins(hd):
         warnings.simplefilter("error")  # empty bins are expected on Visium HD: counted, not warned about
         plain = hc.tl.deconvolve(sdata, hd[2], method="poisson", progress=False, copy=True).tables["table"]
     np.testing.assert_allclose(plain.obsm["proportions"].iloc[zero], 1 / len(TYPES))
-    pooled = hc.tl.deconvolve(sdata, hd[2], method="poisson", min_counts=20, progress=False, copy=True).tables["table"]
+    pooled_sample = hc.tl.deconvolve(sdata, hd[2], method="poisson", min_counts=20, progress=False, copy=True)
+    pooled = pooled_sample.tables["table"]
     pool = pooled.obs["proportions_pool_bins"].to_numpy()
     assert (pool[zero] > 1).all() and pooled.uns["deconvolution"]["n_pooled"] == int((pool > 1).sum())
     assert (pool[np.setdiff1d(np.flatnonzero(totals >= 40), zero)] == 1).all()  # 40 counts on all genes: above 20 on the shared ones
     assert not np.allclose(pooled.obsm["proportions"].iloc[zero], 1 / len(TYPES))  # the neighbours' composition
     assert pooled.uns["deconvolution"]["min_counts"] == 20 and plain.uns["deconvolution"]["n_empty"] == empty
+    again = hc.tl.deconvolve(pooled_sample, hd[2], method="poisson", progress=False, copy=True).tables["table"]
+    assert "proportions_pool_bins" not in again.obs  # review: the pools of the replaced proportions are removed with them
     with pytest.raises(InvalidInputError, match="min_counts must be"):
         hc.tl.deconvolve(sdata, hd[2], method="poisson", min_counts=-1, progress=False)
     assert "proportions" not in table.obsm  # refused before writing

@@ -173,6 +173,8 @@ def deconvolve(
     table.obsm[key_added] = checked["cell types"]
     if pool_bins is not None:
         table.obs[pool_key] = pool_bins
+    elif pool_key in table.obs:  # the pools of the proportions just replaced
+        del table.obs[pool_key]
     # which proportions obsm["state_proportions"] were estimated with (kept across calls that estimate no states)
     states_of = earlier.get("state_proportions_of", earlier.get("key_added") if earlier.get("state_key") is not None else None)
     if state_key is not None:
