@@ -168,6 +168,14 @@ def test_niche_names_and_cell_types_can_be_written(slide, tmp_path):
     assert not any("/" in name for name in niches.obs["niche"].cat.categories)
     # own case niche_colors: no uns["niche_colors"], so scanpy and spatialdata-plot coloured niches unlike pl.niches
     assert len(niches.uns["niche_colors"]) == len(niches.obs["niche"].cat.categories)
+    # probe: a "tumor-rich" niche was drawn cyan beside yellow tumour cells; a niche rich in a type takes its colour,
+    # the other niches colours no type has, and no two niches share one
+    type_colour = dict(zip(niches.obs["cell_type"].cat.categories, niches.uns["cell_type_colors"]))
+    niche_colour = dict(zip(niches.obs["niche"].cat.categories, niches.uns["niche_colors"]))
+    rich = {n: c for n, c in niche_colour.items() if n.endswith("-rich")}
+    assert rich and all(c == type_colour[n.removesuffix("-rich")] for n, c in rich.items())
+    assert not set(niche_colour[n] for n in niche_colour if n not in rich) & set(type_colour.values())
+    assert len(set(niche_colour.values())) == len(niche_colour)
     write_zarr(SpatialData(tables={"histocell": out.tables["histocell"]}, attrs=dict(slide.attrs)), tmp_path / "niches.zarr")
     slashed = out.tables["histocell"].copy()
     slashed.obs["cell_type"] = slashed.obs["cell_type"].cat.rename_categories({"lymphocyte": "T/NK"})

@@ -13,6 +13,7 @@ from ..._constants import (
     CELL_TYPE_KEY,
     HISTOCELL_KEY,
     NUCLEI_OBS_LAYOUT,
+    PALETTE,
     SPATIAL_KEY,
 )
 from ..._docs import inject_docs
@@ -125,7 +126,8 @@ def tissue_architecture(
     niche_idx = _cluster(comp, n_niches, method, max_niches, seed)
     names, mean_comp = _names(comp, niche_idx, types)
     cats = list(dict.fromkeys(names[i] for i in np.unique(niche_idx)))
-    set_categorical(table, key_added, cats, pd.Index(cats).get_indexer(names[niche_idx]))  # obs and uns[f"{key_added}_colors"]
+    set_categorical(table, key_added, cats, pd.Index(cats).get_indexer(names[niche_idx]))
+    table.uns[f"{key_added}_colors"] = _niche_colours(table, cluster_key, cats, types)
     table.obsm[f"{key_added}_composition"] = pd.DataFrame(comp, index=table.obs_names, columns=[str(t) for t in types])
     table.uns[key_added] = {
         "radius_um": float(radius_um),
@@ -195,6 +197,24 @@ def _names(comp: np.ndarray, idx: np.ndarray, types: list) -> tuple[np.ndarray, 
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name} {seen[name]}")
     return np.asarray(names, dtype=object), mean
+
+
+def _niche_colours(table, cluster_key: str, niches: list[str], types: list) -> list[str]:
+    """A niche rich in one cell type takes that type's colour (``uns[f"{cluster_key}_colors"]``, else the package
+    palette in type order), so maps of niches and of cell types read alike; the others take colours no type has."""
+    stored = table.uns.get(f"{cluster_key}_colors")
+    if stored is not None and len(stored) == len(types):
+        type_colour = {str(t): str(c) for t, c in zip(types, stored)}
+    else:
+        type_colour = {str(t): PALETTE[i % len(PALETTE)] for i, t in enumerate(types)}
+    spare = [c for c in PALETTE if c not in type_colour.values()] or list(PALETTE)
+    colours, k = [], 0
+    for name in niches:
+        rich = type_colour.get(name.removesuffix("-rich")) if name.endswith("-rich") else None
+        if rich is None or rich in colours:
+            rich, k = spare[k % len(spare)], k + 1
+        colours.append(rich)
+    return colours
 
 
 def _regions(xy_px: np.ndarray, niche: pd.Series, buffer_px: float, simplify_px: float, key: str, mpp: float) -> gpd.GeoDataFrame:
