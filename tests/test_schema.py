@@ -260,3 +260,16 @@ def test_io_validate_refuses_nuclei_assigned_to_unknown_spots(predicted):
     finally:
         table.obs["spot_id"] = spot_id
     hc.io.validate(sdata)
+
+
+def test_io_validate_checks_nuclei_stored_under_another_name():
+    # own case io_validate_renamed_nuclei (API review): after segment_nuclei(key_added="cellpose") validate skipped every
+    # nucleus check, as it looked only for shapes "nuclei"
+    sdata, _ = hc.datasets.synthetic_visium(seed=3, preset="tiny", progress=False)
+    hc.pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]), method="truth", key_added="cellpose")
+    hc.io.validate(sdata)
+    sdata.attrs["mpp"] = 2 * sdata.attrs["mpp"]
+    with pytest.raises(InvalidInputError, match=r"tables\['histocell'\].*measured at"):
+        hc.io.validate(sdata)
+    with pytest.raises(InvalidInputError, match=r"measured at"):
+        hc.io.validate(sdata, nuclei_table_key="histocell")

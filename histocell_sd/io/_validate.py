@@ -11,7 +11,7 @@ from spatialdata.transformations import get_transformation
 from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PROPORTIONS_KEY, SPOT_ID_KEY, SPOTS_KEY, TABLE_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._elements import get_image, get_mpp, resolve_key
+from ._elements import annotated_shapes, get_image, get_mpp, resolve_key
 from ._schema import NucleiTableModel, SpotsTableModel
 from ._schema_checks import check_nuclei_mpp, check_rows
 from ._spots import spot_geometry
@@ -45,9 +45,9 @@ def validate(
         Spots are checked when given, when ``"spots"`` exists or with ``require_spots``.
     {spots_table_key}
     {nuclei_key}
-        Checked when given or when ``"nuclei"`` exists.
+        Checked when given, when ``"nuclei"`` exists, or as the shapes the nuclei table annotates.
     {nuclei_table_key}
-        None: ``"histocell"`` when present, else the only table.
+        None: ``"histocell"`` when present, else the only table. Checked when given or present.
     {proportions_key}
         Checked when present.
     require_spots
@@ -70,6 +70,9 @@ def validate(
         SpotsTableModel.validate(table, name=f"tables[{spots_table_key!r}]")  # checks obsm["proportions"]
         if proportions_key != PROPORTIONS_KEY and proportions_key in table.obsm:
             check_rows(table.obsm[proportions_key], table, f"tables[{spots_table_key!r}].obsm[{proportions_key!r}]")
+    if nuclei_key is None and NUCLEI_KEY not in sdata.shapes and (nuclei_table_key is not None or HISTOCELL_KEY in sdata.tables):
+        nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
+        nuclei_key = annotated_shapes(sdata, nuclei_table_key)  # e.g. segment_nuclei(key_added="cellpose")
     if nuclei_key is not None or NUCLEI_KEY in sdata.shapes:
         nuclei_key = resolve_key(sdata, "shapes", key=nuclei_key, default=NUCLEI_KEY)
         _check_in_global(sdata, nuclei_key)
