@@ -87,6 +87,23 @@ def test_deterministic_and_no_image_fallback(cohort, screen):
         del t.obsm["histocell_embedding"]
     proba = tl.screen_phenotype(tables, phenotype_key="phenotype", clinical=clinical, n_cells_per_sample=100, mil=False, key_added=None, progress=False)
     assert proba.table["mil_attention"].isna().all() and proba.attention is None
+    assert proba.table.attrs["use_rep"] == "cell_type_proba" and screen.table.attrs["use_rep"] == "histocell_embedding"
+
+
+def test_every_sample_is_clustered_on_the_same_representation():
+    # own case screen_use_rep_fallback (API review): a sample without obsm[use_rep] (or a use_rep typo) silently fell back
+    # to the type probabilities, so samples were clustered on different representations
+    samples, clinical, _ = synthetic_cohort(n_samples=6, n_nuclei=200, seed=0)
+    del samples["sample_02"].tables["histocell"].obsm["histocell_embedding"]
+    before = {k: s.tables["histocell"].obs.copy() for k, s in samples.items()}
+    kwargs = {"phenotype_key": "phenotype", "clinical": clinical, "mil": False, "n_crops": 0, "progress": False}
+    with pytest.raises(hc.InvalidInputError, match=r"1 of 6 samples have no obsm\['histocell_embedding'\], e.g. \['sample_02'\]"):
+        tl.screen_phenotype(samples, **kwargs)
+    with pytest.raises(hc.InvalidInputError, match=r"6 of 6 samples have no obsm\['embeding'\]"):
+        tl.screen_phenotype(samples, use_rep="embeding", **kwargs)
+    for key, sample in samples.items():
+        pd.testing.assert_frame_equal(sample.tables["histocell"].obs, before[key])
+    assert tl.screen_phenotype(samples, use_rep="cell_type_proba", **kwargs).table.attrs["use_rep"] == "cell_type_proba"
 
 
 def test_continuous_phenotype(cohort):

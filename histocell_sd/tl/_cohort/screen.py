@@ -116,7 +116,8 @@ def screen_phenotype(
     {nuclei_table_key}
         Read in each sample (and written, see ``key_added``).
     use_rep
-        ``obsm`` key of the representation; falls back to ``obsm["cell_type_proba"]``.
+        ``obsm`` key of the representation, the same in every sample. With the default, samples that
+        have no embedding at all are clustered on ``obsm["cell_type_proba"]``.
     resolution, n_neighbors
         Clustering resolution and kNN graph size.
     n_cells_per_sample
@@ -163,11 +164,11 @@ def screen_phenotype(
     y = _phenotype(named, phenotype_key, clinical)
     kind, target = _response_kind(y, phenotype_key)
     rng = np.random.default_rng(seed)
-    tables, reps, pooled = {}, {}, []
-    for name, data in named.items():
-        table = get_table(data, nuclei_table_key)
-        rep = _representation(table, use_rep, name)
-        tables[name], reps[name] = table, rep
+    tables = {name: get_table(data, nuclei_table_key) for name, data in named.items()}
+    rep_key = _representation_key(tables, use_rep)
+    reps, pooled = {}, []
+    for name, table in tables.items():
+        reps[name] = _representation(table, rep_key, name)
         take = rng.choice(table.n_obs, size=min(n_cells_per_sample, table.n_obs), replace=False)
         pooled.append(pd.DataFrame({"sample": name, "row": take}))
     pooled = pd.concat(pooled, ignore_index=True)
@@ -207,7 +208,7 @@ def screen_phenotype(
         table = table.assign(_a=-table["mil_attention"].fillna(0)).sort_values(["p", "_a"], kind="stable").drop(columns="_a")
     else:
         table = table.sort_values("mil_attention", ascending=False, kind="stable")
-    table.attrs = {"kind": kind, "effect": effect, "phenotype_key": phenotype_key}
+    table.attrs = {"kind": kind, "effect": effect, "phenotype_key": phenotype_key, "use_rep": rep_key}
     obs = pd.DataFrame({phenotype_key: y.to_numpy()}, index=ab.index)
     var = table.reindex(names)[["dominant_cell_type", "dominant_cell_state"]].astype(str)
     result = PhenotypeScreen(
@@ -250,14 +251,21 @@ def _phenotype(named: dict, key: str, clinical: pd.DataFrame | None) -> pd.Serie
     return clin.loc[list(named), key]
 
 
+def _representation_key(tables: dict[str, ad.AnnData], use_rep: str) -> str:
+    """One ``obsm`` key for every sample: ``use_rep``, or the type probabilities where no sample has the default embedding."""
+    if use_rep == EMBEDDING_KEY and not any(use_rep in t.obsm for t in tables.values()):
+        use_rep = CELL_TYPE_PROBA_KEY  # predictions of a model without an embedding
+    lacking = [name for name, t in tables.items() if use_rep not in t.obsm]
+    if lacking:
+        raise InvalidInputError(
+            f"{len(lacking)} of {len(tables)} samples have no obsm[{use_rep!r}], e.g. {lacking[:3]}; every sample must be "
+            "clustered on the same representation (run tl.predict with one model on all, or choose use_rep=)."
+        )
+    return use_rep
+
+
 def _representation(table: ad.AnnData, use_rep: str, name: str) -> np.ndarray:
-    if use_rep in table.obsm:
-        rep = table.obsm[use_rep]
-    elif CELL_TYPE_PROBA_KEY in table.obsm:
-        rep = table.obsm[CELL_TYPE_PROBA_KEY]
-    else:
-        raise InvalidInputError(f"Sample {name!r}: no obsm[{use_rep!r}] nor obsm[{CELL_TYPE_PROBA_KEY!r}]; run tl.predict first.")
-    rep = np.asarray(rep, dtype=np.float32)
+    rep = np.asarray(table.obsm[use_rep], dtype=np.float32)
     if not np.isfinite(rep).all():
         raise InvalidInputError(f"Sample {name!r}: the representation has NaN or infinite values.")
     if table.n_obs < 2:
