@@ -354,3 +354,25 @@ def test_all_zero_label_mask_is_refused_and_nothing_written():
     with pytest.raises(InvalidInputError, match="no nuclei in the mask"):
         read_nuclei(np.zeros_like(TRUTH), empty, format="labels")
     assert not empty.shapes and not empty.tables
+
+
+def test_spots_under_another_name_are_found():
+    # own case nuclei_spots_renamed (API review): with spots not named "spots" (spatialdata-io names Visium circles after
+    # the dataset) the nuclei silently got no spot_id; now the only spot-like shapes are used, and several are named
+    from histocell_sd.pp import segment_nuclei
+
+    sdata = _sdata(spot_centers=np.array([[45.0, 50.0], [150.0, 150.0]]))
+    sdata.shapes["V1_Breast_Cancer"] = sdata.shapes["spots"]
+    del sdata.shapes["spots"]
+    read_nuclei(_hovernet(), sdata)
+    assert sdata.tables["histocell"].obs["spot_id"].notna().sum() == 2
+    sdata.shapes["other_spots"] = sdata.shapes["V1_Breast_Cancer"]
+    with pytest.warns(UserWarning, match=r"several spot-like shapes \['V1_Breast_Cancer', 'other_spots'\].*spots_key="):
+        segment_nuclei(sdata, method="classical", overwrite=True)
+    assert "spot_id" not in sdata.tables["histocell"].obs
+    segment_nuclei(sdata, spots_key="other_spots", method="classical", overwrite=True)
+    assert sdata.tables["histocell"].obs["spot_id"].notna().sum() == 2
+    before = sdata.tables["histocell"].copy()
+    with pytest.raises(InvalidInputError, match="must be spot circles"):
+        segment_nuclei(sdata, spots_key="nuclei", method="classical", overwrite=True)
+    assert sdata.tables["histocell"].obs.equals(before.obs)

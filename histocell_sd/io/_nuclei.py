@@ -71,8 +71,8 @@ def read_nuclei(
         Renames per-nucleus classes, e.g. ``{1: "neoplastic", 2: "inflammatory"}``. HoVer-Net's
         ``type_info.json`` (``{"1": ["neopla", [r, g, b]], ...}``) works as is.
     spots_key
-        Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
-        ``"spots"`` when present, else none.
+        Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``. None: ``"spots"``
+        when present, else the only circles or squares element besides the nuclei, else none.
 
     Returns
     -------

@@ -93,8 +93,8 @@ def store_nuclei(
         ``(x, y)``: the full-resolution image pixel of ``labels[0, 0]`` (as in :func:`~histocell_sd.io.read_nuclei`).
     {image_key}
     spots_key
-        Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``: by default
-        ``"spots"`` when present, else none.
+        Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``. None: ``"spots"``
+        when present, else the only circles or squares element besides the nuclei, else none.
     {key_added}
         the nucleus polygons (``sdata.shapes``).
     {nuclei_table_key:written}
@@ -129,7 +129,8 @@ def store_nuclei(
     stale = _stale_regions(sdata, nuclei_table_key if nuclei_table_key in ours else None)
     image = get_image(sdata, image_key=image_key)
     labels, origin = _check_labels(labels, origin, image.shape[1:])
-    spots = _spots(sdata, spots_key)
+    spots_key = spots_for_nuclei(sdata, spots_key, nuclei_key=key_added)
+    spots = None if spots_key is None else sdata.shapes[spots_key]
     ids = np.unique(labels)
     ids = ids[ids > 0]
     if len(ids) == 0:
@@ -365,13 +366,30 @@ def _shapes_element(polygons: np.ndarray, names: pd.Index, mpp: float) -> gpd.Ge
     return ShapesModel.parse(gdf, transformations=pixel_transformations(mpp))
 
 
-def _spots(sdata: SpatialData, spots_key: str | None):
-    """The spot circles or squares that give ``obs["spot_id"]``; None without spots."""
+def spots_for_nuclei(sdata: SpatialData, spots_key: str | None, *, nuclei_key: str) -> str | None:
+    """The shapes whose spots give nuclei ``obs["spot_id"]``: ``spots_key``, ``"spots"``, else the only spot-like
+    shapes element other than the nuclei ``nuclei_key``; None without spots. Refuses anything but circles or squares."""
     if spots_key is None and SPOTS_KEY not in sdata.shapes:
-        return None
+        candidates = [k for k in sdata.shapes if k != nuclei_key and _is_spot_like(sdata.shapes[k], k)]
+        if len(candidates) > 1:
+            warnings.warn(
+                f"The SpatialData has several spot-like shapes {candidates} and none named 'spots'; the nuclei get no "
+                "obs['spot_id']. Pass spots_key= to assign them to spots.", UserWarning, stacklevel=3,
+            )
+        if len(candidates) != 1:
+            return None
+        spots_key = candidates[0]  # e.g. spatialdata-io's Visium circles, named after the dataset
     key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
     spot_geometry(sdata.shapes[key], key)  # refuse anything but circles or squares before any work
-    return sdata.shapes[key]
+    return key
+
+
+def _is_spot_like(shapes, name: str) -> bool:
+    try:
+        spot_geometry(shapes, name)
+    except InvalidInputError:
+        return False
+    return True
 
 
 def _spot_ids(spots, centroids: np.ndarray) -> pd.Series:

@@ -19,7 +19,7 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import progress_bar
 from ..io._elements import get_image, get_mpp, resolve_key
-from ..io._nuclei_store import claim_nuclei_keys, store_nuclei
+from ..io._nuclei_store import claim_nuclei_keys, spots_for_nuclei, store_nuclei
 from ._segment_array import _MIN_HEMATOXYLIN, _hematoxylin, hematoxylin_level, is_padding, segment_array
 from ._segmenter import check_scale, load_segmenter, segment_learnt
 
@@ -38,6 +38,7 @@ def segment_nuclei(
     sdata: SpatialData,
     *,
     image_key: str | None = None,
+    spots_key: str | None = None,
     method: str | Callable[[np.ndarray, float], np.ndarray] = "default",
     key_added: str = NUCLEI_KEY,
     nuclei_table_key: str = HISTOCELL_KEY,
@@ -64,6 +65,9 @@ def segment_nuclei(
     sdata
         The sample, with ``sdata.attrs["mpp"]`` and an RGB ``uint8`` H&E image.
     {image_key}
+    spots_key
+        Name of the spot circles or squares (``sdata.shapes``; read) that give the nuclei ``obs["spot_id"]``. None:
+        ``"spots"`` when present, else the only circles or squares element besides the nuclei, else none.
     method
         ``"default"``: the learnt segmenter shipped in the package (:func:`~histocell_sd.pp.segment_learnt`;
         ``network=`` takes another segmenter folder). ``"classical"``: the classical, resolution-aware
@@ -112,6 +116,7 @@ def segment_nuclei(
     mpp = get_mpp(sdata)
     claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
+    spots_key = spots_for_nuclei(sdata, spots_key, nuclei_key=key_added)
     image = _check_image(get_image(sdata, image_key=image_key), image_key)
     height, width = image.shape[1:]
     tile_size_px, overlap_px = _check_tiling(tile_size_px, overlap_um, mpp)
@@ -137,8 +142,8 @@ def segment_nuclei(
             n_found = _paste(labels, window, tile_labels, n_found)
     if n_found == 0:
         warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written.", stacklevel=2)
-    store_nuclei(sdata, labels, image_key=image_key, key_added=key_added, nuclei_table_key=nuclei_table_key, labels_key=labels_key,
-                 method=f"segment_nuclei:{getattr(method, '__name__', method)}", overwrite=overwrite)
+    store_nuclei(sdata, labels, image_key=image_key, spots_key=spots_key, key_added=key_added, nuclei_table_key=nuclei_table_key,
+                 labels_key=labels_key, method=f"segment_nuclei:{getattr(method, '__name__', method)}", overwrite=overwrite)
 
 
 @contextmanager
