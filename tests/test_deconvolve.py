@@ -503,3 +503,23 @@ def test_gene_names_match_whatever_their_case(tiny_predicted, side, case, method
     assert len(set(reference.var_names) & set(table.var_names)) < 0.1 * table.n_vars  # the names really differ
     tl.deconvolve(sdata, reference, key_added="other_case", **options)
     pd.testing.assert_frame_equal(table.obsm["same_case"], table.obsm["other_case"])
+
+
+def test_replacing_proportions_deconvolve_did_not_write_warns(tiny_predicted):
+    # own case deconvolve_replaces_imported (API review): deconvolve's default key replaced proportions imported with
+    # io.read_proportions (e.g. RCTD's) without a word
+    import warnings
+
+    import histocell_sd as hc
+
+    sdata, reference = tiny_predicted
+    table = sdata.tables["table"]
+    hc.io.read_proportions(table.obsm["true_proportions"].copy(), sdata)
+    with pytest.warns(UserWarning, match=r"Replaced obsm\['proportions'\], which tl.deconvolve did not write.*key_added="):
+        tl.deconvolve(sdata, reference, method="poisson", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own earlier results are replaced as scanpy's key_added are
+        tl.deconvolve(sdata, reference, method="poisson", progress=False)
+        tl.deconvolve(sdata, reference, method="poisson", key_added="poisson", progress=False)
+        tl.deconvolve(sdata, reference, method="poisson", progress=False)
+    assert table.uns["deconvolution"]["proportions_keys"] == ["poisson", "proportions"]

@@ -88,7 +88,8 @@ def deconvolve(
     method
         ``"tangram"`` or ``"poisson"``.
     {key_added}
-        the ``obsm`` key of the spot proportions in the spots table (DataFrame, columns = cell types).
+        the ``obsm`` key of the spot proportions in the spots table (DataFrame, columns = cell types). Replacing proportions
+        that no deconvolve call wrote (e.g. imported with :func:`~histocell_sd.io.read_proportions`) warns.
     {spots_table_key}
         Read (raw counts in ``X``) and written.
     n_markers
@@ -170,6 +171,10 @@ def deconvolve(
 
     earlier = table.uns.get("deconvolution") or {}
     checked = {what: check_proportions(frame, spot_ids=table.obs_names, name=f"{method} {what} proportions") for what, frame in results.items()}
+    written = list(earlier.get("proportions_keys", [earlier["key_added"]] if "key_added" in earlier else []))
+    if key_added in table.obsm and key_added not in written:
+        warnings.warn(f"Replaced obsm[{key_added!r}], which tl.deconvolve did not write (e.g. proportions read with "
+                      "io.read_proportions or the labels a model was trained on); pass key_added= to keep both.", UserWarning, stacklevel=2)
     table.obsm[key_added] = checked["cell types"]
     if pool_bins is not None:
         table.obs[pool_key] = pool_bins
@@ -189,6 +194,7 @@ def deconvolve(
         "method": method,
         "mode": "clusters" if method == "tangram" else "mixture",
         "key_added": key_added,
+        "proportions_keys": sorted({*written, key_added}),  # every obsm key a deconvolve call wrote
         "cell_type_key": cell_type_key,
         "state_key": state_key,
         "state_proportions_of": states_of,
