@@ -86,6 +86,19 @@ def test_cell_graph_copy_and_knn(slide):
     assert graph.uns["knn4_neighbors"]["histocell"]["n_neighbors"] == 4
 
 
+@pytest.mark.parametrize("method", ["delaunay", "radius"])
+def test_cell_graph_in_microns(slide, method):
+    # API review: obsp distances were always pixels, so squidpy tools run on the graph gave pixel results
+    px = tl.cell_graph(slide, method=method, radius_um=30.0, copy=True)
+    um = tl.cell_graph(slide, method=method, radius_um=30.0, spatial_key="spatial_um", copy=True)
+    assert (px.obsp["spatial_connectivities"] != um.obsp["spatial_connectivities"]).nnz == 0
+    mpp = slide.attrs["mpp"]
+    np.testing.assert_allclose(um.obsp["spatial_distances"].toarray(), px.obsp["spatial_distances"].toarray() * mpp, rtol=1e-5)
+    assert (px.uns["spatial_neighbors"]["histocell"]["distance_unit"], um.uns["spatial_neighbors"]["histocell"]["distance_unit"]) == ("px", "um")
+    with pytest.raises(InvalidInputError, match=r"spatial_key must be 'spatial' \(pixels\) or 'spatial_um'"):
+        tl.cell_graph(slide, spatial_key="X_umap", copy=True)
+
+
 def test_cell_graph_rejects_bad_input(slide):
     with pytest.raises(InvalidInputError, match="Unknown graph method"):
         tl.cell_graph(slide, method="voronoi")

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from scipy.spatial import Delaunay
 from spatialdata import SpatialData
 
-from ..._constants import CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY
+from ..._constants import CELL_TYPE_KEY, HISTOCELL_KEY, SPATIAL_KEY, SPATIAL_UM_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
 from ..._utils import quiet_logger
@@ -83,10 +83,11 @@ def cell_graph(
     radius_um: float | None = 30.0,
     n_neighbors: int = 6,
     mpp: float | None = None,
+    spatial_key: str = SPATIAL_KEY,
     key_added: str = "spatial",
     copy: bool = False,
 ) -> ad.AnnData | None:
-    """Build the spatial graph of the nuclei with squidpy, with distances in µm.
+    """Build the spatial graph of the nuclei with squidpy, its radius in µm.
 
     After this, squidpy's graph tools run on the predictions directly, e.g.
     ``sq.gr.nhood_enrichment(sdata, "cell_type", table_key="histocell")``.
@@ -107,10 +108,13 @@ def cell_graph(
     {n_neighbors}
         Used by ``method="knn"`` (squidpy's ``n_neighs``).
     {mpp}
+    spatial_key
+        The centroids the graph is built on: ``"spatial"`` (pixels) or ``"spatial_um"`` (µm), which are also
+        the units of the distances written.
     {key_added}
         squidpy's key prefix: writes ``obsp[f"{key_added}_connectivities"]``,
-        ``obsp[f"{key_added}_distances"]`` (pixels, as squidpy) and ``uns[f"{key_added}_neighbors"]``
-        (squidpy's parameters plus ``method``, ``radius_um``, ``n_neighbors`` and ``mpp``).
+        ``obsp[f"{key_added}_distances"]`` (in the units of ``spatial_key``) and ``uns[f"{key_added}_neighbors"]``
+        (squidpy's parameters plus ``method``, ``radius_um``, ``n_neighbors``, ``mpp`` and ``distance_unit``).
     {copy}
         The copy is of the nuclei table (an AnnData), also for a SpatialData.
 
@@ -127,7 +131,12 @@ def cell_graph(
     table = get_table(data, nuclei_table_key)
     if copy:
         table = table.copy()
+    if spatial_key not in (SPATIAL_KEY, SPATIAL_UM_KEY):
+        raise InvalidInputError(f"spatial_key must be {SPATIAL_KEY!r} (pixels) or {SPATIAL_UM_KEY!r} (µm), got {spatial_key!r}.")
+    if spatial_key not in table.obsm:
+        raise InvalidInputError(f"The nuclei table has no obsm[{spatial_key!r}]; run pp.segment_nuclei or io.read_nuclei.")
     scale = table_mpp(data, mpp)
+    units = scale if spatial_key == SPATIAL_KEY else 1.0  # µm per coordinate unit
     if radius_um is not None and (not np.isfinite(radius_um) or radius_um <= 0):
         raise InvalidInputError(f"radius_um must be a positive number of µm, got {radius_um!r}.")
     if method == "radius" and radius_um is None:
@@ -136,24 +145,25 @@ def cell_graph(
         raise InvalidInputError(f"n_neighbors must be between 1 and the number of nuclei - 1, got {n_neighbors!r}.")
     if table.n_obs < (4 if method == "delaunay" else 2):
         raise InvalidInputError(f"Too few nuclei ({table.n_obs}) for a {method} graph.")
-    radius_px = None if radius_um is None else float(radius_um) / scale
+    radius = None if radius_um is None else float(radius_um) / units
     if method == "delaunay":  # Qhull needs the nuclei to span an area
-        xy = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
+        xy = np.asarray(table.obsm[spatial_key], dtype=np.float64)[:, :2]
         if np.linalg.matrix_rank(xy - xy.mean(0), tol=1e-9) < 2:
             raise InvalidInputError("The nuclei's centroids all coincide or lie on one line: no Delaunay graph; use method='radius' or 'knn'.")
     with quiet_logger(SPATIALDATA_LOGGER):  # squidpy logs "Creating graph using ..." through spatialdata's logger
         if method == "delaunay":
-            sq.gr.spatial_neighbors_delaunay(table, spatial_key=SPATIAL_KEY, radius=radius_px, key_added=key_added)
+            sq.gr.spatial_neighbors_delaunay(table, spatial_key=spatial_key, radius=radius, key_added=key_added)
         elif method == "radius":
-            sq.gr.spatial_neighbors_radius(table, spatial_key=SPATIAL_KEY, radius=radius_px, key_added=key_added)
+            sq.gr.spatial_neighbors_radius(table, spatial_key=spatial_key, radius=radius, key_added=key_added)
         else:
-            sq.gr.spatial_neighbors_knn(table, spatial_key=SPATIAL_KEY, n_neighs=int(n_neighbors), key_added=key_added)
+            sq.gr.spatial_neighbors_knn(table, spatial_key=spatial_key, n_neighs=int(n_neighbors), key_added=key_added)
     params = table.uns.setdefault(f"{key_added}_neighbors", {})
     squidpy_params = params.get("params", {})
     for name, value in squidpy_params.items():  # squidpy records radius=(0, r) as a tuple, which anndata cannot write
         if isinstance(value, tuple):
             squidpy_params[name] = list(value)
-    params["histocell"] = {"method": method, "radius_um": radius_um, "n_neighbors": int(n_neighbors), "mpp": scale}
+    params["histocell"] = {"method": method, "radius_um": radius_um, "n_neighbors": int(n_neighbors), "mpp": scale,
+                           "distance_unit": "px" if spatial_key == SPATIAL_KEY else "um"}
     return table if copy else None
 
 
