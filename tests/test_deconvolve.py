@@ -523,3 +523,6 @@ def test_replacing_proportions_deconvolve_did_not_write_warns(tiny_predicted):
         tl.deconvolve(sdata, reference, method="poisson", key_added="poisson", progress=False)
         tl.deconvolve(sdata, reference, method="poisson", progress=False)
     assert table.uns["deconvolution"]["proportions_keys"] == ["poisson", "proportions"]
+    hc.io.read_proportions(table.obsm["true_proportions"].copy(), sdata)  # imported after a deconvolution: warns again
+    with pytest.warns(UserWarning, match=r"Replaced obsm\['proportions'\], which tl.deconvolve did not write"):
+        tl.deconvolve(sdata, reference, method="poisson", progress=False)

@@ -95,6 +95,10 @@ def test_cell_graph_in_microns(slide, method):
     mpp = slide.attrs["mpp"]
     np.testing.assert_allclose(um.obsp["spatial_distances"].toarray(), px.obsp["spatial_distances"].toarray() * mpp, rtol=1e-5)
     assert (px.uns["spatial_neighbors"]["histocell"]["distance_unit"], um.uns["spatial_neighbors"]["histocell"]["distance_unit"]) == ("px", "um")
+    bare = slide.tables["histocell"].copy()
+    bare.uns.pop("histocell")  # no µm/px: needed for pixels only
+    tl.cell_graph(bare, method=method, radius_um=30.0, spatial_key="spatial_um")
+    assert (bare.obsp["spatial_connectivities"] != um.obsp["spatial_connectivities"]).nnz == 0
     with pytest.raises(InvalidInputError, match=r"spatial_key must be 'spatial' \(pixels\) or 'spatial_um'"):
         tl.cell_graph(slide, spatial_key="X_umap", copy=True)
 

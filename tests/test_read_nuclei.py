@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
@@ -358,21 +359,30 @@ def test_all_zero_label_mask_is_refused_and_nothing_written():
 
 def test_spots_under_another_name_are_found():
     # own case nuclei_spots_renamed (API review): with spots not named "spots" (spatialdata-io names Visium circles after
-    # the dataset) the nuclei silently got no spot_id; now the only spot-like shapes are used, and several are named
+    # the dataset) the nuclei silently got no spot_id; now the spots the spots table annotates are used
+    from histocell_sd.io import validate
     from histocell_sd.pp import segment_nuclei
 
     sdata = _sdata(spot_centers=np.array([[45.0, 50.0], [150.0, 150.0]]))
     sdata.shapes["V1_Breast_Cancer"] = sdata.shapes["spots"]
     del sdata.shapes["spots"]
+    region_key = sdata.tables["table"].uns["spatialdata_attrs"]["region_key"]
+    sdata.tables["table"].obs[region_key] = pd.Categorical(["V1_Breast_Cancer"] * sdata.tables["table"].n_obs)
+    sdata.set_table_annotates_spatialelement("table", region="V1_Breast_Cancer", region_key=region_key)
     read_nuclei(_hovernet(), sdata)
     assert sdata.tables["histocell"].obs["spot_id"].notna().sum() == 2
-    sdata.shapes["other_spots"] = sdata.shapes["V1_Breast_Cancer"]
-    with pytest.warns(UserWarning, match=r"several spot-like shapes \['V1_Breast_Cancer', 'other_spots'\].*spots_key="):
-        segment_nuclei(sdata, method="classical", overwrite=True)
-    assert "spot_id" not in sdata.tables["histocell"].obs
-    segment_nuclei(sdata, spots_key="other_spots", method="classical", overwrite=True)
+    validate(sdata)
+    sdata.shapes["cell_circles"] = sdata.shapes["V1_Breast_Cancer"].iloc[:1]  # spot-like, but no table's spots
+    segment_nuclei(sdata, method="classical", overwrite=True)
     assert sdata.tables["histocell"].obs["spot_id"].notna().sum() == 2
+    segment_nuclei(sdata, spots_key="cell_circles", method="classical", overwrite=True)
+    assert sdata.tables["histocell"].obs["spot_id"].notna().sum() == 1
     before = sdata.tables["histocell"].copy()
     with pytest.raises(InvalidInputError, match="must be spot circles"):
         segment_nuclei(sdata, spots_key="nuclei", method="classical", overwrite=True)
     assert sdata.tables["histocell"].obs.equals(before.obs)
+    far = sdata.shapes["V1_Breast_Cancer"].copy()
+    far.geometry = far.geometry.translate(10_000, 10_000)
+    sdata.shapes["V1_Breast_Cancer"] = far
+    with pytest.raises(InvalidInputError, match="V1_Breast_Cancer"):
+        validate(sdata)  # the renamed spots are checked too

@@ -273,3 +273,10 @@ def test_io_validate_checks_nuclei_stored_under_another_name():
         hc.io.validate(sdata)
     with pytest.raises(InvalidInputError, match=r"measured at"):
         hc.io.validate(sdata, nuclei_table_key="histocell")
+    sdata.attrs["mpp"] = sdata.attrs["mpp"] / 2
+    hc.pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]), method="truth", overwrite=True)  # "nuclei" too
+    hc.pp.store_nuclei(sdata, np.asarray(sdata.labels["truth_labels"]), method="truth", key_added="stardist", nuclei_table_key="stardist_table")
+    hc.io.validate(sdata, nuclei_table_key="stardist_table")  # checked against its own shapes, not "nuclei"
+    del sdata.shapes["stardist"]
+    with pytest.raises(InvalidInputError, match=r"tables\['stardist_table'\] annotates the shapes \['stardist'\], which the SpatialData lacks"):
+        hc.io.validate(sdata, nuclei_table_key="stardist_table")

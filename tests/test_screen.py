@@ -101,9 +101,17 @@ def test_every_sample_is_clustered_on_the_same_representation():
         tl.screen_phenotype(samples, **kwargs)
     with pytest.raises(hc.InvalidInputError, match=r"6 of 6 samples have no obsm\['embeding'\]"):
         tl.screen_phenotype(samples, use_rep="embeding", **kwargs)
+    table = samples["sample_02"].tables["histocell"]
+    table.obsm["histocell_embedding"] = np.random.default_rng(0).normal(size=(table.n_obs, 15))
+    with pytest.raises(hc.InvalidInputError, match=r"of 1 samples, e.g. \['sample_02'\], has other columns than sample 'sample_00'.*15 columns against 16"):
+        tl.screen_phenotype(samples, **kwargs)  # e.g. predicted by another model
     for key, sample in samples.items():
         pd.testing.assert_frame_equal(sample.tables["histocell"].obs, before[key])
-    assert tl.screen_phenotype(samples, use_rep="cell_type_proba", **kwargs).table.attrs["use_rep"] == "cell_type_proba"
+    proba = samples["sample_03"].tables["histocell"].obsm["cell_type_proba"]
+    reference = tl.screen_phenotype(samples, use_rep="cell_type_proba", **kwargs)
+    assert reference.table.attrs["use_rep"] == "cell_type_proba"
+    samples["sample_03"].tables["histocell"].obsm["cell_type_proba"] = proba[proba.columns[::-1]]  # same types, other order
+    pd.testing.assert_frame_equal(tl.screen_phenotype(samples, use_rep="cell_type_proba", **kwargs).table, reference.table)
 
 
 def test_continuous_phenotype(cohort):

@@ -143,6 +143,14 @@ def _check_at_origin(image, key: str) -> None:
         )
 
 
+def annotated_regions(table) -> list[str]:
+    """The names of the elements ``table`` annotates (``uns["spatialdata_attrs"]``); empty when it annotates none."""
+    if "spatialdata_attrs" not in table.uns:
+        return []
+    region = get_table_keys(table)[0]
+    return [region] if isinstance(region, str) else list(region)
+
+
 def annotated_shapes(sdata: SpatialData, nuclei_table_key: str, nuclei_key: str | None = None) -> str:
     """The nucleus polygons of ``nuclei_table_key``: ``nuclei_key`` when given (the table must annotate it), else the
     shapes element the table annotates."""

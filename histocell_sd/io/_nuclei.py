@@ -72,7 +72,7 @@ def read_nuclei(
         ``type_info.json`` (``{"1": ["neopla", [r, g, b]], ...}``) works as is.
     spots_key
         Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``. None: ``"spots"``
-        when present, else the only circles or squares element besides the nuclei, else none.
+        when present, else the circles or squares the spots table ``"table"`` annotates, else none.
 
     Returns
     -------

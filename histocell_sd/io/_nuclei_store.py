@@ -35,7 +35,7 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ._elements import get_image, get_mpp, pixel_transformations, resolve_key
 from ._schema import NucleiTableModel, merge_metadata
-from ._spots import spot_geometry, spot_ids_of_points
+from ._spots import annotated_spots, spot_geometry, spot_ids_of_points
 
 __all__ = ["FEATURES", "store_nuclei"]
 
@@ -94,7 +94,7 @@ def store_nuclei(
     {image_key}
     spots_key
         Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``. None: ``"spots"``
-        when present, else the only circles or squares element besides the nuclei, else none.
+        when present, else the circles or squares the spots table ``"table"`` annotates, else none.
     {key_added}
         the nucleus polygons (``sdata.shapes``).
     {nuclei_table_key:written}
@@ -367,29 +367,15 @@ def _shapes_element(polygons: np.ndarray, names: pd.Index, mpp: float) -> gpd.Ge
 
 
 def spots_for_nuclei(sdata: SpatialData, spots_key: str | None, *, nuclei_key: str) -> str | None:
-    """The shapes whose spots give nuclei ``obs["spot_id"]``: ``spots_key``, ``"spots"``, else the only spot-like
-    shapes element other than the nuclei ``nuclei_key``; None without spots. Refuses anything but circles or squares."""
+    """The shapes whose spots give nuclei ``obs["spot_id"]``: ``spots_key``, ``"spots"``, else the circles or squares
+    the spots table annotates; None without spots. Refuses anything but circles or squares."""
     if spots_key is None and SPOTS_KEY not in sdata.shapes:
-        candidates = [k for k in sdata.shapes if k != nuclei_key and _is_spot_like(sdata.shapes[k], k)]
-        if len(candidates) > 1:
-            warnings.warn(
-                f"The SpatialData has several spot-like shapes {candidates} and none named 'spots'; the nuclei get no "
-                "obs['spot_id']. Pass spots_key= to assign them to spots.", UserWarning, stacklevel=3,
-            )
-        if len(candidates) != 1:
+        spots_key = annotated_spots(sdata, exclude=(nuclei_key,))
+        if spots_key is None:
             return None
-        spots_key = candidates[0]  # e.g. spatialdata-io's Visium circles, named after the dataset
     key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
     spot_geometry(sdata.shapes[key], key)  # refuse anything but circles or squares before any work
     return key
-
-
-def _is_spot_like(shapes, name: str) -> bool:
-    try:
-        spot_geometry(shapes, name)
-    except InvalidInputError:
-        return False
-    return True
 
 
 def _spot_ids(spots, centroids: np.ndarray) -> pd.Series:

@@ -214,4 +214,8 @@ def read_proportions(
     table = sdata.tables[spots_table_key]
     frame = check_proportions(frame, spot_ids=table.obs_names)
     table.obsm[key_added] = frame
+    record = table.uns.get("deconvolution")
+    if isinstance(record, dict):  # no longer tl.deconvolve's: replacing these proportions again warns
+        written = record.get("proportions_keys", [record.get("key_added")])
+        record["proportions_keys"] = [k for k in written if k is not None and k != key_added]
     return frame

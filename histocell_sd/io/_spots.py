@@ -16,9 +16,9 @@ import shapely
 from scipy.spatial import cKDTree
 from spatialdata.models import ShapesModel
 
-from .._constants import SPOT_ID_KEY
+from .._constants import SPOT_ID_KEY, TABLE_KEY
 from .._errors import InvalidInputError
-from ._elements import pixel_transformations
+from ._elements import annotated_regions, pixel_transformations
 
 CIRCLE, SQUARE = "circle", "square"
 RADIUS_KEY, SIDE_KEY = "radius", "side"
@@ -53,6 +53,21 @@ def spot_geometry(spots: gpd.GeoDataFrame, name: str = "spots") -> SpotGeometry:
         f"Shapes {name!r} must be spot circles (points with a {RADIUS_KEY!r} column) or squares (4-corner polygons "
         f"with a {SIDE_KEY!r} column); got {sorted(kinds)} with columns {list(spots.columns)}."
     )
+
+
+def annotated_spots(sdata, *, exclude: tuple[str, ...] = ()) -> str | None:
+    """The circles or squares the spots table ``"table"`` annotates (e.g. spatialdata-io's Visium circles, named after
+    the dataset), unless in ``exclude``; None when there are none."""
+    if TABLE_KEY not in sdata.tables:
+        return None
+    regions = annotated_regions(sdata.tables[TABLE_KEY])
+    if len(regions) != 1 or regions[0] not in sdata.shapes or regions[0] in exclude:
+        return None
+    try:
+        spot_geometry(sdata.shapes[regions[0]], regions[0])
+    except InvalidInputError:
+        return None
+    return regions[0]
 
 
 def _squares(spots: gpd.GeoDataFrame, name: str) -> SpotGeometry:

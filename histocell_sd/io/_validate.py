@@ -11,10 +11,10 @@ from spatialdata.transformations import get_transformation
 from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PROPORTIONS_KEY, SPOT_ID_KEY, SPOTS_KEY, TABLE_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._elements import annotated_shapes, get_image, get_mpp, resolve_key
+from ._elements import annotated_regions, get_image, get_mpp, resolve_key
 from ._schema import NucleiTableModel, SpotsTableModel
 from ._schema_checks import check_nuclei_mpp, check_rows
-from ._spots import spot_geometry
+from ._spots import annotated_spots, spot_geometry
 
 
 @inject_docs
@@ -42,7 +42,8 @@ def validate(
         The sample to check (nothing is written).
     {image_key}
     {spots_key}
-        Spots are checked when given, when ``"spots"`` exists or with ``require_spots``.
+        Spots are checked when given, when ``"spots"`` exists, when the spots table annotates circles or squares,
+        or with ``require_spots``.
     {spots_table_key}
     {nuclei_key}
         Checked when given, when ``"nuclei"`` exists, or as the shapes the nuclei table annotates.
@@ -61,6 +62,8 @@ def validate(
     mpp = get_mpp(sdata)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     _check_image_element(sdata, image_key)
+    if spots_key is None and SPOTS_KEY not in sdata.shapes:
+        spots_key = annotated_spots(sdata)  # e.g. spatialdata-io's Visium circles, named after the dataset
     if spots_key is not None or SPOTS_KEY in sdata.shapes or require_spots:
         spots_key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
         _check_spots(sdata, spots_key, image_key)
@@ -70,9 +73,16 @@ def validate(
         SpotsTableModel.validate(table, name=f"tables[{spots_table_key!r}]")  # checks obsm["proportions"]
         if proportions_key != PROPORTIONS_KEY and proportions_key in table.obsm:
             check_rows(table.obsm[proportions_key], table, f"tables[{spots_table_key!r}].obsm[{proportions_key!r}]")
-    if nuclei_key is None and NUCLEI_KEY not in sdata.shapes and (nuclei_table_key is not None or HISTOCELL_KEY in sdata.tables):
+    if nuclei_key is None and (nuclei_table_key is not None or HISTOCELL_KEY in sdata.tables):
         nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
-        nuclei_key = annotated_shapes(sdata, nuclei_table_key)  # e.g. segment_nuclei(key_added="cellpose")
+        regions = annotated_regions(sdata.tables[nuclei_table_key])  # e.g. segment_nuclei(key_added="cellpose")
+        lacking = [r for r in regions if r not in sdata.shapes]
+        if lacking:
+            raise InvalidInputError(
+                f"tables[{nuclei_table_key!r}] annotates the shapes {lacking}, which the SpatialData lacks (shapes: "
+                f"{sorted(sdata.shapes)}); restore them or re-run pp.segment_nuclei."
+            )
+        nuclei_key = regions[0] if len(regions) == 1 else None
     if nuclei_key is not None or NUCLEI_KEY in sdata.shapes:
         nuclei_key = resolve_key(sdata, "shapes", key=nuclei_key, default=NUCLEI_KEY)
         _check_in_global(sdata, nuclei_key)

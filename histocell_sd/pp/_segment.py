@@ -67,7 +67,7 @@ def segment_nuclei(
     {image_key}
     spots_key
         Name of the spot circles or squares (``sdata.shapes``; read) that give the nuclei ``obs["spot_id"]``. None:
-        ``"spots"`` when present, else the only circles or squares element besides the nuclei, else none.
+        ``"spots"`` when present, else the circles or squares the spots table ``"table"`` annotates, else none.
     method
         ``"default"``: the learnt segmenter shipped in the package (:func:`~histocell_sd.pp.segment_learnt`;
         ``network=`` takes another segmenter folder). ``"classical"``: the classical, resolution-aware

@@ -116,8 +116,8 @@ def screen_phenotype(
     {nuclei_table_key}
         Read in each sample (and written, see ``key_added``).
     use_rep
-        ``obsm`` key of the representation, the same in every sample. With the default, samples that
-        have no embedding at all are clustered on ``obsm["cell_type_proba"]``.
+        ``obsm`` key of the representation, with the same columns in every sample. With the default, when no
+        sample has ``obsm["histocell_embedding"]``, all are clustered on ``obsm["cell_type_proba"]``.
     resolution, n_neighbors
         Clustering resolution and kNN graph size.
     n_cells_per_sample
@@ -165,10 +165,10 @@ def screen_phenotype(
     kind, target = _response_kind(y, phenotype_key)
     rng = np.random.default_rng(seed)
     tables = {name: get_table(data, nuclei_table_key) for name, data in named.items()}
-    rep_key = _representation_key(tables, use_rep)
+    rep_key, columns = _representation_key(tables, use_rep)
     reps, pooled = {}, []
     for name, table in tables.items():
-        reps[name] = _representation(table, rep_key, name)
+        reps[name] = _representation(table, rep_key, name, columns)
         take = rng.choice(table.n_obs, size=min(n_cells_per_sample, table.n_obs), replace=False)
         pooled.append(pd.DataFrame({"sample": name, "row": take}))
     pooled = pd.concat(pooled, ignore_index=True)
@@ -251,8 +251,9 @@ def _phenotype(named: dict, key: str, clinical: pd.DataFrame | None) -> pd.Serie
     return clin.loc[list(named), key]
 
 
-def _representation_key(tables: dict[str, ad.AnnData], use_rep: str) -> str:
-    """One ``obsm`` key for every sample: ``use_rep``, or the type probabilities where no sample has the default embedding."""
+def _representation_key(tables: dict[str, ad.AnnData], use_rep: str) -> tuple[str, list | None]:
+    """One ``obsm`` key for every sample (``use_rep``, or the type probabilities where no sample has the default
+    embedding) with the same layout in all: its columns (a DataFrame's, in the first sample's order) or its width."""
     if use_rep == EMBEDDING_KEY and not any(use_rep in t.obsm for t in tables.values()):
         use_rep = CELL_TYPE_PROBA_KEY  # predictions of a model without an embedding
     lacking = [name for name, t in tables.items() if use_rep not in t.obsm]
@@ -261,11 +262,24 @@ def _representation_key(tables: dict[str, ad.AnnData], use_rep: str) -> str:
             f"{len(lacking)} of {len(tables)} samples have no obsm[{use_rep!r}], e.g. {lacking[:3]}; every sample must be "
             "clustered on the same representation (run tl.predict with one model on all, or choose use_rep=)."
         )
-    return use_rep
+
+    def layout(rep):
+        return sorted(map(str, rep.columns)) if isinstance(rep, pd.DataFrame) else f"{np.shape(rep)[1]} columns"
+
+    first, *_ = tables
+    differ = [name for name, t in tables.items() if layout(t.obsm[use_rep]) != layout(tables[first].obsm[use_rep])]
+    if differ:
+        raise InvalidInputError(
+            f"obsm[{use_rep!r}] of {len(differ)} samples, e.g. {differ[:3]}, has other columns than sample {first!r}'s "
+            f"({layout(tables[differ[0]].obsm[use_rep])} against {layout(tables[first].obsm[use_rep])}): predict every sample with one model."
+        )
+    rep = tables[first].obsm[use_rep]
+    return use_rep, (list(rep.columns) if isinstance(rep, pd.DataFrame) else None)
 
 
-def _representation(table: ad.AnnData, use_rep: str, name: str) -> np.ndarray:
-    rep = np.asarray(table.obsm[use_rep], dtype=np.float32)
+def _representation(table: ad.AnnData, use_rep: str, name: str, columns: list | None = None) -> np.ndarray:
+    rep = table.obsm[use_rep]
+    rep = np.asarray(rep[columns] if columns is not None else rep, dtype=np.float32)
     if not np.isfinite(rep).all():
         raise InvalidInputError(f"Sample {name!r}: the representation has NaN or infinite values.")
     if table.n_obs < 2:

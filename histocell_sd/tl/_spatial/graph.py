@@ -109,8 +109,8 @@ def cell_graph(
         Used by ``method="knn"`` (squidpy's ``n_neighs``).
     {mpp}
     spatial_key
-        The centroids the graph is built on: ``"spatial"`` (pixels) or ``"spatial_um"`` (µm), which are also
-        the units of the distances written.
+        The centroids the graph is built on: ``"spatial"`` (pixels) or ``"spatial_um"`` (µm, no µm/px needed), which
+        are also the units of the distances written.
     {key_added}
         squidpy's key prefix: writes ``obsp[f"{key_added}_connectivities"]``,
         ``obsp[f"{key_added}_distances"]`` (in the units of ``spatial_key``) and ``uns[f"{key_added}_neighbors"]``
@@ -135,8 +135,8 @@ def cell_graph(
         raise InvalidInputError(f"spatial_key must be {SPATIAL_KEY!r} (pixels) or {SPATIAL_UM_KEY!r} (µm), got {spatial_key!r}.")
     if spatial_key not in table.obsm:
         raise InvalidInputError(f"The nuclei table has no obsm[{spatial_key!r}]; run pp.segment_nuclei or io.read_nuclei.")
-    scale = table_mpp(data, mpp)
-    units = scale if spatial_key == SPATIAL_KEY else 1.0  # µm per coordinate unit
+    scale = table_mpp(data, mpp) if spatial_key == SPATIAL_KEY else None  # centroids in µm need no µm/px
+    units = scale or 1.0  # µm per coordinate unit
     if radius_um is not None and (not np.isfinite(radius_um) or radius_um <= 0):
         raise InvalidInputError(f"radius_um must be a positive number of µm, got {radius_um!r}.")
     if method == "radius" and radius_um is None:
