@@ -12,8 +12,8 @@ QUOTED_FROM_ELSEWHERE = {
     "07_visium_hd.ipynb": {"0.642", "0.623"},  # benchmarks/measured/visium_hd.json, seed pairs
 }
 # Numbers with two or more decimals are results, unless a resolution; one decimal is usually a setting (1.0).
-RESULT = re.compile(r"(?<![\w.])[-−]?\d+\.\d{2,}(?!\d)(?!\s*µm/px)")
-NUMBER = re.compile(r"-?\d+\.\d+")
+RESULT = re.compile(r"(?<![\w.])[-−]?\d+\.\d{2,}(?:e[-+]?\d+)?(?![\d.])(?!\s*µm/px)")
+NUMBER = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?")
 
 
 def _outputs(cell: dict) -> str:
@@ -25,22 +25,29 @@ def _outputs(cell: dict) -> str:
 
 
 def _shown(quoted: str, values: set[float]) -> bool:
-    decimals = len(quoted.split(".")[1])
-    target = float(quoted.replace("−", "-"))
-    return any(abs(value - target) <= 0.5 * 10**-decimals + 1e-12 for value in values)
+    mantissa, _, exponent = quoted.replace("−", "-").partition("e")
+    tolerance = 0.5 * 10.0 ** (int(exponent or 0) - len(mantissa.split(".")[1]))
+    target = float(mantissa) * 10.0 ** int(exponent or 0)
+    return any(abs(value - target) <= tolerance * (1 + 1e-9) for value in values)
+
+
+def _nearby_values(cells: list[dict], i: int, reach: int = 2) -> set[float]:
+    """Numbers in the outputs of the ``reach`` code cells before and after markdown cell ``i`` (what its text describes)."""
+    code = [j for j, c in enumerate(cells) if c["cell_type"] == "code"]
+    before, after = [j for j in code if j < i][-reach:], [j for j in code if j > i][:reach]
+    return {float(n) for j in before + after for n in NUMBER.findall(_outputs(cells[j]))}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_quoted_results_are_in_the_outputs(path):
     cells = json.loads(path.read_text())["cells"]
-    values = {float(n) for c in cells if c["cell_type"] == "code" for n in NUMBER.findall(_outputs(c))}
     exempt = QUOTED_FROM_ELSEWHERE.get(path.name, set())
     stale = [
         m.group()
-        for c in cells
+        for i, c in enumerate(cells)
         if c["cell_type"] == "markdown"
         for m in RESULT.finditer("".join(c["source"]))
-        if m.group().lstrip("-−") not in exempt and not _shown(m.group(), values)
+        if m.group().lstrip("-−") not in exempt and not _shown(m.group(), _nearby_values(cells, i))
     ]
     assert not stale, f"{path.name} quotes {stale}, which none of its stored outputs shows (re-executed without its text?)"
 
@@ -48,9 +55,10 @@ def test_quoted_results_are_in_the_outputs(path):
 def test_the_check_finds_a_stale_number(tmp_path):
     notebook = {"cells": [
         {"cell_type": "code", "source": "", "outputs": [{"output_type": "stream", "text": ["ARI 0.7294\n"]}]},
-        {"cell_type": "markdown", "source": ["ARI 0.729, z −17.842"]},
+        {"cell_type": "markdown", "source": ["ARI 0.729, z −17.842, FDR 6.28e-02 (6.277e-05 shown)"]},
+        {"cell_type": "code", "source": "", "outputs": [{"output_type": "stream", "text": ["FDR 6.277e-05\n"]}]},
     ]}  # fmt: skip
     path = tmp_path / "stale.ipynb"
     path.write_text(json.dumps(notebook))
-    with pytest.raises(AssertionError, match=r"\['−17.842'\]"):
+    with pytest.raises(AssertionError, match=r"\['−17.842', '6.28e-02'\]"):
         test_quoted_results_are_in_the_outputs(path)
