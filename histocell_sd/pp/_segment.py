@@ -114,7 +114,7 @@ def segment_nuclei(
     """
     _check_method(method, method_kwargs)
     mpp = get_mpp(sdata)
-    claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
+    earlier = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     spots_key = spots_for_nuclei(sdata, spots_key, nuclei_key=key_added)
     image = _check_image(get_image(sdata, image_key=image_key), image_key)
@@ -141,7 +141,8 @@ def segment_nuclei(
         for window, tile_labels in progress_bar(results, total=len(tiles), desc="segmenting nuclei", disable=not progress):
             n_found = _paste(labels, window, tile_labels, n_found)
     if n_found == 0:
-        warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written.", stacklevel=2)
+        removed = f"; the earlier nuclei {sorted(earlier)} were removed, as they no longer describe it" if earlier else ""
+        warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written{removed}.", stacklevel=2)
     store_nuclei(sdata, labels, image_key=image_key, spots_key=spots_key, key_added=key_added, nuclei_table_key=nuclei_table_key,
                  labels_key=labels_key, method=f"segment_nuclei:{getattr(method, '__name__', method)}", overwrite=overwrite)
 
