@@ -386,3 +386,46 @@ def test_spots_under_another_name_are_found():
     sdata.shapes["V1_Breast_Cancer"] = far
     with pytest.raises(InvalidInputError, match="V1_Breast_Cancer"):
         validate(sdata)  # the renamed spots are checked too
+
+
+def test_spatialdata_io_spots_give_barcodes_and_misplaced_spots_are_refused():
+    # interop probe: spatialdata-io indexes its Visium circles by an integer instance id and names the table's rows
+    # by barcode, so nuclei got integer spot ids and every spot result was NaN; spots scaled into 'global' (hires
+    # coordinates) were read as full-resolution pixels; bins that tables annotate but that are not squares gave no word
+    import warnings
+
+    from spatialdata.transformations import Scale, set_transformation
+
+    sdata = _sdata(spot_centers=np.array([[45.0, 50.0], [150.0, 150.0]]))
+    table, spots = sdata.tables["table"], sdata.shapes["spots"].copy()
+    barcodes = list(table.obs_names)
+    spots.index = pd.Index([0, 1], name="spot_id")  # spatialdata-io: integer instance ids
+    sdata.shapes["heart"] = spots
+    del sdata.shapes["spots"]
+    region_key, instance_key = table.uns["spatialdata_attrs"]["region_key"], table.uns["spatialdata_attrs"]["instance_key"]
+    table.obs[region_key] = pd.Categorical(["heart"] * table.n_obs)
+    table.obs[instance_key] = [0, 1]
+    sdata.set_table_annotates_spatialelement("table", region="heart", region_key=region_key, instance_key=instance_key)
+    read_nuclei(_hovernet(), sdata)
+    assert set(sdata.tables["histocell"].obs["spot_id"].dropna()) == set(barcodes)  # rows of the table, not 0 and 1
+
+    set_transformation(sdata.shapes["heart"], Scale([0.15, 0.15], axes=("x", "y")), to_coordinate_system="global")
+    before = sdata.tables["histocell"].copy()
+    with pytest.raises(InvalidInputError, match=r"Spots 'heart' are placed in 'global' with a scale or offset \(scale 0.15"):
+        read_nuclei(_hovernet(), sdata, key_added="other", nuclei_table_key="other_table")
+    assert "other" not in sdata.shapes and sdata.tables["histocell"].obs.equals(before.obs)
+
+    squares = spots.copy()  # spatialdata-io's Visium HD bins: polygons without a 'side' column
+    squares.geometry = squares.geometry.buffer(5, cap_style="square")
+    squares = squares.drop(columns=[c for c in squares.columns if c != "geometry"])
+    del sdata.shapes["heart"]
+    sdata.shapes["hd_square_008um"] = squares
+    table.obs[region_key] = pd.Categorical(["hd_square_008um"] * table.n_obs)
+    sdata.set_table_annotates_spatialelement("table", region="hd_square_008um", region_key=region_key, instance_key=instance_key)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from histocell_sd.pp import segment_nuclei
+
+        segment_nuclei(sdata, method="classical", overwrite=True)
+    said = [str(w.message) for w in caught if "spots_key=" in str(w.message)]
+    assert len(said) == 1 and "tables annotate the shapes ['hd_square_008um']" in said[0]

@@ -23,8 +23,10 @@ from skimage.color import rgb2hed
 from skimage.measure import find_contours
 from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel, ShapesModel, get_table_keys
+from spatialdata.transformations import get_transformation
 
 from .._constants import (
+    COORDINATE_SYSTEM,
     HISTOCELL_KEY,
     IMAGE_KEY,
     NUCLEI_KEY,
@@ -33,7 +35,7 @@ from .._constants import (
 )
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._elements import get_image, get_mpp, pixel_transformations, resolve_key
+from ._elements import annotated_regions, get_image, get_mpp, pixel_transformations, resolve_key
 from ._schema import NucleiTableModel, merge_metadata
 from ._spots import annotated_spots, spot_geometry, spot_ids_of_points
 
@@ -141,7 +143,7 @@ def store_nuclei(
     features = _features(stats, polygons, mpp)
     centroids = stats["centroid"][:, ::-1] + np.asarray(origin[::-1], dtype=float) + 0.5
     names = pd.Index([f"nucleus_{i}" for i in ids], name=NUCLEUS_ID_KEY)
-    spot_ids = None if spots is None else _spot_ids(spots, centroids)
+    spot_ids = None if spots is None else _as_table_rows(sdata, spots_key, _spot_ids(spots, centroids))
     table = _table(features, centroids, names, spot_ids, key_added, mpp, method)
     merge_metadata(table, labels_key=labels_key, image_key=image_key)
     _remove_with_regions(sdata, ours, stale)
@@ -366,16 +368,58 @@ def _shapes_element(polygons: np.ndarray, names: pd.Index, mpp: float) -> gpd.Ge
     return ShapesModel.parse(gdf, transformations=pixel_transformations(mpp))
 
 
+NO_SPOTS = "<no spots>"  # spots_for_nuclei's answer when it found none, passed on so that it is not asked twice
+
+
 def spots_for_nuclei(sdata: SpatialData, spots_key: str | None, *, nuclei_key: str) -> str | None:
     """The shapes whose spots give nuclei ``obs["spot_id"]``: ``spots_key``, ``"spots"``, else the circles or squares
-    the spots table annotates; None without spots. Refuses anything but circles or squares."""
+    the spots table annotates; None without spots (a warning when tables annotate other shapes). Refuses anything
+    but circles or squares in the pixels of ``global``."""
+    if spots_key == NO_SPOTS:
+        return None
     if spots_key is None and SPOTS_KEY not in sdata.shapes:
         spots_key = annotated_spots(sdata, exclude=(nuclei_key,))
         if spots_key is None:
+            annotated = sorted({r for t in sdata.tables.values() for r in annotated_regions(t) if r in sdata.shapes and r != nuclei_key})
+            if annotated:
+                warnings.warn(
+                    f"No spots named 'spots' nor annotated by a table 'table', so the nuclei get no obs['spot_id']; tables annotate "
+                    f"the shapes {annotated}: pass spots_key= (circles with a 'radius' or squares with a 'side' column, as "
+                    "hc.io.read_visium / read_visium_hd write them).", UserWarning, stacklevel=3,
+                )
             return None
     key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
     spot_geometry(sdata.shapes[key], key)  # refuse anything but circles or squares before any work
+    systems = get_transformation(sdata.shapes[key], get_all=True)
+    matrix = systems[COORDINATE_SYSTEM].to_affine_matrix(("x", "y"), ("x", "y")) if COORDINATE_SYSTEM in systems else None
+    if matrix is None or not np.allclose(matrix, np.eye(3)):
+        if matrix is None:
+            raise InvalidInputError(f"Spots {key!r} are not in the 'global' coordinate system (they have {sorted(systems)}); "
+                                    "read the sample with hc.io.read_visium, whose 'global' is the full-resolution pixels.")
+        raise InvalidInputError(
+            f"Spots {key!r} are placed in 'global' with a scale or offset (scale {matrix[0, 0]:g}, offset {matrix[0, 2]:g}, {matrix[1, 2]:g}), "
+            "so their coordinates are not the image's pixels and nuclei would be assigned to the wrong spots; read the sample "
+            "with hc.io.read_visium, which places the spots on the full-resolution image."
+        )
     return key
+
+
+def _as_table_rows(sdata: SpatialData, spots_key: str, spot_ids: pd.Series) -> pd.Series:
+    """Spot ids as the row names of the table annotating the spots: spatialdata-io indexes its circles and squares by
+    an integer instance id (``obs[instance_key]``) and names the table's rows by barcode."""
+    for table in sdata.tables.values():
+        if annotated_regions(table) != [spots_key]:
+            continue
+        instance_key = get_table_keys(table)[2]
+        names = table.obs_names.astype(str)
+        found = spot_ids.dropna()
+        if instance_key not in table.obs or found.isin(names).all():
+            return spot_ids
+        lookup = pd.Series(names.to_numpy(), index=table.obs[instance_key].astype(str).to_numpy())
+        if not lookup.index.is_unique:
+            return spot_ids
+        return spot_ids.map(lookup)  # ids absent from the table: NaN
+    return spot_ids
 
 
 def _spot_ids(spots, centroids: np.ndarray) -> pd.Series:
