@@ -223,6 +223,23 @@ def test_cell_types_uses_the_stored_colours(segmented):
     assert scale_bars(ax)[0].txt_label.get_text() == "10 µm"
 
 
+def test_cell_types_draws_the_image_the_nuclei_were_segmented_on(segmented):
+    # interop probe: with spatialdata-io's image names (no "he", several images) pl.cell_types refused "Several image
+    # elements", although the nuclei table records its image, which tl.predict reads
+    from spatialdata import SpatialData
+
+    table = segmented.tables["histocell"].copy()
+    table.uns["histocell"] = table.uns["histocell"] | {"image_key": "heart_full_image"}
+    image = segmented.images["he"]
+    view = SpatialData(images={"heart_full_image": image, "heart_hires_image": image}, shapes={"nuclei": segmented.shapes["nuclei"]},
+                       tables={"histocell": table}, attrs=dict(segmented.attrs))
+    ax = pl.cell_types(view, extent=EXTENT)
+    assert ax.get_legend() is not None
+    with pytest.raises(hc.InvalidInputError, match="Several image"):
+        table.uns["histocell"].pop("image_key")
+        pl.cell_types(view, extent=EXTENT)
+
+
 def test_a_column_without_colours_reuses_the_colours_of_its_categories(slide):
     """``true_cell_type`` (tl.transfer_truth stores no colours) gets the predicted types' colours, type by type."""
     from spatialdata import SpatialData

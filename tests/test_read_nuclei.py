@@ -429,3 +429,16 @@ def test_spatialdata_io_spots_give_barcodes_and_misplaced_spots_are_refused():
         segment_nuclei(sdata, method="classical", overwrite=True)
     said = [str(w.message) for w in caught if "spots_key=" in str(w.message)]
     assert len(said) == 1 and "tables annotate the shapes ['hd_square_008um']" in said[0]
+
+
+def test_renamed_nuclei_are_named_when_segmenting_again():
+    # interop probe: after renaming the nuclei shapes (and the table's annotation) segment_nuclei refused the table as
+    # "not written by a segmentation"
+    from histocell_sd.pp import segment_nuclei
+
+    sdata = _sdata()
+    read_nuclei(TRUTH, sdata, format="labels", key_added="cells")
+    with pytest.raises(InvalidInputError, match=r"Table 'histocell' holds the nuclei of the shapes \['cells'\], not 'nuclei': pass key_added='cells'"):
+        segment_nuclei(sdata, method="classical")
+    segment_nuclei(sdata, method="classical", key_added="cells")
+    assert sdata.tables["histocell"].n_obs == 4

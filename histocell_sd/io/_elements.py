@@ -143,6 +143,14 @@ def _check_at_origin(image, key: str) -> None:
         )
 
 
+def segmented_image_key(sdata: SpatialData, table, image_key: str | None = None) -> str | None:
+    """``image_key``, else the image the nuclei of ``table`` were segmented on when recorded and still there, else None."""
+    if image_key is None:
+        recorded = table.uns.get("histocell", {}).get("image_key")
+        image_key = recorded if recorded in sdata.images else None
+    return image_key
+
+
 def annotated_regions(table) -> list[str]:
     """The names of the elements ``table`` annotates (``uns["spatialdata_attrs"]``); empty when it annotates none."""
     if "spatialdata_attrs" not in table.uns:

@@ -170,6 +170,11 @@ def claim_nuclei_keys(sdata: SpatialData, key_added: str, nuclei_table_key: str,
     if table is not None and "features" in meta and "spatialdata_attrs" in table.uns and get_table_keys(table)[0] == key_added:
         ours = {nuclei_table_key} | ({key_added} if key_added in sdata.shapes else set()) | ({meta["labels_key"]} if meta.get("labels_key") in sdata.labels else set())
     clash = [k for k in keys if k in sdata and k not in ours]
+    if clash and not overwrite and table is not None and "features" in meta and annotated_regions(table) != [key_added]:
+        raise InvalidInputError(
+            f"Table {nuclei_table_key!r} holds the nuclei of the shapes {annotated_regions(table)}, not {key_added!r}: pass "
+            f"key_added={annotated_regions(table)[0]!r} to replace that segmentation, other names to keep it, or overwrite=True."
+        )
     if clash and not overwrite:
         raise InvalidInputError(
             f"{clash} already exist in the SpatialData and were not written by a segmentation; pick other names "

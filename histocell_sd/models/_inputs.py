@@ -14,6 +14,7 @@ from .._constants import HISTOCELL_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from .._errors import InvalidInputError
 from .._utils import progress_bar
 from ..io import get_image, get_mpp, resolve_key
+from ..io._elements import segmented_image_key
 from ..io._schema_checks import check_nuclei_mpp
 from ..pp import nucleus_crops
 from ..pp._resample import rescale_uint8
@@ -137,10 +138,7 @@ def sample_inputs(
         raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obsm['spatial']; segment nuclei first (hc.pp.segment_nuclei).")
     features = _features(table, feature_names)
     xy_px = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
-    if image_key is None:  # the image the nuclei were segmented on, when recorded and still there
-        recorded = table.uns.get(HISTOCELL_KEY, {}).get("image_key")
-        image_key = recorded if recorded in sdata.images else None
-    image = get_image(sdata, image_key=image_key)
+    image = get_image(sdata, image_key=segmented_image_key(sdata, table, image_key))
     height = image.sizes["y"]
     bad = ~np.isfinite(xy_px).all(1)
     if bad.any():

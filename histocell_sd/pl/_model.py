@@ -16,7 +16,7 @@ from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
-from ..io._elements import annotated_shapes
+from ..io._elements import annotated_shapes, segmented_image_key
 from ..tl._prediction.evaluate import paired_labels
 from ._utils import (
     axes_or_new,
@@ -283,11 +283,11 @@ def cell_types(
     matplotlib.axes.Axes or matplotlib.figure.Figure
         The axes drawn on (its figure with ``return_fig=True``).
     """
-    image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     extent = check_extent(extent)
     check_look(fill_alpha=fill_alpha, scale_bar_um=scale_bar_um)
     if nuclei_table_key not in sdata.tables:
         raise InvalidInputError(f"No table {nuclei_table_key!r}; it has {list(sdata.tables)}.")
+    image_key = resolve_key(sdata, "images", key=segmented_image_key(sdata, sdata.tables[nuclei_table_key], image_key), default=IMAGE_KEY)
     if color not in sdata.tables[nuclei_table_key].obs:
         raise InvalidInputError(f"No obs[{color!r}] in table {nuclei_table_key!r}; run hc.tl.predict first.")
     nuclei_key = annotated_shapes(sdata, nuclei_table_key, nuclei_key)
