@@ -116,8 +116,8 @@ def segment_nuclei(
     mpp = get_mpp(sdata)
     earlier = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
-    spots_key = spots_for_nuclei(sdata, spots_key, nuclei_key=key_added)
     image = _check_image(get_image(sdata, image_key=image_key), image_key)
+    spots_key = spots_for_nuclei(sdata, spots_key, nuclei_key=key_added)  # after the image: its placement is the likelier fault
     height, width = image.shape[1:]
     tile_size_px, overlap_px = _check_tiling(tile_size_px, overlap_um, mpp)
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0:
