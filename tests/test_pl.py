@@ -235,7 +235,7 @@ def test_cell_types_draws_the_image_the_nuclei_were_segmented_on(segmented):
                        tables={"histocell": table}, attrs=dict(segmented.attrs))
     ax = pl.cell_types(view, extent=EXTENT)
     assert ax.get_legend() is not None
-    with pytest.raises(hc.InvalidInputError, match="Several image"):
+    with pytest.raises(hc.InvalidInputError, match=r"Several image elements.*image_key=; hc.io.read_visium names the full-resolution H&E .he."):
         table.uns["histocell"].pop("image_key")
         pl.cell_types(view, extent=EXTENT)
 

@@ -51,8 +51,17 @@ def resolve_key(sdata: SpatialData, kind: str, *, key: str | None = None, defaul
     if not elements:
         raise InvalidInputError(f"The SpatialData has no {what} element.")
     raise InvalidInputError(
-        f"Several {what} elements {sorted(elements)} and none is called {default!r}: pass the key explicitly."
+        f"Several {what} elements {sorted(elements)} and none is called {default!r}: pass the key explicitly"
+        f"{_PARAMETERS.get(kind, '')}."
     )
+
+
+# Which argument names an element of each kind, and how the package's readers name them (spatialdata-io names them after the dataset).
+_PARAMETERS = {
+    "images": " (image_key=; hc.io.read_visium names the full-resolution H&E 'he')",
+    "shapes": " (spots_key= or nuclei_key=; hc.io.read_visium names the spot circles 'spots')",
+    "tables": " (spots_table_key= or nuclei_table_key=; hc.io.read_visium names the spots table 'table')",
+}
 
 
 def get_mpp(sdata: SpatialData) -> float:
