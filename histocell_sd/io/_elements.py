@@ -9,7 +9,7 @@ from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 from spatialdata.transformations import Identity, Scale, Sequence, Translation, get_transformation, set_transformation
 
-from .._constants import COORDINATE_SYSTEM, MICRON_SYSTEM
+from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, MICRON_SYSTEM
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 
@@ -134,15 +134,22 @@ def get_image(sdata: SpatialData, *, image_key: str | None = None):
     return image["scale0"].image if hasattr(image, "children") and "scale0" in image.children else image
 
 
+def global_matrix(element) -> np.ndarray | None:
+    """The element's (x, y) affine matrix to ``global`` (the identity when its coordinates are the pixels); None when not in ``global``."""
+    systems = get_transformation(element, get_all=True)
+    if COORDINATE_SYSTEM not in systems:
+        return None
+    return systems[COORDINATE_SYSTEM].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+
+
 def _check_at_origin(image, key: str) -> None:
     """Refuse an image whose pixels are not the ``global`` units (a translated crop, a scaled copy, another system)."""
-    systems = get_transformation(image, get_all=True)
-    if COORDINATE_SYSTEM not in systems:
+    matrix = global_matrix(image)
+    if matrix is None:
         raise InvalidInputError(
-            f"Image {key!r} is not in the {COORDINATE_SYSTEM!r} coordinate system (it has {sorted(systems)}): read the sample with "
-            "hc.io.read_visium / read_zarr, or build it with hc.io.from_arrays, so that 'global' is its full-resolution pixels."
+            f"Image {key!r} is not in the {COORDINATE_SYSTEM!r} coordinate system (it has {sorted(get_transformation(image, get_all=True))}): "
+            "read the sample with hc.io.read_visium / read_zarr, or build it with hc.io.from_arrays, so that 'global' is its full-resolution pixels."
         )
-    matrix = systems[COORDINATE_SYSTEM].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
     if not np.allclose(matrix, np.eye(3)):
         raise InvalidInputError(
             f"Image {key!r} is placed in {COORDINATE_SYSTEM!r} with an offset or scale (x, y offset {matrix[0, 2]:g}, {matrix[1, 2]:g}; "
@@ -155,7 +162,7 @@ def _check_at_origin(image, key: str) -> None:
 def segmented_image_key(sdata: SpatialData, table, image_key: str | None = None) -> str | None:
     """``image_key``, else the image the nuclei of ``table`` were segmented on when recorded and still there, else None."""
     if image_key is None:
-        recorded = table.uns.get("histocell", {}).get("image_key")
+        recorded = table.uns.get(HISTOCELL_KEY, {}).get("image_key")
         image_key = recorded if recorded in sdata.images else None
     return image_key
 
@@ -171,11 +178,9 @@ def annotated_regions(table) -> list[str]:
 def annotated_shapes(sdata: SpatialData, nuclei_table_key: str, nuclei_key: str | None = None) -> str:
     """The nucleus polygons of ``nuclei_table_key``: ``nuclei_key`` when given (the table must annotate it), else the
     shapes element the table annotates."""
-    table = sdata.tables[nuclei_table_key]
-    if "spatialdata_attrs" not in table.uns:
+    regions = annotated_regions(sdata.tables[nuclei_table_key])
+    if not regions:
         raise InvalidInputError(f"The nuclei table {nuclei_table_key!r} annotates no element (no uns['spatialdata_attrs']).")
-    region = get_table_keys(table)[0]
-    regions = [region] if isinstance(region, str) else list(region)
     if nuclei_key is None:
         if len(regions) != 1 or regions[0] not in sdata.shapes:
             raise InvalidInputError(

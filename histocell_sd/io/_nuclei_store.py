@@ -26,7 +26,6 @@ from spatialdata.models import Labels2DModel, ShapesModel, get_table_keys
 from spatialdata.transformations import get_transformation
 
 from .._constants import (
-    COORDINATE_SYSTEM,
     HISTOCELL_KEY,
     IMAGE_KEY,
     NUCLEI_KEY,
@@ -35,7 +34,7 @@ from .._constants import (
 )
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._elements import annotated_regions, get_image, get_mpp, pixel_transformations, resolve_key
+from ._elements import annotated_regions, get_image, get_mpp, global_matrix, pixel_transformations, resolve_key
 from ._schema import NucleiTableModel, merge_metadata
 from ._spots import annotated_spots, spot_geometry, spot_ids_of_points
 
@@ -170,10 +169,11 @@ def claim_nuclei_keys(sdata: SpatialData, key_added: str, nuclei_table_key: str,
     if table is not None and "features" in meta and "spatialdata_attrs" in table.uns and get_table_keys(table)[0] == key_added:
         ours = {nuclei_table_key} | ({key_added} if key_added in sdata.shapes else set()) | ({meta["labels_key"]} if meta.get("labels_key") in sdata.labels else set())
     clash = [k for k in keys if k in sdata and k not in ours]
-    if clash and not overwrite and table is not None and "features" in meta and annotated_regions(table) != [key_added]:
+    regions = annotated_regions(table) if table is not None and "features" in meta else []
+    if clash and not overwrite and regions and regions != [key_added]:
         raise InvalidInputError(
-            f"Table {nuclei_table_key!r} holds the nuclei of the shapes {annotated_regions(table)}, not {key_added!r}: pass "
-            f"key_added={annotated_regions(table)[0]!r} to replace that segmentation, other names to keep it, or overwrite=True."
+            f"Table {nuclei_table_key!r} holds the nuclei of the shapes {regions}, not {key_added!r}: pass "
+            f"key_added={regions[0]!r} to replace that segmentation, other names to keep it, or overwrite=True."
         )
     if clash and not overwrite:
         raise InvalidInputError(
@@ -395,12 +395,12 @@ def spots_for_nuclei(sdata: SpatialData, spots_key: str | None, *, nuclei_key: s
             return None
     key = resolve_key(sdata, "shapes", key=spots_key, default=SPOTS_KEY)
     spot_geometry(sdata.shapes[key], key)  # refuse anything but circles or squares before any work
-    systems = get_transformation(sdata.shapes[key], get_all=True)
-    matrix = systems[COORDINATE_SYSTEM].to_affine_matrix(("x", "y"), ("x", "y")) if COORDINATE_SYSTEM in systems else None
-    if matrix is None or not np.allclose(matrix, np.eye(3)):
-        if matrix is None:
-            raise InvalidInputError(f"Spots {key!r} are not in the 'global' coordinate system (they have {sorted(systems)}); "
-                                    "read the sample with hc.io.read_visium, whose 'global' is the full-resolution pixels.")
+    matrix = global_matrix(sdata.shapes[key])
+    if matrix is None:
+        raise InvalidInputError(f"Spots {key!r} are not in the 'global' coordinate system (they have "
+                                f"{sorted(get_transformation(sdata.shapes[key], get_all=True))}); read the sample with "
+                                "hc.io.read_visium, whose 'global' is the full-resolution pixels.")
+    if not np.allclose(matrix, np.eye(3)):
         raise InvalidInputError(
             f"Spots {key!r} are placed in 'global' with a scale or offset (scale {matrix[0, 0]:g}, offset {matrix[0, 2]:g}, {matrix[1, 2]:g}), "
             "so their coordinates are not the image's pixels and nuclei would be assigned to the wrong spots; read the sample "
