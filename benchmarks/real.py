@@ -672,9 +672,10 @@ def main() -> None:
         if name == "detection":
             earlier = previous.get(name, {})
             for key in ("brca_m2c_test", "nucls_test", "synthetic_unseen"):  # with --detection-sets, the others keep an earlier run's figures
-                if key in args.detection_sets:
+                measured_before = "f1" in earlier.get(key, {}).get("default", {})
+                if key in args.detection_sets and not ("not_run" in out[name][key]["default"] and measured_before):
                     out[name][key]["run"] = len(runs)
-                elif key in earlier:
+                elif key in earlier:  # not asked for, or its twin missing now (--no-lodo-training): keep the earlier, whole
                     out[name][key] = {**earlier[key], "run": earlier[key].get("run", earlier.get("run"))}
         if name in WEAK_SECTIONS:
             out[name]["models_run"] = {m: len(runs) for m in args.models}

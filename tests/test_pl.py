@@ -240,6 +240,19 @@ def test_cell_types_draws_the_image_the_nuclei_were_segmented_on(segmented):
         pl.cell_types(view, extent=EXTENT)
 
 
+def test_plots_refuse_a_sample_transformed_out_of_global(slide):
+    # user probe: after spatialdata.transform(sdata, to_coordinate_system="um") only "um" is left, and the image plots
+    # failed inside spatialdata-plot with "does not contain any coordinate system named 'global'"
+    import spatialdata as sd
+
+    moved = sd.transform(slide, to_coordinate_system="um")
+    calls = [lambda: pl.cell_types(moved), lambda: pl.spot_proportions(moved, cell_type="tumor"), lambda: pl.niches(moved)]
+    for call in calls:
+        with pytest.raises(hc.InvalidInputError, match=r"not in the 'global' coordinate system the plots draw in \(it has \['um'\]"):
+            call()
+    assert list(sd.transformations.get_transformation(slide.images["he"], get_all=True)) == ["global", "um"]
+
+
 def test_a_column_without_colours_reuses_the_colours_of_its_categories(slide):
     """``true_cell_type`` (tl.transfer_truth stores no colours) gets the predicted types' colours, type by type."""
     from spatialdata import SpatialData

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import shapely
 from spatialdata import SpatialData
-from spatialdata.models import get_table_keys
 
 from .._constants import HISTOCELL_KEY, TABLE_KEY
 from .._errors import InvalidInputError
 from ..io import check_proportions, get_mpp, resolve_key
+from ..io._elements import annotated_regions
 from ..io._spots import SQUARE, spot_geometry, spot_overlaps
 from ._config import HistoCellConfig
 from ._inputs import SampleInputs, sample_inputs
@@ -191,10 +191,10 @@ def _overlap_pairs(sdata, nuclei_table_key, inputs, geometry, spot_of_row):
 
 
 def _annotated_region(table, table_key: str) -> str:
-    region = get_table_keys(table)[0] if "spatialdata_attrs" in table.uns else None
-    if not isinstance(region, str):
-        raise InvalidInputError(f"Table {table_key!r} must annotate exactly one spots element, got {region!r}.")
-    return region
+    regions = annotated_regions(table)
+    if len(regions) != 1:
+        raise InvalidInputError(f"Table {table_key!r} must annotate exactly one spots element, got {regions}.")
+    return regions[0]
 
 
 def spot_tiles(xy_um: np.ndarray, tile_um: float) -> list[np.ndarray]:

@@ -11,7 +11,19 @@ from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, PALETTE
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
-from ._utils import axes_or_new, category_colors, check_extent, check_look, crop, finish, image_bounds, legend_outside, scale_bar, view_limits
+from ._utils import (
+    axes_or_new,
+    category_colors,
+    check_extent,
+    check_in_global,
+    check_look,
+    crop,
+    finish,
+    image_bounds,
+    legend_outside,
+    scale_bar,
+    view_limits,
+)
 
 
 @inject_docs
@@ -84,6 +96,8 @@ def niches(
     if sdata.images:
         image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
         images[image_key] = sdata.images[image_key]
+    check_in_global(sdata, "images", images)
+    check_in_global(sdata, "shapes", [regions_key])
     view = SpatialData(images=images, shapes={regions_key: regions})
     if images:
         bounds = image_bounds(sdata, image_key)

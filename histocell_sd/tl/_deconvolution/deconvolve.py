@@ -26,6 +26,7 @@ from ..._docs import inject_docs
 from ..._errors import InvalidInputError
 from ..._utils import check_key_added, check_storable_names, check_whole_number, copy_for_writing, progress_bar
 from ...io import check_proportions, resolve_key
+from ...io._elements import annotated_regions
 from ...io._spots import SIDE_KEY, SQUARE, spot_geometry
 from .poisson import composition_em, type_signatures
 from .pooling import pool_low_counts
@@ -277,18 +278,12 @@ def _count_problem(matrix) -> str | None:
     return None
 
 
-def _region(table: ad.AnnData):
-    """The element the spots table annotates (None when it annotates none)."""
-    from spatialdata.models import get_table_keys
-
-    return get_table_keys(table)[0] if "spatialdata_attrs" in table.uns else None
-
-
 def _square_bins(sdata: SpatialData, table: ad.AnnData, table_key: str):
     """The geometry of the square bins the spots table annotates, in its row order (pooling needs their grid)."""
-    region = _region(table)
-    if not isinstance(region, str) or region not in sdata.shapes:
-        raise InvalidInputError(f"min_counts pools neighbouring bins: spots table {table_key!r} must annotate one shapes element, got {region!r}.")
+    regions = annotated_regions(table)
+    if len(regions) != 1 or regions[0] not in sdata.shapes:
+        raise InvalidInputError(f"min_counts pools neighbouring bins: spots table {table_key!r} must annotate one shapes element, got {regions}.")
+    region = regions[0]
     spots = sdata.shapes[region]
     rows = spots.index.get_indexer(table.obs_names)
     if (rows < 0).any():
@@ -301,8 +296,8 @@ def _square_bins(sdata: SpatialData, table: ad.AnnData, table_key: str):
 
 def _annotates_squares(sdata: SpatialData, table: ad.AnnData) -> bool:
     """Does ``table`` annotate square spots (Visium HD bins)?"""
-    region = _region(table)
-    return isinstance(region, str) and region in sdata.shapes and SIDE_KEY in sdata.shapes[region].columns
+    regions = annotated_regions(table)
+    return len(regions) == 1 and regions[0] in sdata.shapes and SIDE_KEY in sdata.shapes[regions[0]].columns
 
 
 def _warn_empty(empty: np.ndarray, stacklevel: int) -> None:
