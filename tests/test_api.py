@@ -182,6 +182,14 @@ def test_deprecated_parameters_are_documented_last_and_default_to_not_given():
     assert found == DEPRECATED
 
 
+def test_model_preprocessing_has_one_name():
+    """``HistoCell.preprocessing`` is the card's dict; its former name ``config`` warns (``settings`` is the HistoCellConfig)."""
+    model = hc.HistoCell(["a", "b"], encoder="scratch")
+    assert isinstance(model.settings, hc.models.HistoCellConfig) and model.preprocessing == model.settings.preprocessing
+    with pytest.warns(FutureWarning, match=r"HistoCell.config is deprecated; use .preprocessing"):
+        assert model.config == model.preprocessing
+
+
 def test_progress_is_on_by_default_everywhere():
     """One switch silences every bar (hc.settings.progress); a call's progress= defaults to on everywhere."""
     defaults = {name: sig.parameters["progress"].default for name, _, sig in PUBLIC if "progress" in sig.parameters}

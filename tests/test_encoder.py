@@ -17,12 +17,12 @@ from histocell_sd.datasets import CELL_TYPES
 def test_default_model_starts_from_the_shipped_encoder():
     state, card = load_weights(shipped_dir("encoder"), "encoder")
     model = hc.HistoCell(CELL_TYPES)
-    assert model.config["encoder"]["source"] == "pretrained"
-    assert model.config["encoder"]["weights_sha256"] == card["weights_sha256"] == hc.models.encoder_card()["weights_sha256"]
+    assert model.preprocessing["encoder"]["source"] == "pretrained"
+    assert model.preprocessing["encoder"]["weights_sha256"] == card["weights_sha256"] == hc.models.encoder_card()["weights_sha256"]
     for key, value in state.items():
         assert torch.equal(model.net.nucleus.state_dict()[key], value), key
     scratch = hc.HistoCell(CELL_TYPES, encoder="scratch")
-    assert scratch.config["encoder"]["source"] == "scratch"
+    assert scratch.preprocessing["encoder"]["source"] == "scratch"
     assert not torch.equal(scratch.net.nucleus.state_dict()["proj.weight"], state["proj.weight"])
 
 
@@ -72,10 +72,10 @@ def test_encoder_bad_inputs(tmp_path):
         hc.HistoCell(CELL_TYPES, encoder=3)
     with pytest.raises(InvalidInputError, match="trained on 32 px crops at 0.5 µm/px, but the model uses 48 px"):
         hc.HistoCell(CELL_TYPES, crop_px=48)
-    assert hc.HistoCell(CELL_TYPES, crop_px=48, encoder="scratch").config["crop_px"] == 48
+    assert hc.HistoCell(CELL_TYPES, crop_px=48, encoder="scratch").preprocessing["crop_px"] == 48
     copy = tmp_path / "encoder"
     shutil.copytree(shipped_dir("encoder"), copy)
-    assert hc.HistoCell(CELL_TYPES, encoder=copy).config["encoder"]["source"] == str(copy)
+    assert hc.HistoCell(CELL_TYPES, encoder=copy).preprocessing["encoder"]["source"] == str(copy)
     (copy / "weights.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(InvalidInputError, match="checksum"):
         hc.HistoCell(CELL_TYPES, encoder=copy)
@@ -118,7 +118,7 @@ def test_frozen_encoder_and_provenance_in_checkpoint(tmp_path):
         assert torch.equal(value, before[key]), key
     path = model.save(tmp_path / "m")
     loaded = hc.HistoCell.load(path)
-    assert loaded.config["encoder"] == model.config["encoder"]
+    assert loaded.preprocessing["encoder"] == model.preprocessing["encoder"]
     a = np.concatenate([p.detach().ravel().numpy() for p in model.net.parameters()])
     b = np.concatenate([p.detach().ravel().numpy() for p in loaded.net.parameters()])
     np.testing.assert_array_equal(a, b)

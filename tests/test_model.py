@@ -288,7 +288,7 @@ def test_save_load_round_trip(slide, model, predicted, checkpoint, monkeypatch):
     assert loaded.cell_types == model.cell_types
     assert loaded.state_names == model.state_names
     assert loaded.compartment_labels == model.compartment_labels
-    assert loaded.config == model.config
+    assert loaded.preprocessing == model.preprocessing
     np.testing.assert_array_equal(loaded.feature_mean_, model.feature_mean_)
     np.testing.assert_array_equal(loaded.feature_std_, model.feature_std_)
     assert loaded.training_summary_ == model.training_summary_
@@ -322,7 +322,7 @@ def test_model_card_contents(model, checkpoint):
     assert card["compartment_labels"] == model.compartment_labels
     pre = card["preprocessing"]
     for key in ("crop_px", "canonical_mpp", "context_mpp", "n_neighbors", "radius_um", "max_nuclei_per_spot"):
-        assert pre[key] == model.config[key]
+        assert pre[key] == model.preprocessing[key]
     assert card["package_version"] == hc.__version__
     assert isinstance(card["format_version"], int)
     summary = card["training_summary"]
@@ -670,7 +670,7 @@ def test_prediction_outputs(predicted, model):
     np.testing.assert_allclose(tumor, proba["tumor"], atol=1e-5)
     assert set(obs["compartment"].cat.categories) <= set(model.compartment_labels)
     np.testing.assert_allclose(table.obsm["compartment_proba"].sum(1), 1.0, atol=1e-5)
-    assert table.obsm["histocell_embedding"].shape == (table.n_obs, model.config["dim"])
+    assert table.obsm["histocell_embedding"].shape == (table.n_obs, model.preprocessing["dim"])
     assert "cell_type_mc_std" not in obs
 
 

@@ -8,6 +8,7 @@ loop) with :mod:`._samples` (training targets), and :mod:`._checkpoint` (save an
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -69,8 +70,9 @@ class HistoCell:
     cell_types, states, state_names, compartments, compartment_labels
         The outputs, in order (a type without states is its own single state; ``"mixed"`` last).
     settings
-        The :class:`~histocell_sd.models.HistoCellConfig` of the model; ``config`` is its
-        ``preprocessing`` (as in the model card).
+        The :class:`~histocell_sd.models.HistoCellConfig` of the model.
+    preprocessing
+        Its preprocessing and architecture as a dict, the model card's ``"preprocessing"``.
     net
         The :class:`~histocell_sd.models.HistoCellNet` (torch).
     feature_mean_, feature_std_
@@ -126,9 +128,15 @@ class HistoCell:
         return self._settings
 
     @property
-    def config(self) -> dict:
+    def preprocessing(self) -> dict:
         """Preprocessing and architecture, as in the model card's ``"preprocessing"`` (a copy)."""
         return self._settings.preprocessing
+
+    @property
+    def config(self) -> dict:
+        """Deprecated name of :attr:`preprocessing`."""
+        warnings.warn("HistoCell.config is deprecated; use .preprocessing (the model card's key).", FutureWarning, stacklevel=2)
+        return self.preprocessing
 
     @property
     def cell_types(self) -> list[str]:

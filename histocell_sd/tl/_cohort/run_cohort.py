@@ -224,7 +224,7 @@ def _settings_difference(stored: str | None, now: str) -> str:
 
 def model_fingerprint(model) -> str:
     """SHA-256 of what a model predicts with: its outputs, preprocessing, weights and morphology standardisation."""
-    digest = hashlib.sha256(json.dumps(model.config, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps(model.preprocessing, sort_keys=True, default=str).encode())
     for key, value in sorted(model.net.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())

@@ -123,7 +123,7 @@ def predict(
     if "type_ensemble_std" in out:
         table.obs["cell_type_ensemble_std"] = out["type_ensemble_std"]
     # merged, never replaced: segmentation's mpp, method and feature definitions stay
-    sources = [m.config["encoder"]["source"] for m in members]
+    sources = [m.preprocessing["encoder"]["source"] for m in members]
     merge_metadata(
         table, cell_types=list(model.cell_types), states=list(model.state_names), compartments=list(model.compartment_labels),
         encoder=sources[0] if len(set(sources)) == 1 else sources, ensemble_size=len(members),
