@@ -105,6 +105,18 @@ def test_read_visium_library_prefix_and_sample_id(tmp_path):
     assert sdata.attrs["sample_id"] == "patient 1"
 
 
+def test_a_spatialdata_io_object_is_sent_to_read_visium(tmp_path):
+    # interop probe: spatialdata_io.visium gives no mpp and no "global" system; the error said "set sdata.attrs['mpp'] =
+    # 0.5", after which every reader of the image failed on the missing "global"
+    import spatialdata_io
+
+    make_spaceranger_outs(tmp_path)
+    sdata = spatialdata_io.visium(tmp_path, dataset_id="lib1")
+    with pytest.raises(InvalidInputError, match=r"no 'global' coordinate system \(it has \['lib1'.*hc.io.read_visium"):
+        validate(sdata)
+    assert "mpp" not in sdata.attrs
+
+
 def test_read_visium_needs_fullres(tmp_path):
     make_spaceranger_outs(tmp_path, fullres=None)
     with pytest.raises(InvalidInputError, match="fullres_image_file"):

@@ -81,6 +81,13 @@ def get_mpp(sdata: SpatialData) -> float:
         raise InvalidInputError(f"Expected a SpatialData sample, got {type(sdata).__name__}.")
     mpp = sdata.attrs.get("mpp")
     if mpp is None:
+        systems = set(sdata.coordinate_systems)
+        if systems and COORDINATE_SYSTEM not in systems:  # e.g. spatialdata_io.visium: one system per dataset, no "global"
+            raise InvalidInputError(
+                f"The SpatialData has no 'mpp' (µm per pixel) in sdata.attrs and no {COORDINATE_SYSTEM!r} coordinate system "
+                f"(it has {sorted(systems)}), as a reader other than histocell-sd's makes it: read the Space Ranger folder with "
+                "hc.io.read_visium (or read_visium_hd), which puts the full-resolution H&E in 'global' and sets mpp."
+            )
         raise InvalidInputError(
             "The SpatialData has no 'mpp' (µm per pixel) in sdata.attrs; set it, e.g. sdata.attrs['mpp'] = 0.5."
         )
