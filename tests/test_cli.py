@@ -106,6 +106,7 @@ def test_every_option_has_help_and_version_prints(capsys):
 
 @pytest.mark.slow
 def test_pipeline_from_an_image_and_spots_csv(tmp_path, capsys):
+    # own case cli_inplace_replaces
     """import (image + spots CSV + counts + µm/px) -> segment -> deconvolve -> train -> predict -> refine -> export."""
     import json
 

@@ -97,6 +97,7 @@ def test_truth_as_predictions_with_given_probabilities(tiny_predicted):
     ({"censoring": 1.0}, r"censoring .* \[0, 1\)"), ({"censoring": -0.1}, "censoring"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
+    # own case cohort_args
     # probe: n_samples=3.5 TypeError, mpp=0 ZeroDivisionError; hazard_ratio=0 gave durations of 0, censoring=1 no events
     with pytest.raises(InvalidInputError, match=message):
         synthetic_cohort(**kwargs)

@@ -67,6 +67,7 @@ def test_constant_and_nan_indicators_dropped(cohort):
 
 
 def test_clinical_columns_of_a_dataframe_are_not_tested(cohort):
+    # own case stats_clinical_columns
     # probe: survival(ind.to_df().join(clinical)) tested response, responder and phenotype as indicators
     ind, clinical, _ = cohort
     joined = ind.to_df().join(clinical)
@@ -86,6 +87,7 @@ def test_clinical_columns_of_a_dataframe_are_not_tested(cohort):
 
 
 def test_undefined_effect_has_no_direction():
+    # own case stats_nan_direction
     # probe: an indicator missing where the response is 1 (one response class left) got AUC NaN and direction "lower"
     ind = pd.DataFrame({"x": [np.nan, np.nan, 1, 2, 3, np.nan], "y": [5, 6, 1, 2, 3, 4.0]}, index=list("abcdef"))
     res = tl.response_association(ind, response_key="r", clinical=pd.DataFrame({"r": [1, 1, 0, 0, 0, 1]}, index=list("abcdef")))
@@ -124,6 +126,7 @@ def test_response_errors(cohort):
 
 
 def test_kaplan_meier_plot(cohort):
+    # own case km_legend
     ind, _, truth = cohort
     ax = pl.kaplan_meier(ind, indicator=truth["prognostic_indicator"], duration_key="duration", event_key="event")
     assert ax.logrank_p < 0.05 and "log-rank p" in ax.get_title()

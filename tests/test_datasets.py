@@ -129,6 +129,7 @@ def test_resolution_changes_pixels_not_microns():
 
 
 def test_unknown_preset_split_and_proportions():
+    # own case bare_value_error
     with pytest.raises(hc.InvalidInputError, match="preset"):
         synthetic_visium(preset="huge")
     with pytest.raises(hc.InvalidInputError, match="split must be"):

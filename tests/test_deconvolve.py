@@ -54,6 +54,7 @@ def test_poisson_deconvolution(tiny_predicted):
 
 
 def test_redeconvolving_without_states_removes_the_earlier_states(tiny_predicted):
+    # own case deconvolve_stale_states
     # probe: deconvolve(state_key="cell_state") then deconvolve() kept the old state proportions, and fit then
     # refused them as disagreeing with proportions the user had just written
     sdata, reference = tiny_predicted

@@ -88,6 +88,7 @@ def test_cell_graph_copy_and_knn(slide):
 
 @pytest.mark.parametrize("method", ["delaunay", "radius"])
 def test_cell_graph_in_microns(slide, method):
+    # own case graph_distance_units
     # API review: obsp distances were always pixels, so squidpy tools run on the graph gave pixel results
     px = tl.cell_graph(slide, method=method, radius_um=30.0, copy=True)
     um = tl.cell_graph(slide, method=method, radius_um=30.0, spatial_key="spatial_um", copy=True)
@@ -174,6 +175,7 @@ def test_tissue_architecture_rejects_bad_input(slide):
 
 
 def test_niche_names_and_cell_types_can_be_written(slide, tmp_path):
+    # own case niche_colours
     # own case niche_slash: a "tumor/lymphocyte-mixed" niche named a key of uns[...]["composition"]: write_zarr failed
     from histocell_sd.io import write_zarr
     from histocell_sd.tl._spatial.architecture import _names
@@ -272,6 +274,7 @@ def test_infiltration_unknown_cell_type_refused():
 
 
 def test_indicators_samples_forms_and_niches(slide):
+    # own case indicators_mpp_override
     tl.tissue_architecture(slide, n_niches=3)
     one = tl.spatial_indicators(slide, progress=False, n_perms=10)
     assert one.obs_names.tolist() == [slide.attrs["sample_id"]]

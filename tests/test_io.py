@@ -236,6 +236,7 @@ def test_write_overwrite_replaces(sdata, tmp_path):
 
 
 def test_write_stores_uns_tuples_as_lists(sdata, tmp_path):
+    # own case uns_tuple_write
     # own case: squidpy's spatial_neighbors(radius=(0, r)) records a tuple in uns, which anndata cannot write
     import squidpy as sq
 
@@ -252,6 +253,7 @@ def test_write_stores_uns_tuples_as_lists(sdata, tmp_path):
 
 
 def test_write_unstorable_uns_named_and_nothing_written(sdata, tmp_path):
+    # own case uns_tuple_write
     uns = sdata.tables["table"].uns
     uns["ragged"], uns["pair"] = [1, [2, 3]], (0, 30)
     with pytest.raises(InvalidInputError, match="ragged"):

@@ -39,6 +39,7 @@ def test_imports_flow_one_way():
 
 
 def test_bad_input_is_an_invalid_input_error():
+    # own case bare_value_error
     """Public functions report bad input as InvalidInputError, never as a bare ValueError or TypeError."""
     import ast
 
@@ -49,3 +50,26 @@ def test_bad_input_is_an_invalid_input_error():
                 if node.exc.func.id in ("ValueError", "TypeError"):
                     bare.append(f"{path.relative_to(ROOT)}:{node.lineno} raises {node.exc.func.id}")
     assert bare == []
+
+
+def test_every_reliability_case_names_an_existing_test_that_carries_its_id():
+    """Each row of tests/RELIABILITY.md names tests that exist, and ``grep -rn <id> tests/`` finds the case."""
+    import re
+
+    sources = {path.name: path.read_text() for path in (ROOT / "tests").glob("test_*.py")}
+    rows = [line for line in (ROOT / "tests" / "RELIABILITY.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith(("| case", "|---"))]
+    assert len(rows) >= 100
+    problems, previous = [], []
+    for row in rows:
+        case = row.split("|")[1].strip()
+        refs = re.findall(r"`(test_\w+\.py)::(test_\w+)", row) or (previous if "| same test" in row else [])
+        previous = refs
+        if not refs:
+            problems.append(f"{case}: names no test")
+        for file, test in refs:
+            if not re.search(rf"^def {test}\(", sources.get(file, ""), re.M):
+                problems.append(f"{case}: {file}::{test} does not exist")
+        if not any(re.search(rf"\b{re.escape(case)}\b", text) for text in sources.values()):
+            problems.append(f"{case}: no test carries the id")
+    assert not problems, problems

@@ -224,6 +224,7 @@ def test_cell_types_uses_the_stored_colours(segmented):
 
 
 def test_cell_types_draws_the_image_the_nuclei_were_segmented_on(segmented):
+    # own case pl_recorded_image
     # interop probe: with spatialdata-io's image names (no "he", several images) pl.cell_types refused "Several image
     # elements", although the nuclei table records its image, which tl.predict reads
     from spatialdata import SpatialData
@@ -241,6 +242,7 @@ def test_cell_types_draws_the_image_the_nuclei_were_segmented_on(segmented):
 
 
 def test_plots_refuse_a_sample_transformed_out_of_global(slide):
+    # own case pl_transformed_sample
     # user probe: after spatialdata.transform(sdata, to_coordinate_system="um") only "um" is left, and the image plots
     # failed inside spatialdata-plot with "does not contain any coordinate system named 'global'"
     import spatialdata as sd
@@ -352,6 +354,7 @@ def test_niches_legend_and_scale_bar(slide):
 
 
 def test_windows_without_nuclei_spots_or_image(slide, segmented):
+    # own case pl_unclear_keys
     # own case pl_extent_empty: an empty or outside window gave KeyError / AssertionError from spatialdata-plot
     with pytest.raises(hc.InvalidInputError, match="No 'nuclei' lie within extent"):
         pl.cell_types(segmented, extent=(0, 3, 0, 3))

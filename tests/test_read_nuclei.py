@@ -389,6 +389,7 @@ def test_spots_under_another_name_are_found():
 
 
 def test_spatialdata_io_spots_give_barcodes_and_misplaced_spots_are_refused():
+    # own case sdio_integer_spot_ids, sdio_scaled_spots, sdio_hd_no_bins
     # interop probe: spatialdata-io indexes its Visium circles by an integer instance id and names the table's rows
     # by barcode, so nuclei got integer spot ids and every spot result was NaN; spots scaled into 'global' (hires
     # coordinates) were read as full-resolution pixels; bins that tables annotate but that are not squares gave no word
@@ -432,6 +433,7 @@ def test_spatialdata_io_spots_give_barcodes_and_misplaced_spots_are_refused():
 
 
 def test_renamed_nuclei_are_named_when_segmenting_again():
+    # own case seg_renamed_nuclei
     # interop probe: after renaming the nuclei shapes (and the table's annotation) segment_nuclei refused the table as
     # "not written by a segmentation"
     from histocell_sd.pp import segment_nuclei

@@ -122,6 +122,7 @@ def test_another_model_is_refused_on_resume_and_used_when_asked(slides, tmp_path
 
 
 def test_resume_refuses_results_of_other_settings(slides, tmp_path):
+    # own case cohort_resume_other_settings
     # probe: a resume with area_method="hull" kept the grid areas of finished slides and computed the others with
     # the hull, so density_* mixed two definitions in one column
     paths, _, model = slides

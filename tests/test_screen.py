@@ -143,6 +143,7 @@ def test_errors(cohort):
 
 
 def test_key_added_never_overwrites_the_data_model_and_a_failed_screen_writes_nothing(monkeypatch):
+    # own case screen_key_added
     # probe: key_added="cell_type" replaced the predictions with population names, and the screen's own
     # dominant_cell_type column then read "P5", "P3", ...
     samples, clinical, _ = synthetic_cohort(n_samples=6, n_nuclei=200, seed=0)

@@ -233,6 +233,7 @@ def test_key_collisions_are_refused_and_change_nothing():
 
 
 def test_blank_image_removes_only_earlier_nuclei():
+    # own case seg_empty_says_removed
     # cases.md: seg_blank_removes_table
     sdata, _ = _disk_sample(radius_px=12)
     segment_nuclei(sdata, method="classical", tile_size_px=256, progress=False)

@@ -91,6 +91,7 @@ def test_detection_scores():
 
 
 def test_aggregated_jaccard_index():
+    # own case bare_value_error
     truth = np.zeros((10, 10), dtype=int)
     truth[2:5, 2:5] = 1
     truth[6:9, 6:9] = 2

@@ -106,6 +106,7 @@ def test_read_visium_library_prefix_and_sample_id(tmp_path):
 
 
 def test_a_spatialdata_io_object_is_sent_to_read_visium(tmp_path):
+    # own case sdio_no_mpp
     # interop probe: spatialdata_io.visium gives no mpp and no "global" system; the error said "set sdata.attrs['mpp'] =
     # 0.5", after which every reader of the image failed on the missing "global"
     import spatialdata_io
