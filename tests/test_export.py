@@ -38,7 +38,7 @@ def _load(path) -> dict:
 
 def _raster(path, shape) -> np.ndarray:
     """The full-image raster read_nuclei builds from a GeoJSON file."""
-    labels, (y0, x0), _ = _to_raster(str(path), "geojson", shape, 1.0, (0.0, 0.0))
+    labels, (y0, x0), _ = _to_raster(str(path), "geojson", shape, 1.0, (0.0, 0.0), 0.5)
     full = np.zeros(shape, dtype=np.int32)
     full[y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]] = labels
     return full

@@ -595,3 +595,27 @@ def test_io_functions_refuse_what_is_not_a_spatialdata(sdata, tmp_path, thing):
     with pytest.raises(InvalidInputError, match="Expected a SpatialData sample, got"):
         write_zarr(value, tmp_path / "x.zarr")
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_read_proportions_refuses_totals_and_reserved_keys_and_names_cell2location_types(sdata, proportions, tmp_path):
+    # own case byo_proportions: an RCTD nUMI column, a total or a flag became a cell type (spot 0 read as 99.98 % "nUMI");
+    # cell2location's "q05cell_abundance_w_sf_<type>" columns became the cell-type names, and a file holding two
+    # posteriors counted every type twice; key_added="spatial" replaced the spot centres
+    table = sdata.tables["table"]
+    for extra in ({"nUMI": 3000}, {"total_counts": 2.0}, {"in_tissue2": True}):
+        name = next(iter(extra))
+        with pytest.raises(InvalidInputError, match=rf"columns \['{name}'\] that look like spot totals or flags.*drop_columns=\['{name}'\]"):
+            read_proportions(proportions.assign(**extra), sdata, key_added="new")
+    assert "new" not in table.obsm
+    file = tmp_path / "c2l.csv"
+    (proportions * 7).add_prefix("q05cell_abundance_w_sf_").to_csv(file)
+    result = read_proportions(file, sdata, key_added="new")
+    assert list(result.columns) == CELL_TYPES
+    assert np.allclose(result.loc[proportions.index].to_numpy(), proportions.to_numpy() / proportions.sum(axis=1).to_numpy()[:, None])
+    both = pd.concat([proportions.add_prefix("q05cell_abundance_w_sf_"), proportions.add_prefix("meanscell_abundance_w_sf_")], axis=1)
+    with pytest.raises(InvalidInputError, match=r"several cell2location posteriors \(meanscell_abundance_w_sf_<type>, q05cell_abundance_w_sf_<type>\)"):
+        read_proportions(both, sdata, key_added="other")
+    spatial = table.obsm["spatial"].copy()
+    with pytest.raises(InvalidInputError, match=r"key_added='spatial' would overwrite obsm\['spatial'\]"):
+        read_proportions(proportions, sdata, key_added="spatial")
+    assert np.array_equal(table.obsm["spatial"], spatial) and "other" not in table.obsm

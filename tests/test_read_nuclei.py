@@ -1,6 +1,7 @@
 """Tests of importing nuclei segmented elsewhere (HoVer-Net JSON, GeoJSON, label masks)."""
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -110,7 +111,7 @@ def _full(labels, origin):
 def test_hovernet_contours_rasterise_to_the_mask(tmp_path):
     parsed = parse_hovernet(_write_json(tmp_path, "h.json", _hovernet()))
     assert parsed.names == ["1", "2", "3", "4"] and parsed.types == TYPES
-    labels, origin, _ = _to_raster(_hovernet(), "hovernet", (SIZE, SIZE), 1.0, (0.0, 0.0))
+    labels, origin, _ = _to_raster(_hovernet(), "hovernet", (SIZE, SIZE), 1.0, (0.0, 0.0), MPP)
     assert (_full(labels, origin) == TRUTH).all() or _iou_per_nucleus(_full(labels, origin)).min() > 0.97
     assert _iou_per_nucleus(_full(labels, origin)).min() > 0.97
 
@@ -118,7 +119,7 @@ def test_hovernet_contours_rasterise_to_the_mask(tmp_path):
 def test_geojson_polygons_rasterise_to_the_mask():
     parsed = parse_geojson(_geojson())
     assert parsed.names == [f"cell-{i}" for i in range(4)] and parsed.types == [TYPE_MAP[t] for t in TYPES]
-    labels, origin, _ = _to_raster(_geojson(), "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))
+    labels, origin, _ = _to_raster(_geojson(), "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0), MPP)
     assert _iou_per_nucleus(_full(labels, origin)).min() > 0.9
 
 
@@ -136,21 +137,21 @@ def test_geojson_multipolygon_keeps_largest_and_skips_annotations():
 def test_later_polygons_do_not_overwrite_earlier_ones():
     fc = _geojson()
     fc["features"][1]["geometry"]["coordinates"] = [_circle(44, 50, 8)]  # overlaps nucleus 0
-    full = _full(*_to_raster(fc, "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))[:2])
-    alone = _full(*_to_raster(_geojson(), "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))[:2])
+    full = _full(*_to_raster(fc, "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0), MPP)[:2])
+    alone = _full(*_to_raster(_geojson(), "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0), MPP)[:2])
     assert ((full == 1) == (alone == 1)).all()
     assert 0 < (full == 2).sum() < (TRUTH == 1).sum()
 
 
 def test_scale_and_offset_map_downsampled_exports():
     half = _geojson(scale=2.0)  # exported at a 2× downsampled level
-    labels, origin, _ = _to_raster(half, "geojson", (SIZE, SIZE), 2.0, (0.0, 0.0))
+    labels, origin, _ = _to_raster(half, "geojson", (SIZE, SIZE), 2.0, (0.0, 0.0), MPP)
     assert _iou_per_nucleus(_full(labels, origin)).min() > 0.85
     # a crop starting at (30, 20) px
     crop = _hovernet()
     for rec in crop["nuc"].values():
         rec["contour"] = [[x - 30, y - 20] for x, y in rec["contour"]]
-    labels, origin, _ = _to_raster(crop, "hovernet", (SIZE, SIZE), 1.0, (30.0, 20.0))
+    labels, origin, _ = _to_raster(crop, "hovernet", (SIZE, SIZE), 1.0, (30.0, 20.0), MPP)
     assert _iou_per_nucleus(_full(labels, origin)).min() > 0.97
 
 
@@ -167,15 +168,15 @@ def test_label_mask_sources(tmp_path, suffix):
         Image.fromarray(TRUTH.astype(np.uint8)).save(path)
     else:
         path = TRUTH
-    labels, origin, parsed = _to_raster(path, "labels", (SIZE, SIZE), 1.0, (0.0, 0.0))
+    labels, origin, parsed = _to_raster(path, "labels", (SIZE, SIZE), 1.0, (0.0, 0.0), MPP)
     assert parsed is None and origin == (0, 0) and (labels == TRUTH).all()
 
 
 def test_label_mask_of_a_downsampled_level():
-    labels, origin, _ = _to_raster(TRUTH[::2, ::2], "labels", (SIZE, SIZE), 2.0, (0.0, 0.0))
+    labels, origin, _ = _to_raster(TRUTH[::2, ::2], "labels", (SIZE, SIZE), 2.0, (0.0, 0.0), MPP)
     assert _iou_per_nucleus(_full(labels, origin)).min() > 0.8
     # a crop of the mask placed at its offset
-    labels, origin, _ = _to_raster(TRUTH[20:120, 30:180], "labels", (SIZE, SIZE), 1.0, (30.0, 20.0))
+    labels, origin, _ = _to_raster(TRUTH[20:120, 30:180], "labels", (SIZE, SIZE), 1.0, (30.0, 20.0), MPP)
     assert origin == (20, 30) and (_full(labels, origin)[20:120, 30:180] == TRUTH[20:120, 30:180]).all()
 
 
@@ -186,7 +187,7 @@ def test_qupath_cells_use_their_nucleus_geometry():
         cell = np.asarray(feat["geometry"]["coordinates"][0])
         feat["geometry"] = {"type": "Polygon", "coordinates": [((cell - cell.mean(0)) * 2 + cell.mean(0)).tolist()]}
         feat["properties"] = {"objectType": "cell", "classification": "Tumor"}
-    labels, origin, parsed = _to_raster(fc, "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0))
+    labels, origin, parsed = _to_raster(fc, "geojson", (SIZE, SIZE), 1.0, (0.0, 0.0), MPP)
     assert _iou_per_nucleus(_full(labels, origin)).min() > 0.9 and parsed.types == ["Tumor"] * 4
 
 
@@ -444,3 +445,110 @@ def test_renamed_nuclei_are_named_when_segmenting_again():
         segment_nuclei(sdata, method="classical")
     segment_nuclei(sdata, method="classical", key_added="cells")
     assert sdata.tables["histocell"].n_obs == 4
+
+
+# ----------------------------------------------------------------- bring-your-own probe (2026-12-07, night)
+
+
+def test_nuclei_cut_by_the_image_border_are_kept_with_a_warning():
+    # own case byo_border_nuclei: write_geojson -> read_nuclei refused the whole file because two border nuclei of the
+    # package's own slide reach 2.5 px past the image ("exported from a downsampled level?")
+    fc = _geojson()
+    fc["features"][0]["geometry"]["coordinates"] = [_circle(3, 50, 8)]  # reaches 5 px past the left border
+    sdata = _sdata()
+    with pytest.warns(UserWarning, match=r"1 nuclei of the GeoJSON input reach beyond the image border and were cut at it, e.g. \['cell-0'\]"):
+        read_nuclei(fc, sdata, format="geojson")
+    table = sdata.tables["histocell"]
+    assert table.n_obs == len(DISKS) and table.obsm["spatial"][:, 0].min() > 0
+    assert sdata.shapes["nuclei"].total_bounds[0] >= 0  # cut at the border
+    fc["features"][0]["geometry"]["coordinates"] = [_circle(-6, 50, 8)]  # its centre off the image: a wrong scale or offset
+    with pytest.raises(InvalidInputError, match="nucleus 'cell-0'.*outside.*Set scale and offset"):
+        read_nuclei(fc, _sdata(), format="geojson")
+
+
+def test_type_map_as_a_list_and_a_bad_type_map_changes_nothing():
+    # own case byo_type_map: type_map=[names] raised a bare TypeError after the earlier nuclei had been replaced
+    sdata = _sdata()
+    read_nuclei(_hovernet(), sdata, type_map=["background", "neoplastic", "inflammatory", "connective"])
+    before = sdata.tables["histocell"].obs["imported_type"].tolist()
+    assert before == [TYPE_MAP[t] for t in TYPES]
+    with pytest.raises(InvalidInputError, match="type_map must map class ids to names.*got int"):
+        read_nuclei(_hovernet()["nuc"] | {}, sdata, type_map=5)
+    assert sdata.tables["histocell"].obs["imported_type"].tolist() == before
+
+
+def test_read_nuclei_offers_the_overwrite_its_error_names():
+    # own case byo_overwrite_hint: the refusal said "pass overwrite=True" (and labels_key=), which read_nuclei lacked
+    import anndata as ad
+
+    sdata = _sdata()
+    sdata.tables["histocell"] = ad.AnnData(obs=pd.DataFrame(index=["a", "b"]))  # not written by a segmentation
+    with pytest.raises(InvalidInputError, match=r"\(key_added=, nuclei_table_key=\) or pass overwrite=True"):
+        read_nuclei(_hovernet(), sdata)
+    assert sdata.tables["histocell"].n_obs == 2
+    read_nuclei(_hovernet(), sdata, overwrite=True)
+    _check_table(sdata)
+
+
+def test_qupath_derived_classes_and_colours_with_alpha():
+    # own case byo_qupath_classes: QuPath >= 0.4 writes "Tumor: Positive" as "names": [...], colours may carry alpha
+    fc = _geojson()
+    classes = [{"names": ["Tumor", "Positive"], "color": [0, 200, 0, 255]}, {"names": ["Tumor", "Negative"], "color": [100, 100, 200]},
+               {"name": "Stroma", "colorRGB": -3657166}, {"names": ["Tumor", "Positive"], "color": [0, 200, 0, 255]}]
+    for feature, cls in zip(fc["features"], classes):
+        feature["properties"]["classification"] = cls
+    sdata = _sdata()
+    read_nuclei(fc, sdata, format="geojson")
+    table = sdata.tables["histocell"]
+    assert table.obs["imported_type"].tolist() == ["Tumor: Positive", "Tumor: Negative", "Stroma", "Tumor: Positive"]
+    colours = dict(zip(table.obs["imported_type"].cat.categories, table.uns["imported_type_colors"]))
+    assert colours == {"Stroma": "#c83232", "Tumor: Negative": "#6464c8", "Tumor: Positive": "#00c800"}
+
+
+def test_polygons_larger_than_any_nucleus_are_skipped_and_a_file_of_only_those_refused():
+    # own case byo_annotation_only: a QuPath export of the tissue outline alone became one 360,000 µm² "nucleus"
+    tissue = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]]]},
+              "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}}}
+    sdata = _sdata()
+    with pytest.raises(InvalidInputError, match=r"holds no nucleus: its 1 polygons each cover over 2000 µm² \(e.g. '0' \(Tissue\), 10000 µm²\)"):
+        read_nuclei([tissue], sdata, format="geojson")
+    assert "histocell" not in sdata.tables and "nuclei" not in sdata.shapes
+    region = tissue | {"properties": {"classification": {"name": "Region"}}}  # no objectType: not skipped as an annotation
+    with pytest.warns(UserWarning, match=r"1 polygons of the GeoJSON input cover over 2000 µm².*skipped: '4' \(Region\)"):
+        read_nuclei(_geojson()["features"] + [region], sdata, format="geojson")
+    assert sdata.tables["histocell"].obs["imported_type"].tolist() == [TYPE_MAP[t] for t in TYPES]
+
+
+def test_label_ids_covering_several_regions_become_one_nucleus_per_region():
+    # own case byo_split_ids: a 0/255 binary mask became 1 nucleus, and tiles stitched with ids restarting at 1 gave 2
+    # nuclei for 8, each centred between its blobs, its polygon one blob and its features all of them
+    def disks_found(sdata):  # the largest part keeps the id, so compare the nuclei as sets
+        table = sdata.tables["histocell"]
+        centres = np.asarray(table.obsm["spatial"])
+        order = np.lexsort(centres.T[::-1])
+        truth = np.array([[x + 0.5, y + 0.5] for x, y, _ in DISKS])
+        truth_order = np.lexsort(truth.T[::-1])
+        assert table.n_obs == len(sdata.shapes["nuclei"]) == len(DISKS)
+        assert np.abs(centres[order] - truth[truth_order]).max() < 1.0
+        area = np.asarray(table[:, "area_um2"].X).ravel()
+        assert np.allclose(area[order], TRUE_AREA_UM2[truth_order], rtol=0.1)
+        assert np.allclose(sdata.shapes["nuclei"].area.to_numpy() * MPP**2, area, rtol=0.15)  # polygon and features: one region
+        return table.obs_names.tolist()
+
+    binary = np.where(TRUTH > 0, 255, 0).astype(np.uint8)
+    sdata = _sdata()
+    with pytest.warns(UserWarning, match=r"1 label ids cover several separate regions \(e.g. ids \[255\]\): 3 regions became nuclei"):
+        read_nuclei(binary, sdata, format="labels")
+    assert sorted(disks_found(sdata)) == ["nucleus_255", "nucleus_256", "nucleus_257", "nucleus_258"]
+    stitched = TRUTH.copy()
+    stitched[stitched == 3], stitched[stitched == 4] = 1, 2  # a second tile numbered from 1 again
+    with pytest.warns(UserWarning, match=r"2 label ids cover several separate regions"):
+        read_nuclei(stitched, sdata, format="labels")
+    assert sorted(disks_found(sdata)) == ["nucleus_1", "nucleus_2", "nucleus_3", "nucleus_4"]  # new ids follow the largest
+    fragment = TRUTH.copy()
+    fragment[190, 190] = 1  # one stray pixel of nucleus 1: dropped, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_nuclei(fragment, sdata, format="labels")
+    _check_table(sdata)
+    assert fragment[190, 190] == 1  # the caller's mask is not modified

@@ -15,6 +15,9 @@ Pixel conventions
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
@@ -22,14 +25,15 @@ from spatialdata import SpatialData
 from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, NUCLEUS_ID_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._elements import get_image, resolve_key
-from ._nuclei_parse import check_inside, parse_geojson, parse_hovernet
+from ._elements import get_image, get_mpp, resolve_key
+from ._nuclei_parse import check_inside, parse_geojson, parse_hovernet, ring_area
 from ._nuclei_raster import rasterise_corners, rasterise_indices, read_label_mask, upsample
 from ._nuclei_store import store_nuclei
 
 __all__ = ["read_nuclei"]
 
 _FORMATS = ("hovernet", "geojson", "labels")
+MAX_NUCLEUS_UM2 = 2000.0  # a polygon larger than this is a tissue or region annotation, not a nucleus (~50 µm across)
 
 
 @inject_docs
@@ -43,8 +47,9 @@ def read_nuclei(
     nuclei_table_key: str = HISTOCELL_KEY,
     scale: float = 1.0,
     offset=(0, 0),
-    type_map: dict | None = None,
+    type_map: Mapping | Sequence | None = None,
     spots_key: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Import nuclei segmented elsewhere into ``sdata``: the same shapes and table as segmentation writes.
 
@@ -68,11 +73,15 @@ def read_nuclei(
         ``scale=4`` for a file made on a 4× downsampled level. A label mask is upsampled (nearest
         neighbour) and placed at ``offset``.
     type_map
-        Renames per-nucleus classes, e.g. ``{1: "neoplastic", 2: "inflammatory"}``. HoVer-Net's
-        ``type_info.json`` (``{"1": ["neopla", [r, g, b]], ...}``) works as is.
+        Renames per-nucleus classes, e.g. ``{1: "neoplastic", 2: "inflammatory"}``, or a list of names indexed by
+        class id (``["background", "neoplastic", ...]``). HoVer-Net's ``type_info.json``
+        (``{"1": ["neopla", [r, g, b]], ...}``) works as is.
     spots_key
         Name of the spot circles or squares (``sdata.shapes``; read) used for ``obs["spot_id"]``. None: ``"spots"``
         when present, else the circles or squares the spots table ``"table"`` annotates, else none.
+    overwrite
+        Replace elements under these names that an earlier segmentation or import did not write (refused
+        otherwise; nuclei this package stored there before are always replaced).
 
     Returns
     -------
@@ -96,20 +105,25 @@ def read_nuclei(
     DataFrame ``obsm["imported_proba"]`` (columns = classes, NaN where a nucleus has none). GeoJSON holes are filled and a
     MultiPolygon keeps its largest part; in a QuPath export mixing annotations with detections or
     cells, the annotations (e.g. tissue outlines) are skipped, and cells contribute their
-    ``nucleusGeometry`` when present.
+    ``nucleusGeometry`` when present. Polygons over 2,000 µm² (tissue or region outlines) are skipped
+    with a warning, and nuclei reaching past the image border are cut at it; a nucleus whose centre lies
+    off the image means a wrong ``scale`` / ``offset`` and is refused. QuPath's derived classes
+    (``"names": ["Tumor", "Positive"]``) are named ``"Tumor: Positive"``. A label mask is split into one
+    nucleus per connected region as :func:`~histocell_sd.pp.store_nuclei` describes.
     """
     if format not in _FORMATS:
         raise InvalidInputError(f"format must be one of {_FORMATS}, got {format!r}.")
     scale, offset = _check_transform(scale, offset)
+    type_map = _check_type_map(type_map)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     level = get_image(sdata, image_key=image_key)
     shape = (int(level.sizes["y"]), int(level.sizes["x"]))
 
-    labels, origin, parsed = _to_raster(path, format, shape, scale, offset)
+    labels, origin, parsed = _to_raster(path, format, shape, scale, offset, get_mpp(sdata))
 
     store_nuclei(
         sdata, labels, offset=origin[::-1], image_key=image_key, spots_key=spots_key, key_added=key_added,
-        nuclei_table_key=nuclei_table_key, method=f"imported ({format})",
+        nuclei_table_key=nuclei_table_key, method=f"imported ({format})", overwrite=overwrite,
     )
     if parsed is not None:
         _store_imported(sdata, nuclei_table_key, parsed, type_map)
@@ -118,7 +132,7 @@ def read_nuclei(
 # ----------------------------------------------------------------------------------------- parsing
 
 
-def _to_raster(path, format: str, shape: tuple[int, int], scale: float, offset):
+def _to_raster(path, format: str, shape: tuple[int, int], scale: float, offset, mpp: float):
     """Parse and rasterise: ``(labels, origin (y0, x0), parsed polygons or None for a mask)``."""
     if format == "labels":
         labels, origin = read_label_mask(path, shape, scale, offset)
@@ -128,6 +142,7 @@ def _to_raster(path, format: str, shape: tuple[int, int], scale: float, offset):
         raise InvalidInputError(f"{parsed.source} contains no nuclei.")
     shift = 0.0 if format == "geojson" else 0.5  # pixel indices -> pixel-corner coordinates
     corners = [(poly + shift) * scale + np.asarray(offset) for poly in parsed.polygons]
+    parsed, corners = _without_regions(parsed, corners, mpp)
     check_inside(corners, parsed, shape)
     if format == "geojson":
         labels, origin = rasterise_corners(corners, parsed, shape)
@@ -137,6 +152,39 @@ def _to_raster(path, format: str, shape: tuple[int, int], scale: float, offset):
     if not labels.any():
         raise InvalidInputError(f"No nucleus of {parsed.source} covers a pixel of the image; nothing was imported.")
     return labels, origin, parsed
+
+
+def _without_regions(parsed, corners: list, mpp: float):
+    """Skip polygons far larger than any nucleus (tissue or region annotations), with a warning; refuse a file of only those."""
+    areas = np.array([ring_area(c) for c in corners]) * mpp**2
+    keep = areas <= MAX_NUCLEUS_UM2
+    if keep.all():
+        return parsed, corners
+    skipped = [f"{parsed.names[k]!r}" + (f" ({parsed.types[k]})" if parsed.types and parsed.types[k] is not None else "") for k in np.flatnonzero(~keep)]
+    if not keep.any():
+        raise InvalidInputError(
+            f"{parsed.source} holds no nucleus: its {len(skipped)} polygons each cover over {MAX_NUCLEUS_UM2:g} µm² "
+            f"(e.g. {skipped[0]}, {areas.max():.0f} µm²), as tissue or region annotations do; export the detections or cells "
+            "(or check scale=)."
+        )
+    warnings.warn(
+        f"{len(skipped)} polygons of {parsed.source} cover over {MAX_NUCLEUS_UM2:g} µm², far more than a nucleus (tissue or "
+        f"region annotations?), and were skipped: {', '.join(skipped[:3])}.", stacklevel=4,
+    )
+    return parsed.subset(keep), [c for c, k in zip(corners, keep) if k]
+
+
+def _check_type_map(type_map):
+    """``type_map`` as a dict (a list of names is indexed by class id); refused before anything is written."""
+    if type_map is None:
+        return None
+    if isinstance(type_map, Mapping):
+        return dict(type_map)
+    if isinstance(type_map, Sequence) and not isinstance(type_map, str):
+        return dict(enumerate(type_map))
+    raise InvalidInputError(
+        f"type_map must map class ids to names ({{1: 'neoplastic', ...}}) or list names by class id, got {type(type_map).__name__}."
+    )
 
 
 def _check_transform(scale, offset) -> tuple[float, tuple[float, float]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,16 @@ class Parsed:
     proba: list = field(default_factory=list)
     ids: list | None = None
     source: str = ""
+
+    def subset(self, keep: np.ndarray) -> Parsed:
+        """The records where ``keep`` is True (their order kept)."""
+        pick = [k for k in range(len(self.polygons)) if keep[k]]
+
+        def take(values):
+            return [values[k] for k in pick] if values else values
+
+        return Parsed(take(self.polygons), take(self.names), take(self.types), take(self.colors), take(self.proba),
+                      None if self.ids is None else take(self.ids), self.source)
 
     def position(self, raster_id: int) -> int | None:
         """The record index of the polygon rasterised with ``raster_id`` (None if no record has it)."""
@@ -112,18 +123,29 @@ def _geojson_features(data, source: str) -> list:
     raise InvalidInputError(f"{source} is neither a GeoJSON FeatureCollection nor a list of Features.")
 
 
-def _ring_area(ring: np.ndarray) -> float:
+def ring_area(ring: np.ndarray) -> float:
     x, y = ring[:, 0], ring[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
 def _classification(props: dict):
-    """``(name, [r, g, b] or None)`` of a QuPath classification (a dict or a bare name)."""
+    """``(name, [r, g, b] or None)`` of a QuPath classification (a dict or a bare name).
+
+    A derived class (QuPath >= 0.4 writes ``"names": ["Tumor", "Positive"]``) is named as QuPath shows it,
+    ``"Tumor: Positive"``; a colour may be ``[r, g, b]``, ``[r, g, b, a]`` or a packed ``colorRGB`` integer.
+    """
     cls = props.get("classification")
     if isinstance(cls, dict):
+        name = cls.get("name")
+        names = cls.get("names")
+        if name is None and isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            name = ": ".join(names)
         color = cls.get("color")
-        ok = isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)
-        return cls.get("name"), (color if ok else None)
+        if isinstance(cls.get("colorRGB"), int) and color is None:
+            packed = cls["colorRGB"]
+            color = [(packed >> 16) & 255, (packed >> 8) & 255, packed & 255]
+        ok = isinstance(color, list) and len(color) in (3, 4) and all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+        return name, (color[:3] if ok else None)
     if isinstance(cls, str):
         return cls, None
     return None, None
@@ -184,7 +206,7 @@ def parse_geojson(path) -> Parsed:
             if not isinstance(coords, list) or not coords:
                 raise InvalidInputError(f"{record} has an empty MultiPolygon.")
             parts = [_as_polygon(part[0] if isinstance(part, list) and part else part, record) for part in coords]
-            poly = max(parts, key=_ring_area)
+            poly = max(parts, key=ring_area)
         else:
             raise InvalidInputError(f"{record} has a {kind} geometry; nuclei must be Polygon or MultiPolygon.")
         parsed.polygons.append(poly)
@@ -200,13 +222,23 @@ def parse_geojson(path) -> Parsed:
 
 
 def check_inside(corners: list, parsed: Parsed, shape: tuple[int, int]) -> None:
+    """Refuse a nucleus whose centre lies off the image (a wrong scale or offset); warn about nuclei cut by its border."""
     height, width = shape
     tol = BORDER_TOLERANCE_PX
+    cut = []
     for poly, name in zip(corners, parsed.names):
         lo, hi = poly.min(axis=0), poly.max(axis=0)
-        if lo[0] < -tol or lo[1] < -tol or hi[0] > width + tol or hi[1] > height + tol:
+        if lo[0] >= -tol and lo[1] >= -tol and hi[0] <= width + tol and hi[1] <= height + tol:
+            continue
+        centre = (lo + hi) / 2
+        if not (0 <= centre[0] <= width and 0 <= centre[1] <= height):
             raise InvalidInputError(
                 f"nucleus {name!r} of {parsed.source} lies outside the {width}×{height} px image "
                 f"(x {lo[0]:.1f}–{hi[0]:.1f}, y {lo[1]:.1f}–{hi[1]:.1f} px after scale/offset); "
                 "was it exported from a downsampled level or a crop? Set scale and offset."
             )
+        cut.append(name)
+    if cut:
+        warnings.warn(
+            f"{len(cut)} nuclei of {parsed.source} reach beyond the image border and were cut at it, e.g. {cut[:3]}.", stacklevel=4
+        )

@@ -11,6 +11,7 @@ Coordinates follow the ``global`` system: pixel ``(row, col)`` covers ``[col, co
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import anndata as ad
@@ -40,6 +41,8 @@ from ._spots import annotated_spots, spot_geometry, spot_ids_of_points
 
 __all__ = ["FEATURES", "store_nuclei"]
 
+logger = logging.getLogger(__name__)
+
 FEATURES = {
     "area_um2": "pixel count × mpp²",
     "perimeter_um": "length of the (simplified) contour polygon",
@@ -64,6 +67,7 @@ _ENTROPY_MAX = 0.4
 _SIMPLIFY_UM = 0.25  # contour simplification tolerance (half a pixel at 0.5 µm/px)
 _PAIR_UM = 0.5  # distance of the pixel pairs of h_contrast (one pixel at 0.5 µm/px)
 _MIN_VARIANCE = 1e-8  # below this the hematoxylin is flat (rounding noise) and skewness is 0
+MIN_PART_UM2 = 4.0  # a separate part of a label id at least this large is a nucleus of its own; smaller ones are fragments
 
 
 @inject_docs
@@ -119,7 +123,9 @@ def store_nuclei(
     value, in ``global`` pixels, simplified to ~1 px) and ``sdata.tables[nuclei_table_key]`` with
     ``obs`` ``region``, ``nucleus_id`` and ``spot_id`` (when spots exist; NaN outside every
     spot), ``obsm["spatial"]`` (centroids, px), the features of :data:`FEATURES` in ``X`` and
-    ``uns["histocell"]`` (mpp, method, feature definitions). With no nucleus in ``labels``
+    ``uns["histocell"]`` (mpp, method, feature definitions). A nucleus is one 8-connected region: an id
+    covering several (a binary mask, tiles stitched with ids restarting at 1) keeps its largest part, other
+    parts of at least 4 µm² get new ids (with a warning) and smaller fragments are dropped. With no nucleus in ``labels``
     nothing is written (a SpatialData shapes element cannot be empty) and elements left under
     these keys by an earlier run are removed; callers warn.
     """
@@ -130,6 +136,7 @@ def store_nuclei(
     stale = _stale_regions(sdata, nuclei_table_key if nuclei_table_key in ours else None)
     image = get_image(sdata, image_key=image_key)
     labels, origin = _check_labels(labels, origin, image.shape[1:])
+    labels = split_disconnected(labels, min_part_px=MIN_PART_UM2 / mpp**2)
     spots_key = spots_for_nuclei(sdata, spots_key, nuclei_key=key_added)
     spots = None if spots_key is None else sdata.shapes[spots_key]
     ids = np.unique(labels)
@@ -176,9 +183,10 @@ def claim_nuclei_keys(sdata: SpatialData, key_added: str, nuclei_table_key: str,
             f"key_added={regions[0]!r} to replace that segmentation, other names to keep it, or overwrite=True."
         )
     if clash and not overwrite:
+        names = "key_added=, nuclei_table_key=" + (", labels_key=" if labels_key is not None else "")
         raise InvalidInputError(
             f"{clash} already exist in the SpatialData and were not written by a segmentation; pick other names "
-            "(key_added=, nuclei_table_key=, labels_key=) or pass overwrite=True to replace them."
+            f"({names}) or pass overwrite=True to replace them."
         )
     return ours | set(clash)
 
@@ -309,6 +317,59 @@ def _finish_stats(acc: dict, n: int) -> dict[str, np.ndarray]:
         "h_entropy": entropy,
         "h_skewness": skew,
     }
+
+
+def split_disconnected(labels: np.ndarray, min_part_px: float) -> np.ndarray:
+    """``labels`` with one connected region (8-connected) per id: the largest part of a split id keeps it, other parts
+    of at least ``min_part_px`` pixels get new ids and smaller fragments become background (an int32 copy when anything
+    changes, ``labels`` itself otherwise).
+
+    A binary mask (one id for every nucleus) and tiles stitched with ids restarting at 1 are the usual sources; a
+    warning says how many ids were split.
+    """
+    eight = np.ones((3, 3), dtype=bool)
+    split, fragments, new_ids = [], 0, 0
+    out = labels
+    next_id = int(labels.max(initial=0)) + 1
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        parts, n = ndi.label(labels[sl] == i, structure=eight)
+        if n < 2:
+            continue
+        if out is labels:
+            out = labels.astype(np.int64)  # a copy wide enough for the new ids (a 0/255 mask is often uint8)
+        sizes = np.bincount(parts.ravel())[1:]
+        window = out[sl]
+        largest = int(np.argmax(sizes)) + 1
+        became = 0
+        for part in range(1, n + 1):
+            if part == largest:
+                continue
+            if sizes[part - 1] >= min_part_px:
+                window[parts == part] = next_id
+                next_id += 1
+                became += 1
+            else:
+                window[parts == part] = 0
+                fragments += 1
+        if became:
+            split.append(i)
+            new_ids += became
+    if out is labels:
+        return labels
+    if next_id > np.iinfo(np.int32).max:
+        raise InvalidInputError("Splitting label ids that cover several separate regions would need ids beyond the int32 range; relabel the mask.")
+    if split:
+        warnings.warn(
+            f"{len(split)} label ids cover several separate regions (e.g. ids {split[:3]}): {new_ids} regions became nuclei of their "
+            f"own, with new ids{f', and {fragments} fragments under {MIN_PART_UM2:g} µm² were dropped' if fragments else ''}. "
+            "A nucleus is one connected region; a binary mask needs labelling first (skimage.measure.label).",
+            stacklevel=3,
+        )
+    elif fragments:
+        logger.info("Dropped %d fragments under %g µm² lying apart from the rest of their label id.", fragments, MIN_PART_UM2)
+    return out.astype(np.int32)
 
 
 def _polygons(labels: np.ndarray, ids: np.ndarray, origin: tuple[int, int], tolerance_px: float = 0.5) -> np.ndarray:

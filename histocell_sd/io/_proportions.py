@@ -11,9 +11,17 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._constants import PROPORTIONS_KEY, TABLE_KEY
+from .._constants import (
+    PREDICTED_PROPORTIONS_KEY,
+    PROPORTIONS_KEY,
+    SPATIAL_KEY,
+    SPATIAL_UM_KEY,
+    STATE_PROPORTIONS_KEY,
+    TABLE_KEY,
+)
 from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import check_key_added
 from ._elements import resolve_key
 
 SUM_TOLERANCE = 1e-3
@@ -121,6 +129,34 @@ _COORDINATE_COLUMNS = frozenset({
 })
 
 
+# Column names (lower case) of per-spot totals that deconvolution tools export next to the proportions (RCTD's
+# results_df nUMI, Seurat's nCount_Spatial, scanpy's total_counts ...).
+_TOTAL_COLUMNS = frozenset({
+    "numi", "n_umi", "umi", "total", "sum", "total_counts", "n_counts", "ncount_spatial", "nfeature_spatial",
+    "n_genes_by_counts", "n_genes", "spot_total", "total_abundance",
+})
+
+# cell2location exports its posteriors as <statistic>cell_abundance_w_sf_<cell type>.
+_C2L_PREFIXES = ("meanscell_abundance_w_sf_", "q05cell_abundance_w_sf_", "q95cell_abundance_w_sf_", "stdscell_abundance_w_sf_")
+
+
+def _cell2location_names(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Cell types named without cell2location's posterior prefix; a table mixing posteriors is refused."""
+    used = {p for p in _C2L_PREFIXES for c in frame.columns if str(c).startswith(p)}
+    if not used:
+        return frame
+    if len(used) > 1:
+        raise InvalidInputError(
+            f"{source} holds several cell2location posteriors ({', '.join(sorted(p + '<type>' for p in used))}), so each cell "
+            "type would count more than once: keep the columns of one (e.g. q05cell_abundance_w_sf_<type>) and drop the others."
+        )
+    prefix = used.pop()
+    other = [str(c) for c in frame.columns if not str(c).startswith(prefix)]
+    if other:
+        raise InvalidInputError(f"{source} mixes cell2location columns ({prefix}<cell type>) with others {other[:5]}; pass drop_columns= for those.")
+    return frame.rename(columns=lambda c: str(c)[len(prefix):])
+
+
 def _read_table(path, index_col, sep) -> pd.DataFrame:
     """A delimited file as a DataFrame; the separator (``sep=None``) is one of tab, comma, semicolon, pipe."""
     source = f"proportions file {str(path)!r}"
@@ -154,6 +190,12 @@ def _check_columns(frame: pd.DataFrame, source: str) -> None:
             f"{source} has columns {coords} that look like spot coordinates, not cell types; pass "
             f"drop_columns={coords} to ignore them."
         )
+    totals = [str(c) for c in frame.columns if str(c).strip().lower() in _TOTAL_COLUMNS or pd.api.types.is_bool_dtype(frame[c])]
+    if totals:
+        raise InvalidInputError(
+            f"{source} has columns {totals} that look like spot totals or flags (UMI counts, sums, booleans), not cell "
+            f"types; pass drop_columns={totals} to ignore them."
+        )
     empty = frame.isna().all(axis=1).to_numpy()
     if empty.any():
         raise InvalidInputError(
@@ -175,8 +217,9 @@ def read_proportions(
 ) -> pd.DataFrame:
     """Read spot cell-type proportions exported by a deconvolution tool.
 
-    Works for CSV/TSV tables from cell2location (abundances are renormalised), RCTD, CARD and the
-    upstream HistoCell TSV whose index is ``x_y_barcode``. Rows are validated with
+    Works for CSV/TSV tables from cell2location (abundances are renormalised; one posterior, e.g. the
+    ``q05cell_abundance_w_sf_<type>`` columns, named by cell type), RCTD, CARD and the upstream HistoCell TSV
+    whose index is ``x_y_barcode``. Rows are validated with
     :func:`check_proportions` and, when ``sdata`` is given, matched to its spots by barcode and stored
     in ``sdata.tables[spots_table_key].obsm[key_added]``.
 
@@ -193,7 +236,8 @@ def read_proportions(
         Passed to :func:`pandas.read_csv`; ``sep=None`` picks tab, comma, semicolon or pipe from the header.
     drop_columns
         Non-proportion columns to ignore (coordinates, totals...). Columns named like spot coordinates
-        (``x``, ``y``, ``imagerow``, ``array_col``, ``pxl_row_in_fullres``...) are refused unless dropped.
+        (``x``, ``y``, ``imagerow``, ``array_col``, ``pxl_row_in_fullres``...) or totals (``nUMI``,
+        ``total_counts``...), and boolean columns, are refused unless dropped.
 
     Returns
     -------
@@ -201,11 +245,13 @@ def read_proportions(
         The validated proportions (rows in the spots' order when ``sdata`` is given); with ``sdata``
         they are also written to ``sdata.tables[spots_table_key].obsm[key_added]``.
     """
+    check_key_added(key_added, {SPATIAL_KEY, SPATIAL_UM_KEY, STATE_PROPORTIONS_KEY, PREDICTED_PROPORTIONS_KEY}, "obsm")
     if isinstance(path_or_frame, pd.DataFrame):
         frame, source = path_or_frame.copy(), "proportions"
     else:
         frame, source = _read_table(path_or_frame, index_col, sep), f"proportions file {str(path_or_frame)!r}"
     frame = frame.drop(columns=[c for c in drop_columns if c in frame.columns])
+    frame = _cell2location_names(frame, source)
     _check_columns(frame, source)
     frame.index = [_barcode_from_upstream(i) for i in frame.index]
     if sdata is None:
