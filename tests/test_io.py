@@ -619,3 +619,22 @@ def test_read_proportions_refuses_totals_and_reserved_keys_and_names_cell2locati
     with pytest.raises(InvalidInputError, match=r"key_added='spatial' would overwrite obsm\['spatial'\]"):
         read_proportions(proportions, sdata, key_added="spatial")
     assert np.array_equal(table.obsm["spatial"], spatial) and "other" not in table.obsm
+
+
+def test_read_proportions_hints_and_float_noise(sdata, proportions):
+    # own case byo_proportions_hints: barcodes without the "-1" suffix, the barcodes in another column and decimal commas
+    # got errors without a hint; a -1e-12 (float noise of the writing tool) refused the whole file
+    suffixed = proportions.rename(index=lambda b: f"{b}-1")
+    sdata.tables["table"].obs_names = [f"{b}-1" for b in sdata.tables["table"].obs_names]
+    with pytest.raises(InvalidInputError, match=r"rows for unknown spots.*carry a suffix \(e.g. '.*-1'\); add it"):
+        read_proportions(proportions, sdata, key_added="new")
+    with pytest.raises(InvalidInputError, match=r"non-numeric columns \['barcode'\] \(a column of barcodes that is not the first: index_col="):
+        read_proportions(suffixed.reset_index(names="barcode").set_index(CELL_TYPES[0]), sdata, key_added="new")
+    noisy = suffixed.copy()
+    noisy.iloc[0, 0], noisy.iloc[0, 1] = -1e-12, noisy.iloc[0, 1] + noisy.iloc[0, 0]
+    before = noisy.copy()
+    result = read_proportions(noisy, sdata, key_added="new")
+    assert result.iloc[:, 0].loc[noisy.index[0]] == 0.0 and noisy.equals(before)
+    noisy.iloc[0, 0] = -1e-6
+    with pytest.raises(InvalidInputError, match="negative values"):
+        read_proportions(noisy, sdata, key_added="other")

@@ -334,6 +334,13 @@ def test_dropped_nuclei_keep_their_types_aligned():
         read_nuclei(data, sdata, type_map=TYPE_MAP)
     table = _check_table(sdata)
     assert table.obs["imported_type"].tolist() == ["connective", "inflammatory", "neoplastic", "connective"]
+    # own case byo_unused_class: the class of a dropped nucleus stayed behind as an unused category
+    data["nuc"]["1"] = {**data["nuc"]["1"], "type": 4}  # a class only the dropped nucleus has
+    with pytest.warns(UserWarning, match="1 nuclei.*dropped.*'1'"):
+        read_nuclei(data, sdata, type_map=TYPE_MAP | {4: "dead"})
+    types = sdata.tables["histocell"].obs["imported_type"]
+    assert types.tolist() == ["connective", "inflammatory", "neoplastic", "connective"]
+    assert list(types.cat.categories) == ["neoplastic", "inflammatory", "connective"]  # type_map order, without "dead"
 
 
 def test_nuclei_are_assigned_to_spots():

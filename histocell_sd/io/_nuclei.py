@@ -244,6 +244,8 @@ def _store_types(table, parsed, rows: list, type_map: dict | None, proba_columns
         categories = [c for c in proba_columns if c in set(present)]
     else:
         categories = sorted(set(present), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
+    kept = set(v for v in values if v is not None)
+    categories = [c for c in categories if c in kept]  # a dropped nucleus takes its class with it
     table.obs["imported_type"] = pd.Categorical(values, categories=categories)
     colors = {}
     for name, color in zip(names, parsed.colors or [None] * len(names)):

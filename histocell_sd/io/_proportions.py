@@ -25,6 +25,7 @@ from .._utils import check_key_added
 from ._elements import resolve_key
 
 SUM_TOLERANCE = 1e-3
+NEGATIVE_TOLERANCE = 1e-9  # proportions this close below 0 are read as 0
 
 
 def check_proportions(
@@ -36,8 +37,9 @@ def check_proportions(
 ) -> pd.DataFrame:
     """Validate spot proportions and return them as float64, rows in ``spot_ids`` order.
 
-    Refuses non-DataFrames, duplicate spots or cell types, non-numeric, NaN, negative and all-zero
-    rows, spots missing from ``spot_ids`` and columns outside ``cell_types``. Rows that do not sum
+    Refuses non-DataFrames, duplicate spots or cell types, non-numeric, NaN, negative (below -1e-9;
+    smaller negatives are read as 0) and all-zero rows, spots missing from ``spot_ids`` and columns outside
+    ``cell_types``. Rows that do not sum
     to 1 are renormalised with a warning.
 
     Parameters
@@ -67,15 +69,19 @@ def check_proportions(
         raise InvalidInputError(f"{name} has duplicate cell-type columns.")
     non_numeric = [c for c in proportions.columns if not pd.api.types.is_numeric_dtype(proportions[c])]
     if non_numeric:
-        raise InvalidInputError(f"{name} has non-numeric columns {non_numeric[:5]}.")
+        raise InvalidInputError(
+            f"{name} has non-numeric columns {non_numeric[:5]} (a column of barcodes that is not the first: index_col=; "
+            "text such as '0,25' with decimal commas: convert it first)."
+        )
     if cell_types is not None:
         unknown = [c for c in proportions.columns if c not in set(cell_types)]
         if unknown:
             raise InvalidInputError(f"{name} has unknown cell types {unknown}; expected {list(cell_types)}.")
-    values = proportions.to_numpy(dtype=np.float64)
+    values = proportions.to_numpy(dtype=np.float64, copy=True)  # never written back into the caller's frame
     bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
         raise InvalidInputError(f"{name} has NaN or infinite values in {bad.sum()} spots, e.g. {proportions.index[bad][:3].tolist()}.")
+    values[(values < 0) & (values > -NEGATIVE_TOLERANCE)] = 0.0  # float noise of the tool that wrote them
     if (values < 0).any():
         rows = proportions.index[(values < 0).any(axis=1)][:3].tolist()
         raise InvalidInputError(f"{name} has negative values, e.g. in spots {rows}.")
@@ -97,7 +103,11 @@ def align_to_spots(frame: pd.DataFrame, spot_ids: Sequence[str], *, name: str) -
     index = frame.index.astype(str)
     unknown = index.difference(spot_ids)
     if len(unknown):
-        raise InvalidInputError(f"{name} has {len(unknown)} rows for unknown spots, e.g. {unknown[:3].tolist()}.")
+        hint = ""
+        stripped = {str(s).rsplit("-", 1)[0]: str(s) for s in spot_ids if "-" in str(s)}
+        if stripped and all(str(u) in stripped for u in unknown[:20]):
+            hint = f" The spots' barcodes carry a suffix (e.g. {stripped[str(unknown[0])]!r}); add it to the file's barcodes."
+        raise InvalidInputError(f"{name} has {len(unknown)} rows for unknown spots, e.g. {unknown[:3].tolist()}.{hint}")
     missing = spot_ids.difference(index)
     if len(missing):
         raise InvalidInputError(f"{name} has no row for {len(missing)} spots, e.g. {missing[:3].tolist()}.")
