@@ -41,3 +41,6 @@ PALETTE = (
 
 NUCLEI_OBS_LAYOUT = frozenset({CELL_TYPE_KEY, CELL_STATE_KEY, COMPARTMENT_KEY, ENTROPY_KEY, REFINED_TYPE_KEY, SPOT_ID_KEY, NUCLEUS_ID_KEY, REGION_KEY})
 """The nuclei table's ``obs`` columns the data model defines: no ``key_added`` may overwrite them."""
+
+SPOTS_OBSM_LAYOUT = frozenset({SPATIAL_KEY, SPATIAL_UM_KEY, STATE_PROPORTIONS_KEY, PREDICTED_PROPORTIONS_KEY})
+"""Spots-table ``obsm`` keys the data layout defines: no ``key_added`` may name them."""

@@ -15,6 +15,18 @@ PROGRESS_DELAY_S = 1.0
 """A bar appears only once its work has run this long, so notebooks making many small calls stay quiet."""
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised here that points at the first caller outside the package."""
+    import inspect
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parent)
+    frame, level = inspect.currentframe().f_back, 1  # the function calling warnings.warn is level 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def progress_bar(*args, disable: bool = False, **kwargs):
     """:func:`tqdm.auto.tqdm`, silenced by ``disable`` or by ``hc.settings.progress = False``; shown after ``PROGRESS_DELAY_S``."""
     kwargs.setdefault("delay", PROGRESS_DELAY_S)

@@ -54,6 +54,6 @@ def test_compartment_of_spot_proportions():
 
 def test_model_settings_and_config():
     model = hc.HistoCell(TYPES, encoder="scratch", use_morphology=False)
-    assert model.settings.feature_names == [] and model.config == model.settings.preprocessing
-    model.config["dim"] = 8  # a copy: the model is unchanged
-    assert model.config["dim"] == 64 and model.net.dim == 64
+    assert model.settings.feature_names == [] and model.preprocessing == model.settings.preprocessing
+    model.preprocessing["dim"] = 8  # a copy: the model is unchanged
+    assert model.preprocessing["dim"] == 64 and model.net.dim == 64

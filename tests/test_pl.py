@@ -250,7 +250,7 @@ def test_plots_refuse_a_sample_transformed_out_of_global(slide):
     moved = sd.transform(slide, to_coordinate_system="um")
     calls = [lambda: pl.cell_types(moved), lambda: pl.spot_proportions(moved, cell_type="tumor"), lambda: pl.niches(moved)]
     for call in calls:
-        with pytest.raises(hc.InvalidInputError, match=r"not in the 'global' coordinate system the plots draw in \(it has \['um'\]"):
+        with pytest.raises(hc.InvalidInputError, match=r"not in the 'global' coordinate system \(it has \['um'\]\); the plots draw in 'global'"):
             call()
     assert list(sd.transformations.get_transformation(slide.images["he"], get_all=True)) == ["global", "um"]
 

@@ -521,9 +521,29 @@ def test_polygons_larger_than_any_nucleus_are_skipped_and_a_file_of_only_those_r
         read_nuclei([tissue], sdata, format="geojson")
     assert "histocell" not in sdata.tables and "nuclei" not in sdata.shapes
     region = tissue | {"properties": {"classification": {"name": "Region"}}}  # no objectType: not skipped as an annotation
-    with pytest.warns(UserWarning, match=r"1 polygons of the GeoJSON input cover over 2000 µm².*skipped: '4' \(Region\)"):
-        read_nuclei(_geojson()["features"] + [region], sdata, format="geojson")
-    assert sdata.tables["histocell"].obs["imported_type"].tolist() == [TYPE_MAP[t] for t in TYPES]
+    with pytest.warns(UserWarning, match=r"1 polygons of the GeoJSON input cover over 2000 µm².*skipped: '0' \(Region\)"):
+        read_nuclei([region] + _geojson()["features"], sdata, format="geojson")
+    table = sdata.tables["histocell"]
+    assert table.obs["imported_type"].tolist() == [TYPE_MAP[t] for t in TYPES]
+    assert table.obs_names.tolist() == ["nucleus_2", "nucleus_3", "nucleus_4", "nucleus_5"]  # named by their place in the file
+
+
+def test_a_polygon_cut_in_two_by_an_earlier_one_keeps_its_larger_part_and_its_class():
+    # own case byo_polygon_split: the split gave the smaller part a new id, which was a dropped record's id (its class)
+    fc = _geojson()
+    bar = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[39, 30], [45, 30], [45, 72], [39, 72], [39, 30]]]},
+           "properties": {"classification": {"name": "bar"}}}
+    duplicate = json.loads(json.dumps(fc["features"][3]))  # fully covered by the nucleus before it: dropped
+    duplicate["properties"]["classification"]["name"] = "ghost"
+    sdata = _sdata()
+    with pytest.warns(UserWarning, match="1 nuclei.*dropped"):
+        read_nuclei([bar] + fc["features"] + [duplicate], sdata, format="geojson")
+    table = sdata.tables["histocell"]
+    assert table.n_obs == 5 and "ghost" not in table.obs["imported_type"].astype(str).tolist()
+    disk = table.obs["imported_type"].astype(str) == TYPE_MAP[TYPES[0]]
+    assert disk.sum() == 2  # disk 0 (cut by the bar) and disk 2, same class
+    centre = np.asarray(table.obsm["spatial"])[disk.to_numpy()][0]
+    assert centre[0] < 39 and abs(centre[1] - 50.5) < 1.5  # the larger (left) part of disk 0 only
 
 
 def test_label_ids_covering_several_regions_become_one_nucleus_per_region():

@@ -149,6 +149,13 @@ def global_matrix(element) -> np.ndarray | None:
     return systems[COORDINATE_SYSTEM].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
 
 
+def check_in_global(sdata: SpatialData, key: str, why: str) -> None:
+    """Refuse element ``key`` when it is not in the ``global`` coordinate system; ``why`` says what needs it."""
+    systems = sorted(get_transformation(sdata[key], get_all=True))
+    if COORDINATE_SYSTEM not in systems:
+        raise InvalidInputError(f"Element {key!r} is not in the {COORDINATE_SYSTEM!r} coordinate system (it has {systems}); {why}")
+
+
 def _check_at_origin(image, key: str) -> None:
     """Refuse an image whose pixels are not the ``global`` units (a translated crop, a scaled copy, another system)."""
     matrix = global_matrix(image)

@@ -25,10 +25,11 @@ from spatialdata import SpatialData
 from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, NUCLEUS_ID_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import user_stacklevel
 from ._elements import get_image, get_mpp, resolve_key
 from ._nuclei_parse import check_inside, parse_geojson, parse_hovernet, ring_area
 from ._nuclei_raster import rasterise_corners, rasterise_indices, read_label_mask, upsample
-from ._nuclei_store import store_nuclei
+from ._nuclei_store import split_disconnected, store_nuclei
 
 __all__ = ["read_nuclei"]
 
@@ -120,6 +121,8 @@ def read_nuclei(
     shape = (int(level.sizes["y"]), int(level.sizes["x"]))
 
     labels, origin, parsed = _to_raster(path, format, shape, scale, offset, get_mpp(sdata))
+    if parsed is not None:  # a polygon cut in two by earlier ones keeps its larger part: new ids would have no record
+        labels = split_disconnected(labels, min_part_px=np.inf)
 
     store_nuclei(
         sdata, labels, offset=origin[::-1], image_key=image_key, spots_key=spots_key, key_added=key_added,
@@ -164,12 +167,12 @@ def _without_regions(parsed, corners: list, mpp: float):
     if not keep.any():
         raise InvalidInputError(
             f"{parsed.source} holds no nucleus: its {len(skipped)} polygons each cover over {MAX_NUCLEUS_UM2:g} µm² "
-            f"(e.g. {skipped[0]}, {areas.max():.0f} µm²), as tissue or region annotations do; export the detections or cells "
+            f"(e.g. {skipped[int(np.argmax(areas))]}, {areas.max():.0f} µm²), as tissue or region annotations do; export the detections or cells "
             "(or check scale=)."
         )
     warnings.warn(
         f"{len(skipped)} polygons of {parsed.source} cover over {MAX_NUCLEUS_UM2:g} µm², far more than a nucleus (tissue or "
-        f"region annotations?), and were skipped: {', '.join(skipped[:3])}.", stacklevel=4,
+        f"region annotations?), and were skipped: {', '.join(skipped[:3])}.", stacklevel=user_stacklevel(),
     )
     return parsed.subset(keep), [c for c, k in zip(corners, keep) if k]
 
@@ -178,9 +181,9 @@ def _check_type_map(type_map):
     """``type_map`` as a dict (a list of names is indexed by class id); refused before anything is written."""
     if type_map is None:
         return None
-    if isinstance(type_map, Mapping):
-        return dict(type_map)
-    if isinstance(type_map, Sequence) and not isinstance(type_map, str):
+    if isinstance(type_map, Mapping) or isinstance(type_map, pd.Series):
+        return dict(type_map.items())
+    if isinstance(type_map, (Sequence, np.ndarray)) and not isinstance(type_map, str):
         return dict(enumerate(type_map))
     raise InvalidInputError(
         f"type_map must map class ids to names ({{1: 'neoplastic', ...}}) or list names by class id, got {type(type_map).__name__}."

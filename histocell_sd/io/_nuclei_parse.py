@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._errors import InvalidInputError
+from .._utils import user_stacklevel
 
 # Vertices may lie this far (px) beyond the image border (pixel-corner vertices, rounding).
 BORDER_TOLERANCE_PX = 1.0
@@ -37,14 +38,14 @@ class Parsed:
     source: str = ""
 
     def subset(self, keep: np.ndarray) -> Parsed:
-        """The records where ``keep`` is True (their order kept)."""
+        """The records where ``keep`` is True, with the raster ids (names) they had in the whole file."""
         pick = [k for k in range(len(self.polygons)) if keep[k]]
 
         def take(values):
             return [values[k] for k in pick] if values else values
 
-        return Parsed(take(self.polygons), take(self.names), take(self.types), take(self.colors), take(self.proba),
-                      None if self.ids is None else take(self.ids), self.source)
+        ids = [k + 1 for k in pick] if self.ids is None else take(self.ids)
+        return Parsed(take(self.polygons), take(self.names), take(self.types), take(self.colors), take(self.proba), ids, self.source)
 
     def position(self, raster_id: int) -> int | None:
         """The record index of the polygon rasterised with ``raster_id`` (None if no record has it)."""
@@ -240,5 +241,6 @@ def check_inside(corners: list, parsed: Parsed, shape: tuple[int, int]) -> None:
         cut.append(name)
     if cut:
         warnings.warn(
-            f"{len(cut)} nuclei of {parsed.source} reach beyond the image border and were cut at it, e.g. {cut[:3]}.", stacklevel=4
+            f"{len(cut)} nuclei of {parsed.source} reach beyond the image border and were cut at it, e.g. {cut[:3]} "
+            "(if many are, check scale= and offset=).", stacklevel=user_stacklevel(),
         )

@@ -11,6 +11,7 @@ from skimage.draw import polygon as draw_polygon
 from skimage.draw import polygon_perimeter
 
 from .._errors import InvalidInputError
+from .._utils import user_stacklevel
 from ._nuclei_parse import BORDER_TOLERANCE_PX, Parsed
 
 _NPZ_KEYS = ("inst_map", "labels", "label", "mask", "masks", "instances")
@@ -39,7 +40,7 @@ def _fill(polygons, names, window: tuple[int, int], outline: bool, source: str, 
         warnings.warn(
             f"{len(empty)} nuclei of {source} have no pixel of their own (too small, outside the image or "
             f"covered by earlier nuclei) and were dropped, e.g. {empty[:3]}.",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return labels
 
@@ -65,7 +66,7 @@ def rasterise_indices(parsed: Parsed):
     hi = np.ceil(np.max([p.max(axis=0) for p in parsed.polygons], axis=0)).astype(int)
     local = [poly - lo for poly in parsed.polygons]
     window = (hi[1] - lo[1] + 1, hi[0] - lo[0] + 1)
-    return _fill(local, parsed.names, window, True, parsed.source), (lo[1], lo[0])
+    return _fill(local, parsed.names, window, True, parsed.source, parsed.ids), (lo[1], lo[0])
 
 
 def upsample(window: np.ndarray, file_origin, scale: float, offset, shape: tuple[int, int]):

@@ -22,6 +22,7 @@ import shapely
 from scipy import ndimage as ndi
 from skimage.color import rgb2hed
 from skimage.measure import find_contours
+from skimage.measure import label as label_regions
 from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel, ShapesModel, get_table_keys
 from spatialdata.transformations import get_transformation
@@ -35,6 +36,7 @@ from .._constants import (
 )
 from .._docs import inject_docs
 from .._errors import InvalidInputError
+from .._utils import user_stacklevel
 from ._elements import annotated_regions, get_image, get_mpp, global_matrix, pixel_transformations, resolve_key
 from ._schema import NucleiTableModel, merge_metadata
 from ._spots import annotated_spots, spot_geometry, spot_ids_of_points
@@ -129,14 +131,22 @@ def store_nuclei(
     nothing is written (a SpatialData shapes element cannot be empty) and elements left under
     these keys by an earlier run are removed; callers warn.
     """
-    origin = _window_origin(offset, origin)
+    write_nuclei(sdata, labels, origin=_window_origin(offset, origin), image_key=image_key, spots_key=spots_key, key_added=key_added,
+                 nuclei_table_key=nuclei_table_key, labels_key=labels_key, method=method, overwrite=overwrite)
+
+
+def write_nuclei(sdata: SpatialData, labels, *, origin: tuple[int, int], image_key: str | None, spots_key: str | None, key_added: str,
+                 nuclei_table_key: str, labels_key: str | None, method: str, overwrite: bool, connected: bool = False) -> None:
+    """:func:`store_nuclei` with the window's ``origin`` as ``(y, x)``; ``connected`` skips the check that each id is one
+    region (the built-in segmenters' watershed regions are)."""
     mpp = get_mpp(sdata)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     ours = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     stale = _stale_regions(sdata, nuclei_table_key if nuclei_table_key in ours else None)
     image = get_image(sdata, image_key=image_key)
     labels, origin = _check_labels(labels, origin, image.shape[1:])
-    labels = split_disconnected(labels, min_part_px=MIN_PART_UM2 / mpp**2)
+    if not connected:
+        labels = split_disconnected(labels, min_part_px=MIN_PART_UM2 / mpp**2)
     spots_key = spots_for_nuclei(sdata, spots_key, nuclei_key=key_added)
     spots = None if spots_key is None else sdata.shapes[spots_key]
     ids = np.unique(labels)
@@ -321,55 +331,58 @@ def _finish_stats(acc: dict, n: int) -> dict[str, np.ndarray]:
 
 def split_disconnected(labels: np.ndarray, min_part_px: float) -> np.ndarray:
     """``labels`` with one connected region (8-connected) per id: the largest part of a split id keeps it, other parts
-    of at least ``min_part_px`` pixels get new ids and smaller fragments become background (an int32 copy when anything
-    changes, ``labels`` itself otherwise).
+    of at least ``min_part_px`` pixels get new ids (after the largest id, in raster order) and smaller fragments become
+    background. An int32 copy when anything changes, ``labels`` itself otherwise.
 
     A binary mask (one id for every nucleus) and tiles stitched with ids restarting at 1 are the usual sources; a
     warning says how many ids were split.
     """
+    if not _has_split_ids(labels):
+        return labels
+    parts = label_regions(labels, background=0, connectivity=2)  # one id per connected region of equal values
+    n_parts = int(parts.max())
+    owner = np.zeros(n_parts + 1, dtype=np.int64)
+    owner[parts.ravel()] = labels.ravel()
+    sizes = np.bincount(parts.ravel(), minlength=n_parts + 1)
+    order = np.lexsort((-sizes[1:], owner[1:])) + 1  # by id, largest part first
+    largest = np.zeros(n_parts + 1, dtype=bool)
+    largest[order[np.r_[True, owner[order[1:]] != owner[order[:-1]]]]] = True
+    extra = np.flatnonzero(~largest[1:]) + 1  # raster order
+    kept = extra[sizes[extra] >= min_part_px]
+    first_new = int(labels.max()) + 1
+    if first_new + len(kept) - 1 > np.iinfo(np.int32).max:
+        raise InvalidInputError("Splitting label ids that cover several separate regions would need ids beyond the int32 range; relabel the mask.")
+    lut = owner.copy()
+    lut[extra] = 0
+    lut[kept] = np.arange(first_new, first_new + len(kept))
+    out = lut.astype(np.int32)[parts]
+    fragments = len(extra) - len(kept)
+    if len(kept):
+        split = np.unique(owner[kept])
+        warnings.warn(
+            f"{len(split)} label ids cover several separate regions (e.g. ids {split[:3].tolist()}): {len(kept)} regions became "
+            f"nuclei of their own, with new ids{f', and {fragments} fragments were dropped' if fragments else ''}. A nucleus is "
+            "one connected region; a binary mask needs labelling first (skimage.measure.label).",
+            stacklevel=user_stacklevel(),
+        )
+    elif fragments:
+        logger.info("Dropped %d fragments lying apart from the rest of their label id.", fragments)
+    return out
+
+
+def _has_split_ids(labels: np.ndarray) -> bool:
+    """Does some id cover several 8-connected regions? Checked id by id over their boxes while that stays cheap."""
     eight = np.ones((3, 3), dtype=bool)
-    split, fragments, new_ids = [], 0, 0
-    out = labels
-    next_id = int(labels.max(initial=0)) + 1
+    budget = 4 * labels.size  # boxes as large as the image (a binary mask, stitched tiles): label once instead
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
-        parts, n = ndi.label(labels[sl] == i, structure=eight)
-        if n < 2:
-            continue
-        if out is labels:
-            out = labels.astype(np.int64)  # a copy wide enough for the new ids (a 0/255 mask is often uint8)
-        sizes = np.bincount(parts.ravel())[1:]
-        window = out[sl]
-        largest = int(np.argmax(sizes)) + 1
-        became = 0
-        for part in range(1, n + 1):
-            if part == largest:
-                continue
-            if sizes[part - 1] >= min_part_px:
-                window[parts == part] = next_id
-                next_id += 1
-                became += 1
-            else:
-                window[parts == part] = 0
-                fragments += 1
-        if became:
-            split.append(i)
-            new_ids += became
-    if out is labels:
-        return labels
-    if next_id > np.iinfo(np.int32).max:
-        raise InvalidInputError("Splitting label ids that cover several separate regions would need ids beyond the int32 range; relabel the mask.")
-    if split:
-        warnings.warn(
-            f"{len(split)} label ids cover several separate regions (e.g. ids {split[:3]}): {new_ids} regions became nuclei of their "
-            f"own, with new ids{f', and {fragments} fragments under {MIN_PART_UM2:g} µm² were dropped' if fragments else ''}. "
-            "A nucleus is one connected region; a binary mask needs labelling first (skimage.measure.label).",
-            stacklevel=3,
-        )
-    elif fragments:
-        logger.info("Dropped %d fragments under %g µm² lying apart from the rest of their label id.", fragments, MIN_PART_UM2)
-    return out.astype(np.int32)
+        budget -= (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start)
+        if budget < 0:
+            return True
+        if ndi.label(labels[sl] == i, structure=eight)[1] > 1:
+            return True
+    return False
 
 
 def _polygons(labels: np.ndarray, ids: np.ndarray, origin: tuple[int, int], tolerance_px: float = 0.5) -> np.ndarray:

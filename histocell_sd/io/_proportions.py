@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import warnings
 from collections.abc import Sequence
 from os import PathLike
@@ -11,14 +12,7 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._constants import (
-    PREDICTED_PROPORTIONS_KEY,
-    PROPORTIONS_KEY,
-    SPATIAL_KEY,
-    SPATIAL_UM_KEY,
-    STATE_PROPORTIONS_KEY,
-    TABLE_KEY,
-)
+from .._constants import PROPORTIONS_KEY, SPOTS_OBSM_LAYOUT, TABLE_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import check_key_added
@@ -69,10 +63,7 @@ def check_proportions(
         raise InvalidInputError(f"{name} has duplicate cell-type columns.")
     non_numeric = [c for c in proportions.columns if not pd.api.types.is_numeric_dtype(proportions[c])]
     if non_numeric:
-        raise InvalidInputError(
-            f"{name} has non-numeric columns {non_numeric[:5]} (a column of barcodes that is not the first: index_col=; "
-            "text such as '0,25' with decimal commas: convert it first)."
-        )
+        raise InvalidInputError(f"{name} has non-numeric columns {non_numeric[:5]}.")
     if cell_types is not None:
         unknown = [c for c in proportions.columns if c not in set(cell_types)]
         if unknown:
@@ -146,13 +137,13 @@ _TOTAL_COLUMNS = frozenset({
     "n_genes_by_counts", "n_genes", "spot_total", "total_abundance",
 })
 
-# cell2location exports its posteriors as <statistic>cell_abundance_w_sf_<cell type>.
-_C2L_PREFIXES = ("meanscell_abundance_w_sf_", "q05cell_abundance_w_sf_", "q95cell_abundance_w_sf_", "stdscell_abundance_w_sf_")
+# cell2location exports its posteriors as <statistic>cell_abundance_w_sf_<cell type> (means, stds, q05, q50, q95 ...).
+_C2L_PREFIX = re.compile(r"^(means|stds|q\d+)cell_abundance_w_sf_")
 
 
 def _cell2location_names(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     """Cell types named without cell2location's posterior prefix; a table mixing posteriors is refused."""
-    used = {p for p in _C2L_PREFIXES for c in frame.columns if str(c).startswith(p)}
+    used = {m[0] for c in frame.columns if (m := _C2L_PREFIX.match(str(c)))}
     if not used:
         return frame
     if len(used) > 1:
@@ -199,6 +190,12 @@ def _check_columns(frame: pd.DataFrame, source: str) -> None:
         raise InvalidInputError(
             f"{source} has columns {coords} that look like spot coordinates, not cell types; pass "
             f"drop_columns={coords} to ignore them."
+        )
+    text = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
+    if text:
+        raise InvalidInputError(
+            f"{source} has non-numeric columns {text[:5]}: a column of barcodes other than the first needs index_col=, "
+            "and numbers written with decimal commas ('0,25') need converting first."
         )
     totals = [str(c) for c in frame.columns if str(c).strip().lower() in _TOTAL_COLUMNS or pd.api.types.is_bool_dtype(frame[c])]
     if totals:
@@ -255,7 +252,7 @@ def read_proportions(
         The validated proportions (rows in the spots' order when ``sdata`` is given); with ``sdata``
         they are also written to ``sdata.tables[spots_table_key].obsm[key_added]``.
     """
-    check_key_added(key_added, {SPATIAL_KEY, SPATIAL_UM_KEY, STATE_PROPORTIONS_KEY, PREDICTED_PROPORTIONS_KEY}, "obsm")
+    check_key_added(key_added, SPOTS_OBSM_LAYOUT, "obsm")
     if isinstance(path_or_frame, pd.DataFrame):
         frame, source = path_or_frame.copy(), "proportions"
     else:

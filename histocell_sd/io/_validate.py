@@ -6,12 +6,11 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData, get_extent
 from spatialdata.models import get_table_keys
-from spatialdata.transformations import get_transformation
 
 from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PROPORTIONS_KEY, SPOT_ID_KEY, SPOTS_KEY, TABLE_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._elements import annotated_regions, get_image, get_mpp, resolve_key
+from ._elements import annotated_regions, check_in_global, get_image, get_mpp, resolve_key
 from ._schema import NucleiTableModel, SpotsTableModel
 from ._schema_checks import check_nuclei_mpp, check_rows
 from ._spots import annotated_spots, spot_geometry
@@ -107,12 +106,7 @@ def _check_nuclei_spots(nuclei_table, spots_table, nuclei_table_key: str, spots_
 
 
 def _check_in_global(sdata: SpatialData, key: str) -> None:
-    systems = get_transformation(sdata[key], get_all=True)
-    if COORDINATE_SYSTEM not in systems:
-        raise InvalidInputError(
-            f"Element {key!r} is not in the {COORDINATE_SYSTEM!r} coordinate system (it has {sorted(systems)}); "
-            "all elements must share the full-resolution pixel system 'global'."
-        )
+    check_in_global(sdata, key, "all elements must share the full-resolution pixel system 'global'.")
 
 
 def _check_image_element(sdata: SpatialData, key: str) -> None:

@@ -14,8 +14,8 @@ from ..io import resolve_key
 from ._utils import (
     axes_or_new,
     category_colors,
+    check_drawable,
     check_extent,
-    check_in_global,
     check_look,
     crop,
     finish,
@@ -96,8 +96,7 @@ def niches(
     if sdata.images:
         image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
         images[image_key] = sdata.images[image_key]
-    check_in_global(sdata, "images", images)
-    check_in_global(sdata, "shapes", [regions_key])
+    check_drawable(sdata, [*images, regions_key])
     view = SpatialData(images=images, shapes={regions_key: regions})
     if images:
         bounds = image_bounds(sdata, image_key)

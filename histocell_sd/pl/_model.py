@@ -21,8 +21,8 @@ from ..tl._prediction.evaluate import paired_labels
 from ._utils import (
     axes_or_new,
     category_colors,
+    check_drawable,
     check_extent,
-    check_in_global,
     check_look,
     crop,
     finish,
@@ -302,8 +302,7 @@ def cell_types(
     if unknown:
         raise InvalidInputError(f"Unknown groups {unknown}; obs[{color!r}] has {categories}.")
     colours = dict(zip(categories, category_colors(table, color, categories, palette)))
-    check_in_global(sdata, "images", [image_key])
-    check_in_global(sdata, "shapes", [nuclei_key])
+    check_drawable(sdata, [image_key, nuclei_key])
     view = SpatialData(images={image_key: sdata.images[image_key]}, shapes={nuclei_key: sdata.shapes[nuclei_key]}, tables={nuclei_table_key: table})
     bounds = image_bounds(sdata, image_key)
     if extent is not None:

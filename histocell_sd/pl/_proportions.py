@@ -11,7 +11,7 @@ from .._constants import COORDINATE_SYSTEM, IMAGE_KEY, PROPORTIONS_KEY, SPOTS_KE
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from ..io import resolve_key
-from ._utils import axes_or_new, check_extent, check_in_global, check_look, colorbar, crop, finish, image_bounds, norm, scale_bar, view_limits
+from ._utils import axes_or_new, check_drawable, check_extent, check_look, colorbar, crop, finish, image_bounds, norm, scale_bar, view_limits
 
 
 @inject_docs
@@ -94,8 +94,7 @@ def spot_proportions(
     colours = norm(values, vmin, vmax)
     spots_table = table.copy()
     spots_table.obs[column] = values
-    check_in_global(sdata, "images", [image_key])
-    check_in_global(sdata, "shapes", [spots_key])
+    check_drawable(sdata, [image_key, spots_key])
     view = SpatialData(images={image_key: sdata.images[image_key]}, shapes={spots_key: sdata.shapes[spots_key]}, tables={spots_table_key: spots_table})
     bounds = image_bounds(sdata, image_key)
     if extent is not None:

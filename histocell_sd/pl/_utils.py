@@ -12,10 +12,10 @@ from matplotlib.colors import Normalize
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from spatialdata import SpatialData, bounding_box_query, get_extent
-from spatialdata.transformations import get_transformation
 
 from .._constants import CELL_TYPE_KEY, COORDINATE_SYSTEM, PALETTE
 from .._errors import InvalidInputError
+from ..io._elements import check_in_global
 
 MIN_DPI = 100
 """Lowest dpi of a figure a plot creates (a lower ``rcParams["figure.dpi"]`` is raised to it)."""
@@ -138,15 +138,13 @@ def view_limits(ax, extent, default) -> tuple[float, float, float, float]:
     return x0, x1, y0, y1
 
 
-def check_in_global(sdata: SpatialData, kind: str, keys) -> None:
-    """Refuse elements the plots cannot draw: every one must be in the ``global`` coordinate system."""
+def check_drawable(sdata: SpatialData, keys) -> None:
+    """Refuse elements the plots cannot draw: every one must be in the ``global`` coordinate system they draw in."""
     for key in keys:
-        systems = sorted(get_transformation(getattr(sdata, kind)[key], get_all=True))
-        if COORDINATE_SYSTEM not in systems:
-            raise InvalidInputError(
-                f"The {kind[:-1]} {key!r} is not in the {COORDINATE_SYSTEM!r} coordinate system the plots draw in (it has {systems}; "
-                "spatialdata.transform(..., to_coordinate_system=...) keeps only the target system): plot the sample as read."
-            )
+        check_in_global(
+            sdata, key, "the plots draw in 'global' (spatialdata.transform(..., to_coordinate_system=...) keeps only the target "
+            "system): plot the sample as read."
+        )
 
 
 def image_bounds(sdata: SpatialData, image_key: str) -> tuple[float, float, float, float]:

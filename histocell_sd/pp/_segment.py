@@ -19,7 +19,7 @@ from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import progress_bar
 from ..io._elements import get_image, get_mpp, resolve_key
-from ..io._nuclei_store import NO_SPOTS, claim_nuclei_keys, spots_for_nuclei, store_nuclei
+from ..io._nuclei_store import NO_SPOTS, claim_nuclei_keys, spots_for_nuclei, write_nuclei
 from ._segment_array import _MIN_HEMATOXYLIN, _hematoxylin, hematoxylin_level, is_padding, segment_array
 from ._segmenter import check_scale, load_segmenter, segment_learnt
 
@@ -143,8 +143,9 @@ def segment_nuclei(
     if n_found == 0:
         removed = f"; the earlier nuclei {sorted(earlier)} were removed, as they no longer describe it" if earlier else ""
         warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written{removed}.", stacklevel=2)
-    store_nuclei(sdata, labels, image_key=image_key, spots_key=NO_SPOTS if spots_key is None else spots_key, key_added=key_added, nuclei_table_key=nuclei_table_key,
-                 labels_key=labels_key, method=f"segment_nuclei:{getattr(method, '__name__', method)}", overwrite=overwrite)
+    write_nuclei(sdata, labels, origin=(0, 0), image_key=image_key, spots_key=NO_SPOTS if spots_key is None else spots_key, key_added=key_added,
+                 nuclei_table_key=nuclei_table_key, labels_key=labels_key, method=f"segment_nuclei:{getattr(method, '__name__', method)}",
+                 overwrite=overwrite, connected=method in ("default", "classical"))  # watershed regions: one per id
 
 
 @contextmanager

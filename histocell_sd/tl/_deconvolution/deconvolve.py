@@ -14,10 +14,8 @@ from spatialdata import SpatialData
 
 from ..._constants import (
     CELL_TYPE_KEY,
-    PREDICTED_PROPORTIONS_KEY,
     PROPORTIONS_KEY,
-    SPATIAL_KEY,
-    SPATIAL_UM_KEY,
+    SPOTS_OBSM_LAYOUT,
     STATE_PROPORTIONS_KEY,
     TABLE_KEY,
 )
@@ -129,7 +127,7 @@ def deconvolve(
         check_whole_number(name, value, 1)
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise InvalidInputError(f"learning_rate must be a positive number, got {learning_rate!r}.")
-    check_key_added(key_added, {SPATIAL_KEY, SPATIAL_UM_KEY, STATE_PROPORTIONS_KEY, PREDICTED_PROPORTIONS_KEY}, "obsm")
+    check_key_added(key_added, SPOTS_OBSM_LAYOUT, "obsm")
     check_reference(reference)
     torch_device = str(resolve_device(device))
     spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)

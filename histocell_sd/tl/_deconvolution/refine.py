@@ -38,12 +38,9 @@ from ..._constants import (
     CELL_TYPE_KEY,
     CELL_TYPE_PROBA_KEY,
     HISTOCELL_KEY,
-    PREDICTED_PROPORTIONS_KEY,
     PROPORTIONS_KEY,
-    SPATIAL_KEY,
-    SPATIAL_UM_KEY,
     SPOT_ID_KEY,
-    STATE_PROPORTIONS_KEY,
+    SPOTS_OBSM_LAYOUT,
     TABLE_KEY,
 )
 from ..._docs import inject_docs
@@ -189,7 +186,7 @@ def refine_deconvolution(
         raise InvalidInputError(f"match must be one of {_MATCHES}, got {match!r}.")
     if image_prior not in ("mean", None):
         raise InvalidInputError(f"image_prior must be 'mean' or None, got {image_prior!r}.")
-    check_key_added(key_added, {SPATIAL_KEY, SPATIAL_UM_KEY, proportions_key, STATE_PROPORTIONS_KEY, PREDICTED_PROPORTIONS_KEY}, "obsm")
+    check_key_added(key_added, SPOTS_OBSM_LAYOUT | {proportions_key}, "obsm")
     spots_table_key = resolve_key(sdata, "tables", key=spots_table_key, default=TABLE_KEY)
     nuclei_table_key = resolve_key(sdata, "tables", key=nuclei_table_key, default=HISTOCELL_KEY)
     if spots_table_key == nuclei_table_key:
