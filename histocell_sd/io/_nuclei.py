@@ -29,7 +29,7 @@ from .._utils import user_stacklevel
 from ._elements import get_image, get_mpp, resolve_key
 from ._nuclei_parse import check_inside, parse_geojson, parse_hovernet, ring_area
 from ._nuclei_raster import rasterise_corners, rasterise_indices, read_label_mask, upsample
-from ._nuclei_store import split_disconnected, store_nuclei
+from ._nuclei_store import split_disconnected, write_nuclei
 
 __all__ = ["read_nuclei"]
 
@@ -124,9 +124,9 @@ def read_nuclei(
     if parsed is not None:  # a polygon cut in two by earlier ones keeps its larger part: new ids would have no record
         labels = split_disconnected(labels, min_part_px=np.inf)
 
-    store_nuclei(
-        sdata, labels, offset=origin[::-1], image_key=image_key, spots_key=spots_key, key_added=key_added,
-        nuclei_table_key=nuclei_table_key, method=f"imported ({format})", overwrite=overwrite,
+    write_nuclei(
+        sdata, labels, origin=origin, image_key=image_key, spots_key=spots_key, key_added=key_added, nuclei_table_key=nuclei_table_key,
+        labels_key=None, method=f"imported ({format})", overwrite=overwrite, connected=parsed is not None,
     )
     if parsed is not None:
         _store_imported(sdata, nuclei_table_key, parsed, type_map)
@@ -181,7 +181,7 @@ def _check_type_map(type_map):
     """``type_map`` as a dict (a list of names is indexed by class id); refused before anything is written."""
     if type_map is None:
         return None
-    if isinstance(type_map, Mapping) or isinstance(type_map, pd.Series):
+    if isinstance(type_map, (Mapping, pd.Series)):
         return dict(type_map.items())
     if isinstance(type_map, (Sequence, np.ndarray)) and not isinstance(type_map, str):
         return dict(enumerate(type_map))
@@ -239,7 +239,7 @@ def _store_types(table, parsed, rows: list, type_map: dict | None, proba_columns
     """
     names = [_map_type(t, type_map) for t in parsed.types]
     values = [names[k] if k is not None else None for k in rows]
-    present = [n for n in names if n is not None]
+    present = [v for v in values if v is not None]  # a dropped nucleus takes its class with it
     if type_map:
         order = [_map_type(k, type_map) for k in type_map]
         categories = list(dict.fromkeys([c for c in order if c in present] + sorted(set(present) - set(order))))
@@ -247,8 +247,6 @@ def _store_types(table, parsed, rows: list, type_map: dict | None, proba_columns
         categories = [c for c in proba_columns if c in set(present)]
     else:
         categories = sorted(set(present), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
-    kept = set(v for v in values if v is not None)
-    categories = [c for c in categories if c in kept]  # a dropped nucleus takes its class with it
     table.obs["imported_type"] = pd.Categorical(values, categories=categories)
     colors = {}
     for name, color in zip(names, parsed.colors or [None] * len(names)):

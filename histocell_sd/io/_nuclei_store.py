@@ -138,7 +138,7 @@ def store_nuclei(
 def write_nuclei(sdata: SpatialData, labels, *, origin: tuple[int, int], image_key: str | None, spots_key: str | None, key_added: str,
                  nuclei_table_key: str, labels_key: str | None, method: str, overwrite: bool, connected: bool = False) -> None:
     """:func:`store_nuclei` with the window's ``origin`` as ``(y, x)``; ``connected`` skips the check that each id is one
-    region (the built-in segmenters' watershed regions are)."""
+    region (the built-in segmenters' watershed regions are; imported polygons were split already)."""
     mpp = get_mpp(sdata)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     ours = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
