@@ -579,3 +579,23 @@ def test_label_ids_covering_several_regions_become_one_nucleus_per_region():
         read_nuclei(fragment, sdata, format="labels")
     _check_table(sdata)
     assert fragment[190, 190] == 1  # the caller's mask is not modified
+
+
+def test_nuclei_that_miss_the_images_nuclei_are_warned_about():  # own case byo_misregistered
+    from histocell_sd.datasets import nucls
+
+    sdata = nucls("test")["test_3"]  # real H&E, 53 annotated nuclei
+    truth = np.asarray(sdata.labels["truth_labels"]["scale0"]["image"] if hasattr(sdata.labels["truth_labels"], "keys")
+                       else sdata.labels["truth_labels"])
+    hovernet = {"nuc": {str(i): {"contour": _contour(truth == i)} for i in np.unique(truth) if i > 0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_nuclei(hovernet, sdata, format="hovernet")  # on their nuclei: no warning
+        read_nuclei(truth, sdata, format="labels", overwrite=True)
+    swapped = {"nuc": {k: {"contour": [[y, x] for x, y in rec["contour"]]} for k, rec in hovernet["nuc"].items()}}
+    with pytest.warns(UserWarning, match=r"hardly darker in hematoxylin .* x and y are not swapped"):
+        read_nuclei(swapped, sdata, format="hovernet", overwrite=True)
+    shifted = np.zeros_like(truth)
+    shifted[:, 40:] = truth[:, :-40]  # 10 µm to the right
+    with pytest.warns(UserWarning, match=r"ratio [01]\.\d\d;"):
+        read_nuclei(shifted, sdata, format="labels", overwrite=True)
