@@ -79,6 +79,32 @@ def test_invalid_input_is_a_one_line_error(tmp_path, capsys):
     _one_line_error(capsys, "histocell-sd train: error:", "no spot proportions")
 
 
+def test_image_files_keep_their_values_and_an_empty_segmentation_is_a_one_line_error(tmp_path, capsys):
+    # own case cli_gray16_png, cli_12bit_in_16bit_tiff, cli_multipage_tiff_first_page, cli_segment_no_nuclei_keyerror
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from histocell_sd.datasets import read_nucls_tile
+
+    rgb = read_nucls_tile("test_3")[0]
+    Image.fromarray((rgb.mean(axis=-1) * 200).astype(np.uint16)).save(tmp_path / "grey16.png")  # became all white
+    tifffile.imwrite(tmp_path / "12bit.tif", rgb.astype(np.uint16) * 16)  # Pillow kept the high byte: nearly black
+    for name, words in (("grey16.png", "grayscale"), ("12bit.tif", "must be uint8 (0-255), got uint16")):
+        out = tmp_path / f"{name}.zarr"
+        assert cli.main(["import", str(out), "--image", str(tmp_path / name), "--mpp", "0.25"]) == 2
+        _one_line_error(capsys, "histocell-sd import: error:", words)
+        assert not out.exists()
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:  # a thumbnail first, then the image
+        tif.write(rgb[::4, ::4])
+        tif.write(rgb)
+    assert cli.main(["import", str(tmp_path / "pages.zarr"), "--image", str(tmp_path / "pages.tif"), "--mpp", "0.25"]) == 0
+    assert "(256, 256) px" in capsys.readouterr().out
+    blank = _store(tmp_path / "blank.zarr")
+    assert cli.main(["segment", str(blank)]) == 2  # was KeyError: 'histocell'
+    _one_line_error(capsys, "histocell-sd segment: error:", "No nuclei found in the image of", "nothing was written")
+
+
 # ---------------------------------------------------------------------------- the pipeline end to end
 def test_every_option_has_help_and_version_prints(capsys):
     import argparse

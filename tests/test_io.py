@@ -640,3 +640,56 @@ def test_read_proportions_hints_and_float_noise(sdata, proportions):
     noisy.iloc[0, 0] = -1e-6
     with pytest.raises(InvalidInputError, match="negative values"):
         read_proportions(noisy, sdata, key_added="other")
+
+
+def _real_sample(image=None, c_coords=("r", "g", "b")):
+    """A vendored real H&E tile as a sample whose image element is built as a spatialdata user would."""
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    from histocell_sd.datasets import NUCLS_MPP, read_nucls_tile
+    from histocell_sd.io._elements import pixel_transformations
+
+    rgb = read_nucls_tile("test_3")[0] if image is None else image
+    element = Image2DModel.parse(np.moveaxis(rgb, -1, 0), dims=("c", "y", "x"), c_coords=list(c_coords),
+                                 transformations=pixel_transformations(NUCLS_MPP))
+    return SpatialData(images={"he": element}, attrs={"mpp": NUCLS_MPP})
+
+
+def test_images_that_are_not_colour_rgb_uint8_are_refused_everywhere_pixels_are_read():  # own case bgr_channel_order
+    from histocell_sd.datasets import read_nucls_tile
+    from histocell_sd.io import read_nuclei, validate
+    from histocell_sd.models import HistoCell
+    from histocell_sd.pp import segment_nuclei
+
+    rgb, truth = read_nucls_tile("test_3")[:2]
+    bgr = _real_sample(rgb[..., ::-1], c_coords=("b", "g", "r"))
+    for call in (lambda: validate(bgr), lambda: segment_nuclei(bgr, progress=False), lambda: read_nuclei(truth, bgr, format="labels")):
+        with pytest.raises(InvalidInputError, match=r"channels \['b', 'g', 'r'\]; .* order r, g, b"):
+            call()
+    assert "histocell" not in bgr.tables
+    # own case predict_on_nonuint8_image: read_nuclei and predict did not check the dtype (floats in [0, 1] gave other types)
+    floats = _real_sample((rgb / 255).astype(np.float32))
+    with pytest.raises(InvalidInputError, match=r"must be uint8 \(0-255\); got float32"):
+        read_nuclei(truth, floats, format="labels")
+    assert "histocell" not in floats.tables
+    sdata = _real_sample()
+    read_nuclei(truth, sdata, format="labels")  # the same tile as colour uint8: read
+    sdata.images["he"] = _real_sample((rgb / 255).astype(np.float32)).images["he"]
+    model = HistoCell(["tumor", "stromal", "lymphocyte"])
+    with pytest.raises(InvalidInputError, match=r"must be uint8 \(0-255\); got float32"):
+        model.sample_inputs(sdata)
+
+
+def test_greyscale_copied_into_three_channels_is_refused():  # own case grayscale_as_rgb
+    from histocell_sd.datasets import read_nucls_tile
+    from histocell_sd.pp import segment_nuclei
+
+    rgb = read_nucls_tile("test_3")[0]
+    grey = np.repeat(np.round(rgb @ [0.299, 0.587, 0.114]).astype(np.uint8)[..., None], 3, axis=-1)
+    with pytest.raises(InvalidInputError, match="Image 'he' is greyscale"):
+        from_arrays(grey, 0.25)
+    with pytest.raises(InvalidInputError, match="Image 'he' is greyscale"):
+        segment_nuclei(_real_sample(grey), progress=False)
+    from_arrays(rgb, 0.25)  # its colour original is accepted
+    from_arrays(np.full((64, 64, 3), 200, dtype=np.uint8), 0.25)  # a featureless placeholder is not judged

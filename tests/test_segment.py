@@ -454,3 +454,20 @@ def test_odd_images_give_no_nuclei_and_write_nothing(shape):
     with pytest.warns(UserWarning, match="No nuclei"):
         segment_nuclei(sdata, progress=False)
     assert not sdata.tables and not sdata.shapes
+
+
+def test_nuclei_of_implausible_size_for_the_declared_mpp_are_warned_about():  # own case mpp_declared_2x_off
+    import warnings
+
+    from histocell_sd.datasets import brca_m2c
+    from histocell_sd.io import get_image
+
+    patch = brca_m2c("test")["TCGA-A8-A099-01Z-00-DX1_29501_22501_1000_1000_0.93"]  # real 20x H&E, 0.5 µm/px
+    rgb = np.asarray(get_image(patch)).transpose(1, 2, 0)
+    right = from_arrays(rgb, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        segment_nuclei(right, progress=False)
+    as_40x = from_arrays(rgb, 0.25)  # a 20x patch declared as 40x: median 11.5 µm²
+    with pytest.warns(UserWarning, match=r"median nucleus area is \d+\.\d µm² at the declared 0.25 µm/px.*not pixels per µm"):
+        segment_nuclei(as_40x, progress=False)

@@ -126,3 +126,18 @@ def test_hematoxylin_equals_skimage_rgb2hed():
     ours = _hematoxylin(_as_float_rgb(rgb))
     assert ours.dtype == np.float32 and (ref == 0).any()
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)  # float32 against float64
+
+
+@pytest.mark.parametrize(  # own case segment_array_int_or_0_255_float
+    ("convert", "hint"),
+    [
+        (lambda rgb: rgb.astype(np.float32), r"0-255 floats\?"),  # float 0-255 was clipped to [0, 1]: no nuclei
+        (lambda rgb: rgb.astype(np.uint16), "rescale its range to 0-255"),  # 8-bit values in uint16 were divided by 65535
+        (lambda rgb: rgb.astype(np.uint16) * 16, "rescale its range to 0-255"),  # 12-bit data
+        (lambda rgb: rgb.astype(np.int64), "rescale its range to 0-255"),
+    ],
+)
+def test_segment_array_refuses_images_without_an_unambiguous_scale(convert, hint):
+    rgb = read_nucls_tile("test_3")[0]
+    with pytest.raises(hc.InvalidInputError, match=f"rgb must be uint8 \\(0-255\\) or floats in \\[0, 1\\], got .*{hint}"):
+        segment_array(convert(rgb), NUCLS_MPP)

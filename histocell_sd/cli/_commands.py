@@ -9,6 +9,7 @@ contains or lies inside an input).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from .._constants import CELL_TYPE_KEY, HISTOCELL_KEY, PROPORTIONS_KEY, TABLE_KEY
@@ -122,12 +123,32 @@ def _read_image(path: Path):
 
     if not path.is_file():
         raise InvalidInputError(f"--image {path} does not exist.")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _read_tiff(path)
     Image.MAX_IMAGE_PIXELS = None  # whole-slide crops are large on purpose
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            # RGB(A) and greyscale keep their values and dtype, so that from_arrays refuses 16-bit or grey images
+            # with its hints (converting to RGB clipped 16-bit grey to white); palette and CMYK images become RGB
+            return np.asarray(im if im.mode in ("RGB", "RGBA", "L", "I", "I;16", "I;16B", "F") else im.convert("RGB"))
     except OSError as error:
         raise InvalidInputError(f"--image {path} is not an image Pillow can read ({error}).") from None
+
+
+def _read_tiff(path: Path):
+    """The largest page of a TIFF at its own dtype (a thumbnail or a lower level may come first), with a warning when there are several."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            largest = max(pages, key=lambda page: page.shape[0] * page.shape[1] if page.ndim >= 2 else 0)
+            if len(pages) > 1:
+                warnings.warn(f"--image {path} holds {len(pages)} pages; the largest, {largest.shape}, was read.", stacklevel=2)
+            image = largest.asarray()
+    except (tifffile.TiffFileError, ValueError, OSError) as error:
+        raise InvalidInputError(f"--image {path} is not a TIFF tifffile can read ({error}).") from None
+    return image
 
 
 def _read_spots(path: Path):
@@ -161,7 +182,12 @@ def segment(store: Path, *, out: Path | None, n_jobs: int, method: str, device: 
     if nuclei is not None:
         predicted = " with predictions" if "cell_type" in nuclei.obs else ""
         _keep_in_place(store, out, overwrite, f"{nuclei.n_obs} nuclei{predicted}", "segmenting again replaces them and everything computed from them")
-    pp.segment_nuclei(sdata, method=method, n_jobs=n_jobs, device=device, progress=progress)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No nuclei found")  # said below, as the error
+        pp.segment_nuclei(sdata, method=method, n_jobs=n_jobs, device=device, progress=progress)
+    if "histocell" not in sdata.tables:
+        raise InvalidInputError(f"No nuclei found in the image of {store}; nothing was written. Is it an H&E image at --mpp "
+                                f"{sdata.attrs.get('mpp')} µm/px (not pixels per µm), and not blank, 16-bit or dark?")
     target = _write_store(sdata, store, out, overwrite, [store])
     return f"{target}: {sdata.tables['histocell'].n_obs} nuclei"
 

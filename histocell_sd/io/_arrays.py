@@ -21,7 +21,7 @@ from .._constants import (
     VISIUM_SPOT_DIAMETER_UM,
 )
 from .._errors import InvalidInputError
-from ._elements import check_mpp, pixel_transformations
+from ._elements import check_mpp, pixel_transformations, refuse_grey
 from ._proportions import align_to_spots, check_proportions
 from ._schema import SpotsTableModel
 
@@ -66,6 +66,7 @@ def from_arrays(
     image = _check_image(image)
     height, width = image.shape[:2]
     elements: dict = {"images": {IMAGE_KEY: image_element(image, mpp=mpp)}}
+    refuse_grey(elements["images"][IMAGE_KEY], IMAGE_KEY)
     if spot_centers is None:
         if counts is not None or proportions is not None:
             raise InvalidInputError("counts/proportions were given without spot_centers.")
@@ -185,7 +186,7 @@ def _check_image(image):
     if image.shape[2] != 3:
         raise InvalidInputError(f"image must have 3 colour channels (RGB), got {image.shape[2]}.")
     if image.dtype != np.uint8:
-        raise InvalidInputError(f"image must be uint8 (0-255), got {image.dtype}; {_to_uint8_hint(image)}")
+        raise InvalidInputError(f"image must be uint8 (0-255), got {image.dtype}; {uint8_hint(image)}")
     if min(image.shape[:2]) < 2:
         raise InvalidInputError(f"image is too small: {image.shape}.")
     return image
@@ -234,7 +235,7 @@ def _check_spot_centers(spot_centers, counts, proportions, shape) -> tuple[np.nd
     return xy, spot_ids
 
 
-def _to_uint8_hint(image: np.ndarray) -> str:
+def uint8_hint(image: np.ndarray) -> str:
     """How to convert ``image`` to uint8, from its dtype and range (a hint only; nothing is converted)."""
     if np.issubdtype(image.dtype, np.integer):
         return "rescale its range to 0-255 (e.g. skimage.util.img_as_ubyte for the full uint16 range, or np.round(image / image.max() * 255))."

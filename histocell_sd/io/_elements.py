@@ -141,6 +141,53 @@ def get_image(sdata: SpatialData, *, image_key: str | None = None):
     return image["scale0"].image if hasattr(image, "children") and "scale0" in image.children else image
 
 
+def get_rgb_image(sdata: SpatialData, *, image_key: str | None = None):
+    """:func:`get_image`, refused unless it is a colour H&E: (c, y, x) uint8, channels r, g, b.
+
+    Channels named otherwise (``["b", "g", "r"]``) and an image whose stained pixels are all grey (r = g = b, a greyscale
+    scan copied into three channels) are refused: the stain separation reads hematoxylin and eosin from colour.
+    """
+    from .._constants import IMAGE_KEY
+
+    key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
+    level = get_image(sdata, image_key=key)
+    if level.ndim != 3 or tuple(level.dims)[0] != "c" or level.shape[0] != 3:
+        raise InvalidInputError(f"Image {key!r} must be RGB with 3 channels (c, y, x); got dims {tuple(level.dims)}, shape {tuple(level.shape)}.")
+    if level.dtype != np.uint8:
+        raise InvalidInputError(f"Image {key!r} must be uint8 (0-255); got {level.dtype} (hc.io.from_arrays says how to convert it).")
+    names = [str(c).lower() for c in level.coords["c"].values] if "c" in level.coords else []
+    if names and not all(n.isdigit() for n in names) and names not in (["r", "g", "b"], ["red", "green", "blue"]):
+        raise InvalidInputError(
+            f"Image {key!r} has channels {names}; the data model needs them in the order r, g, b "
+            "(an OpenCV array is b, g, r: reverse it with image[..., ::-1] before hc.io.from_arrays)."
+        )
+    refuse_grey(sdata.images[key], key)
+    return level
+
+
+_GREY_SAMPLE_PX = 1024  # side of the window of the coarsest level looked at
+_GREY_MIN_STAINED = 100  # fewer stained pixels than this in it: nothing to judge
+_GREY_MIN_CONTRAST = 30  # a field of stained pixels varying less in brightness is featureless (a placeholder)
+_GREY_MAX_SPREAD = 3  # channel differences up to this (compression noise) count as grey
+
+
+def refuse_grey(element, key: str) -> None:
+    """Refuse an image whose stained pixels (neither white nor black) all have r = g = b, judged on a window of its coarsest level."""
+    level = element[list(element.children)[-1]].image if hasattr(element, "children") else element
+    h, w = level.shape[1:]
+    y0, x0 = max(0, (h - _GREY_SAMPLE_PX) // 2), max(0, (w - _GREY_SAMPLE_PX) // 2)
+    rgb = np.asarray(level[:, y0 : y0 + _GREY_SAMPLE_PX, x0 : x0 + _GREY_SAMPLE_PX]).reshape(3, -1).astype(np.int16)
+    stained = (rgb.min(axis=0) < 220) & (rgb.max(axis=0) > 25)  # neither glass nor black scanner padding
+    if stained.sum() < _GREY_MIN_STAINED or np.ptp(rgb[:, stained].mean(axis=0)) < _GREY_MIN_CONTRAST:
+        return  # too little tissue, or a featureless field: nothing to judge
+    spread = (rgb.max(axis=0) - rgb.min(axis=0))[stained]
+    if spread.max() <= _GREY_MAX_SPREAD:
+        raise InvalidInputError(
+            f"Image {key!r} is greyscale (r = g = b in every stained pixel): H&E colour is needed, as hematoxylin and eosin "
+            "are told apart by colour. Was the image converted to grey, or a single channel copied three times?"
+        )
+
+
 def global_matrix(element) -> np.ndarray | None:
     """The element's (x, y) affine matrix to ``global`` (the identity when its coordinates are the pixels); None when not in ``global``."""
     systems = get_transformation(element, get_all=True)

@@ -26,7 +26,7 @@ from .._constants import HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, NUCLEUS_ID_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import user_stacklevel
-from ._elements import get_image, get_mpp, resolve_key
+from ._elements import get_mpp, get_rgb_image, resolve_key
 from ._nuclei_parse import check_inside, parse_geojson, parse_hovernet, ring_area
 from ._nuclei_raster import rasterise_corners, rasterise_indices, read_label_mask, upsample
 from ._nuclei_store import split_disconnected, write_nuclei
@@ -119,7 +119,7 @@ def read_nuclei(
     scale, offset = _check_transform(scale, offset)
     type_map = _check_type_map(type_map)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
-    level = get_image(sdata, image_key=image_key)
+    level = get_rgb_image(sdata, image_key=image_key)
     shape = (int(level.sizes["y"]), int(level.sizes["x"]))
 
     labels, origin, parsed = _to_raster(path, format, shape, scale, offset, get_mpp(sdata))

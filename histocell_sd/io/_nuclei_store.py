@@ -37,7 +37,7 @@ from .._constants import (
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import user_stacklevel
-from ._elements import annotated_regions, get_image, get_mpp, global_matrix, pixel_transformations, resolve_key
+from ._elements import annotated_regions, get_mpp, get_rgb_image, global_matrix, pixel_transformations, resolve_key
 from ._schema import NucleiTableModel, merge_metadata
 from ._spots import annotated_spots, spot_geometry, spot_ids_of_points
 
@@ -69,6 +69,8 @@ _ENTROPY_MAX = 0.4
 _SIMPLIFY_UM = 0.25  # contour simplification tolerance (half a pixel at 0.5 µm/px)
 _PAIR_UM = 0.5  # distance of the pixel pairs of h_contrast (one pixel at 0.5 µm/px)
 _MIN_VARIANCE = 1e-8  # below this the hematoxylin is flat (rounding noise) and skewness is 0
+_SIZE_MIN_NUCLEI = 30  # fewer nuclei: too few to judge their typical size
+_SIZE_RANGE_UM2 = (12.0, 100.0)  # a median nucleus area outside: the declared µm/px is likely wrong
 _REGISTRATION_MIN_NUCLEI = 20  # fewer nuclei: too few to judge whether they lie on the image's nuclei
 _REGISTRATION_MIN_RATIO = 1.5  # median nucleus / outside hematoxylin below this: the nuclei miss the image's nuclei
 MIN_PART_UM2 = 4.0  # a separate part of a label id at least this large is a nucleus of its own; smaller ones are fragments
@@ -131,7 +133,7 @@ def store_nuclei(
     covering several (a binary mask, tiles stitched with ids restarting at 1) keeps its largest part, other
     parts of at least 4 µm² get new ids (with a warning) and smaller fragments are dropped. Nuclei hardly darker in
     hematoxylin than the rest of their window (a transposed, flipped or shifted mask, or another image's) give a
-    warning. With no nucleus in ``labels``
+    warning, as does a median nucleus area outside 12–100 µm² (a wrong ``mpp``). With no nucleus in ``labels``
     nothing is written (a SpatialData shapes element cannot be empty) and elements left under
     these keys by an earlier run are removed; callers warn.
     """
@@ -149,7 +151,7 @@ def write_nuclei(sdata: SpatialData, labels, *, origin: tuple[int, int], image_k
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     ours = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     stale = _stale_regions(sdata, nuclei_table_key if nuclei_table_key in ours else None)
-    image = get_image(sdata, image_key=image_key)
+    image = get_rgb_image(sdata, image_key=image_key)
     labels, origin = _check_labels(labels, origin, image.shape[1:])
     if not connected:
         labels = split_disconnected(labels, min_part_px=MIN_PART_UM2 / mpp**2)
@@ -165,6 +167,7 @@ def write_nuclei(sdata: SpatialData, labels, *, origin: tuple[int, int], image_k
         warn_if_unregistered(stats, image_key)
     polygons = _polygons(labels, ids, origin, tolerance_px=_SIMPLIFY_UM / mpp)
     features = _features(stats, polygons, mpp)
+    warn_if_implausible_size(features["area_um2"].to_numpy(), mpp)
     centroids = stats["centroid"][:, ::-1] + np.asarray(origin[::-1], dtype=float) + 0.5
     names = pd.Index([f"nucleus_{i}" for i in ids], name=NUCLEUS_ID_KEY)
     spot_ids = None if spots is None else _as_table_rows(sdata, spots_key, _spot_ids(spots, centroids))
@@ -339,6 +342,23 @@ def _finish_stats(acc: dict, n: int) -> dict[str, np.ndarray]:
         "h_skewness": skew,
         "outside_h_mean": outside_h,
     }
+
+
+def warn_if_implausible_size(area_um2: np.ndarray, mpp: float) -> None:
+    """Warn when the median nucleus area is far from any H&E's at the declared µm/px (a 20x slide declared 40x, ...).
+
+    On the vendored real patches the median is 17–35 µm² at their true µm/px, 7–14 µm² when half of it is declared
+    and 36–97 µm² at double (the segmenters resample by the declared value, so sizes do not scale exactly).
+    """
+    if len(area_um2) < _SIZE_MIN_NUCLEI:
+        return
+    median = float(np.median(area_um2))
+    if not _SIZE_RANGE_UM2[0] <= median <= _SIZE_RANGE_UM2[1]:
+        warnings.warn(
+            f"The median nucleus area is {median:.1f} µm² at the declared {mpp:g} µm/px; H&E nuclei are about 20–60 µm². "
+            "Check sdata.attrs['mpp']: µm per pixel (about 0.25 at 40x, 0.5 at 20x), not pixels per µm.",
+            stacklevel=user_stacklevel(),
+        )
 
 
 def warn_if_unregistered(stats: dict, image_key: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 from spatialdata import SpatialData, get_extent
 from spatialdata.models import get_table_keys
@@ -10,7 +9,7 @@ from spatialdata.models import get_table_keys
 from .._constants import COORDINATE_SYSTEM, HISTOCELL_KEY, IMAGE_KEY, NUCLEI_KEY, PROPORTIONS_KEY, SPOT_ID_KEY, SPOTS_KEY, TABLE_KEY
 from .._docs import inject_docs
 from .._errors import InvalidInputError
-from ._elements import annotated_regions, check_in_global, get_image, get_mpp, resolve_key
+from ._elements import annotated_regions, check_in_global, get_mpp, get_rgb_image, resolve_key
 from ._schema import NucleiTableModel, SpotsTableModel
 from ._schema_checks import check_nuclei_mpp, check_rows
 from ._spots import annotated_spots, spot_geometry
@@ -111,13 +110,7 @@ def _check_in_global(sdata: SpatialData, key: str) -> None:
 
 def _check_image_element(sdata: SpatialData, key: str) -> None:
     _check_in_global(sdata, key)
-    level = get_image(sdata, image_key=key)
-    if tuple(level.dims) != ("c", "y", "x"):
-        raise InvalidInputError(f"Image {key!r} must be 2D with dims (c, y, x), got {tuple(level.dims)}.")
-    if level.sizes["c"] != 3:
-        raise InvalidInputError(f"Image {key!r} must have 3 channels (r, g, b), got {level.sizes['c']}.")
-    if level.dtype != np.uint8:
-        raise InvalidInputError(f"Image {key!r} must be uint8, got {level.dtype}.")
+    get_rgb_image(sdata, image_key=key)
 
 
 def _check_spots(sdata: SpatialData, spots_key: str, image_key: str) -> None:

@@ -13,8 +13,8 @@ from spatialdata import SpatialData
 from .._constants import HISTOCELL_KEY, SPATIAL_KEY, SPOT_ID_KEY
 from .._errors import InvalidInputError
 from .._utils import progress_bar
-from ..io import get_image, get_mpp, resolve_key
-from ..io._elements import segmented_image_key
+from ..io import get_mpp, resolve_key
+from ..io._elements import get_rgb_image, segmented_image_key
 from ..io._schema_checks import check_nuclei_mpp
 from ..pp import nucleus_crops
 from ..pp._resample import rescale_uint8
@@ -138,7 +138,7 @@ def sample_inputs(
         raise InvalidInputError(f"Nuclei table {nuclei_table_key!r} has no obsm['spatial']; segment nuclei first (hc.pp.segment_nuclei).")
     features = _features(table, feature_names)
     xy_px = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
-    image = get_image(sdata, image_key=segmented_image_key(sdata, table, image_key))
+    image = get_rgb_image(sdata, image_key=segmented_image_key(sdata, table, image_key))
     height = image.sizes["y"]
     bad = ~np.isfinite(xy_px).all(1)
     if bad.any():

@@ -18,7 +18,7 @@ from .._device import resolve_device
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import progress_bar
-from ..io._elements import get_image, get_mpp, resolve_key
+from ..io._elements import get_mpp, get_rgb_image, resolve_key
 from ..io._nuclei_store import NO_SPOTS, claim_nuclei_keys, spots_for_nuclei, write_nuclei
 from ._segment_array import _MIN_HEMATOXYLIN, _hematoxylin, hematoxylin_level, is_padding, segment_array
 from ._segmenter import check_scale, load_segmenter, segment_learnt
@@ -116,7 +116,7 @@ def segment_nuclei(
     mpp = get_mpp(sdata)
     earlier = claim_nuclei_keys(sdata, key_added, nuclei_table_key, labels_key, overwrite=overwrite)
     image_key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
-    image = _check_image(get_image(sdata, image_key=image_key), image_key)
+    image = get_rgb_image(sdata, image_key=image_key)
     spots_key = spots_for_nuclei(sdata, spots_key, nuclei_key=key_added)  # after the image: its placement is the likelier fault
     height, width = image.shape[1:]
     tile_size_px, overlap_px = _check_tiling(tile_size_px, overlap_um, mpp)
@@ -171,15 +171,6 @@ def _check_method(method: str, method_kwargs: dict) -> None:
             "or import its results with histocell_sd.io.read_nuclei, or use method='default' or 'classical'."
         )
     raise InvalidInputError(f"Unknown segmentation method {method!r}; choose from {list(METHODS)} or pass a function (rgb, mpp) -> labels.")
-
-
-def _check_image(image, image_key: str):
-    """The (c, y, x) image, refused unless it is RGB uint8."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise InvalidInputError(f"Image {image_key!r} must be RGB with 3 channels (c, y, x); got shape {tuple(image.shape)}.")
-    if image.dtype != np.uint8:
-        raise InvalidInputError(f"Image {image_key!r} must be uint8 (0-255); got {image.dtype}.")
-    return image
 
 
 def _check_tiling(tile_size_px: int, overlap_um: float, mpp: float) -> tuple[int, int]:

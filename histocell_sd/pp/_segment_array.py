@@ -16,6 +16,7 @@ from skimage.filters import threshold_otsu
 from skimage.segmentation import relabel_sequential, watershed
 
 from .._errors import InvalidInputError
+from ..io._arrays import uint8_hint
 from ._resample import rescale_rgb
 
 __all__ = ["segment_array"]
@@ -35,9 +36,12 @@ def _as_float_rgb(rgb) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
         raise InvalidInputError(f"rgb must have shape (H, W, 3) or (H, W, 4), got {rgb.shape}.")
     rgb = rgb[..., :3]
-    if np.issubdtype(rgb.dtype, np.integer):
-        return rgb.astype(np.float32) / np.iinfo(rgb.dtype).max
-    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+    if rgb.dtype == np.uint8:
+        return rgb.astype(np.float32) / 255
+    if np.issubdtype(rgb.dtype, np.floating) and rgb.size and np.nanmin(rgb) >= 0 and np.nanmax(rgb) <= 1:
+        return rgb.astype(np.float32)
+    # other integers (a uint16 holding 8- or 12-bit values) and floats beyond [0, 1] have no unambiguous scale
+    raise InvalidInputError(f"rgb must be uint8 (0-255) or floats in [0, 1], got {rgb.dtype}; {uint8_hint(rgb)}")
 
 
 def _to_canonical(img: np.ndarray, mpp: float, canonical_mpp: float) -> np.ndarray:
@@ -168,8 +172,7 @@ def segment_array(
     Parameters
     ----------
     rgb
-        Image of shape (H, W, 3) (an alpha channel is ignored); integer types are scaled by
-        their maximum, floats are taken to be in [0, 1].
+        Image of shape (H, W, 3) (an alpha channel is ignored), uint8 or floats in [0, 1].
     mpp
         Pixel size of ``rgb`` in µm/px.
     canonical_mpp

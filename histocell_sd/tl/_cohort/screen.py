@@ -388,7 +388,7 @@ def _crops(named, tables, pooled, top, n_crops, crop_um, image_key, seed):
     """Example crops (RGB uint8, ``crop_um`` at ``CROP_MPP``) of the top population's nuclei, highest attention first."""
     if n_crops <= 0:
         return None, None
-    from ...io._elements import get_image, get_mpp, resolve_key
+    from ...io._elements import get_mpp, get_rgb_image, resolve_key
     from ...pp._resample import rescale_uint8
 
     side = max(int(round(crop_um / CROP_MPP)), 1)
@@ -403,7 +403,7 @@ def _crops(named, tables, pooled, top, n_crops, crop_um, image_key, seed):
             key = resolve_key(data, "images", key=image_key, default="he")
         except InvalidInputError:
             continue
-        image, mpp = get_image(data, image_key=key), get_mpp(data)
+        image, mpp = get_rgb_image(data, image_key=key), get_mpp(data)
         native = max(int(round(crop_um / mpp)), 1)  # the crop's side in this slide's pixels
         half = native // 2
         table = tables[row["sample"]]
