@@ -79,6 +79,20 @@ def test_invalid_input_is_a_one_line_error(tmp_path, capsys):
     _one_line_error(capsys, "histocell-sd train: error:", "no spot proportions")
 
 
+def _write_png16(path, rgb16):
+    """A 16-bit RGB PNG (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = rgb16.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 def test_image_files_keep_their_values_and_an_empty_segmentation_is_a_one_line_error(tmp_path, capsys):
     # own case cli_gray16_png, cli_12bit_in_16bit_tiff, cli_multipage_tiff_first_page, cli_segment_no_nuclei_keyerror
     import numpy as np
@@ -97,9 +111,15 @@ def test_image_files_keep_their_values_and_an_empty_segmentation_is_a_one_line_e
         assert not out.exists()
     with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:  # a thumbnail first, then the image
         tif.write(rgb[::4, ::4])
-        tif.write(rgb)
+        tif.write(np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")  # colour planes
     assert cli.main(["import", str(tmp_path / "pages.zarr"), "--image", str(tmp_path / "pages.tif"), "--mpp", "0.25"]) == 0
     assert "(256, 256) px" in capsys.readouterr().out
+    from histocell_sd.io import get_image, read_zarr
+
+    np.testing.assert_array_equal(np.asarray(get_image(read_zarr(tmp_path / "pages.zarr"))), np.moveaxis(rgb, -1, 0))
+    _write_png16(tmp_path / "rgb16.png", rgb.astype(np.uint16) * 16)  # 12-bit data, as a scanner export may hold
+    assert cli.main(["import", str(tmp_path / "rgb16.zarr"), "--image", str(tmp_path / "rgb16.png"), "--mpp", "0.25"]) == 2
+    _one_line_error(capsys, "histocell-sd import: error:", "16 bits per colour channel")
     blank = _store(tmp_path / "blank.zarr")
     assert cli.main(["segment", str(blank)]) == 2  # was KeyError: 'histocell'
     _one_line_error(capsys, "histocell-sd segment: error:", "No nuclei found in the image of", "nothing was written")

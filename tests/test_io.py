@@ -670,14 +670,14 @@ def test_images_that_are_not_colour_rgb_uint8_are_refused_everywhere_pixels_are_
     assert "histocell" not in bgr.tables
     # own case predict_on_nonuint8_image: read_nuclei and predict did not check the dtype (floats in [0, 1] gave other types)
     floats = _real_sample((rgb / 255).astype(np.float32))
-    with pytest.raises(InvalidInputError, match=r"must be uint8 \(0-255\); got float32"):
+    with pytest.raises(InvalidInputError, match=r"must be uint8 \(0-255\), got float32: convert"):
         read_nuclei(truth, floats, format="labels")
     assert "histocell" not in floats.tables
     sdata = _real_sample()
     read_nuclei(truth, sdata, format="labels")  # the same tile as colour uint8: read
     sdata.images["he"] = _real_sample((rgb / 255).astype(np.float32)).images["he"]
     model = HistoCell(["tumor", "stromal", "lymphocyte"])
-    with pytest.raises(InvalidInputError, match=r"must be uint8 \(0-255\); got float32"):
+    with pytest.raises(InvalidInputError, match=r"must be uint8 \(0-255\), got float32: convert"):
         model.sample_inputs(sdata)
 
 
@@ -691,5 +691,7 @@ def test_greyscale_copied_into_three_channels_is_refused():  # own case grayscal
         from_arrays(grey, 0.25)
     with pytest.raises(InvalidInputError, match="Image 'he' is greyscale"):
         segment_nuclei(_real_sample(grey), progress=False)
+    with pytest.raises(InvalidInputError, match="Image 'he' is greyscale"):
+        from_arrays(np.tile(grey, (5, 5, 1)), 0.25)  # 1280 px: a pyramid, judged on windows of the full resolution
     from_arrays(rgb, 0.25)  # its colour original is accepted
     from_arrays(np.full((64, 64, 3), 200, dtype=np.uint8), 0.25)  # a featureless placeholder is not judged

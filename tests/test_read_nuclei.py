@@ -592,6 +592,11 @@ def test_nuclei_that_miss_the_images_nuclei_are_warned_about():  # own case byo_
         warnings.simplefilter("error")
         read_nuclei(hovernet, sdata, format="hovernet")  # on their nuclei: no warning
         read_nuclei(truth, sdata, format="labels", overwrite=True)
+        padded = nucls("test")["test_3"]
+        padded.images["he"] = padded.images["he"].copy()
+        padded.images["he"][:, :, :26] = 0  # black scanner padding beside the nuclei is not the tissue around them
+        read_nuclei(truth, padded, format="labels")
+        read_nuclei(np.where(truth % 3 == 0, truth, 0), padded, format="labels", overwrite=True)  # a third of them
     swapped = {"nuc": {k: {"contour": [[y, x] for x, y in rec["contour"]]} for k, rec in hovernet["nuc"].items()}}
     with pytest.warns(UserWarning, match=r"hardly darker in hematoxylin .* x and y are not swapped"):
         read_nuclei(swapped, sdata, format="hovernet", overwrite=True)

@@ -128,6 +128,8 @@ def _read_image(path: Path):
     Image.MAX_IMAGE_PIXELS = None  # whole-slide crops are large on purpose
     try:
         with Image.open(path) as im:
+            if im.mode in ("RGB", "RGBA") and any(";16" in str(tile[3]) for tile in im.tile):  # Pillow keeps only the high byte
+                raise InvalidInputError(f"--image {path} has 16 bits per colour channel; save it with 8 (0-255) or as a TIFF.")
             # RGB(A) and greyscale keep their values and dtype, so that from_arrays refuses 16-bit or grey images
             # with its hints (converting to RGB clipped 16-bit grey to white); palette and CMYK images become RGB
             return np.asarray(im if im.mode in ("RGB", "RGBA", "L", "I", "I;16", "I;16B", "F") else im.convert("RGB"))
@@ -136,18 +138,25 @@ def _read_image(path: Path):
 
 
 def _read_tiff(path: Path):
-    """The largest page of a TIFF at its own dtype (a thumbnail or a lower level may come first), with a warning when there are several."""
+    """The largest page of a TIFF at its own dtype, channels last (a thumbnail or a lower level may come first; a warning
+    says when there are several pages)."""
+    import numpy as np
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
-            largest = max(pages, key=lambda page: page.shape[0] * page.shape[1] if page.ndim >= 2 else 0)
+            largest = max(pages, key=lambda page: page.imagewidth * page.imagelength)
             if len(pages) > 1:
-                warnings.warn(f"--image {path} holds {len(pages)} pages; the largest, {largest.shape}, was read.", stacklevel=2)
+                warnings.warn(f"--image {path} holds {len(pages)} pages; the largest, {largest.imagelength} × {largest.imagewidth} px, "
+                              "was read.", stacklevel=2)
             image = largest.asarray()
+            if largest.photometric == tifffile.PHOTOMETRIC.PALETTE and largest.colormap is not None:
+                image = np.round(largest.colormap.T[image] / (257 if largest.colormap.max() > 255 else 1)).astype(np.uint8)
     except (tifffile.TiffFileError, ValueError, OSError) as error:
         raise InvalidInputError(f"--image {path} is not a TIFF tifffile can read ({error}).") from None
+    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[-1] not in (3, 4):
+        image = np.moveaxis(image, 0, -1)  # planar (separate colour planes)
     return image
 
 
@@ -185,11 +194,11 @@ def segment(store: Path, *, out: Path | None, n_jobs: int, method: str, device: 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No nuclei found")  # said below, as the error
         pp.segment_nuclei(sdata, method=method, n_jobs=n_jobs, device=device, progress=progress)
-    if "histocell" not in sdata.tables:
-        raise InvalidInputError(f"No nuclei found in the image of {store}; nothing was written. Is it an H&E image at --mpp "
-                                f"{sdata.attrs.get('mpp')} µm/px (not pixels per µm), and not blank, 16-bit or dark?")
+    if HISTOCELL_KEY not in sdata.tables:
+        raise InvalidInputError(f"No nuclei found in the image of {store}; nothing was written. Is it H&E, not blank or very dark, "
+                                f"at the {sdata.attrs.get('mpp')} µm/px the store records (µm per pixel, set by import --mpp)?")
     target = _write_store(sdata, store, out, overwrite, [store])
-    return f"{target}: {sdata.tables['histocell'].n_obs} nuclei"
+    return f"{target}: {sdata.tables[HISTOCELL_KEY].n_obs} nuclei"
 
 
 def deconvolve(store: Path, *, reference: Path, out: Path | None, method: str, cell_type_key: str, state_key: str | None,

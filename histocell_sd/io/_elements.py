@@ -151,40 +151,48 @@ def get_rgb_image(sdata: SpatialData, *, image_key: str | None = None):
 
     key = resolve_key(sdata, "images", key=image_key, default=IMAGE_KEY)
     level = get_image(sdata, image_key=key)
-    if level.ndim != 3 or tuple(level.dims)[0] != "c" or level.shape[0] != 3:
-        raise InvalidInputError(f"Image {key!r} must be RGB with 3 channels (c, y, x); got dims {tuple(level.dims)}, shape {tuple(level.shape)}.")
-    if level.dtype != np.uint8:
-        raise InvalidInputError(f"Image {key!r} must be uint8 (0-255); got {level.dtype} (hc.io.from_arrays says how to convert it).")
     names = [str(c).lower() for c in level.coords["c"].values] if "c" in level.coords else []
+    if level.ndim != 3 or tuple(level.dims)[0] != "c" or level.shape[0] != 3:
+        pick = " (select them, e.g. image.sel(c=['r', 'g', 'b']))" if {"r", "g", "b"} <= set(names) else ""
+        raise InvalidInputError(f"Image {key!r} must be RGB with 3 channels (c, y, x){pick}; got dims {tuple(level.dims)}, "
+                                f"shape {tuple(level.shape)}.")
+    if level.dtype != np.uint8:
+        raise InvalidInputError(f"Image {key!r} must be uint8 (0-255), got {level.dtype}: convert its pixels to 0-255 uint8 "
+                                "(hc.io.from_arrays names the conversion for an array).")
     if names and not all(n.isdigit() for n in names) and names not in (["r", "g", "b"], ["red", "green", "blue"]):
-        raise InvalidInputError(
-            f"Image {key!r} has channels {names}; the data model needs them in the order r, g, b "
-            "(an OpenCV array is b, g, r: reverse it with image[..., ::-1] before hc.io.from_arrays)."
-        )
+        hint = ("an OpenCV array is b, g, r: reverse it with image[..., ::-1] before hc.io.from_arrays" if names == ["b", "g", "r"]
+                else "name and order them r, g, b, or leave them unnamed")
+        raise InvalidInputError(f"Image {key!r} has channels {names}; the data model needs them in the order r, g, b ({hint}).")
     refuse_grey(sdata.images[key], key)
     return level
 
 
-_GREY_SAMPLE_PX = 1024  # side of the window of the coarsest level looked at
-_GREY_MIN_STAINED = 100  # fewer stained pixels than this in it: nothing to judge
-_GREY_MIN_CONTRAST = 30  # a field of stained pixels varying less in brightness is featureless (a placeholder)
+_GREY_WINDOW_PX = 256  # side of each of the 3 × 3 windows of the full-resolution level looked at
+_GREY_MIN_STAINED = 500  # fewer stained pixels than this in them: nothing to judge
+_GREY_MIN_CONTRAST = 30  # stained pixels varying less in brightness are a featureless field (a placeholder)
 _GREY_MAX_SPREAD = 3  # channel differences up to this (compression noise) count as grey
+_GREY_MAX_COLOURED = 0.01  # at most this share of coloured stained pixels: greyscale
 
 
 def refuse_grey(element, key: str) -> None:
-    """Refuse an image whose stained pixels (neither white nor black) all have r = g = b, judged on a window of its coarsest level."""
-    level = element[list(element.children)[-1]].image if hasattr(element, "children") else element
+    """Refuse an image whose stained pixels (neither glass nor black padding) are grey (r = g = b).
+
+    Judged on a 3 × 3 grid of small windows of the full-resolution level, so that it reads a few chunks of a slide.
+    """
+    level = element["scale0"].image if hasattr(element, "children") else element
     h, w = level.shape[1:]
-    y0, x0 = max(0, (h - _GREY_SAMPLE_PX) // 2), max(0, (w - _GREY_SAMPLE_PX) // 2)
-    rgb = np.asarray(level[:, y0 : y0 + _GREY_SAMPLE_PX, x0 : x0 + _GREY_SAMPLE_PX]).reshape(3, -1).astype(np.int16)
-    stained = (rgb.min(axis=0) < 220) & (rgb.max(axis=0) > 25)  # neither glass nor black scanner padding
+    side = min(_GREY_WINDOW_PX, h, w)
+    windows = [np.asarray(level[:, y : y + side, x : x + side]).reshape(3, -1)
+               for y in np.linspace(0, h - side, 3).astype(int) for x in np.linspace(0, w - side, 3).astype(int)]
+    rgb = np.concatenate(windows, axis=1).astype(np.int16)
+    stained = (rgb.min(axis=0) < 220) & (rgb.max(axis=0) > 25)
     if stained.sum() < _GREY_MIN_STAINED or np.ptp(rgb[:, stained].mean(axis=0)) < _GREY_MIN_CONTRAST:
         return  # too little tissue, or a featureless field: nothing to judge
-    spread = (rgb.max(axis=0) - rgb.min(axis=0))[stained]
-    if spread.max() <= _GREY_MAX_SPREAD:
+    coloured = (rgb.max(axis=0) - rgb.min(axis=0))[stained] > _GREY_MAX_SPREAD
+    if coloured.mean() <= _GREY_MAX_COLOURED:
         raise InvalidInputError(
-            f"Image {key!r} is greyscale (r = g = b in every stained pixel): H&E colour is needed, as hematoxylin and eosin "
-            "are told apart by colour. Was the image converted to grey, or a single channel copied three times?"
+            f"Image {key!r} is greyscale (r = g = b in {1 - coloured.mean():.1%} of the stained pixels): H&E colour is needed, as "
+            "hematoxylin and eosin are told apart by colour. Was the image converted to grey, or a single channel copied three times?"
         )
 
 

@@ -145,7 +145,7 @@ def segment_nuclei(
         warnings.warn(f"No nuclei found in image {image_key!r}; nothing was written{removed}.", stacklevel=2)
     write_nuclei(sdata, labels, origin=(0, 0), image_key=image_key, spots_key=NO_SPOTS if spots_key is None else spots_key, key_added=key_added,
                  nuclei_table_key=nuclei_table_key, labels_key=labels_key, method=f"segment_nuclei:{getattr(method, '__name__', method)}",
-                 overwrite=overwrite, connected=method in ("default", "classical"), segmented_here=True)  # watershed: one region per id
+                 overwrite=overwrite, connected=method in ("default", "classical"), segmented_here=method in ("default", "classical"))
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from spatialdata import SpatialData
 from ..._constants import CELL_STATE_KEY, CELL_TYPE_KEY, CELL_TYPE_PROBA_KEY, EMBEDDING_KEY, HISTOCELL_KEY, NUCLEI_OBS_LAYOUT, SPATIAL_KEY
 from ..._docs import inject_docs
 from ..._errors import InvalidInputError
-from ..._utils import check_key_added, progress_bar
+from ..._utils import check_key_added, progress_bar, user_stacklevel
 from .._spatial.graph import get_table
 from .stats import _associate, _response_kind
 
@@ -394,7 +394,7 @@ def _crops(named, tables, pooled, top, n_crops, crop_um, image_key, seed):
     side = max(int(round(crop_um / CROP_MPP)), 1)
     cand = pooled[pooled["population"] == top]
     cand = cand.sort_values("attention", ascending=False, na_position="last") if "attention" in cand else cand.sample(frac=1.0, random_state=seed)
-    crops, info = [], []
+    crops, info, images = [], [], {}
     for _, row in cand.iterrows():
         data = named[row["sample"]]
         if not isinstance(data, SpatialData) or not data.images:
@@ -403,7 +403,15 @@ def _crops(named, tables, pooled, top, n_crops, crop_um, image_key, seed):
             key = resolve_key(data, "images", key=image_key, default="he")
         except InvalidInputError:
             continue
-        image, mpp = get_rgb_image(data, image_key=key), get_mpp(data)
+        if row["sample"] not in images:
+            try:
+                images[row["sample"]] = get_rgb_image(data, image_key=key)
+            except InvalidInputError as error:
+                images[row["sample"]] = None
+                warnings.warn(f"No example crops from sample {row['sample']!r}: {error}", stacklevel=user_stacklevel())
+        image, mpp = images[row["sample"]], get_mpp(data)
+        if image is None:
+            continue
         native = max(int(round(crop_um / mpp)), 1)  # the crop's side in this slide's pixels
         half = native // 2
         table = tables[row["sample"]]
