@@ -75,6 +75,28 @@ def test_crops_are_cut_in_um_whatever_the_slide_resolution(cohort, screen):
             tl.screen_phenotype(samples, phenotype_key="phenotype", clinical=cohort[1], crop_px=-4, progress=False)
 
 
+def test_a_sample_whose_image_cannot_give_crops_is_skipped_with_a_warning(cohort, screen):
+    # own case screen_crops_bad_image: a float image raised inside the crop loop, after the whole screen had been fitted
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    from histocell_sd.io._elements import pixel_transformations
+    from histocell_sd.tl._cohort.screen import _crops
+
+    samples, _, _ = cohort
+    name = screen.crop_info["sample"].iloc[0]
+    table = samples[name].tables["histocell"]
+    pooled = pd.DataFrame({"sample": [name] * 3, "row": [table.obs_names.get_loc(n) for n in screen.crop_info["nucleus"].iloc[:3]],
+                           "population": [screen.top] * 3})
+    pixels = np.asarray(hc.io.get_image(samples[name]).data).astype(np.float32) / 255
+    floats = SpatialData(images={"he": Image2DModel.parse(pixels, dims=("c", "y", "x"), transformations=pixel_transformations(0.5))},
+                         attrs=dict(samples[name].attrs))
+    with pytest.warns(UserWarning, match=f"No example crops from sample {name!r}: .*must be uint8") as record:
+        crops, info = _crops({name: floats}, {name: table}, pooled, screen.top, 3, 16.0, None, 0)
+    assert crops is None or len(crops) == 0
+    assert sum("No example crops" in str(w.message) for w in record) == 1  # judged once per sample
+
+
 def test_deterministic_and_no_image_fallback(cohort, screen):
     samples, clinical, _ = cohort
     tables = {k: s.tables["histocell"].copy() for k, s in list(samples.items())}
