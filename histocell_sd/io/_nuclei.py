@@ -111,7 +111,7 @@ def read_nuclei(
     off the image means a wrong ``scale`` / ``offset`` and is refused. QuPath's derived classes
     (``"names": ["Tumor", "Positive"]``) are named ``"Tumor: Positive"``. A label mask is split into one
     nucleus per connected region as :func:`~histocell_sd.pp.store_nuclei` describes. Nuclei hardly darker in
-    hematoxylin than the rest of the image (x and y swapped, a wrong scale or offset, another image's file) give a
+    hematoxylin than the tissue around them (x and y swapped, a wrong scale or offset, another image's file) give a
     warning.
     """
     if format not in _FORMATS:

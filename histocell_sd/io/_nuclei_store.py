@@ -133,7 +133,7 @@ def store_nuclei(
     ``uns["histocell"]`` (mpp, method, feature definitions). A nucleus is one 8-connected region: an id
     covering several (a binary mask, tiles stitched with ids restarting at 1) keeps its largest part, other
     parts of at least 4 µm² get new ids (with a warning) and smaller fragments are dropped. Nuclei hardly darker in
-    hematoxylin than the rest of their window (a transposed, flipped or shifted mask, or another image's) give a
+    hematoxylin than the tissue around them (a transposed, flipped or shifted mask, or another image's) give a
     warning, as does a median nucleus area outside 12–100 µm² (a wrong ``mpp``). With no nucleus in ``labels``
     nothing is written (a SpatialData shapes element cannot be empty) and elements left under
     these keys by an earlier run are removed; callers warn.
