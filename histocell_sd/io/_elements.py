@@ -167,6 +167,14 @@ def get_rgb_image(sdata: SpatialData, *, image_key: str | None = None):
     return level
 
 
+_PADDING_MAX, _GLASS_MIN = 25, 220  # pixels darker than this in every channel are black padding, brighter glass
+
+
+def tissue_pixels(rgb: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Which pixels of uint8 ``rgb`` (channels along ``axis``) are tissue: neither glass nor black scanner padding."""
+    return (rgb.max(axis=axis) > _PADDING_MAX) & (rgb.min(axis=axis) < _GLASS_MIN)
+
+
 _GREY_WINDOW_PX = 256  # side of each of the 3 × 3 windows of the full-resolution level looked at
 _GREY_MIN_STAINED = 500  # fewer stained pixels than this in them: nothing to judge
 _GREY_MIN_CONTRAST = 30  # stained pixels varying less in brightness are a featureless field (a placeholder)
@@ -185,7 +193,7 @@ def refuse_grey(element, key: str) -> None:
     windows = [np.asarray(level[:, y : y + side, x : x + side]).reshape(3, -1)
                for y in np.linspace(0, h - side, 3).astype(int) for x in np.linspace(0, w - side, 3).astype(int)]
     rgb = np.concatenate(windows, axis=1).astype(np.int16)
-    stained = (rgb.min(axis=0) < 220) & (rgb.max(axis=0) > 25)
+    stained = tissue_pixels(rgb, axis=0)
     if stained.sum() < _GREY_MIN_STAINED or np.ptp(rgb[:, stained].mean(axis=0)) < _GREY_MIN_CONTRAST:
         return  # too little tissue, or a featureless field: nothing to judge
     coloured = (rgb.max(axis=0) - rgb.min(axis=0))[stained] > _GREY_MAX_SPREAD

@@ -37,7 +37,7 @@ from .._constants import (
 from .._docs import inject_docs
 from .._errors import InvalidInputError
 from .._utils import user_stacklevel
-from ._elements import annotated_regions, get_mpp, get_rgb_image, global_matrix, pixel_transformations, resolve_key
+from ._elements import annotated_regions, get_mpp, get_rgb_image, global_matrix, pixel_transformations, resolve_key, tissue_pixels
 from ._schema import NucleiTableModel, merge_metadata
 from ._spots import annotated_spots, spot_geometry, spot_ids_of_points
 
@@ -73,7 +73,6 @@ _SIZE_MIN_NUCLEI = 30  # fewer nuclei: too few to judge their typical size
 _SIZE_RANGE_UM2 = (12.0, 100.0)  # a median nucleus area outside: the declared µm/px is likely wrong
 _REGISTRATION_MIN_NUCLEI = 20  # fewer nuclei: too few to judge whether they lie on the image's nuclei
 _REGISTRATION_MIN_RATIO = 1.4  # median nucleus / outside tissue hematoxylin below this: the nuclei miss the image's nuclei
-_PADDING_MAX, _GLASS_MIN = 25, 220  # pixels darker than this in every channel are padding, brighter glass: not tissue
 MIN_PART_UM2 = 4.0  # a separate part of a label id at least this large is a nucleus of its own; smaller ones are fragments
 
 
@@ -280,8 +279,7 @@ def _pixel_stats(labels: np.ndarray, image, origin: tuple[int, int], ids: np.nda
         lab = lut[labels[r0:r_ext]]
         rgb = np.asarray(image[:, y0 + r0 : y0 + r_ext, x0 : x0 + width]).transpose(1, 2, 0)
         hed = rgb2hed(rgb).astype(np.float32)
-        tissue = (rgb.max(axis=-1) > _PADDING_MAX) & (rgb.min(axis=-1) < _GLASS_MIN)
-        _accumulate_band(acc, lab, hed, r0, r1 - r0, n + 1, pair_px, tissue)
+        _accumulate_band(acc, lab, hed, r0, r1 - r0, n + 1, pair_px, tissue_pixels(rgb))
     return _finish_stats(acc, n)
 
 
